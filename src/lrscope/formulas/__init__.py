@@ -1,0 +1,93 @@
+"""Optimizer families: every formula lrscope uses, stated once, framework-free.
+
+Each family module documents its update rule in the form
+``delta_theta = -eta * d - decay_rate * theta`` (SPEC §1) and the framework
+conventions that differ.  This registry maps names to modules and offers the
+data-independent step size.
+
+>>> round(step_size("adam", 1, lr=1e-3), 7)
+0.0003162
+>>> round(step_size("adam", 10, lr=1e-3), 7) < 0.16e-3
+True
+>>> step_size("adam", 1, lr=1e-3, convention="keras") == step_size("adam", 1, lr=1e-3)
+True
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from lrscope.formulas import (
+    adadelta, adafactor, adagrad, adam, adamax, asgd, lion, nadam, radam, rmsprop, rprop, sgd,
+)
+from lrscope.formulas._common import CONVENTIONS, Elementwise, resolve
+
+FAMILIES: dict[str, ModuleType] = {
+    module.NAMES[0]: module
+    for module in (adam, sgd, adamax, nadam, radam, adagrad, rmsprop, adadelta, adafactor,
+                   lion, rprop, asgd)
+}
+_BY_NAME = {name: module for module in FAMILIES.values() for name in module.NAMES}
+
+
+def family(name: str) -> ModuleType:
+    """The family module answering to ``name`` (case-insensitive, e.g. ``"AdamW"``)."""
+    try:
+        return _BY_NAME[name.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown optimizer {name!r}; choose one of {', '.join(sorted(_BY_NAME))}"
+        ) from None
+
+
+def default_convention(name: str) -> str:
+    """The first of torch, keras, tf1, optax that the family exists in."""
+    return next(c for c in CONVENTIONS if c in family(name).DEFAULTS)
+
+
+def hyperparameters(name: str, convention: str | None = None, **hyper: Any) -> dict[str, Any]:
+    """The family's defaults for ``convention`` overridden by ``hyper`` (validated).
+
+    Names follow the family docstring (``beta1``/``beta2`` or ``betas``, ``eps``, ...).
+    ``name="adamw"`` implies decoupled weight decay (torch's default 1e-2 for AdamW).
+    """
+    module = family(name)
+    convention = convention or default_convention(name)
+    h = resolve(name, module.DEFAULTS, convention, hyper)
+    if name.lower() in ("adamw", "nadamw", "radamw") and "decoupled_weight_decay" in h:
+        h["decoupled_weight_decay"] = True
+        if "weight_decay" not in hyper:
+            h["weight_decay"] = 1e-2 if convention in ("torch", "tf1") else 4e-3 if convention == "keras" else 1e-4
+    if name.lower() == "amsgrad":
+        h["amsgrad"] = True
+    if h.get("lr") is None:
+        raise ValueError(f"{name!r} has no default lr in the {convention} convention; pass lr=")
+    return h
+
+
+def step_sizes(name: str, t: Any, convention: str | None = None, **hyper: Any) -> dict[str, Any]:
+    """All data-independent scalars of step ``t`` (int or numpy array of ints)."""
+    convention = convention or default_convention(name)
+    h = hyperparameters(name, convention, **hyper)
+    return family(name).step_sizes(np, t, h, convention)
+
+
+def step_size(name: str, t: int, *, convention: str | None = None, term: str = "step_size",
+              **hyper: Any) -> float:
+    """alpha_t of step ``t`` (1-based) for optimizer ``name``.
+
+    ``term`` picks a family extra (NAdam's ``"step_size_grad"``).
+    """
+    if int(t) < 1:
+        raise ValueError(f"t is the 1-based index of a step and must be >= 1, got {t}")
+    values = step_sizes(name, int(t), convention, **hyper)
+    if term not in values:
+        raise ValueError(f"{name!r} has no term {term!r}; choose one of {sorted(values)}")
+    return float(values[term])
+
+
+__all__ = ["CONVENTIONS", "Elementwise", "FAMILIES", "family", "default_convention",
+           "hyperparameters", "step_size", "step_sizes"]

@@ -1,0 +1,100 @@
+"""Pieces shared by every optimizer family: conventions, hyperparameters, the result type.
+
+A family module (``adam.py``, ``sgd.py``, ...) states its update rule once and exposes
+
+* ``NAMES``: the names it answers to (``"adam"``, ``"adamw"``, ...),
+* ``DEFAULTS``: ``{convention: {hyperparameter: default}}`` for each framework that has it,
+* ``step_sizes(xp, t, h, convention) -> dict[str, value]``: the data-independent scalars
+  (always ``"step_size"``, plus family extras such as NAdam's ``"step_size_grad"``),
+* ``elementwise(xp, state, t, h, convention) -> Elementwise``: per-element eta and d.
+
+``xp`` is the array namespace of the caller (``numpy``, ``torch``, ``tensorflow`` or
+``jax.numpy``): formulas only use operators and ``xp.sqrt``/``xp.where``/``xp.sign``/
+``xp.abs``/``xp.maximum``, which all four provide under the same names, so the one
+formula runs on the framework's own device (and inside ``jit``).  ``t`` may be an int,
+a numpy array (for curves) or a framework scalar (capturable / traced step counters).
+``state`` maps PyTorch's state names (``exp_avg``, ``exp_avg_sq``, ...) plus ``param``
+(theta after the step) and ``grad`` (the gradient the step received) to arrays; the
+backends translate their framework's names into these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+CONVENTIONS = ("torch", "keras", "tf1", "optax")
+
+
+@dataclass
+class Elementwise:
+    """The per-element form of one step: ``delta_theta = -eta * direction - decay_rate * theta_old``.
+
+    ``eps_dominated`` is a boolean array (True where eps dominates the denominator)
+    or None for families without an eps term in eta.
+    """
+
+    eta: Any
+    direction: Any
+    decay_rate: Any = 0.0
+    eps_dominated: Any = None
+
+    def update(self, param_after: Any) -> Any:
+        """delta_theta of the step, reconstructed from the state and theta after the step.
+
+        theta_after = theta_before * (1 - decay_rate) - eta * d, so the parameters
+        before the step never need to be copied.
+        """
+        step = self.eta * self.direction
+        if isinstance(self.decay_rate, (int, float)) and self.decay_rate == 0:
+            return -step
+        theta_before = (param_after + step) / (1 - self.decay_rate)
+        return -step - self.decay_rate * theta_before
+
+
+def coupled_direction(
+    xp: Any, param_after: Any, grad: Any, eta: Any, grad_coef: Any, rest: Any, weight_decay: float,
+    maximize: bool = False,
+) -> Any:
+    """Direction ``d = grad_coef * (g + wd * theta_before) + rest`` for coupled (L2) decay.
+
+    The step was ``theta_after = theta_before - eta * d``; solving for theta_before
+    gives d without a copy of the parameters taken before the step.
+    """
+    g = -grad if maximize else grad
+    if weight_decay == 0:
+        return grad_coef * g + rest
+    theta_before = (param_after + eta * (grad_coef * g + rest)) / (1 - eta * grad_coef * weight_decay)
+    return grad_coef * (g + weight_decay * theta_before) + rest
+
+
+def resolve(
+    family: str, defaults: Mapping[str, Mapping[str, Any]], convention: str, hyper: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Merge ``hyper`` over the convention's defaults; reject unknown names.
+
+    ``betas=(b1, b2)`` is accepted as a spelling of ``beta1``/``beta2``.
+
+    >>> resolve("adam", {"torch": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999}}, "torch",
+    ...         {"betas": (0.8, 0.99)})
+    {'lr': 0.001, 'beta1': 0.8, 'beta2': 0.99}
+    """
+    if convention not in defaults:
+        raise ValueError(
+            f"{family!r} has no {convention!r} convention; choose one of {sorted(defaults)}"
+        )
+    hyper = dict(hyper)
+    if "betas" in hyper:
+        hyper["beta1"], hyper["beta2"] = hyper.pop("betas")
+    base = dict(defaults[convention])
+    unknown = sorted(set(hyper) - set(base))
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter(s) {unknown} for {family!r} ({convention}); "
+            f"known: {sorted(base)}"
+        )
+    base.update(hyper)
+    for name in ("beta1", "beta2"):
+        if name in base and not 0 <= float(base[name]) < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {base[name]}")
+    return base

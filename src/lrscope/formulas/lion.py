@@ -1,0 +1,41 @@
+r"""Lion (Chen et al., 2023): a sign method.
+
+    d = sign(beta1 * m_before + (1 - beta1) * g),   eta = lr
+    m <- beta2 * m_before + (1 - beta2) * g
+
+``m_before`` is recovered from the state after the step as
+``(m - (1 - beta2) * g) / beta2`` (requires beta2 > 0).  Weight decay is decoupled
+(``decay_rate = lr * wd``) in keras and optax.  ``step_size = lr``.
+
+>>> step_sizes(None, 1, {"lr": 1e-4}, "optax")
+{'step_size': 0.0001}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from lrscope.formulas._common import Elementwise
+
+NAMES = ("lion",)
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "keras": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0},
+    "optax": {"lr": None, "beta1": 0.9, "beta2": 0.99, "weight_decay": 1e-3},
+}
+
+
+def step_sizes(xp: Any, t: Any, h: Mapping[str, Any], convention: str) -> dict[str, Any]:
+    """``{"step_size": lr}``."""
+    return {"step_size": h["lr"]}
+
+
+def elementwise(
+    xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any], convention: str
+) -> Elementwise:
+    """eta = lr everywhere; d = the sign vector the step used."""
+    grad = state["grad"]
+    before = (state["exp_avg"] - (1 - h["beta2"]) * grad) / h["beta2"]
+    direction = xp.sign(h["beta1"] * before + (1 - h["beta1"]) * grad)
+    return Elementwise(eta=h["lr"] + 0 * grad, direction=direction,
+                       decay_rate=h["lr"] * h["weight_decay"])

@@ -1,0 +1,224 @@
+"""What lrscope reports about one optimizer step: StepReport, GroupReport, Distribution.
+
+A report describes the step *just taken* (SPEC §1): ``t`` is its 1-based index and
+``lr`` is the learning rate that step used.
+
+>>> import numpy as np
+>>> eta = Distribution.from_array(np.array([1e-4, 2e-4, 4e-4]), eps_dominated=0)
+>>> group = GroupReport(name="pg0", lr=1e-3, step_size=3.2e-4, weight_decay_rate=0.0,
+...                     effective_lr=eta)
+>>> report = StepReport(t=1, optimizer="Adam", framework="torch", family="adam", groups=[group])
+>>> report.scalars()["lr-Adam/pg0/step_size"]
+0.00032
+>>> round(report.scalars()["lr-Adam/pg0/effective_lr/p50"], 6)
+0.0002
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lrscope.stats import LogSketch
+
+#: Quantiles reported for every distribution, by metric name.
+QUANTILES: dict[str, float] = {
+    "p01": 0.01, "p05": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "p99": 0.99,
+}
+
+
+@dataclass(eq=False)
+class Distribution:
+    """Distribution of a per-element quantity (effective lr, or |update| in empirical mode).
+
+    ``eps_dominated`` is the fraction of elements whose denominator is dominated by
+    eps (``None`` for families without one).
+    """
+
+    sketch: LogSketch
+    eps_dominated_count: int | None = None
+
+    @classmethod
+    def from_array(cls, values: Any, eps_dominated: int | None = None) -> Distribution:
+        return cls(LogSketch.from_array(values), eps_dominated)
+
+    def merge(self, other: Distribution) -> Distribution:
+        eps = (
+            None
+            if self.eps_dominated_count is None or other.eps_dominated_count is None
+            else self.eps_dominated_count + other.eps_dominated_count
+        )
+        return Distribution(self.sketch.merge(other.sketch), eps)
+
+    count = property(lambda self: self.sketch.count, doc="Number of elements.")
+    min = property(lambda self: self.sketch.min, doc="Exact minimum of the finite values.")
+    max = property(lambda self: self.sketch.max, doc="Exact maximum of the finite values.")
+    mean = property(lambda self: self.sketch.mean, doc="Exact mean of the finite values.")
+    nonfinite = property(lambda self: self.sketch.nonfinite, doc="Number of NaN/Inf values.")
+
+    def quantile(self, q: float) -> float:
+        """Quantile of the finite values, within 1 % relative error."""
+        return float(self.sketch.quantile(q))
+
+    @property
+    def eps_dominated(self) -> float | None:
+        if self.eps_dominated_count is None:
+            return None
+        return self.eps_dominated_count / self.count if self.count else math.nan
+
+    def histogram(self, bins_per_decade: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Log-spaced ``(edges, counts)`` of the positive values."""
+        return self.sketch.histogram(bins_per_decade)
+
+    def summary(self) -> dict[str, float]:
+        """count, min, max, mean, the QUANTILES, nonfinite and eps_dominated as floats."""
+        out = {"count": float(self.count), "min": self.min, "max": self.max, "mean": self.mean}
+        quantiles = self.sketch.quantile(np.array(list(QUANTILES.values())))
+        out.update({name: float(v) for name, v in zip(QUANTILES, np.atleast_1d(quantiles))})
+        out["nonfinite"] = float(self.nonfinite)
+        if self.eps_dominated is not None:
+            out["eps_dominated"] = self.eps_dominated
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.summary(), "sketch": self.sketch.to_dict()}
+
+
+def _ratio(update_norm: float | None, param_norm: float | None) -> float | None:
+    if update_norm is None or param_norm is None:
+        return None
+    return update_norm / param_norm if param_norm > 0 else math.inf
+
+
+@dataclass(eq=False)
+class ParamReport:
+    """One parameter tensor: its effective-lr distribution and update/param norms."""
+
+    name: str
+    shape: tuple[int, ...]
+    effective_lr: Distribution | None = None
+    update_magnitude: Distribution | None = None
+    update_norm: float | None = None
+    param_norm: float | None = None
+
+    @property
+    def update_to_param(self) -> float | None:
+        """||delta theta|| / ||theta||, the update:data ratio."""
+        return _ratio(self.update_norm, self.param_norm)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics of this tensor (distribution summaries and norms)."""
+        out: dict[str, float] = {}
+        for label in ("effective_lr", "update_magnitude"):
+            dist = getattr(self, label)
+            if dist is not None:
+                for key, value in dist.summary().items():
+                    # eps_dominated is a headline metric, the rest belong to the distribution.
+                    out[key if key == "eps_dominated" else f"{label}/{key}"] = value
+        for label in ("update_norm", "param_norm", "update_to_param"):
+            value = getattr(self, label)
+            if value is not None:
+                out[label] = float(value)
+        return out
+
+
+@dataclass(eq=False)
+class GroupReport(ParamReport):
+    """One parameter group: scheduled lr, step size, decay and merged distributions.
+
+    ``extra`` holds family-specific scalars (e.g. NAdam's ``step_size_grad``).
+    """
+
+    name: str = "pg0"
+    shape: tuple[int, ...] = ()
+    lr: float = math.nan
+    step_size: float = math.nan
+    weight_decay_rate: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+    params: dict[str, ParamReport] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        out = {"lr": float(self.lr), "step_size": float(self.step_size),
+               "weight_decay_rate": float(self.weight_decay_rate)}
+        out.update({k: float(v) for k, v in self.extra.items()})
+        out.update(super().metrics())
+        return out
+
+    @classmethod
+    def combine(cls, params: dict[str, ParamReport], **scalars: Any) -> GroupReport:
+        """A group report whose distributions and norms merge those of ``params``."""
+        group = cls(params=params, **scalars)
+        for label in ("effective_lr", "update_magnitude"):
+            dists = [getattr(p, label) for p in params.values() if getattr(p, label) is not None]
+            if dists:
+                merged = dists[0]
+                for d in dists[1:]:
+                    merged = merged.merge(d)
+                setattr(group, label, merged)
+        for label in ("update_norm", "param_norm"):
+            norms = [getattr(p, label) for p in params.values()]
+            if norms and all(n is not None for n in norms):
+                setattr(group, label, math.sqrt(sum(n * n for n in norms)))
+        return group
+
+
+@dataclass(eq=False)
+class StepReport:
+    """Everything lrscope knows about the step just taken.
+
+    ``skipped`` is true when the optimizer did not update (e.g. GradScaler found
+    inf gradients); ``notes`` says in words what could not be determined.
+    """
+
+    t: int
+    optimizer: str
+    framework: str
+    family: str | None
+    groups: list[GroupReport]
+    skipped: bool = False
+    empirical: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def default_prefix(self) -> str:
+        """Lightning's ``LearningRateMonitor`` naming: ``lr-<OptimizerClass>``."""
+        return f"lr-{self.optimizer}"
+
+    def scalars(self, prefix: str | None = None, params: bool = False) -> dict[str, float]:
+        """Flat ``{"<prefix>/<group>/<metric>": float}``; per-tensor metrics with ``params``."""
+        prefix = self.default_prefix if prefix is None else prefix
+        out: dict[str, float] = {}
+        for group in self.groups:
+            for key, value in group.metrics().items():
+                out[f"{prefix}/{group.name}/{key}"] = value
+            if params:
+                for name, param in group.params.items():
+                    for key, value in param.metrics().items():
+                        out[f"{prefix}/{group.name}/{name}/{key}"] = value
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready nested form, including the sketches (mergeable later)."""
+
+        def dist(d: Distribution | None) -> dict[str, Any] | None:
+            return None if d is None else d.to_dict()
+
+        def param(p: ParamReport) -> dict[str, Any]:
+            return {"shape": list(p.shape), "effective_lr": dist(p.effective_lr),
+                    "update_magnitude": dist(p.update_magnitude), "update_norm": p.update_norm,
+                    "param_norm": p.param_norm, "update_to_param": p.update_to_param}
+
+        return {
+            "t": self.t, "optimizer": self.optimizer, "framework": self.framework,
+            "family": self.family, "skipped": self.skipped, "empirical": self.empirical,
+            "notes": list(self.notes),
+            "groups": [
+                {"name": g.name, "lr": g.lr, "step_size": g.step_size,
+                 "weight_decay_rate": g.weight_decay_rate, "extra": dict(g.extra),
+                 **param(g), "params": {n: param(p) for n, p in g.params.items()}}
+                for g in self.groups
+            ],
+        }
