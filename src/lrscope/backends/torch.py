@@ -1,0 +1,356 @@
+"""PyTorch backend: read ``torch.optim`` state, compute eta on the state's device.
+
+``watch`` attaches through the optimizer's step pre- and post-hooks: the pre-hook
+records what the step is about to use (each group's lr, Adadelta's accumulated
+deltas, ASGD's eta, or a parameter snapshot in empirical mode), the post-hook builds
+the StepReport of the step just taken.  ``inspect`` reads the current state alone and
+notes what it cannot know.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from lrscope import formulas
+from lrscope.backends import torch_stats
+from lrscope.formulas import Elementwise
+from lrscope.monitor import Monitor
+from lrscope.report import GroupReport, ParamReport, StepReport
+from lrscope.sinks import Sink
+
+_OPTIM = torch.optim
+#: torch.optim classes lrscope models exactly, with their family.
+FAMILY_OF: dict[type, str] = {
+    _OPTIM.SGD: "sgd", _OPTIM.Adam: "adam", _OPTIM.AdamW: "adamw", _OPTIM.Adamax: "adamax",
+    _OPTIM.NAdam: "nadam", _OPTIM.RAdam: "radam", _OPTIM.Adagrad: "adagrad",
+    _OPTIM.RMSprop: "rmsprop", _OPTIM.Adadelta: "adadelta", _OPTIM.Rprop: "rprop",
+    _OPTIM.ASGD: "asgd", _OPTIM.SparseAdam: "sparse_adam",
+}
+#: Group keys that do not change the update's arithmetic (implementation choices,
+#: keys schedulers add) and so need no modelling.
+_NEUTRAL_KEYS = {
+    "params", "name", "foreach", "fused", "capturable", "differentiable", "initial_lr",
+    "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum", "swa_lr", "param_names",
+}
+#: Families whose torch implementation reads the step counter on the host even when capturable.
+_HOST_STEP = {"radam", "nadam", "asgd", "adagrad"}
+#: Families whose formula needs a value the step overwrites, recorded by the pre-hook.
+_RECORD_BEFORE = {"adadelta": ("acc_delta", "acc_delta_before"), "asgd": ("eta", "eta_before")}
+
+
+def unwrap(optimizer: Any) -> Any:
+    """The torch.optim.Optimizer inside wrappers that expose ``.optimizer`` (Lightning, HF)."""
+    seen = 0
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer, seen = optimizer.optimizer, seen + 1
+        if seen > 8:
+            break
+    return optimizer
+
+
+def accepts(obj: Any) -> bool:
+    return isinstance(unwrap(obj), torch.optim.Optimizer)
+
+
+def family_of(optimizer: torch.optim.Optimizer) -> str | None:
+    """The family modelled exactly, or None (unknown class, or a subclass overriding step)."""
+    cls = type(optimizer)
+    for base in cls.__mro__:
+        if base in FAMILY_OF:
+            return FAMILY_OF[base] if cls.step is base.step else None
+    return None
+
+
+def group_name(group: dict[str, Any], index: int) -> str:
+    """The group's ``name`` key if any, else ``pg<index>`` (Lightning's convention)."""
+    return str(group.get("name") or f"pg{index}")
+
+
+def _as_float(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def hyperparameters(family: str, group: dict[str, Any], lr: Any) -> tuple[dict[str, Any], list[str]]:
+    """Canonical hyperparameters of a group, and the options lrscope does not model."""
+    known = formulas.family(family).DEFAULTS["torch"]
+    given = {k: v for k, v in group.items() if k in known or k == "betas"}
+    given["lr"] = lr
+    unsupported = [
+        f"{k}={v!r}" for k, v in group.items()
+        if k not in known and k not in _NEUTRAL_KEYS and k != "betas" and v not in (None, False, 0)
+    ]
+    h = formulas.hyperparameters(family, "torch", **given)
+    return h, unsupported
+
+
+def _parameter_names(model: Any, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    names: dict[int, str] = {}
+    if model is not None:
+        for name, p in model.named_parameters():
+            names[id(p)] = name.replace("_orig_mod.", "")  # torch.compile's wrapper prefix
+    index = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            names.setdefault(id(p), f"param{index}")
+            index += 1
+    return names
+
+
+def _canonical(tensor: Any) -> Any:
+    """Complex tensors as (..., 2) real views: torch.optim treats re and im separately."""
+    if isinstance(tensor, torch.Tensor) and tensor.is_complex():
+        return torch.view_as_real(tensor)
+    return tensor
+
+
+def _state_view(state: dict[str, Any], param: torch.Tensor,
+                recorded: dict[str, Any] | None) -> dict[str, Any]:
+    view = {k: _canonical(v) for k, v in state.items() if k != "step"}
+    grad = param.grad
+    if grad is not None and grad.is_sparse:
+        grad = grad.to_dense()
+    view.update(param=_canonical(param.detach()), grad=_canonical(grad))
+    view.update(recorded or {})
+    return view
+
+
+def _chunk(view: dict[str, Any], numel: int, chunk: slice) -> dict[str, Any]:
+    """The flat slice ``chunk`` of every per-element tensor of the state."""
+    return {k: v.reshape(-1)[chunk] if isinstance(v, torch.Tensor) and v.numel() == numel and numel > 1
+            else v for k, v in view.items()}
+
+
+def elementwise_of(family: str, state: dict[str, Any], param: torch.Tensor, h: dict[str, Any],
+                   recorded: dict[str, Any] | None = None, chunk: slice | None = None) -> Elementwise:
+    """eta and d of ``param``'s last step from its optimizer state (optionally one flat chunk)."""
+    view = _state_view(state, param, recorded)
+    if chunk is not None:
+        view = _chunk(view, view["param"].numel(), chunk)
+    t = state.get("step", 0)
+    if not isinstance(t, torch.Tensor) or t.device.type == "cpu" or family in _HOST_STEP:
+        # As torch.optim does unless capturable: bias corrections in Python floats.
+        t = _as_float(t)
+    if family == "nadam" and "mu_product" in view:
+        view["mu_product"] = _as_float(view["mu_product"])
+    module = formulas.family(family)
+    if family == "sparse_adam":
+        # SparseAdam adds eps to the raw sqrt(v), like TF1, and moves only touched entries.
+        el = module.elementwise(torch, view, t, h, "tf1")
+        el.eta = el.eta * (view["grad"] != 0)
+        return el
+    return module.elementwise(torch, view, t, h, "torch")
+
+
+@dataclass
+class _Pending:
+    """What the pre-hook recorded for the coming step."""
+
+    lrs: list[Any]
+    recorded: dict[int, dict[str, Any]] = field(default_factory=dict)
+    snapshot: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class TorchReader:
+    """Turns a torch optimizer's state into StepReports."""
+
+    def __init__(self, optimizer: Any, model: Any = None, empirical: bool = False):
+        self.optimizer = unwrap(optimizer)
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.family = family_of(self.optimizer)
+        self.empirical = empirical
+        self.names = _parameter_names(model, self.optimizer)
+        self.notes: list[str] = []
+        if self.family is None:
+            what = (f"{type(self.optimizer).__name__} is not a torch.optim optimizer lrscope models "
+                    "exactly (or it overrides step())")
+            self.notes.append(
+                f"{what}: only the scheduled lr is reported"
+                + ("; the realized update is measured empirically" if empirical else
+                   "; pass empirical=True to measure the realized update (costs one copy of the "
+                   "parameters per measured step)")
+            )
+
+    def _step_count(self) -> int:
+        steps = [_as_float(s["step"]) for s in self.optimizer.state.values() if "step" in s]
+        return int(max(steps)) if steps else 0
+
+    def begin(self, t_next: int, distributions: bool) -> _Pending:
+        pending = _Pending(lrs=[g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
+                                for g in self.optimizer.param_groups])
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if self.family in _RECORD_BEFORE and distributions:
+                    key, canonical = _RECORD_BEFORE[self.family]
+                    value = self.optimizer.state.get(p, {}).get(key)
+                    if value is not None:
+                        pending.recorded[id(p)] = {canonical: _canonical(value.clone())}
+                if self.family is None and self.empirical and distributions:
+                    pending.snapshot[id(p)] = p.detach().clone()
+        return pending
+
+    def report(self, pending: _Pending | None, distributions: bool, t: int | None = None) -> StepReport:
+        notes = list(self.notes)
+        if pending is None:
+            notes.append("lr read from param_groups after the step: if a scheduler stepped since, "
+                          "this is the next step's lr (watch() records the lr the step used)")
+        t = self._step_count() if t is None else t
+        groups = []
+        for index, group in enumerate(self.optimizer.param_groups):
+            lr = pending.lrs[index] if pending is not None else group["lr"]
+            groups.append(self._group(index, group, lr, pending, distributions, notes, t))
+        return StepReport(t=t, optimizer=type(self.optimizer).__name__, framework="torch",
+                          family=self.family, groups=groups, empirical=self.family is None and self.empirical,
+                          notes=notes)
+
+    def _group(self, index: int, group: dict[str, Any], lr: Any, pending: _Pending | None,
+               distributions: bool, notes: list[str], t_report: int) -> GroupReport:
+        name = group_name(group, index)
+        scalars: dict[str, Any] = {"name": name, "lr": _as_float(lr)}
+        params = [p for p in group["params"] if p.grad is not None]
+        if self.family is None:
+            stats = {}
+            if distributions and self.empirical and pending is not None:
+                stats = {self.names[id(p)]: torch_stats.realized(p, pending.snapshot[id(p)])
+                         for p in params if id(p) in pending.snapshot}
+            return GroupReport.combine(self._param_reports(params, stats, "update_magnitude"),
+                                       step_size=scalars["lr"], **scalars)
+        h, unsupported = hyperparameters(self.family, group, lr)
+        if unsupported:
+            notes.append(f"group {name}: option(s) {', '.join(unsupported)} not modelled by lrscope; "
+                         "distributions skipped rather than mis-modelled")
+        t = self._group_t(params) or t_report
+        family_scalars = formulas.family(self.family).step_sizes(
+            torch, t, h, "torch") if t else {"step_size": math.nan}
+        scalars["step_size"] = _as_float(family_scalars.pop("step_size"))
+        scalars["extra"] = {k: _as_float(v) for k, v in family_scalars.items()}
+        scalars["weight_decay_rate"] = self._decay_rate(h)
+        stats = {}
+        if distributions and not unsupported and t:
+            for p in params:
+                state = self.optimizer.state.get(p)
+                if not state:
+                    continue
+                recorded = pending.recorded.get(id(p)) if pending is not None else None
+                if self.family in _RECORD_BEFORE and not recorded and self.family == "adadelta":
+                    notes.append("Adadelta: the accumulated delta before the step was not recorded "
+                                 "(use watch()); its distribution is skipped")
+                    break
+                stats[self.names[id(p)]] = torch_stats.reduce(
+                    lambda chunk, s=state, p=p, r=recorded: elementwise_of(self.family, s, p, h, r, chunk),
+                    _canonical(p.detach()))
+        return GroupReport.combine(self._param_reports(params, stats, "effective_lr"), **scalars)
+
+    def _group_t(self, params: list[torch.Tensor]) -> int:
+        steps = [_as_float(self.optimizer.state[p]["step"]) for p in params
+                 if "step" in self.optimizer.state.get(p, {})]
+        return int(max(steps)) if steps else 0
+
+    def _decay_rate(self, h: dict[str, Any]) -> float:
+        decoupled = h.get("decoupled_weight_decay", False)
+        if decoupled and h.get("weight_decay"):
+            return _as_float(h["lr"]) * float(h["weight_decay"])
+        return 0.0
+
+    def _param_reports(self, params: list[torch.Tensor], stats: dict[str, Any],
+                       label: str) -> dict[str, ParamReport]:
+        reports = {}
+        host = torch_stats.to_host(stats)
+        for p in params:
+            name = self.names[id(p)]
+            report = ParamReport(name=name, shape=tuple(p.shape))
+            if name in host:
+                dist, update_norm, param_norm = host[name]
+                setattr(report, label, dist)
+                report.update_norm, report.param_norm = update_norm, param_norm
+            reports[name] = report
+        return reports
+
+
+class TorchMonitor(Monitor):
+    """Monitor attached to a torch optimizer through step pre/post hooks."""
+
+    def __init__(self, optimizer: Any, *, model: Any = None, every: int = 1,
+                 log_dir: str | os.PathLike | None = None, sinks: Iterable[Sink] | None = None,
+                 empirical: bool = False, grad_scaler: Any = None):
+        super().__init__(every=every, log_dir=log_dir, sinks=sinks)
+        self.reader = TorchReader(optimizer, model=model, empirical=empirical)
+        if self.reader.notes:
+            warnings.warn("lrscope: " + self.reader.notes[0], RuntimeWarning, stacklevel=3)
+        self._pending: _Pending | None = None
+        self._t = self.reader._step_count()
+        self._stepped = False
+        opt = self.reader.optimizer
+        self._handles = [opt.register_step_pre_hook(self._before),
+                         opt.register_step_post_hook(self._after)]
+        self._scaler = grad_scaler
+        self._scaler_update = None
+        if grad_scaler is not None:
+            self._scaler_update = grad_scaler.update
+            grad_scaler.update = self._scaler_updated  # restored by close()
+
+    def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        t_next = self._t + 1
+        self._pending = self.reader.begin(t_next, self.wants_distributions(t_next))
+
+    def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # The state's counter wins (it continues after load_state_dict); SGD keeps none.
+        self._t = self.reader._step_count() or self._t + 1
+        self._stepped = True
+        report = self.reader.report(self._pending, self.wants_distributions(self._t), t=self._t)
+        self._pending = None
+        self._emit(report)
+
+    def _scaler_updated(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._stepped:
+            # GradScaler found inf/NaN gradients and skipped optimizer.step().
+            lrs = [g["lr"] for g in self.reader.optimizer.param_groups]
+            report = self.reader.report(_Pending(lrs=lrs), distributions=False, t=self._t)
+            report.skipped = True
+            report.notes.append("GradScaler skipped this step (inf/NaN gradients): "
+                                "parameters did not move and t did not advance")
+            self._emit(report)
+        self._stepped = False
+        return self._scaler_update(*args, **kwargs)
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        if self._scaler is not None:
+            self._scaler.update = self._scaler_update
+
+
+def inspect(optimizer: Any, *, model: Any = None, distributions: bool = True) -> StepReport:
+    """StepReport of the last step from the optimizer's state alone (see lrscope.inspect)."""
+    return TorchReader(optimizer, model=model).report(None, distributions)
+
+
+def watch(optimizer: Any, **options: Any) -> TorchMonitor:
+    """TorchMonitor on ``optimizer`` (see lrscope.watch and TorchMonitor)."""
+    return TorchMonitor(optimizer, **options)
+
+
+def elementwise(optimizer: Any, model: Any = None) -> Iterator[tuple[str, Elementwise]]:
+    """``(name, Elementwise)`` of every parameter the last step moved (for debugging and tests).
+
+    Uses the lr currently in the param groups: call it right after ``step()``.
+    """
+    reader = TorchReader(optimizer, model=model)
+    if reader.family is None:
+        raise TypeError(reader.notes[0])
+    for group in reader.optimizer.param_groups:
+        h, unsupported = hyperparameters(reader.family, group, group["lr"])
+        if unsupported:
+            raise ValueError(f"option(s) {', '.join(unsupported)} are not modelled by lrscope")
+        for p in group["params"]:
+            state = reader.optimizer.state.get(p)
+            if p.grad is not None and state:
+                yield reader.names[id(p)], elementwise_of(reader.family, state, p, h)

@@ -1,0 +1,17 @@
+"""PyTorch entry points: ``watch``, ``inspect``, ``elementwise`` and ``TorchMonitor``.
+
+>>> import torch, lrscope.torch
+>>> w = torch.nn.Parameter(torch.ones(3))
+>>> opt = torch.optim.Adam([w], lr=1e-3)
+>>> w.grad = torch.tensor([1.0, -2.0, 0.5])
+>>> with lrscope.torch.watch(opt) as mon:
+...     opt.step()
+>>> mon.last.t, round(mon.last.groups[0].step_size, 7)
+(1, 0.0003162)
+>>> round(mon.last.groups[0].effective_lr.quantile(0.5), 3)    # lr / (|g| + eps) for g = 1
+0.001
+"""
+
+from lrscope.backends.torch import TorchMonitor, elementwise, inspect, watch
+
+__all__ = ["TorchMonitor", "elementwise", "inspect", "watch"]
