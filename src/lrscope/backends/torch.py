@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from lrscope import formulas
@@ -147,6 +148,21 @@ def elementwise_of(family: str, state: dict[str, Any], param: torch.Tensor, h: d
     return module.elementwise(torch, view, t, h, "torch")
 
 
+def _record_before(family: str, state: dict[str, Any] | None, param: torch.Tensor,
+                   group: dict[str, Any]) -> dict[str, Any]:
+    """The value the coming step overwrites, or its initial value on the first step."""
+    key, canonical = _RECORD_BEFORE[family]
+    if state and key in state:
+        value = state[key].clone()
+        # torch reads ASGD's eta as a Python float (float64) for its arithmetic.
+        return {canonical: value.double() if family == "asgd" else _canonical(value)}
+    if family == "adadelta":
+        return {canonical: _canonical(torch.zeros_like(param))}
+    # ASGD starts with eta = lr stored in torch's scalar dtype.
+    scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return {canonical: torch.as_tensor(_as_float(group["lr"]), dtype=scalar_dtype).double()}
+
+
 @dataclass
 class _Pending:
     """What the pre-hook recorded for the coming step."""
@@ -189,10 +205,8 @@ class TorchReader:
                 if p.grad is None:
                     continue
                 if self.family in _RECORD_BEFORE and distributions:
-                    key, canonical = _RECORD_BEFORE[self.family]
-                    value = self.optimizer.state.get(p, {}).get(key)
-                    if value is not None:
-                        pending.recorded[id(p)] = {canonical: _canonical(value.clone())}
+                    pending.recorded[id(p)] = _record_before(self.family, self.optimizer.state.get(p),
+                                                             p, group)
                 if self.family is None and self.empirical and distributions:
                     pending.snapshot[id(p)] = p.detach().clone()
         return pending
@@ -228,16 +242,17 @@ class TorchReader:
             notes.append(f"group {name}: option(s) {', '.join(unsupported)} not modelled by lrscope; "
                          "distributions skipped rather than mis-modelled")
         t = self._group_t(params) or t_report
+        host_h = {**h, "lr": _as_float(h["lr"])}
         family_scalars = formulas.family(self.family).step_sizes(
-            torch, t, h, "torch") if t else {"step_size": math.nan}
+            np, t, host_h, "torch") if t else {"step_size": math.nan}
         scalars["step_size"] = _as_float(family_scalars.pop("step_size"))
         scalars["extra"] = {k: _as_float(v) for k, v in family_scalars.items()}
         scalars["weight_decay_rate"] = self._decay_rate(h)
         stats = {}
         if distributions and not unsupported and t:
             for p in params:
-                state = self.optimizer.state.get(p)
-                if not state:
+                state = self.optimizer.state.get(p, {})
+                if not state and self.family != "sgd":  # plain SGD keeps no state
                     continue
                 recorded = pending.recorded.get(id(p)) if pending is not None else None
                 if self.family in _RECORD_BEFORE and not recorded and self.family == "adadelta":
@@ -351,6 +366,6 @@ def elementwise(optimizer: Any, model: Any = None) -> Iterator[tuple[str, Elemen
         if unsupported:
             raise ValueError(f"option(s) {', '.join(unsupported)} are not modelled by lrscope")
         for p in group["params"]:
-            state = reader.optimizer.state.get(p)
-            if p.grad is not None and state:
+            state = reader.optimizer.state.get(p, {})
+            if p.grad is not None and (state or reader.family == "sgd"):
                 yield reader.names[id(p)], elementwise_of(reader.family, state, p, h)
