@@ -4,7 +4,7 @@
 >>> round(float(curve[0] / 1e-3), 4)          # alpha_1 / lr = sqrt(1 - 0.999) / (1 - 0.9)
 0.3162
 >>> int(np.argmin(curve)) + 1                 # the dip: default Adam is slowest near t = 10
-11
+12
 """
 
 from __future__ import annotations

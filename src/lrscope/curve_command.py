@@ -146,7 +146,7 @@ def print_table(optimizer: str, curves: list[Curve]) -> None:
     console = Console(width=max(100, 14 * len(columns) + 10))
     console.print(table)
     for curve in curves:
-        console.print(f"[bold]{curve.framework}[/bold]: " + "; ".join(facts(curve)))
+        console.print(f"[bold]{curve.framework}[/bold]: " + "; ".join(facts(curve)), soft_wrap=True)
 
 
 def write_csv(path: str, curves: list[Curve]) -> None:

@@ -21,7 +21,7 @@ Adam-like alpha_t) and ``step_size_grad = lr * sqrt(1 - beta2**t) * c_g`` (on g)
 
 >>> s = step_sizes(np, 1, resolve_hyper("torch", {}), "torch")
 >>> round(float(s["step_size"]), 6), round(float(s["step_size_grad"]), 6)
-(0.000254, 0.000166)
+(3.6e-05, 6.3e-05)
 """
 
 from __future__ import annotations

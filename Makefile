@@ -1,0 +1,38 @@
+# Both targets build their own virtual environment in .venv from nothing but python3.11 + pip.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 is pinned first: it is the CPU build (an unpinned torch may pull a CUDA build).
+TORCH := torch==2.13.0
+
+.PHONY: demo test install-demo install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.demo: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[demo]"
+	touch $@
+
+$(VENV)/.test: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[all,dev]"
+	touch $@ $(VENV)/.demo
+
+install-demo: $(VENV)/.demo
+install-test: $(VENV)/.test
+
+## demo: train a small real model, watched; TensorBoard logs and a PNG in runs/demo
+demo: $(VENV)/.demo
+	$(BIN)/lrscope demo --out runs/demo
+
+## test: every test, Keras ones on each of its three backends
+test: $(VENV)/.test
+	$(BIN)/python -m pytest
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -o addopts="" tests/test_keras.py
+	KERAS_BACKEND=torch $(BIN)/python -m pytest -o addopts="" tests/test_keras.py
+
+clean:
+	rm -rf $(VENV) runs
