@@ -59,6 +59,8 @@ CASES = [
     ("rprop", O.Rprop, dict(lr=0.01), True),
     ("asgd", O.ASGD, dict(lr=0.05, lambd=0.01), True),
     ("asgd-wd", O.ASGD, dict(lr=0.05, lambd=0.01, weight_decay=0.1), True),
+    ("adafactor", O.Adafactor, dict(lr=0.01), False),
+    ("adafactor-wd-maximize-clip", O.Adafactor, dict(lr=0.5, weight_decay=0.1, maximize=True, d=2.0), False),
 ]
 DTYPES = [torch.float64, torch.float32]
 

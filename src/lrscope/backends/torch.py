@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ FAMILY_OF: dict[type, str] = {
     _OPTIM.SGD: "sgd", _OPTIM.Adam: "adam", _OPTIM.AdamW: "adamw", _OPTIM.Adamax: "adamax",
     _OPTIM.NAdam: "nadam", _OPTIM.RAdam: "radam", _OPTIM.Adagrad: "adagrad",
     _OPTIM.RMSprop: "rmsprop", _OPTIM.Adadelta: "adadelta", _OPTIM.Rprop: "rprop",
-    _OPTIM.ASGD: "asgd", _OPTIM.SparseAdam: "sparse_adam",
+    _OPTIM.ASGD: "asgd", _OPTIM.SparseAdam: "sparse_adam", _OPTIM.Adafactor: "adafactor",
 }
 #: Group keys that do not change the update's arithmetic (implementation choices,
 #: keys schedulers add) and so need no modelling.
@@ -40,9 +40,9 @@ _NEUTRAL_KEYS = {
     "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum", "swa_lr", "param_names",
 }
 #: Families whose torch implementation reads the step counter on the host even when capturable.
-_HOST_STEP = {"radam", "nadam", "asgd", "adagrad"}
+_HOST_STEP = {"radam", "nadam", "asgd", "adagrad", "adafactor"}
 #: Families whose formula needs a value the step overwrites, recorded by the pre-hook.
-_RECORD_BEFORE = {"adadelta": ("acc_delta", "acc_delta_before"), "asgd": ("eta", "eta_before")}
+_RECORD_BEFORE = {"adadelta", "asgd", "adafactor"}
 
 
 def unwrap(optimizer: Any) -> Any:
@@ -115,6 +115,9 @@ def _state_view(state: dict[str, Any], param: torch.Tensor,
     view = {k: _canonical(v) for k, v in state.items() if k != "step"}
     grad = param.grad
     if grad is not None and grad.is_sparse:
+        grad = grad.coalesce()
+        ones = torch.sparse_coo_tensor(grad.indices(), torch.ones_like(grad.values()), grad.shape)
+        view["touched"] = ones.to_dense() != 0
         grad = grad.to_dense()
     view.update(param=_canonical(param.detach()), grad=_canonical(grad))
     view.update(recorded or {})
@@ -141,26 +144,31 @@ def elementwise_of(family: str, state: dict[str, Any], param: torch.Tensor, h: d
         view["mu_product"] = _as_float(view["mu_product"])
     module = formulas.family(family)
     if family == "sparse_adam":
-        # SparseAdam adds eps to the raw sqrt(v), like TF1, and moves only touched entries.
-        el = module.elementwise(torch, view, t, h, "tf1")
-        el.eta = el.eta * (view["grad"] != 0)
+        # SparseAdam adds eps to the raw sqrt(v), like TF1, and moves only the entries in
+        # the sparse gradient: eta is 0 elsewhere.
+        el = module.elementwise(torch, view, t, {**h, "amsgrad": False}, "tf1")
+        el.eta = el.eta * view["touched"]
         return el
+    if family == "adafactor":
+        eps1, eps2 = h["eps"]
+        h = {**h, "eps": (torch.finfo(param.dtype).eps if eps1 is None else eps1, eps2)}
     return module.elementwise(torch, view, t, h, "torch")
 
 
 def _record_before(family: str, state: dict[str, Any] | None, param: torch.Tensor,
                    group: dict[str, Any]) -> dict[str, Any]:
-    """The value the coming step overwrites, or its initial value on the first step."""
-    key, canonical = _RECORD_BEFORE[family]
-    if state and key in state:
-        value = state[key].clone()
-        # torch reads ASGD's eta as a Python float (float64) for its arithmetic.
-        return {canonical: value.double() if family == "asgd" else _canonical(value)}
+    """What the coming step overwrites (or its initial value on the first step)."""
+    state = state or {}
     if family == "adadelta":
-        return {canonical: _canonical(torch.zeros_like(param))}
-    # ASGD starts with eta = lr stored in torch's scalar dtype.
+        before = state["acc_delta"].clone() if "acc_delta" in state else torch.zeros_like(param)
+        return {"acc_delta_before": _canonical(before)}
+    if family == "adafactor":
+        return {"param_rms_before": param.detach().norm().item() / max(param.numel(), 1) ** 0.5}
+    # ASGD: torch reads eta as a Python float; it starts as lr in torch's scalar dtype.
+    if "eta" in state:
+        return {"eta_before": state["eta"].clone().double()}
     scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-    return {canonical: torch.as_tensor(_as_float(group["lr"]), dtype=scalar_dtype).double()}
+    return {"eta_before": torch.as_tensor(_as_float(group["lr"]), dtype=scalar_dtype).double()}
 
 
 @dataclass
@@ -247,7 +255,7 @@ class TorchReader:
             np, t, host_h, "torch") if t else {"step_size": math.nan}
         scalars["step_size"] = _as_float(family_scalars.pop("step_size"))
         scalars["extra"] = {k: _as_float(v) for k, v in family_scalars.items()}
-        scalars["weight_decay_rate"] = self._decay_rate(h)
+        scalars["weight_decay_rate"] = self._decay_rate(h, scalars["step_size"])
         stats = {}
         if distributions and not unsupported and t:
             for p in params:
@@ -255,22 +263,37 @@ class TorchReader:
                 if not state and self.family != "sgd":  # plain SGD keeps no state
                     continue
                 recorded = pending.recorded.get(id(p)) if pending is not None else None
-                if self.family in _RECORD_BEFORE and not recorded and self.family == "adadelta":
-                    notes.append("Adadelta: the accumulated delta before the step was not recorded "
-                                 "(use watch()); its distribution is skipped")
+                if self.family in _RECORD_BEFORE and not recorded and self.family != "asgd":
+                    notes.append(f"{type(self.optimizer).__name__}: the state the step overwrote was "
+                                 "not recorded (use watch()); distributions skipped")
                     break
                 stats[self.names[id(p)]] = torch_stats.reduce(
-                    lambda chunk, s=state, p=p, r=recorded: elementwise_of(self.family, s, p, h, r, chunk),
-                    _canonical(p.detach()))
+                    self._per_chunk(state, p, h, recorded), _canonical(p.detach()))
         return GroupReport.combine(self._param_reports(params, stats, "effective_lr"), **scalars)
+
+    def _per_chunk(self, state: dict[str, Any], p: torch.Tensor, h: dict[str, Any],
+                   recorded: dict[str, Any] | None) -> Callable[[slice], Elementwise]:
+        """The Elementwise of a flat chunk of ``p``, computed chunk by chunk where possible."""
+        if getattr(formulas.family(self.family), "CHUNKABLE", True):
+            return lambda chunk: elementwise_of(self.family, state, p, h, recorded, chunk)
+        whole = elementwise_of(self.family, state, p, h, recorded)
+
+        def flat(value: Any, chunk: slice) -> Any:
+            return value.reshape(-1)[chunk] if isinstance(value, torch.Tensor) and value.dim() else value
+
+        return lambda chunk: Elementwise(flat(whole.eta, chunk), flat(whole.direction, chunk),
+                                         whole.decay_rate, flat(whole.eps_dominated, chunk))
 
     def _group_t(self, params: list[torch.Tensor]) -> int:
         steps = [_as_float(self.optimizer.state[p]["step"]) for p in params
                  if "step" in self.optimizer.state.get(p, {})]
         return int(max(steps)) if steps else 0
 
-    def _decay_rate(self, h: dict[str, Any]) -> float:
-        decoupled = h.get("decoupled_weight_decay", False)
+    def _decay_rate(self, h: dict[str, Any], step_size: float) -> float:
+        """Fraction of theta removed by decoupled decay this step (coupled L2 lives in d)."""
+        if self.family == "asgd":
+            return h["lambd"] * step_size  # theta *= 1 - lambd * eta_t
+        decoupled = h.get("decoupled_weight_decay", False) or self.family == "adafactor"
         if decoupled and h.get("weight_decay"):
             return _as_float(h["lr"]) * float(h["weight_decay"])
         return 0.0

@@ -84,7 +84,8 @@ def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor) -> torc
     for chunk in chunks(param):
         el = compute(chunk)
         theta = flat_param[chunk]
-        eta = torch.as_tensor(el.eta, device=theta.device)
+        eta = el.eta if isinstance(el.eta, torch.Tensor) else torch.tensor(
+            float(el.eta), dtype=torch.float64, device=theta.device)
         eta = eta.expand(theta.shape) if eta.dim() == 0 else eta
         acc.add(eta, el.eps_dominated, el.update(theta), theta)
     return acc.packed()

@@ -1,0 +1,202 @@
+"""PyTorch in real training situations: groups, names, sparse gradients, unknown
+optimizers, unsupported options, checkpoints, GradScaler, wrappers, torch.compile."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from tests.conftest import require
+
+torch = require("torch")
+import lrscope  # noqa: E402
+import lrscope.torch  # noqa: E402
+from lrscope.backends import torch as backend  # noqa: E402
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+
+def train_step(model, optimizer, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g)
+    optimizer.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    optimizer.step()
+
+
+def test_groups_names_and_group_quantiles():
+    model = make_model()
+    optimizer = torch.optim.AdamW([
+        {"params": model[0].parameters(), "lr": 1e-2, "weight_decay": 0.1, "name": "encoder"},
+        {"params": model[2].parameters(), "lr": 1e-3, "betas": (0.5, 0.9)},
+    ])
+    with lrscope.watch(optimizer, model=model) as monitor:
+        for seed in range(3):
+            train_step(model, optimizer, seed)
+    report = monitor.last
+    assert [g.name for g in report.groups] == ["encoder", "pg1"]
+    assert list(report.groups[0].params) == ["0.weight", "0.bias"]
+    assert report.groups[0].weight_decay_rate == pytest.approx(1e-3)
+    assert report.groups[1].step_size == pytest.approx(1e-3 * (1 - 0.9**3) ** 0.5 / (1 - 0.5**3))
+    # The group distribution is the merge of its tensors: compare with numpy on the real eta.
+    etas = dict(lrscope.torch.elementwise(optimizer, model))
+    eta = np.concatenate([etas[n].eta.detach().numpy().ravel() for n in ("0.weight", "0.bias")])
+    dist = report.groups[0].effective_lr
+    assert dist.count == eta.size and dist.min == pytest.approx(eta.min()) and dist.max == pytest.approx(eta.max())
+    for q in (0.01, 0.25, 0.5, 0.75, 0.99):
+        assert dist.quantile(q) == pytest.approx(np.quantile(eta, q), rel=0.01)
+    scalars = report.scalars()
+    assert scalars["lr-AdamW/encoder/lr"] == pytest.approx(1e-2)
+    assert "lr-AdamW/pg1/effective_lr/p50" in scalars and "lr-AdamW/pg1/update_to_param" in scalars
+
+
+@pytest.mark.parametrize("cls,options", [(torch.optim.SparseAdam, {"lr": 0.05}),
+                                         (torch.optim.SparseAdam, {"lr": 0.05, "maximize": True}),
+                                         (torch.optim.Adagrad, {"lr": 0.1, "lr_decay": 0.01})])
+def test_sparse_gradients_identity(cls, options):
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(10, 4, sparse=True).double()
+    optimizer = cls(embedding.parameters(), **options)
+    monitor = lrscope.watch(optimizer, model=embedding)
+    for step in range(1, 5):
+        before = embedding.weight.detach().clone()
+        rows = torch.tensor([step % 10, (3 * step) % 10, 7])
+        optimizer.zero_grad()
+        embedding(rows).pow(2).sum().backward()
+        optimizer.step()
+        (name, el), = lrscope.torch.elementwise(optimizer, embedding)
+        delta = embedding.weight.detach() - before
+        torch.testing.assert_close(delta, -el.eta * el.direction - el.decay_rate * before, rtol=0, atol=1e-15)
+        untouched = torch.ones(10, dtype=torch.bool)
+        untouched[rows] = False
+        assert torch.all(delta[untouched] == 0)
+        assert monitor.last.groups[0].params["weight"].effective_lr.count == 40
+    monitor.close()
+
+
+class OverridesStep(torch.optim.SGD):
+    """A custom optimizer: lrscope must not guess what its step does."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("make", [lambda ps: OverridesStep(ps, lr=0.01),
+                                  lambda ps: torch.optim.Muon([p for p in ps if p.dim() == 2], lr=0.02)],
+                         ids=["subclass-overriding-step", "muon"])
+def test_unknown_optimizer_reports_lr_and_empirical_update(make):
+    model = make_model()
+    optimizer = make(list(model.parameters()))
+    with pytest.warns(RuntimeWarning, match="empirical=True"):
+        plain = lrscope.watch(optimizer)
+    train_step(model, optimizer, 0)
+    assert plain.last.groups[0].effective_lr is None and plain.last.groups[0].lr == optimizer.param_groups[0]["lr"]
+    plain.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monitor = lrscope.watch(optimizer, model=model, empirical=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_step(model, optimizer, 1)
+    report = monitor.last
+    assert report.empirical and report.family is None
+    for name, param in report.groups[0].params.items():
+        delta = (dict(model.named_parameters())[name].detach() - before[name]).abs().numpy().ravel()
+        dist = param.update_magnitude
+        assert dist.count == delta.size and dist.max == pytest.approx(delta.max())
+        assert dist.quantile(0.5) == pytest.approx(np.quantile(delta, 0.5), rel=0.01)
+        assert param.update_norm == pytest.approx(np.linalg.norm(delta))
+    monitor.close()
+
+
+def test_unsupported_option_is_reported_not_mis_modelled():
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer.param_groups[0]["shiny_new_flag"] = True  # as a future torch release might add
+    with lrscope.watch(optimizer) as monitor:
+        train_step(model, optimizer, 0)
+    group = monitor.last.groups[0]
+    assert group.effective_lr is None
+    assert any("shiny_new_flag=True" in note and "not modelled" in note for note in monitor.last.notes)
+    with pytest.raises(ValueError, match="shiny_new_flag"):
+        dict(lrscope.torch.elementwise(optimizer))
+
+
+def test_checkpoint_restores_t_and_state():
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for seed in range(5):
+        train_step(model, optimizer, seed)
+    checkpoint = optimizer.state_dict()
+    fresh = make_model()
+    fresh.load_state_dict(model.state_dict())
+    resumed = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+    resumed.load_state_dict(checkpoint)
+    with lrscope.watch(resumed) as monitor:
+        train_step(fresh, resumed, 5)
+    assert monitor.last.t == 6
+    assert monitor.last.groups[0].step_size == pytest.approx(lrscope.step_size("adam", 6, lr=1e-3))
+
+
+def test_grad_scaler_skipped_step_is_reported_as_skipped():
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    monitor = lrscope.watch(optimizer, grad_scaler=scaler)
+    reports = []
+    for seed, poison in ((0, False), (1, True), (2, False)):
+        optimizer.zero_grad()
+        x = torch.randn(4, 6)
+        loss = model(x).sum() * (float("inf") if poison else 1.0)
+        scaler.scale(loss).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(optimizer)
+        scaler.update()
+        moved = any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+        reports.append((monitor.last.t, monitor.last.skipped, moved))
+    monitor.close()
+    assert reports == [(1, False, True), (1, True, False), (2, False, True)]
+    assert scaler.update.__self__ is scaler  # close() restored the scaler
+
+
+def test_wrapped_optimizer_and_compiled_model():
+    model = make_model()
+    compiled = torch.compile(model, backend="eager")
+
+    class Wrapper:  # like Lightning's LightningOptimizer or accelerate's AcceleratedOptimizer
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    optimizer = torch.optim.SGD(compiled.parameters(), lr=0.1, momentum=0.9)
+    with lrscope.watch(Wrapper(optimizer), model=compiled) as monitor:
+        train_step(compiled, optimizer, 0)
+    assert list(monitor.last.groups[0].params) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert monitor.last.groups[0].effective_lr.min == monitor.last.groups[0].effective_lr.max == 0.1
+
+
+def test_nonfinite_state_is_counted_and_training_untouched():
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train_step(model, optimizer, 0)
+    optimizer.state[model[0].weight]["exp_avg_sq"][0, :3] = float("nan")
+    with lrscope.watch(optimizer, model=model) as monitor:
+        train_step(model, optimizer, 1)
+    dist = monitor.last.groups[0].params["0.weight"].effective_lr
+    assert dist.nonfinite == 3 and np.isfinite(dist.min) and np.isfinite(dist.quantile(0.5))
+
+
+def test_inspect_notes_what_it_cannot_know():
+    model = make_model()
+    optimizer = torch.optim.Adadelta(model.parameters())
+    train_step(model, optimizer, 0)
+    report = lrscope.inspect(optimizer)
+    assert report.t == 1 and report.groups[0].effective_lr is None
+    assert any("watch()" in note for note in report.notes)
