@@ -13,6 +13,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -202,8 +203,8 @@ class TorchReader:
             )
 
     def _step_count(self) -> int:
-        steps = [_as_float(s["step"]) for s in self.optimizer.state.values() if "step" in s]
-        return int(max(steps)) if steps else 0
+        """The largest step counter of the groups (0 when the state keeps none, as SGD's)."""
+        return max((self._group_t(g["params"]) for g in self.optimizer.param_groups), default=0)
 
     def begin(self, t_next: int, distributions: bool) -> _Pending:
         pending = _Pending(lrs=[g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
@@ -237,11 +238,12 @@ class TorchReader:
                distributions: bool, notes: list[str], t_report: int) -> GroupReport:
         name = group_name(group, index)
         scalars: dict[str, Any] = {"name": name, "lr": _as_float(lr)}
-        params = [p for p in group["params"] if p.grad is not None]
+        # Scalars-only steps touch no parameter: they must stay O(1) per group.
+        params = [p for p in group["params"] if p.grad is not None] if distributions else []
         if self.family is None:
             stats = {}
             if distributions and self.empirical and pending is not None:
-                stats = {self.names[id(p)]: torch_stats.realized(p, pending.snapshot[id(p)])
+                stats = {self.names[id(p)]: partial(torch_stats.realized, p, pending.snapshot[id(p)])
                          for p in params if id(p) in pending.snapshot}
             return GroupReport.combine(self._param_reports(params, stats, "update_magnitude"),
                                        step_size=scalars["lr"], **scalars)
@@ -249,7 +251,7 @@ class TorchReader:
         if unsupported:
             notes.append(f"group {name}: option(s) {', '.join(unsupported)} not modelled by lrscope; "
                          "distributions skipped rather than mis-modelled")
-        t = self._group_t(params) or t_report
+        t = self._group_t(group["params"]) or t_report
         host_h = {**h, "lr": _as_float(h["lr"])}
         family_scalars = formulas.family(self.family).step_sizes(
             np, t, host_h, "torch") if t else {"step_size": math.nan}
@@ -267,8 +269,8 @@ class TorchReader:
                     notes.append(f"{type(self.optimizer).__name__}: the state the step overwrote was "
                                  "not recorded (use watch()); distributions skipped")
                     break
-                stats[self.names[id(p)]] = torch_stats.reduce(
-                    self._per_chunk(state, p, h, recorded), _canonical(p.detach()))
+                stats[self.names[id(p)]] = partial(
+                    torch_stats.reduce, self._per_chunk(state, p, h, recorded), _canonical(p.detach()))
         return GroupReport.combine(self._param_reports(params, stats, "effective_lr"), **scalars)
 
     def _per_chunk(self, state: dict[str, Any], p: torch.Tensor, h: dict[str, Any],
@@ -285,9 +287,12 @@ class TorchReader:
                                          whole.decay_rate, flat(whole.eps_dominated, chunk))
 
     def _group_t(self, params: list[torch.Tensor]) -> int:
-        steps = [_as_float(self.optimizer.state[p]["step"]) for p in params
-                 if "step" in self.optimizer.state.get(p, {})]
-        return int(max(steps)) if steps else 0
+        """Step counter of the group's first parameter that moved this step (one read)."""
+        for p in params:
+            if p.grad is not None:
+                state = self.optimizer.state.get(p)
+                return int(_as_float(state["step"])) if state and "step" in state else 0
+        return 0
 
     def _decay_rate(self, h: dict[str, Any], step_size: float) -> float:
         """Fraction of theta removed by decoupled decay this step (coupled L2 lives in d)."""
@@ -301,7 +306,7 @@ class TorchReader:
     def _param_reports(self, params: list[torch.Tensor], stats: dict[str, Any],
                        label: str) -> dict[str, ParamReport]:
         reports = {}
-        host = torch_stats.to_host(stats)
+        host = torch_stats.collect(stats)
         for p in params:
             name = self.names[id(p)]
             report = ParamReport(name=name, shape=tuple(p.shape))

@@ -30,43 +30,65 @@ def _buckets(values: torch.Tensor) -> torch.Tensor:
     return torch.bincount((bits >> mapping.FLOAT32_SHIFT) & _MASK, minlength=mapping.FLOAT32_BUCKETS)
 
 
-def _finite_extremes(values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """min, max, sum and sum of squares of the finite values, without a host sync."""
+def _extremes(values: torch.Tensor, finite_only: bool) -> list[torch.Tensor]:
+    """min, max, sum and sum of squares, without a host sync.
+
+    The fast path reduces everything; a NaN/Inf then shows in the sum, and the caller
+    redoes that tensor with ``finite_only`` (masking costs three more passes).
+    """
+    flat = values.reshape(-1)
+    if not finite_only:
+        low, high = torch.aminmax(flat)
+        return [low, high, flat.sum(), torch.dot(flat, flat)]
     inf = math.inf
-    low = values.nan_to_num(nan=inf, posinf=inf, neginf=inf).amin()
-    high = values.nan_to_num(nan=-inf, posinf=-inf, neginf=-inf).amax()
-    finite = values.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).reshape(-1).double()
-    return low, high, finite.sum(), torch.dot(finite, finite)
+    finite = flat.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return [flat.nan_to_num(nan=inf, posinf=inf, neginf=inf).amin(),
+            flat.nan_to_num(nan=-inf, posinf=-inf, neginf=-inf).amax(),
+            finite.sum(), torch.dot(finite, finite)]
+
+
+def _squared_norm(values: torch.Tensor | None) -> torch.Tensor:
+    if values is None:
+        return torch.zeros(())
+    flat = values.reshape(-1)
+    return torch.dot(flat, flat)
 
 
 class Accumulator:
-    """Running statistics of one tensor over its chunks (device tensors)."""
+    """Statistics of one tensor over its chunks, kept on the device until ``packed``."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, finite_only: bool = False):
+        self.device = device
+        self.finite_only = finite_only
         self.counts = torch.zeros(mapping.FLOAT32_BUCKETS, dtype=torch.int64, device=device)
-        self.scalars = torch.tensor([math.inf, -math.inf] + [0.0] * 6, dtype=torch.float64, device=device)
+        self.rows: list[torch.Tensor] = []
+        self.has_eps = False
 
     def add(self, values: torch.Tensor, eps_dominated: Any, update: torch.Tensor | None,
             param: torch.Tensor) -> None:
         values = values.detach()
-        self.counts += _buckets(values)
-        low, high, total, squares = _finite_extremes(values)
-        s = self.scalars
-        s[0] = torch.minimum(s[0], low.double())
-        s[1] = torch.maximum(s[1], high.double())
-        s[2] += total
-        s[3] += squares
+        n = param.numel()
+        if values.dim() == 0:  # one eta for the whole chunk (SGD): no per-element work
+            self.counts += _buckets(values) * n
+            extremes = [values, values, values * n, values * values * n]
+        else:
+            self.counts += _buckets(values)
+            extremes = _extremes(values, self.finite_only)
         if eps_dominated is not None:
-            s[4] += torch.as_tensor(eps_dominated).sum()
-            s[7] = 1.0
-        if update is not None:
-            flat = update.reshape(-1).double()
-            s[5] += torch.dot(flat, flat)
-        flat_param = param.reshape(-1).double()
-        s[6] += torch.dot(flat_param, flat_param)
+            self.has_eps = True
+            eps = torch.as_tensor(eps_dominated, device=self.device).sum()
+        else:
+            eps = torch.zeros((), device=self.device)
+        row = extremes + [eps, _squared_norm(update), _squared_norm(param)]
+        self.rows.append(torch.stack([r.to(device=self.device, dtype=torch.float64) for r in row]))
 
     def packed(self) -> torch.Tensor:
-        return torch.cat([self.counts.double(), self.scalars])
+        """Bucket counts then ``_SCALARS`` as one float64 vector."""
+        rows = torch.stack(self.rows)
+        scalars = torch.cat([rows[:, 0].amin().reshape(1), rows[:, 1].amax().reshape(1),
+                             rows[:, 2:].sum(0),
+                             torch.tensor([float(self.has_eps)], dtype=torch.float64, device=self.device)])
+        return torch.cat([self.counts.double(), scalars])
 
 
 def chunks(param: torch.Tensor) -> list[slice]:
@@ -74,26 +96,26 @@ def chunks(param: torch.Tensor) -> list[slice]:
     return [slice(start, min(start + CHUNK_ELEMENTS, n)) for start in range(0, max(n, 1), CHUNK_ELEMENTS)]
 
 
-def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor) -> torch.Tensor:
+def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor,
+           finite_only: bool = False) -> torch.Tensor:
     """Packed statistics of eta over ``param``, chunk by chunk.
 
     ``compute(chunk)`` returns the Elementwise of the flat slice ``chunk``.
     """
-    acc = Accumulator(param.device)
+    acc = Accumulator(param.device, finite_only)
     flat_param = param.detach().reshape(-1)
     for chunk in chunks(param):
         el = compute(chunk)
         theta = flat_param[chunk]
         eta = el.eta if isinstance(el.eta, torch.Tensor) else torch.tensor(
             float(el.eta), dtype=torch.float64, device=theta.device)
-        eta = eta.expand(theta.shape) if eta.dim() == 0 else eta
         acc.add(eta, el.eps_dominated, el.update(theta), theta)
     return acc.packed()
 
 
-def realized(param: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+def realized(param: torch.Tensor, before: torch.Tensor, finite_only: bool = False) -> torch.Tensor:
     """Packed statistics of |delta theta| (empirical mode)."""
-    acc = Accumulator(param.device)
+    acc = Accumulator(param.device, finite_only)
     after = param.detach().reshape(-1)
     before = before.reshape(-1)
     for chunk in chunks(param):
@@ -121,4 +143,14 @@ def to_host(stats: dict[str, torch.Tensor]) -> dict[str, tuple[Distribution, flo
         )
         eps = int(scalars["eps_dominated"]) if scalars["has_eps"] else None
         out[name] = (Distribution(sketch, eps), math.sqrt(scalars["update_sq"]), math.sqrt(scalars["param_sq"]))
+    return out
+
+
+def collect(measure: dict[str, Callable[[bool], torch.Tensor]]) -> dict[str, tuple[Distribution, float, float]]:
+    """Run every ``measure(finite_only)`` on the fast path, move the results in one transfer,
+    and redo (with ``finite_only=True``) only the tensors that turned out to hold NaN/Inf."""
+    out = to_host({name: fn(False) for name, fn in measure.items()})
+    redo = {name for name, (dist, _, _) in out.items() if dist.nonfinite and not math.isfinite(dist.sketch.sum)}
+    if redo:
+        out.update(to_host({name: measure[name](True) for name in redo}))
     return out
