@@ -251,7 +251,8 @@ class TorchReader:
         if unsupported:
             notes.append(f"group {name}: option(s) {', '.join(unsupported)} not modelled by lrscope; "
                          "distributions skipped rather than mis-modelled")
-        t = self._group_t(group["params"]) or t_report
+        # Reading a (possibly on-device) step counter is a host sync: only on measured steps.
+        t = (self._group_t(group["params"]) or t_report) if distributions else t_report
         host_h = {**h, "lr": _as_float(h["lr"])}
         family_scalars = formulas.family(self.family).step_sizes(
             np, t, host_h, "torch") if t else {"step_size": math.nan}
@@ -345,10 +346,13 @@ class TorchMonitor(Monitor):
         self._pending = self.reader.begin(t_next, self.wants_distributions(t_next))
 
     def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        # The state's counter wins (it continues after load_state_dict); SGD keeps none.
-        self._t = self.reader._step_count() or self._t + 1
+        self._t += 1
+        distributions = self.wants_distributions(self._t)
+        if distributions:
+            # Re-sync with the state's counter (it moves with load_state_dict); SGD keeps none.
+            self._t = self.reader._step_count() or self._t
         self._stepped = True
-        report = self.reader.report(self._pending, self.wants_distributions(self._t), t=self._t)
+        report = self.reader.report(self._pending, distributions, t=self._t)
         self._pending = None
         self._emit(report)
 
