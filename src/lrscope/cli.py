@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from lrscope import curve_command
+from lrscope import curve_command, demo, plot
 
 
 class UsageError(Exception):
@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     curve_command.register(subparsers)
+    plot.register(subparsers)
+    demo.register(subparsers)
     return parser
 
 

@@ -1,0 +1,48 @@
+"""The sinks ``lrscope.watch(..., log_dir=D)`` writes to: TensorBoard and JSONL in D.
+
+A directory that cannot be created or written costs one warning, never an exception:
+training goes on, and the sinks that could start keep working.  Without tensorboardX
+installed, only the JSONL log is written (one warning says how to get TensorBoard).
+
+>>> import tempfile
+>>> sinks = default_sinks(tempfile.mkdtemp())
+>>> [type(s).__name__ for s in sinks]
+['TensorBoardSink', 'JsonlSink']
+>>> for s in sinks: s.close()
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from lrscope.sinks import Sink
+from lrscope.sinks.jsonl import FILE_NAME as JSONL_FILE_NAME
+from lrscope.sinks.jsonl import JsonlSink
+from lrscope.sinks.tensorboard import TensorBoardSink
+
+
+def default_sinks(log_dir: str | os.PathLike) -> list[Sink]:
+    """TensorBoard event files and ``lrscope.jsonl`` in ``log_dir``; failures become warnings."""
+    directory = Path(log_dir)
+    makers: list[tuple[str, Callable[[], Sink]]] = [
+        ("TensorBoard event files", lambda: TensorBoardSink(directory)),
+        (JSONL_FILE_NAME, lambda: JsonlSink(directory / JSONL_FILE_NAME)),
+    ]
+    sinks: list[Sink] = []
+    failures: list[str] = []
+    for what, make in makers:
+        try:
+            sinks.append(make())
+        except ImportError as error:
+            failures.append(f"{what}: {error}")
+        except OSError as error:
+            failures.append(f"{what}: {type(error).__name__}: {error}")
+    if failures:
+        warnings.warn(
+            f"lrscope: cannot log to {os.fspath(log_dir)!r} ({'; '.join(failures)}); "
+            "training continues" + (" with the other sinks." if sinks else " without logs there."),
+            RuntimeWarning, stacklevel=4)
+    return sinks

@@ -1,0 +1,80 @@
+"""JSONL sink: one JSON object per report, appended and flushed line by line.
+
+Each line is ``report.to_dict()`` plus ``wall_time`` (Unix seconds).  The file is strict
+JSON: non-finite floats (the min of an empty distribution, an update ratio of a zero
+tensor) are written as ``null``.  A process killed at any moment leaves every complete
+line readable; ``read_jsonl`` skips a torn last line.
+
+>>> import tempfile, numpy as np
+>>> from pathlib import Path
+>>> from lrscope.report import Distribution, GroupReport, StepReport
+>>> path = Path(tempfile.mkdtemp()) / "lrscope.jsonl"
+>>> group = GroupReport(name="pg0", lr=1e-3, step_size=3.2e-4,
+...                     effective_lr=Distribution.from_array(np.array([1e-4, 2e-4])))
+>>> sink = JsonlSink(path)
+>>> sink.write(StepReport(t=1, optimizer="Adam", framework="torch", family="adam",
+...                       groups=[group]))
+>>> sink.close()
+>>> [record["groups"][0]["step_size"] for record in read_jsonl(path)]
+[0.00032]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from lrscope.report import StepReport
+from lrscope.sinks._files import AppendFile
+
+#: File name of the JSONL log inside a log directory.
+FILE_NAME = "lrscope.jsonl"
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no NaN/Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def encode(report: StepReport, wall_time: float | None = None) -> str:
+    """One JSONL line (with its newline) for ``report``."""
+    record = {"wall_time": time.time() if wall_time is None else wall_time, **report.to_dict()}
+    return json.dumps(_strict(record), allow_nan=False, separators=(",", ":")) + "\n"
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The records of an lrscope JSONL file; an incomplete or corrupt line is skipped."""
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "t" in record and "groups" in record:
+                yield record
+
+
+class JsonlSink:
+    """Appends one line per report to ``path`` (created with its directories)."""
+
+    background = True
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = AppendFile(self.path)
+
+    def write(self, report: StepReport) -> None:
+        self._file.write(encode(report))
+
+    def close(self) -> None:
+        self._file.close()
