@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from lrscope.formulas import (
-    adadelta, adafactor, adagrad, adam, adamax, asgd, lion, nadam, radam, rmsprop, rprop, sgd,
+    adabelief, adadelta, adafactor, adagrad, adam, adamax, asgd, lion, nadam, radam, rmsprop,
+    rprop, sgd, yogi, lamb,
 )
 from lrscope.formulas._common import CONVENTIONS, Elementwise, resolve
 
@@ -30,6 +31,7 @@ FAMILIES: dict[str, ModuleType] = {
     for module in (adam, sgd, adamax, nadam, radam, adagrad, rmsprop, adadelta, adafactor,
                    lion, rprop, asgd)
 }
+FAMILIES.update({module.NAMES[0]: module for module in (adabelief, yogi, lamb)})
 _BY_NAME = {name: module for module in FAMILIES.values() for name in module.NAMES}
 
 

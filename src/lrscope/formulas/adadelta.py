@@ -7,8 +7,11 @@ folded in the new update, so the backends record ``acc_delta_before`` ahead of i
     eta = lr * sqrt(A_before + eps) / sqrt(E + eps),    d = g'
 
 torch: lr 1.0, rho 0.9, eps 1e-6, coupled L2 decay; keras: lr 1e-3, rho 0.95, eps 1e-7,
-decoupled decay; optax: the default ``learning_rate=None`` *ascends* (an upstream bug
-that lrscope reports as a negative eta rather than hiding).  ``step_size = lr``;
+decoupled decay; optax: coupled decay (``add_decayed_weights`` before the scaling; d uses
+``param_before``, theta before the step, which the optax backend has), and
+the default ``learning_rate=None`` applies neither a learning rate nor the sign flip, so
+the step *ascends* (an upstream bug that lrscope reports as ``lr = -1``, a negative eta,
+rather than hiding).  ``step_size = lr``;
 ``eps_dominated`` where ``E < eps``.
 
 >>> step_sizes(None, 1, {"lr": 1.0}, "torch")
@@ -41,6 +44,12 @@ def elementwise(
     """eta from ``square_avg`` and ``acc_delta_before``; d = the gradient."""
     square_avg, eps = state["square_avg"], h["eps"]
     eta = h["lr"] * xp.sqrt(state["acc_delta_before"] + eps) / xp.sqrt(square_avg + eps)
+    if convention == "optax":  # wd * theta is added to g before the scaling; optax's
+        # wrapper passes theta before the step, so d needs no reconstruction.
+        direction = state["grad"]
+        if h["weight_decay"]:
+            direction = direction + h["weight_decay"] * state["param_before"]
+        return Elementwise(eta=eta, direction=direction, eps_dominated=square_avg < eps)
     if convention == "torch":
         direction = coupled_direction(xp, state["param"], state["grad"], eta, 1.0, 0.0,
                                       h["weight_decay"], h["maximize"])

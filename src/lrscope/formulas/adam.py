@@ -25,6 +25,7 @@ remove ``lr * wd`` of theta before the moment update; optax ``adamw`` adds
 ``lr * wd * theta`` to the update.  Either way ``decay_rate = lr * wd`` for the decoupled
 forms.  ``eps_dominated`` marks elements where ``eps_hat > sqrt(v_hat)``.
 
+>>> import numpy as np
 >>> round(float(step_sizes(np, 1, resolve_hyper("torch", {}), "torch")["step_size"]), 6)
 0.000316
 >>> float(step_sizes(np, 10, resolve_hyper("torch", {}), "torch")["step_size"]) < 0.16e-3
@@ -38,8 +39,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import numpy as np
-
 from lrscope.formulas._common import Elementwise, resolve
 
 NAMES = ("adam", "adamw", "amsgrad", "sparse_adam")
@@ -50,7 +49,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "torch": {**_BASE, "eps": 1e-8, "maximize": False},
     "keras": {**_BASE, "eps": 1e-7, "decoupled_weight_decay": True},
     "tf1": {**_BASE, "eps": 1e-8},
-    "optax": {**_BASE, "eps": 1e-8, "eps_root": 0.0, "decoupled_weight_decay": True},
+    "optax": {**_BASE, "lr": None, "eps": 1e-8, "eps_root": 0.0, "decoupled_weight_decay": True},
 }
 
 
@@ -66,11 +65,18 @@ def step_sizes(xp: Any, t: Any, h: Mapping[str, Any], convention: str) -> dict[s
 def elementwise(
     xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any], convention: str
 ) -> Elementwise:
-    """eta and d of the step just taken from ``exp_avg``/``exp_avg_sq`` (or ``max_exp_avg_sq``)."""
-    bias1, bias2 = 1 - h["beta1"] ** t, 1 - h["beta2"] ** t
+    """eta and d of the step just taken from ``exp_avg``/``exp_avg_sq`` (or ``max_exp_avg_sq``).
+
+    ``state`` may carry ``beta1_power``/``beta2_power`` (beta**t of this step) where the
+    framework accumulates them in variables (TF1): they replace ``beta**t`` so eta matches
+    the framework's own rounding.
+    """
+    bias1 = 1 - (state["beta1_power"] if "beta1_power" in state else h["beta1"] ** t)
+    bias2 = 1 - (state["beta2_power"] if "beta2_power" in state else h["beta2"] ** t)
     v = state["max_exp_avg_sq"] if h["amsgrad"] else state["exp_avg_sq"]
     if convention == "optax":
-        root = xp.sqrt(v / bias2 + h["eps_root"])
+        # optax's AMSGrad keeps the max of the already bias-corrected v_hat.
+        root = xp.sqrt((v if h["amsgrad"] else v / bias2) + h["eps_root"])
         eps_hat = h["eps"]
     else:
         root = xp.sqrt(v / bias2)
@@ -82,6 +88,3 @@ def elementwise(
         decay_rate=h["lr"] * h["weight_decay"] if decoupled else 0.0,
         eps_dominated=root < eps_hat,
     )
-
-
-__all__ = ["NAMES", "DEFAULTS", "step_sizes", "elementwise", "np"]

@@ -9,6 +9,8 @@ r"""Adamax: Adam with an infinity-norm second moment.
 * keras: ``u <- max(beta2 * u, |g|)``, ``eta = lr / (u + eps)`` (``eps_dominated`` where
   ``u < eps``).
 
+Weight decay is decoupled (``decay_rate = lr * wd``) in keras and optax ``adamaxw``.
+
 >>> round(step_sizes(None, 1, {"lr": 2e-3, "beta1": 0.9}, "torch")["step_size"], 6)
 0.02
 """
@@ -43,6 +45,6 @@ def elementwise(
         eta, dominated = h["lr"] / (u + eps), u < eps
     else:
         eta, dominated = h["lr"] / u, u < 2 * eps
-    decay = h["lr"] * h["weight_decay"] if convention == "keras" else 0.0
+    decay = h["lr"] * h["weight_decay"] if convention in ("keras", "optax") else 0.0
     return Elementwise(eta=eta, direction=state["exp_avg"] / (1 - h["beta1"] ** t),
                        decay_rate=decay, eps_dominated=dominated)

@@ -4,7 +4,9 @@ r"""Lion (Chen et al., 2023): a sign method.
     m <- beta2 * m_before + (1 - beta2) * g
 
 ``m_before`` is recovered from the state after the step as
-``(m - (1 - beta2) * g) / beta2`` (requires beta2 > 0).  Weight decay is decoupled
+``(m - (1 - beta2) * g) / beta2`` (requires beta2 > 0) unless the backend passes it as
+``exp_avg_before`` (optax's wrapper sees the state before the step, and rounding in the
+recovery could flip the sign of a near-zero element).  Weight decay is decoupled
 (``decay_rate = lr * wd``) in keras and optax.  ``step_size = lr``.
 
 >>> step_sizes(None, 1, {"lr": 1e-4}, "optax")
@@ -35,7 +37,9 @@ def elementwise(
 ) -> Elementwise:
     """eta = lr everywhere; d = the sign vector the step used."""
     grad = state["grad"]
-    before = (state["exp_avg"] - (1 - h["beta2"]) * grad) / h["beta2"]
+    before = state.get("exp_avg_before")
+    if before is None:
+        before = (state["exp_avg"] - (1 - h["beta2"]) * grad) / h["beta2"]
     direction = xp.sign(h["beta1"] * before + (1 - h["beta1"]) * grad)
     return Elementwise(eta=h["lr"] + 0 * grad, direction=direction,
                        decay_rate=h["lr"] * h["weight_decay"])

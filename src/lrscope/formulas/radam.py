@@ -76,8 +76,14 @@ def elementwise(
     direction = state["exp_avg"] / bias1
     decoupled = convention == "torch" and h["decoupled_weight_decay"] and h["weight_decay"] != 0
     decay = h["lr"] * h["weight_decay"] if decoupled else 0.0
-    if not bool(rectified(np, t, h, convention)):
-        return Elementwise(eta=h["lr"] + 0 * root, direction=direction, decay_rate=decay)
-    r_t = float(rectification(np, t, h, convention))
-    return Elementwise(eta=h["lr"] * r_t / (root + eps_hat), direction=direction,
-                       decay_rate=decay, eps_dominated=root < eps_hat)
+    ok = rectified(xp, t, h, convention)
+    if isinstance(ok, (bool, np.bool_)):  # a concrete step index: take its branch
+        if not ok:
+            return Elementwise(eta=h["lr"] + 0 * root, direction=direction, decay_rate=decay)
+        r_t = float(rectification(np, t, h, convention))
+        return Elementwise(eta=h["lr"] * r_t / (root + eps_hat), direction=direction,
+                           decay_rate=decay, eps_dominated=root < eps_hat)
+    # A traced step counter (inside jit): select elementwise, never branch in Python.
+    adaptive = h["lr"] * rectification(xp, t, h, convention) / (root + eps_hat)
+    return Elementwise(eta=xp.where(ok, adaptive, h["lr"] + 0 * root), direction=direction,
+                       decay_rate=decay, eps_dominated=(root < eps_hat) & ok)

@@ -8,8 +8,14 @@ r"""RMSprop, plain, centered and with momentum.
   ``theta -= lr * b``, so ``d = b * (sqrt(D) + eps)`` (the buffer in gradient units).
 * keras: ``eta = lr / sqrt(D + eps)``; with momentum the buffer holds lr-scaled steps
   ``m <- mu * m + eta * g`` and ``theta -= m``, so ``d = m / eta``; decoupled decay.
-* optax (``eps_in_sqrt=True``, the default): ``eta = lr / sqrt(D + eps)``; momentum
-  (``trace`` after ``scale_by_learning_rate``) is handled like keras.
+* optax: ``eta = lr / sqrt(D + eps)`` (``eps_in_sqrt=True``, the default) or
+  ``lr / (sqrt(D) + eps)``; ``bias_correction`` divides v and gbar by ``1 - decay**t``.
+  Momentum is a ``trace`` *after* ``scale_by_learning_rate``, so it accumulates the
+  signed, lr-scaled updates ``b <- mu * b - eta * g`` and ``theta += b``: ``d = -b / eta``
+  (Nesterov: ``theta += mu * b - eta * g``, ``d = g - mu * b / eta``).
+* tf1 (``tf.compat.v1.train.RMSPropOptimizer``): like keras, but the buffer
+  ``mom <- mu * mom + eta * g`` exists even for ``mu = 0``, so ``d = mom / eta`` always;
+  default eps 1e-10, ``ms`` starts at 1.
 
 ``step_size = lr``; ``eps_dominated``: ``sqrt(D) < eps`` (torch) or ``D < eps``.
 
@@ -32,6 +38,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "keras": {**_BASE, "lr": 1e-3, "rho": 0.9, "eps": 1e-7, "weight_decay": 0.0},
     "optax": {**_BASE, "lr": None, "decay": 0.9, "eps": 1e-8, "eps_in_sqrt": True,
               "initial_scale": 0.0, "nesterov": False, "bias_correction": False},
+    "tf1": {**_BASE, "lr": None, "rho": 0.9, "eps": 1e-10},
 }
 
 
@@ -56,7 +63,31 @@ def elementwise(
         direction = coupled_direction(xp, state["param"], state["grad"], eta, 1.0, 0.0,
                                       h["weight_decay"], h["maximize"])
         return Elementwise(eta=eta, direction=direction, eps_dominated=root < eps)
+    if convention == "optax":
+        return _optax(xp, state, t, h)
     eta = lr / xp.sqrt(denominator + eps)
-    direction = buffer / eta if h["momentum"] and buffer is not None else state["grad"]
+    lr_scaled_buffer = h["momentum"] or convention == "tf1"
+    direction = buffer / eta if lr_scaled_buffer and buffer is not None else state["grad"]
     return Elementwise(eta=eta, direction=direction, decay_rate=lr * h.get("weight_decay", 0.0),
                        eps_dominated=denominator < eps)
+
+
+def _optax(xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any]) -> Elementwise:
+    """optax.rmsprop: eps in or outside the sqrt, optional bias correction, signed trace."""
+    bias = 1 - h["decay"] ** t if h["bias_correction"] else 1.0
+    denominator = state["square_avg"] / bias
+    if h["centered"]:
+        denominator = denominator - (state["grad_avg"] / bias) ** 2
+    eps, lr, buffer = h["eps"], h["lr"], state.get("momentum_buffer")
+    if h["eps_in_sqrt"]:
+        eta, dominated = lr / xp.sqrt(denominator + eps), denominator < eps
+    else:
+        root = xp.sqrt(denominator)
+        eta, dominated = lr / (root + eps), root < eps
+    if not h["momentum"]:
+        direction = state["grad"]
+    elif h["nesterov"]:
+        direction = state["grad"] - h["momentum"] * buffer / eta
+    else:
+        direction = -buffer / eta
+    return Elementwise(eta=eta, direction=direction, eps_dominated=dominated)

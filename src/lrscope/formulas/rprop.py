@@ -5,6 +5,12 @@ step's gradient, zeroed where its sign flipped), and moves ``theta -= eta * sign
 
     eta = state["step_size"],   d = sign(prev)
 
+optax's ``scale_by_rprop`` emits the update it stored on the *previous* step (one step
+late: at t = 1 nothing moves), zeroed where the gradient's sign flipped; the backend
+passes the state before the step (``step_size`` and ``prev`` = ``prev_updates``)::
+
+    eta = step_size_before,   d = sign(prev_before), 0 where grad * prev_before < 0
+
 There is no data-independent scalar: ``step_size`` reports ``lr``, the initial
 per-element step.  ``eps_dominated`` is None.
 
@@ -22,6 +28,8 @@ NAMES = ("rprop",)
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "torch": {"lr": 1e-2, "etas": (0.5, 1.2), "step_sizes": (1e-6, 50.0), "maximize": False},
+    "optax": {"lr": None, "eta_minus": 0.5, "eta_plus": 1.2, "min_step_size": 1e-6,
+              "max_step_size": 50.0},
 }
 
 
@@ -34,4 +42,7 @@ def elementwise(
     xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any], convention: str
 ) -> Elementwise:
     """eta = ``step_size`` from the state; d = ``sign(prev)``."""
-    return Elementwise(eta=state["step_size"], direction=xp.sign(state["prev"]))
+    direction = xp.sign(state["prev"])
+    if convention == "optax":
+        direction = xp.where(state["grad"] * state["prev"] < 0, 0 * direction, direction)
+    return Elementwise(eta=state["step_size"], direction=direction)

@@ -1,0 +1,119 @@
+"""Distribution statistics of Keras tensors with ``keras.ops``, on the backend's device.
+
+Per variable: float32 bit buckets of eta (``mapping``) counted with ``bincount``, exact
+finite min/max/sum/sum of squares, the eps-dominated count and the update and parameter
+squared norms.  Elementwise families are processed in chunks of ``CHUNK_ELEMENTS`` so
+temporary memory stays bounded whatever the variable size; ``to_host`` moves the
+statistics of every variable of a step in two transfers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+from keras import ops
+
+from lrscope.formulas import Elementwise
+from lrscope.report import Distribution
+from lrscope.stats import LogSketch, mapping
+
+#: Elements processed at once by the elementwise families.
+CHUNK_ELEMENTS = 1 << 20
+_MASK = mapping.FLOAT32_BUCKETS - 1
+_SCALARS = ("min", "max", "sum", "sum_squares", "eps_dominated", "update_sq", "param_sq")
+
+
+def chunks(size: int, chunkable: bool) -> list[slice | None]:
+    """Flat slices covering ``size`` elements, or ``[None]`` (the whole tensor at once).
+
+    >>> chunks(10, chunkable=False), len(chunks(3 * CHUNK_ELEMENTS + 1, chunkable=True))
+    ([None], 4)
+    """
+    if not chunkable or size <= CHUNK_ELEMENTS:
+        return [None]
+    return [
+        slice(start, min(start + CHUNK_ELEMENTS, size)) for start in range(0, size, CHUNK_ELEMENTS)
+    ]
+
+
+def _squares(x: Any, dtype: str) -> Any:
+    x = ops.cast(ops.reshape(x, [-1]), dtype)
+    return ops.sum(x * x)
+
+
+def _statistics(el: Elementwise, param: Any, with_update: bool, dtype: str) -> tuple[Any, Any]:
+    """(bucket counts, packed scalars) of eta over ``param`` (a tensor or a flat chunk)."""
+    eta = ops.reshape(ops.broadcast_to(ops.convert_to_tensor(el.eta), ops.shape(param)), [-1])
+    bits = ops.view(ops.cast(eta, "float32"), "int32")
+    keys = ops.bitwise_and(ops.right_shift(bits, mapping.FLOAT32_SHIFT), _MASK)
+    counts = ops.bincount(keys, minlength=mapping.FLOAT32_BUCKETS)
+    values = ops.cast(eta, dtype)
+    finite = ops.isfinite(values)
+    zero = ops.zeros_like(values)
+    absent = ops.convert_to_tensor(-1.0, dtype=dtype)
+    eps = (
+        absent
+        if el.eps_dominated is None
+        else ops.sum(ops.cast(ops.broadcast_to(el.eps_dominated, ops.shape(param)), dtype))
+    )
+    scalars = ops.stack(
+        [
+            ops.min(ops.where(finite, values, zero + math.inf)),
+            ops.max(ops.where(finite, values, zero - math.inf)),
+            ops.sum(ops.where(finite, values, zero)),
+            ops.sum(ops.where(finite, values * values, zero)),
+            eps,
+            _squares(el.update(param), dtype) if with_update else absent,
+            _squares(param, dtype),
+        ]
+    )
+    return counts, scalars
+
+
+def reduce(
+    compute: Callable[[slice | None], Elementwise],
+    param: Any,
+    with_update: bool,
+    dtype: str,
+    chunkable: bool,
+) -> tuple[Any, Any]:
+    """Statistics of eta over ``param``; ``compute(chunk)`` gives the Elementwise of a flat
+    slice of every state tensor (``None``: the whole tensors)."""
+    flat = ops.reshape(param, [-1])
+    counts, rows = None, []
+    for chunk in chunks(int(np.prod(param.shape)), chunkable):
+        c, row = _statistics(
+            compute(chunk), param if chunk is None else flat[chunk], with_update, dtype
+        )
+        counts = c if counts is None else counts + c
+        rows.append(row)
+    stacked = ops.stack(rows)
+    # Absent terms are -1 in every row: their sum stays negative, still read as absent.
+    scalars = ops.concatenate(
+        [
+            ops.min(stacked[:, :1], axis=0),
+            ops.max(stacked[:, 1:2], axis=0),
+            ops.sum(stacked[:, 2:], axis=0),
+        ]
+    )
+    return counts, scalars
+
+
+def to_host(stats: list[tuple[Any, Any]]) -> list[tuple[Distribution, float | None, float]]:
+    """``(effective lr Distribution, update norm or None, param norm)`` per variable."""
+    if not stats:
+        return []
+    counts = ops.convert_to_numpy(ops.stack([c for c, _ in stats])).astype(np.int64)
+    scalars = ops.convert_to_numpy(ops.stack([s for _, s in stats])).astype(np.float64)
+    out = []
+    for row_counts, row in zip(counts, scalars):
+        s = dict(zip(_SCALARS, row.tolist()))
+        sketch = LogSketch.from_float32_buckets(
+            row_counts, min=s["min"], max=s["max"], sum=s["sum"], sum_squares=s["sum_squares"]
+        )
+        eps = None if s["eps_dominated"] < 0 else int(s["eps_dominated"])
+        update = math.sqrt(s["update_sq"]) if s["update_sq"] >= 0 else None
+        out.append((Distribution(sketch, eps), update, math.sqrt(s["param_sq"])))
+    return out

@@ -1,0 +1,1 @@
+"""Hooks and callbacks that attach lrscope to training loops (Keras, Lightning, ...)."""

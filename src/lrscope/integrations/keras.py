@@ -1,0 +1,152 @@
+"""``EffectiveLRCallback`` for ``model.fit`` and ``KerasMonitor`` for custom loops.
+
+After every train batch the callback builds the StepReport of the step just taken (scalars every
+step, distributions every ``every`` steps) and writes it to the sinks; ``callback.last``
+is the latest report.  On the JAX backend ``fit`` keeps the variables outside the model
+between batches; the callback asks the model to sync them (``jax_state_sync``) before
+reading, as Keras documents for callbacks that read state.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Iterable
+
+import keras
+
+from lrscope.backends.keras import KerasReader
+from lrscope.monitor import Monitor
+from lrscope.report import StepReport
+from lrscope.sinks import Sink
+
+
+class KerasMonitor(Monitor):
+    """Reports each real step of a Keras optimizer: call ``step()`` after ``apply``.
+
+    ``before_step()`` (optional, before ``apply``) records what the step overwrites
+    (Adadelta's accumulated delta).  Micro-batches of gradient accumulation are not
+    steps and produce no report; a LossScaleOptimizer step skipped for inf/NaN
+    gradients produces a ``skipped`` report.
+
+    >>> import numpy as np, keras, lrscope
+    >>> w = keras.Variable(np.ones(3))
+    >>> optimizer = keras.optimizers.Adam(1e-3, gradient_accumulation_steps=2)
+    >>> monitor = lrscope.watch(optimizer)
+    >>> for _ in range(4):
+    ...     optimizer.apply([keras.ops.ones((3,), dtype=w.dtype)], [w])
+    ...     report = monitor.step()
+    ...     print(None if report is None else report.t)
+    None
+    1
+    None
+    2
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        *,
+        every: int = 1,
+        log_dir: str | os.PathLike | None = None,
+        sinks: Iterable[Sink] | None = None,
+    ):
+        super().__init__(every=every, log_dir=log_dir, sinks=sinks)
+        self.reader = KerasReader(optimizer)
+        if self.reader.notes:
+            warnings.warn("lrscope: " + self.reader.notes[0], RuntimeWarning, stacklevel=3)
+        self._recorded: dict[int, dict[str, Any]] | None = None
+        self._last_raw: int | None = None
+
+    def before_step(self) -> None:
+        """Record what the coming step overwrites, when its distributions are wanted."""
+        _, t, _ = self.reader.position()
+        self._recorded = self.reader.record_before() if self.wants_distributions(t + 1) else None
+
+    def step(
+        self, grads: Sequence[Any] | None = None, variables: Sequence[Any] | None = None
+    ) -> StepReport | None:
+        """Build, emit and return the report of the step just taken (None for a micro-batch)."""
+        raw, t, moved = self.reader.position()
+        if raw == self._last_raw and t:
+            report = self.reader.report(distributions=False)
+            report.skipped = True
+            report.notes.append(
+                "the step was skipped (LossScaleOptimizer found inf/NaN "
+                "gradients): variables did not move and t did not advance"
+            )
+        elif not moved:
+            report = None
+        else:
+            report = self.reader.report(
+                distributions=self.wants_distributions(t),
+                grads=grads,
+                variables=variables,
+                recorded=self._recorded,
+            )
+        self._last_raw, self._recorded = raw, None
+        if report is not None:
+            self._emit(report)
+        return report
+
+
+class EffectiveLRCallback(keras.callbacks.Callback):
+    """Report the effective learning rate of ``model.optimizer`` after each train batch.
+
+    ``log_dir`` writes lrscope's default sinks there (TensorBoard event files, JSONL);
+    ``sinks=[...]`` picks sinks explicitly.  The sinks are flushed and closed at the end
+    of ``fit`` (a later ``fit`` opens them again).
+
+    >>> import numpy as np, keras, lrscope.keras
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    >>> callback = lrscope.keras.EffectiveLRCallback()
+    >>> _ = model.fit(np.ones((8, 3)), np.zeros((8, 2)), batch_size=4, epochs=1, verbose=0,
+    ...               callbacks=[callback])
+    >>> callback.last.t, round(callback.last.groups[0].step_size, 7)
+    (2, 0.0002353)
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike | None = None,
+        sinks: Iterable[Sink] | None = None,
+        every: int = 1,
+    ):
+        super().__init__()
+        self._options: dict[str, Any] = {
+            "log_dir": log_dir,
+            "sinks": list(sinks or []) or None,
+            "every": every,
+        }
+        self.monitor: KerasMonitor | None = None
+        self._last: StepReport | None = None
+
+    @property
+    def last(self) -> StepReport | None:
+        """The report of the latest step (kept after ``fit`` ends)."""
+        return self.monitor.last if self.monitor is not None else self._last
+
+    def _sync(self) -> None:
+        sync = getattr(self.model, "jax_state_sync", None)
+        if sync is not None:
+            sync()
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.monitor = KerasMonitor(self.model.optimizer, **self._options)
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        if self.monitor is not None and self.monitor.reader.family == "adadelta":
+            self._sync()
+            self.monitor.before_step()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.monitor is not None:
+            self._sync()
+            self.monitor.step()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self.monitor is not None:
+            self._last = self.monitor.last
+            self.monitor.close()
+            self.monitor = None

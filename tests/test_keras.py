@@ -1,0 +1,438 @@
+"""Keras 3 backend against the real Keras optimizers, on the backend KERAS_BACKEND selects.
+
+The Makefile runs this file under tensorflow, jax and torch.  Variables are float64
+where the backend has it (jax without x64 has not: float32 with float32 tolerances).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+import lrscope  # noqa: E402
+import lrscope.keras  # noqa: E402
+from lrscope.backends.keras import KerasReader  # noqa: E402
+
+from keras import ops  # noqa: E402
+
+BACKEND = keras.backend.backend()
+DTYPE = "float32" if BACKEND == "jax" else "float64"
+RTOL, ATOL = (1e-5, 4e-7) if DTYPE == "float32" else (1e-9, 1e-14)
+#: Keras rounds Nadam's 0.96 (momentum schedule) through float32, lrscope uses 0.96.
+#: lamb: the trust ratio is solved from a quadratic.  adafactor: Keras on torch rounds
+#: RMS(theta) to float32 precision; lrscope recovers the exact RMS.
+CASE_RTOL = {"nadam": 1e-6, "lamb": 1e-8, "adafactor": 1e-6}
+#: Keras rounds beta1/beta2 through float32 for the bias corrections: reports say what
+#: Keras does, lrscope.step_size what the formula says with the exact betas.
+BETA_ROUNDING = 1e-4
+SHAPES = {"scalar": (), "vector": (5,), "matrix": (4, 3)}
+_O = keras.optimizers
+
+
+def _schedule() -> keras.optimizers.schedules.LearningRateSchedule:
+    # Halving every step: a schedule read at the wrong index breaks the identity.
+    return _O.schedules.ExponentialDecay(1e-2, decay_steps=1, decay_rate=0.5)
+
+
+CASES = {
+    "adam": lambda: _O.Adam(_schedule()),
+    "adam_amsgrad_wd": lambda: _O.Adam(_schedule(), amsgrad=True, weight_decay=0.1),
+    "adamw": lambda: _O.AdamW(_schedule(), weight_decay=0.05, epsilon=1e-3),
+    "sgd": lambda: _O.SGD(_schedule()),
+    "sgd_momentum": lambda: _O.SGD(_schedule(), momentum=0.9, weight_decay=0.01),
+    "sgd_nesterov": lambda: _O.SGD(_schedule(), momentum=0.9, nesterov=True),
+    "rmsprop": lambda: _O.RMSprop(_schedule()),
+    "rmsprop_centered_momentum": lambda: _O.RMSprop(_schedule(), centered=True, momentum=0.5),
+    "adagrad": lambda: _O.Adagrad(_schedule(), weight_decay=0.01),
+    "adamax": lambda: _O.Adamax(_schedule()),
+    "nadam": lambda: _O.Nadam(_schedule(), weight_decay=0.01),
+    "adadelta": lambda: _O.Adadelta(_schedule()),
+    "lion": lambda: _O.Lion(_schedule(), weight_decay=0.1),
+    "lamb": lambda: _O.Lamb(_schedule(), weight_decay=0.1),
+    "adafactor": lambda: _O.Adafactor(_schedule(), weight_decay=0.1),
+    "adafactor_tiny_params": lambda: _O.Adafactor(_schedule(), epsilon_2=10.0),
+    "adam_clipnorm": lambda: _O.Adam(_schedule(), global_clipnorm=0.5),
+    "adam_loss_scale": lambda: _O.LossScaleOptimizer(_O.Adam(_schedule())),
+}
+
+
+def _skip_loss_scale_on_jax() -> None:
+    if BACKEND == "jax":
+        pytest.skip("Keras' LossScaleOptimizer.apply leaks a tracer when called eagerly on JAX")
+
+
+def _variables(rng: np.random.Generator) -> dict[str, keras.Variable]:
+    return {
+        name: keras.Variable(rng.normal(size=shape), dtype=DTYPE, name=name)
+        for name, shape in SHAPES.items()
+    }
+
+
+def _grads(rng: np.random.Generator, variables: list) -> list:
+    # Mixed magnitudes so eps dominates somewhere and not elsewhere.
+    return [
+        ops.convert_to_tensor(
+            rng.normal(size=v.shape) * 10.0 ** rng.integers(-9, 1, size=v.shape), dtype=DTYPE
+        )
+        for v in variables
+    ]
+
+
+def _assert_identity(before: np.ndarray, after: np.ndarray, el, rtol: float = RTOL) -> None:
+    eta, d, decay = (
+        np.asarray(x if isinstance(x, (int, float)) else ops.convert_to_numpy(x), np.float64)
+        for x in (el.eta, el.direction, el.decay_rate)
+    )
+    predicted = -eta * d - decay * before
+    np.testing.assert_allclose(
+        after - before,
+        predicted,
+        rtol=max(rtol, RTOL),
+        atol=ATOL * max(1.0, float(np.abs(before).max())),
+    )
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_identity_on_real_steps(case: str) -> None:
+    """SPEC §5: theta_after - theta_before == -eta * d - decay * theta_before, every step."""
+    rng = np.random.default_rng(0)
+    variables = _variables(rng)
+    frozen = keras.Variable(np.ones(3), dtype=DTYPE, trainable=False)
+    trained = list(variables.values())
+    if case == "adam_loss_scale":
+        _skip_loss_scale_on_jax()
+    optimizer = CASES[case]()
+    if case == "adam_amsgrad_wd":
+        optimizer.exclude_from_weight_decay(var_names=["scalar"])
+    optimizer.build(trained)
+    scale = 8.0 if case == "adam_loss_scale" else 1.0
+    for step in range(1, 5):
+        grads = _grads(rng, trained)
+        recorded = KerasReader(optimizer).record_before()
+        before = {v.path: np.asarray(ops.convert_to_numpy(v), np.float64) for v in trained}
+        # LossScaleOptimizer.apply unscales by its dynamic scale; hand it scaled gradients.
+        if case == "adam_loss_scale":
+            scale = float(ops.convert_to_numpy(optimizer.dynamic_scale))
+        optimizer.apply([g * scale for g in grads], trained)
+        moved = dict(
+            lrscope.keras.elementwise(optimizer, grads=grads, variables=trained, recorded=recorded)
+        )
+        assert set(moved) == set(before)
+        for v in trained:
+            _assert_identity(
+                before[v.path],
+                np.asarray(ops.convert_to_numpy(v), np.float64),
+                moved[v.path],
+                CASE_RTOL.get(case, RTOL),
+            )
+        report = lrscope.inspect(optimizer, grads=grads, variables=trained)
+        assert report.t == step and report.framework == "keras"
+        assert report.groups[0].lr == pytest.approx(1e-2 * 0.5 ** (step - 1), rel=1e-6)
+    np.testing.assert_array_equal(ops.convert_to_numpy(frozen), np.ones(3))
+
+
+@pytest.mark.parametrize(
+    "case", ["adam", "adamw", "rmsprop_centered_momentum", "sgd_momentum", "lamb"]
+)
+def test_update_norms_without_grads(case: str) -> None:
+    """Families whose direction lives in the state give update norms without grads=."""
+    rng = np.random.default_rng(1)
+    trained = list(_variables(rng).values())
+    optimizer = CASES[case]()
+    before = None
+    for _ in range(3):
+        before = [np.asarray(ops.convert_to_numpy(v), np.float64) for v in trained]
+        optimizer.apply(_grads(rng, trained), trained)
+    after = [np.asarray(ops.convert_to_numpy(v), np.float64) for v in trained]
+    group = lrscope.inspect(optimizer).groups[0]
+    realized = np.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after, before)))
+    assert group.update_norm == pytest.approx(realized, rel=1e-4)
+    assert group.param_norm == pytest.approx(np.sqrt(sum((a**2).sum() for a in after)), rel=1e-6)
+
+
+def test_quantiles_match_numpy() -> None:
+    rng = np.random.default_rng(2)
+    trained = [
+        keras.Variable(rng.normal(size=(64, 32)), dtype=DTYPE),
+        keras.Variable(rng.normal(size=(50,)), dtype=DTYPE),
+    ]
+    optimizer = _O.Adam(1e-3)
+    for _ in range(3):
+        optimizer.apply(_grads(rng, trained), trained)
+    eta = np.concatenate(
+        [np.ravel(ops.convert_to_numpy(el.eta)) for _, el in lrscope.keras.elementwise(optimizer)]
+    ).astype(np.float64)
+    dist = lrscope.inspect(optimizer).groups[0].effective_lr
+    assert dist.count == eta.size
+    assert dist.min == pytest.approx(eta.min(), rel=1e-6) and dist.max == pytest.approx(
+        eta.max(), rel=1e-6
+    )
+    assert dist.mean == pytest.approx(eta.mean(), rel=1e-6)
+    for q in (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99):
+        assert dist.quantile(q) == pytest.approx(np.quantile(eta, q), rel=0.01)
+    eps_hat = 1e-7 / np.sqrt(1 - 0.999**3)
+    v_hat = np.concatenate([np.ravel(ops.convert_to_numpy(v)) for v in optimizer._velocities]) / (
+        1 - 0.999**3
+    )
+    assert dist.eps_dominated == pytest.approx(np.mean(np.sqrt(v_hat) < eps_hat))
+
+
+def test_gradient_accumulation_reports_only_real_steps() -> None:
+    rng = np.random.default_rng(3)
+    trained = list(_variables(rng).values())
+    optimizer = _O.Adam(_schedule(), gradient_accumulation_steps=3)
+    monitor = lrscope.watch(optimizer)
+    reports = []
+    for _ in range(7):
+        before = [np.asarray(ops.convert_to_numpy(v)) for v in trained]
+        optimizer.apply(_grads(rng, trained), trained)
+        report = monitor.step()
+        moved = any(not np.array_equal(b, ops.convert_to_numpy(v)) for b, v in zip(before, trained))
+        assert (report is not None) == moved
+        if report is not None:
+            reports.append(report)
+    assert [r.t for r in reports] == [1, 2]
+    # The step at raw iteration 3t - 1 used the schedule evaluated there.
+    assert [r.groups[0].lr for r in reports] == pytest.approx(
+        [1e-2 * 0.5**2, 1e-2 * 0.5**5], rel=1e-6
+    )
+    assert reports[-1].groups[0].step_size == pytest.approx(
+        lrscope.step_size("adam", 2, lr=1e-2 * 0.5**5, convention="keras"), rel=BETA_ROUNDING
+    )
+
+
+def test_loss_scale_skipped_step_is_reported() -> None:
+    _skip_loss_scale_on_jax()
+    rng = np.random.default_rng(4)
+    trained = list(_variables(rng).values())
+    optimizer = _O.LossScaleOptimizer(_O.Adam(1e-3))
+    monitor = lrscope.watch(optimizer)
+    optimizer.apply(_grads(rng, trained), trained)
+    assert monitor.step().t == 1
+    optimizer.apply([g * np.inf for g in _grads(rng, trained)], trained)
+    report = monitor.step()
+    assert report.skipped and report.t == 1
+
+
+def test_unsupported_optimizer_is_named_not_guessed() -> None:
+    rng = np.random.default_rng(5)
+    trained = list(_variables(rng).values())
+    optimizer = _O.Ftrl(1e-2)
+    optimizer.apply(_grads(rng, trained), trained)
+    report = lrscope.inspect(optimizer)
+    assert report.family is None and report.groups[0].lr == pytest.approx(1e-2)
+    assert "Ftrl" in report.notes[0]
+    with pytest.raises(TypeError, match="Ftrl"):
+        list(lrscope.keras.elementwise(optimizer))
+    with pytest.warns(RuntimeWarning, match="Ftrl"):
+        lrscope.watch(optimizer).close()
+
+
+def test_adadelta_inspect_notes_missing_history() -> None:
+    rng = np.random.default_rng(6)
+    trained = list(_variables(rng).values())
+    optimizer = _O.Adadelta(1.0)
+    optimizer.apply(_grads(rng, trained), trained)
+    # Step 1 starts from Keras' zero accumulator: nothing needs recording.
+    assert lrscope.inspect(optimizer).groups[0].effective_lr.count == 18
+    optimizer.apply(_grads(rng, trained), trained)
+    report = lrscope.inspect(optimizer)
+    assert report.groups[0].effective_lr is None
+    assert any("Adadelta" in note for note in report.notes)
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.reports: list = []
+
+    def write(self, report) -> None:
+        self.reports.append(report)
+
+    def close(self) -> None:
+        pass
+
+
+def _model(seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6,), dtype=DTYPE)
+    frozen = keras.layers.Dense(5, dtype=DTYPE, trainable=False)
+    outputs = keras.layers.Dense(2, dtype=DTYPE)(
+        keras.layers.Dense(4, activation="tanh", dtype=DTYPE)(frozen(inputs))
+    )
+    return keras.Model(inputs, outputs)
+
+
+def _data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    return rng.normal(size=(32, 6)).astype(DTYPE), rng.normal(size=(32, 2)).astype(DTYPE)
+
+
+class _Snapshot(keras.callbacks.Callback):
+    """Checks the identity of every fit step with lrscope's eta and d (Adam: d from state)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checked = 0
+
+    def _weights(self) -> dict[str, np.ndarray]:
+        sync = getattr(self.model, "jax_state_sync", None)
+        if sync is not None:
+            sync()
+        return {
+            v.path: np.asarray(ops.convert_to_numpy(v), np.float64)
+            for v in self.model.trainable_variables
+        }
+
+    def on_train_batch_begin(self, batch, logs=None) -> None:
+        self.before = self._weights()
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        after = self._weights()
+        for path, el in lrscope.keras.elementwise(self.model.optimizer):
+            _assert_identity(self.before[path], after[path], el)
+            self.checked += 1
+
+
+def test_callback_in_model_fit() -> None:
+    x, y = _data()
+    model = _model(0)
+    model.compile(optimizer=_O.AdamW(_schedule(), weight_decay=0.01), loss="mse")
+    sink = _Collect()
+    callback = lrscope.keras.EffectiveLRCallback(sinks=[sink], every=2)
+    snapshot = _Snapshot()
+    model.fit(
+        x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[snapshot, callback]
+    )
+    assert [r.t for r in sink.reports] == list(range(1, 9))
+    assert snapshot.checked == 8 * 4  # two trained Dense layers, kernel and bias
+    for r in sink.reports:
+        group = r.groups[0]
+        assert group.lr == pytest.approx(1e-2 * 0.5 ** (r.t - 1), rel=1e-6)
+        assert group.step_size == pytest.approx(
+            lrscope.step_size("adam", r.t, lr=group.lr, convention="keras"), rel=BETA_ROUNDING
+        )
+        # Keras on torch computes 1 - wd * lr in float32 (an ulp of 1 is 6e-8): reported as is.
+        assert group.weight_decay_rate == pytest.approx(group.lr * 0.01, rel=1e-6, abs=1e-7)
+        assert (group.effective_lr is not None) == (r.t % 2 == 1)
+    assert set(callback.last.groups[0].params) == {v.path for v in model.trainable_variables}
+    assert callback.last is sink.reports[-1]
+
+
+def test_callback_does_not_change_training() -> None:
+    x, y = _data()
+    weights = []
+    for callbacks in ([], [lrscope.keras.EffectiveLRCallback(sinks=[_Collect()])]):
+        model = _model(1)
+        model.compile(optimizer=_O.Adam(1e-2), loss="mse")
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
+        weights.append([np.asarray(ops.convert_to_numpy(v)) for v in model.trainable_variables])
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+
+
+class _AdadeltaEta(keras.callbacks.Callback):
+    """Independent eta of each fit step: lr * sqrt(A_before + eps) / sqrt(E + eps)."""
+
+    def __init__(self, lrscope_callback) -> None:
+        super().__init__()
+        self.lrscope_callback, self.checked = lrscope_callback, 0
+
+    def _state(self, name: str) -> list[np.ndarray]:
+        sync = getattr(self.model, "jax_state_sync", None)
+        if sync is not None:
+            sync()
+        slots = getattr(self.model.optimizer, name)
+        return [np.asarray(ops.convert_to_numpy(v), np.float64) for v in slots]
+
+    def on_train_batch_begin(self, batch, logs=None) -> None:
+        # On tensorflow the optimizer is built inside the first step: its deltas start at 0.
+        built = self.model.optimizer.built
+        self.before = self._state("_accumulated_delta_vars") if built else None
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        eps = self.model.optimizer.epsilon
+        after = self._state("_accumulated_grads")
+        self.before = self.before or [np.zeros_like(e) for e in after]
+        eta = np.concatenate([(np.sqrt(a + eps) / np.sqrt(e + eps)).ravel()
+                              for a, e in zip(self.before, after)])  # lr = 1
+        dist = self.lrscope_callback.monitor.last.groups[0].effective_lr
+        assert dist.count == eta.size
+        assert dist.min == pytest.approx(eta.min(), rel=RTOL)
+        assert dist.max == pytest.approx(eta.max(), rel=RTOL)
+        assert dist.mean == pytest.approx(eta.mean(), rel=RTOL)
+        self.checked += 1
+
+
+def test_callback_records_adadelta_history() -> None:
+    """The callback records Adadelta's accumulated delta before each step (batch begin)."""
+    x, y = _data()
+    model = _model(2)
+    model.compile(optimizer=_O.Adadelta(1.0), loss="mse")
+    callback = lrscope.keras.EffectiveLRCallback(sinks=[_Collect()])
+    check = _AdadeltaEta(callback)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[callback, check])
+    assert callback.last.t == 4 and check.checked == 4
+
+
+def test_adafactor_eta_needs_grads() -> None:
+    rng = np.random.default_rng(8)
+    trained = list(_variables(rng).values())
+    optimizer = _O.Adafactor(1e-2)
+    grads = _grads(rng, trained)
+    optimizer.apply(grads, trained)
+    report = lrscope.inspect(optimizer)
+    assert report.groups[0].effective_lr is None and any("grads=" in n for n in report.notes)
+    assert lrscope.inspect(optimizer, grads=grads).groups[0].effective_lr.count == 18
+
+
+def test_callback_log_dir_writes_tensorboard(tmp_path) -> None:
+    pytest.importorskip("tensorboardX", reason="tensorboardX is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    x, y = _data()
+    model = _model(3)
+    model.compile(optimizer=_O.Adam(1e-2), loss="mse")
+    callback = lrscope.keras.EffectiveLRCallback(log_dir=tmp_path)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[callback])
+    events = EventAccumulator(str(tmp_path)).Reload()
+    steps = events.Scalars("lr-Adam/pg0/step_size")
+    assert [e.step for e in steps] == [1, 2, 3, 4]
+    assert steps[-1].value == pytest.approx(callback.last.groups[0].step_size, rel=1e-6)
+    assert (tmp_path / "lrscope.jsonl").exists()
+
+
+@pytest.mark.parametrize("case", ["adam_amsgrad_wd", "rmsprop_centered_momentum", "lamb"])
+def test_chunked_statistics_equal_whole_tensor(case: str, monkeypatch) -> None:
+    """Chunks (bounded memory) give the same statistics as one pass over each tensor."""
+    from lrscope.backends import keras_stats
+
+    rng = np.random.default_rng(9)
+    trained = list(_variables(rng).values())
+    optimizer = CASES[case]()
+    for _ in range(2):
+        optimizer.apply(_grads(rng, trained), trained)
+    whole = lrscope.inspect(optimizer).groups[0]
+    monkeypatch.setattr(keras_stats, "CHUNK_ELEMENTS", 4)
+    chunked = lrscope.inspect(optimizer).groups[0]
+    a, b = whole.effective_lr.sketch, chunked.effective_lr.sketch
+    assert (a.count, a.min, a.max) == (b.count, b.min, b.max)
+    assert all(np.array_equal(x, y) for x, y in zip(a.positive, b.positive))
+    assert b.sum == pytest.approx(a.sum, rel=1e-6)  # float32 sums on jax: summation order
+    assert whole.effective_lr.eps_dominated_count == chunked.effective_lr.eps_dominated_count
+    assert chunked.update_norm == pytest.approx(whole.update_norm, rel=1e-6)
+    assert chunked.param_norm == pytest.approx(whole.param_norm, rel=1e-6)
+
+
+def test_unmodelled_option_skips_distributions() -> None:
+    """EMA that overwrites the variables breaks the identity: said, not mis-modelled."""
+    rng = np.random.default_rng(10)
+    trained = list(_variables(rng).values())
+    optimizer = _O.Adam(1e-3, use_ema=True, ema_overwrite_frequency=2)
+    optimizer.apply(_grads(rng, trained), trained)
+    report = lrscope.inspect(optimizer)
+    assert report.groups[0].effective_lr is None
+    assert any("ema_overwrite_frequency=2" in note for note in report.notes)
+    assert report.groups[0].step_size == pytest.approx(
+        lrscope.step_size("adam", 1, lr=1e-3, convention="keras"), rel=BETA_ROUNDING)
