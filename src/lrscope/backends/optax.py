@@ -1,0 +1,401 @@
+"""Optax backend: a GradientTransformation whose state carries the step's statistics.
+
+Like optax's own ``transforms/_monitoring.py``, the measurements live in the optimizer
+state, so everything runs inside ``jit`` (and under ``pjit``/sharding) without host
+callbacks: ``monitor(optax.adamw, learning_rate=..., weight_decay=...)`` returns a
+transformation whose updates are exactly those of ``optax.adamw(...)`` and whose
+``LrscopeState`` holds, for the step just taken, the lr it used, the step size, the
+decay rate (every step) and per tensor the float32 bit-bucket counts of eta, its exact
+finite min/max/sum/sum of squares, the eps-dominated count, the update and parameter
+squared norms and a model check (every ``every`` steps, under ``jax.lax.cond``).
+``inspect(opt_state)`` moves those few arrays to the host in one transfer and builds
+the StepReport.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lrscope.backends import optax_model
+from lrscope.backends.optax_stats import (
+    LeafStats, empty_stats, leaf_stats, merge_stats, param_report, stat_dtype,
+)
+from lrscope.monitor import Monitor
+from lrscope.report import GroupReport, StepReport
+from lrscope.sinks import Sink, SinkGroup
+
+#: Relative mismatch between the modelled and the real update above which a report
+#: says lrscope's model does not describe this optimizer (float32 rounding is ~1e-6);
+#: raised to 8 machine epsilons for half-precision parameters.
+MODEL_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Static description of a group: what is modelled and which leaves it holds."""
+
+    name: str
+    family: str | None
+    empirical: bool
+    leaves: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    leaf_index: tuple[int, ...]
+    decayed: tuple[bool, ...]
+    scalar_names: tuple[str, ...]
+    notes: tuple[str, ...]
+    tolerance: float  # for model_error, see MODEL_TOLERANCE
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Static part of the state (a pytree node without leaves, so jit keeps it as is)."""
+
+    optimizer: str
+    every: int
+    keep_arrays: bool
+    check: bool
+    per_param: bool
+    groups: tuple[GroupPlan, ...]
+
+    def stats_count(self, group: GroupPlan) -> int:
+        """Number of LeafStats a group keeps: one per tensor, or one for the group."""
+        return len(group.leaves) if self.per_param else 1
+
+
+jax.tree_util.register_static(Plan)
+
+
+class LrscopeState(NamedTuple):
+    """State of ``lrscope.optax.monitor``: the inner optimizer's state plus statistics."""
+
+    inner: Any
+    plan: Plan
+    steps: jax.Array
+    scalars: dict[str, dict[str, jax.Array]]
+    stats: dict[str, tuple[LeafStats, ...]]
+    stats_step: jax.Array
+    arrays: dict[str, tuple[dict[str, jax.Array], ...]]
+
+
+GroupModel = optax_model.GroupModel
+
+
+def _hyper(model: GroupModel, nodes: list[Any], steps: jax.Array) -> dict[str, Any]:
+    """The group's hyperparameters for the step just taken, ``lr`` included.
+
+    The lr is the schedule at the count before the step (as optax evaluates it), the
+    given float, or NaN when unknown; values an ``inject_hyperparams`` state holds (the
+    ones the step used) replace them.
+    """
+    h = dict(model.h)
+    if callable(model.lr):
+        h["lr"] = model.lr(steps)
+    elif model.family_name != "rprop":  # rprop's lr is its initial step size, already in h
+        h["lr"] = jnp.nan if model.lr is None else model.lr
+    inject = next((n for n in nodes if isinstance(n, optax_model.INJECT)), None)
+    for name, optax_name in model.injected:
+        h[name] = inject.hyperparams[optax_name]
+    h["lr"] = jnp.asarray(h.get("lr", jnp.nan), stat_dtype())
+    return h
+
+
+def _scalars(model: GroupModel, h: dict[str, Any], t: jax.Array) -> dict[str, jax.Array]:
+    """lr, the family's step sizes and the decoupled weight-decay rate: O(1) per step."""
+    f = stat_dtype()
+    out = {"lr": h["lr"]}
+    if model.family is not None:
+        sizes = model.family.step_sizes(jnp, t, h, "optax")
+        out.update({k: jnp.asarray(v, f) for k, v in sizes.items()})
+        scale = {"lr": h["lr"], "wd": 1.0, "none": 0.0}[model.decay_scale]
+        out["weight_decay_rate"] = jnp.asarray(scale * h.get("weight_decay", 0.0), f)
+    return out
+
+
+def _models(inner: Any, spec: dict[str, Any]) -> tuple[list[GroupModel], dict[str, list[Any]]]:
+    """The group models of a state and each group's state nodes."""
+    nodes: dict[str, list[Any]] = {}
+    for group, node in optax_model.find_nodes(inner):
+        nodes.setdefault(group, []).append(node)
+    return optax_model.build_groups(inner, spec), nodes
+
+
+def _plan(spec: dict[str, Any], inner: Any, params: Any, every: int, keep_arrays: bool,
+          check: bool, per_param: bool) -> Plan:
+    """The static Plan: groups, their tensors (names, shapes, decay mask), scalar names."""
+    models, nodes = _models(inner, spec)
+    names, flat = optax_model.leaf_names(params), optax_model.leaves(params)
+    mask = spec["kwargs"].get("mask", spec["kwargs"].get("weight_decay_mask"))
+    if callable(mask):
+        mask = mask(params)
+    decay_mask = None if mask is None else optax_model.leaves(mask)
+    groups, claimed = [], set()
+    for model in models:
+        own = [n for n in nodes.get(model.name, []) if not isinstance(n, optax_model.INJECT)]
+        if own:  # the tensors this group's state holds (masked ones are MaskedNode)
+            first = next(iter(optax_model.readers_for(model)[0](own[0], own[0]).values()))
+            index = tuple(i for i, x in enumerate(optax_model.leaves(first))
+                          if not optax_model.is_masked(x))
+        else:
+            index = tuple(i for i in range(len(flat)) if i not in claimed)
+        claimed.update(index)
+        decayed = tuple(bool(decay_mask[i]) if decay_mask else True for i in index)
+        h = _hyper(model, nodes.get(model.name, []), jnp.zeros([], jnp.int32))
+        scalars = _scalars(model, h, jnp.ones([], jnp.int32))
+        groups.append(GroupPlan(
+            model.name, model.family_name, model.family is None, tuple(names[i] for i in index),
+            tuple(tuple(np.shape(flat[i])) for i in index), index, decayed, tuple(scalars),
+            tuple(model.notes), _tolerance([flat[i] for i in index])))
+    return Plan(spec["name"], every, keep_arrays, check, per_param, tuple(groups))
+
+
+def _tolerance(tensors: list[Any]) -> float:
+    """MODEL_TOLERANCE, or 8 epsilons of the least precise floating dtype among ``tensors``."""
+    eps = [float(jnp.finfo(x.dtype).eps) for x in tensors
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return max([MODEL_TOLERANCE] + [8 * e for e in eps])
+
+
+def _spec(optimizer: Any, family: str | None, groups: dict[str, dict[str, Any]],
+          kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The transformation to wrap and what is known about it."""
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer, {"alias": None, "name": "chain", "family": family, "kwargs": kwargs,
+                           "groups": groups}
+    if groups:
+        raise TypeError("groups= describes the multi_transform groups of a transformation you "
+                        "built; pass the alias's hyperparameters directly")
+    if not callable(optimizer):
+        raise TypeError("monitor() takes an optax alias (optax.adamw) or a "
+                        f"GradientTransformation, got {type(optimizer).__name__}")
+    tx = optimizer(**kwargs)
+    try:
+        known = optimizer in optax_model.ALIASES
+    except TypeError:  # an unhashable callable
+        known = False
+    if not known:  # e.g. optax.inject_hyperparams(optax.adamw): read it as a chain
+        name = getattr(optimizer, "__name__", "chain")
+        return tx, {"alias": None, "name": name, "family": family, "kwargs": kwargs,
+                    "groups": {}}
+    name, fam, h, lr, notes = optax_model.from_alias(optimizer, kwargs)
+    return tx, {"alias": optimizer, "name": name, "family": fam, "h": h, "lr": lr,
+                "notes": notes, "kwargs": kwargs}
+
+
+def _kept_arrays(plan: Plan, params: Any) -> dict[str, tuple[dict[str, jax.Array], ...]]:
+    """Zero eta/d/decay arrays for ``keep_arrays`` (the state's shape before any step)."""
+    if not plan.keep_arrays:
+        return {}
+    flat, f = optax_model.leaves(params), stat_dtype()
+    return {g.name: tuple({"eta": jnp.zeros(np.shape(flat[i]), f),
+                           "direction": jnp.zeros(np.shape(flat[i]), jnp.result_type(flat[i], f)),
+                           "decay_rate": jnp.zeros((), f)} for i in g.leaf_index)
+            for g in plan.groups if not g.empirical}
+
+
+def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any, grads: Any,
+                   updates: Any, params: Any,
+                   steps: jax.Array) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per-tensor statistics of every group (and eta/d/decay arrays with ``keep_arrays``)."""
+    models, new_nodes = _models(inner, spec)
+    old_nodes = _models(old_inner, spec)[1]
+    grads = optax_model.leaves(grads)
+    reals = optax_model.leaves(updates) if updates is not None else [None] * len(grads)
+    befores = optax_model.leaves(params) if params is not None else None
+    stats, arrays = {}, {}
+    for model, group in zip(models, plan.groups):
+        h = _hyper(model, new_nodes.get(model.name, []), steps)
+        pairs = [(old, new) for old, new in zip(old_nodes.get(model.name, []),
+                                                new_nodes.get(model.name, []))
+                 if not isinstance(new, optax_model.INJECT)]
+        named: dict[str, list[Any]] = {}
+        for read, (old, new) in zip(optax_model.readers_for(model), pairs):
+            for key, tree in read(old, new).items():
+                named[key] = optax_model.leaves(tree)
+        tensors, kept = [], []
+        for i, decayed in zip(group.leaf_index, group.decayed):
+            s, k = leaf_stats(model.family, {key: v[i] for key, v in named.items()}, steps + 1,
+                              h if decayed else {**h, "weight_decay": 0.0}, grads[i],
+                              reals[i] if group.empirical or plan.check else None,
+                              None if befores is None else befores[i])
+            tensors.append(s)
+            kept.append(k)
+        stats[group.name] = (tuple(tensors) if plan.per_param
+                             else (merge_stats(tensors),) if tensors else empty_stats(1))
+        if plan.keep_arrays and not group.empirical:
+            arrays[group.name] = tuple(kept)
+    return stats, arrays
+
+
+def monitor(optimizer: Any, /, *, every: int = 1, check: bool = True, per_param: bool = True,
+            keep_arrays: bool = False, family: str | None = None,
+            groups: dict[str, dict[str, Any]] | None = None,
+            **hyperparams: Any) -> optax.GradientTransformationExtraArgs:
+    """``optimizer`` whose state also carries lrscope's statistics (see ``lrscope.optax``)."""
+    if int(every) < 1:
+        raise ValueError(f"every must be a positive number of steps, got {every}")
+    every = int(every)
+    tx, spec = _spec(optimizer, family, dict(groups or {}), hyperparams)
+    tx = optax.with_extra_args_support(tx)
+
+    def init_fn(params: Any) -> LrscopeState:
+        inner = tx.init(params)
+        plan = _plan(spec, inner, params, every, keep_arrays, check, per_param)
+        for group in plan.groups:
+            if group.empirical:
+                warnings.warn("lrscope: " + " ".join(group.notes),
+                              RuntimeWarning, stacklevel=2)
+        models, nodes = _models(inner, spec)
+        steps = jnp.zeros([], jnp.int32)
+        scalars = {m.name: _scalars(m, _hyper(m, nodes.get(m.name, []), steps), steps + 1)
+                   for m in models}
+        stats = {g.name: empty_stats(plan.stats_count(g)) for g in plan.groups}
+        return LrscopeState(inner, plan, steps, scalars, stats, steps, _kept_arrays(plan, params))
+
+    def update_fn(updates: Any, state: LrscopeState, params: Any = None,
+                  **extra: Any) -> tuple[Any, LrscopeState]:
+        new_updates, inner = tx.update(updates, state.inner, params, **extra)
+        plan, steps = state.plan, state.steps
+        models, nodes = _models(inner, spec)
+        scalars = {m.name: _scalars(m, _hyper(m, nodes.get(m.name, []), steps), steps + 1)
+                   for m in models}
+        # Without the check the real update is not needed: it then never has to exist
+        # in memory apart from the caller's apply_updates (the cheapest skipped steps).
+        real = new_updates if plan.check or any(g.empirical for g in plan.groups) else None
+        arrays = (state.inner, inner, updates, real, params, steps)
+        if plan.every == 1:
+            (stats, kept), stats_step = _distributions(spec, plan, *arrays), steps + 1
+        else:
+            # Distributions on steps 1, 1 + every, ...; other steps keep the last ones.
+            due = steps % plan.every == 0
+            stats, kept = jax.lax.cond(due, lambda ops: _distributions(spec, plan, *ops[0]),
+                                       lambda ops: ops[1], (arrays, (state.stats, state.arrays)))
+            stats_step = jnp.where(due, steps + 1, state.stats_step)
+        return new_updates, LrscopeState(inner, plan, steps + 1, scalars, stats, stats_step, kept)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# -- reading the state on the host --------------------------------------------------------
+def find_state(obj: Any) -> LrscopeState | None:
+    """The LrscopeState in ``obj`` (a state, a chain's state, an nnx.Optimizer, a TrainState)."""
+    if isinstance(obj, LrscopeState):
+        return obj
+    obj = getattr(obj, "opt_state", obj)
+    is_state = lambda x: isinstance(x, LrscopeState)  # noqa: E731
+    found = [x for x in jax.tree_util.tree_leaves(obj, is_leaf=is_state) if is_state(x)]
+    if len(found) > 1:
+        raise ValueError("this optimizer state holds several lrscope monitors; inspect each one")
+    return found[0] if found else None
+
+
+def accepts(obj: Any) -> bool:
+    """Whether ``obj`` holds the state of ``lrscope.optax.monitor`` (for ``lrscope.inspect``)."""
+    try:
+        return find_state(obj) is not None
+    except ValueError:
+        return True  # inspect() will raise the explanation
+
+
+def _host(state: LrscopeState) -> tuple[int, dict[str, dict[str, float]], dict[str, Any], int]:
+    """One device-to-host transfer of the scalars and statistics (wrappers such as nnx
+    Variables are looked through: the leaves are read in the plan's known order)."""
+    template = (state.steps, {g.name: dict.fromkeys(g.scalar_names, 0) for g in state.plan.groups},
+                {g.name: empty_stats(state.plan.stats_count(g)) for g in state.plan.groups},
+                state.stats_step)
+    leaves = jax.tree_util.tree_leaves((state.steps, state.scalars, state.stats, state.stats_step))
+    host = jax.device_get(leaves)
+    steps, scalars, stats, stats_step = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(template), host)
+    return int(steps), scalars, stats, int(stats_step)
+
+
+def inspect(obj: Any) -> StepReport:
+    """StepReport of the step just taken, from the state of ``lrscope.optax.monitor``."""
+    state = find_state(obj)
+    if state is None:
+        raise TypeError("no lrscope statistics in this optax state: build the optimizer with "
+                        "lrscope.optax.monitor(optax.adamw, learning_rate=...)")
+    t, scalars, stats, stats_step = _host(state)
+    if t == 0:
+        raise ValueError("no optimizer step has been taken yet (count == 0): inspect the state "
+                         "returned by update()")
+    fresh = stats_step == t
+    groups, notes = [], []
+    for g in state.plan.groups:
+        values = {k: float(v) for k, v in scalars[g.name].items()}
+        params = {}
+        if fresh and state.plan.per_param:
+            params = {n: param_report(n, shape, s, g.empirical)
+                      for n, shape, s in zip(g.leaves, g.shapes, stats[g.name])}
+        extra = {k: v for k, v in values.items()
+                 if k not in ("lr", "step_size", "weight_decay_rate")}
+        checked = fresh and not g.empirical and g.leaves and state.plan.check
+        if checked and not math.isnan(values["lr"]):  # an unknown lr has its own note
+            residual = max(float(s.model_residual) for s in stats[g.name])
+            scale = max(float(s.update_max) for s in stats[g.name])
+            extra["model_error"] = residual / scale if scale > 0 else float(residual > 0)
+            if not extra["model_error"] <= g.tolerance:
+                notes.append(f"group {g.name}: lrscope's {g.family} model does NOT reproduce the "
+                             f"real update (relative mismatch {extra['model_error']:.2g}): if "
+                             "you built this chain, pass its hyperparameters (and family=) to "
+                             "lrscope.optax.monitor; otherwise please report this lrscope bug")
+        group = GroupReport.combine(
+            params, name=g.name, lr=values["lr"], step_size=values.get("step_size", math.nan),
+            weight_decay_rate=values.get("weight_decay_rate", 0.0), extra=extra)
+        if fresh and not state.plan.per_param:  # the group's merged statistics
+            merged = param_report(g.name, (), stats[g.name][0], g.empirical)
+            for label in ("effective_lr", "update_magnitude", "update_norm", "param_norm"):
+                setattr(group, label, getattr(merged, label))
+        groups.append(group)
+        notes.extend(g.notes)
+    families = {g.family for g in state.plan.groups}
+    return StepReport(t=t, optimizer=state.plan.optimizer, framework="optax",
+                      family=families.pop() if len(families) == 1 else None, groups=groups,
+                      empirical=any(g.empirical for g in state.plan.groups), notes=notes)
+
+
+class OptaxMonitor(Monitor):
+    """Writes the report held in an optax state to sinks: call ``log(opt_state)`` per step."""
+
+    def log(self, opt_state: Any) -> StepReport:
+        """Build the report of ``opt_state`` and write it (once per step) to the sinks."""
+        report = inspect(opt_state)
+        if self.last is None or self.last.t != report.t:
+            self._emit(report)
+        return report
+
+
+def watch(obj: Any, *, every: int = 1, log_dir: str | os.PathLike | None = None,
+          sinks: Iterable[Sink] | None = None, **options: Any) -> OptaxMonitor:
+    """An OptaxMonitor for the monitored state ``obj`` (call ``mon.log(opt_state)`` each step)."""
+    if options:
+        raise TypeError(f"unknown option(s) {sorted(options)} for the optax backend")
+    state = find_state(obj)
+    if state is None:
+        raise TypeError("lrscope.watch needs the state of lrscope.optax.monitor(...)")
+    if every not in (1, state.plan.every):
+        raise ValueError("with optax the distributions are computed inside jit: pass every= to "
+                         "lrscope.optax.monitor(...), not to watch()")
+    return OptaxMonitor(every=state.plan.every, log_dir=log_dir, sinks=sinks)
+
+
+def log(opt_state: Any, to: OptaxMonitor | Sink | Iterable[Sink]) -> StepReport:
+    """Write the report of ``opt_state`` to a monitor, a sink or several sinks; return it."""
+    if isinstance(to, (str, os.PathLike)):
+        raise TypeError("to log into a directory, create the monitor once: "
+                        "mon = lrscope.watch(opt_state, log_dir=...), then mon.log(opt_state) "
+                        "every step")
+    if isinstance(to, OptaxMonitor):
+        return to.log(opt_state)
+    report = inspect(opt_state)
+    SinkGroup([to] if isinstance(to, Sink) else list(to)).write(report)
+    return report

@@ -1,0 +1,328 @@
+"""How lrscope reads an Optax optimizer: aliases, state nodes, hyperparameters, groups.
+
+Two ways in, one result (a list of ``GroupModel``):
+
+* an alias and its arguments (``optax.adamw, learning_rate=..., weight_decay=...``): the
+  family and every hyperparameter are known (defaults from the alias's own signature);
+* a transformation the user built: the family is found by the *type* of the state
+  nodes in its state (``ScaleByAdamState``, ``ScaleByRssState``, ...), the learning rate
+  from an ``inject_hyperparams`` state or the ``learning_rate=`` given to ``monitor``, and
+  any other hyperparameter not given is assumed at the formula's Optax default, which
+  the report says (and the in-``jit`` model check verifies against the real update).
+
+A state node's arrays are renamed to PyTorch's state names (``mu`` -> ``exp_avg``, ...)
+for the family formulas in ``lrscope.formulas``.
+"""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable
+
+import jax
+import optax
+from optax._src import transform as _T  # the WithCount states are not re-exported
+
+from lrscope import formulas
+from lrscope.formulas._common import resolve
+
+#: Alias -> family whose formula models it (identity lookup on the real functions).
+ALIASES: dict[Any, str] = {
+    optax.adam: "adam", optax.adamw: "adamw", optax.nadam: "adam", optax.nadamw: "adamw",
+    optax.amsgrad: "amsgrad", optax.radam: "radam", optax.adamax: "adamax",
+    optax.adamaxw: "adamax", optax.adagrad: "adagrad", optax.rmsprop: "rmsprop",
+    optax.sgd: "sgd", optax.lion: "lion", optax.adabelief: "adabelief", optax.yogi: "yogi",
+    optax.adadelta: "adadelta", optax.rprop: "rprop", optax.lamb: "lamb",
+    optax.adafactor: "adafactor",
+}
+#: Families whose optax per-element model tests/test_optax.py checks against the real
+#: optimizer; any other is reported empirically rather than trusted unchecked.
+VERIFIED = {"adam", "adamw", "nadam", "amsgrad", "radam", "adamax", "adagrad", "rmsprop", "sgd",
+            "lion", "adabelief", "yogi", "adadelta", "rprop", "adafactor", "lamb"}
+#: Optax argument names that differ from the formulas' names.
+_RENAME = {"learning_rate": "lr", "b1": "beta1", "b2": "beta2", "weight_decay_mask": "mask",
+           "weight_decay_rate": "weight_decay"}
+#: Arguments that change storage, not arithmetic.
+_NEUTRAL = {"mu_dtype", "accumulator_dtype", "dtype_momentum"}
+#: Hyperparameters an inject_hyperparams state may provide as traced values (the formulas
+#: only use them in arithmetic, never in Python conditions).
+_TRACEABLE = {"lr", "beta1", "beta2", "eps", "eps_root"}
+#: Internal switches of the formulas, not optax hyperparameters.
+_FLAGS = {"lr", "amsgrad", "decoupled_weight_decay"}
+#: How the fraction of theta removed per step relates to the weight decay: "lr" (lr * wd,
+#: the default), "none" (coupled decay, part of d: optax adds wd * theta to the gradient
+#: before adadelta's scaling; rprop has none) or "wd" (adafactor: not scaled by lr).
+DECAY_SCALE = {"adadelta": "none", "rprop": "none", "adafactor": "wd"}
+
+# State node type -> (family it signals in a chain, reader(old, new, family) -> arrays).
+_Reader = Callable[[Any, Any, str], dict[str, Any]]
+_READERS: dict[type, tuple[str | None, _Reader]] = {
+    optax.ScaleByAdamState: ("adam", lambda old, new, fam: {
+        "exp_avg": new.mu, ("exp_inf" if fam == "adamax" else "exp_avg_sq"): new.nu}),
+    optax.ScaleByAmsgradState: ("amsgrad", lambda old, new, fam: {
+        "exp_avg": new.mu, "exp_avg_sq": new.nu, "max_exp_avg_sq": new.nu_max}),
+    optax.ScaleByBeliefState: ("adabelief", lambda old, new, fam: {
+        "exp_avg": new.mu, "exp_avg_var": new.nu}),
+    optax.ScaleByLionState: ("lion", lambda old, new, fam: {
+        "exp_avg": new.mu, "exp_avg_before": old.mu}),
+    optax.ScaleByRssState: ("adagrad", lambda old, new, fam: {"sum": new.sum_of_squares}),
+    optax.ScaleByRmsState: ("rmsprop", lambda old, new, fam: {"square_avg": new.nu}),
+    _T.ScaleByRmsWithCountState: ("rmsprop", lambda old, new, fam: {"square_avg": new.nu}),
+    optax.ScaleByRStdDevState: ("rmsprop", lambda old, new, fam: {
+        "square_avg": new.nu, "grad_avg": new.mu}),
+    _T.ScaleByRStdDevWithCountState: ("rmsprop", lambda old, new, fam: {
+        "square_avg": new.nu, "grad_avg": new.mu}),
+    optax.ScaleByAdaDeltaState: ("adadelta", lambda old, new, fam: {
+        "square_avg": new.e_g, "acc_delta_before": old.e_x}),
+    optax.ScaleByRpropState: ("rprop", lambda old, new, fam: {
+        "step_size": old.step_sizes, "prev": old.prev_updates}),
+    optax.TraceState: ("sgd", lambda old, new, fam: {"momentum_buffer": new.trace}),
+    optax.FactoredState: ("adafactor", lambda old, new, fam: {
+        "row_var": new.v_row, "col_var": new.v_col, "variance": new.v}),
+    optax.EmaState: (None, lambda old, new, fam: {"momentum_buffer": new.ema}),
+}
+INJECT = (optax.InjectStatefulHyperparamsState, optax.InjectHyperparamsState)
+
+
+def is_masked(x: Any) -> bool:
+    """A placeholder for a tensor a masked or partitioned optimizer does not touch."""
+    return isinstance(x, optax.MaskedNode) or x is None
+
+
+def leaves(tree: Any) -> list[Any]:
+    """Leaves of a params-shaped tree, keeping MaskedNode/None placeholders in place."""
+    return jax.tree_util.tree_leaves(tree, is_leaf=is_masked)
+
+
+def leaf_names(params: Any) -> list[str]:
+    """``"dense/kernel"``-style names from the pytree paths of ``params``.
+
+    >>> import jax.numpy as jnp
+    >>> leaf_names({"dense": {"kernel": jnp.ones(2), "bias": jnp.ones(1)}, "layers": [jnp.ones(1)]})
+    ['dense/bias', 'dense/kernel', 'layers/0']
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0]
+    paths = [path for path, _ in flat]
+    # nnx.Optimizer initialises with Variables (path ".../kernel/value") but updates with
+    # plain arrays (".../kernel"): name both by the latter.
+    paths = [p[:-1] if p and isinstance(p[-1], jax.tree_util.GetAttrKey) and p[-1].name == "value"
+             else p for p in paths]
+    return [jax.tree_util.keystr(p, simple=True, separator="/") or "param" for p in paths]
+
+
+def find_nodes(state: Any, group: str = "pg0") -> list[tuple[str, Any]]:
+    """``(group, node)`` for every state node lrscope reads, in tree order.
+
+    Groups are the labels of a ``multi_transform`` (``PartitionState``), else ``pg0``.
+
+    >>> import jax.numpy as jnp
+    >>> state = optax.chain(optax.clip(1.0), optax.adam(1e-3)).init({"w": jnp.ones(2)})
+    >>> [(group, type(node).__name__) for group, node in find_nodes(state)]
+    [('pg0', 'ScaleByAdamState')]
+    """
+    if isinstance(state, tuple(_READERS)) or isinstance(state, INJECT):
+        inner = [] if not isinstance(state, INJECT) else find_nodes(state.inner_state, group)
+        return [(group, state)] + inner
+    if isinstance(state, optax.PartitionState):
+        return [n for label, sub in state.inner_states.items() for n in find_nodes(sub, str(label))]
+    if isinstance(state, (tuple, list)):
+        return [n for sub in state for n in find_nodes(sub, group)]
+    if isinstance(state, dict):
+        return [n for sub in state.values() for n in find_nodes(sub, group)]
+    return []
+
+
+@dataclass
+class GroupModel:
+    """How to read one group: family formula, hyperparameters, lr source, state nodes."""
+
+    name: str
+    family: ModuleType | None  # None: not modelled, empirical statistics only
+    family_name: str | None
+    h: dict[str, Any]
+    lr: Any  # float, schedule(count) or None (unknown or injected)
+    decay_scale: str  # see DECAY_SCALE
+    node_types: tuple[type, ...]  # the state nodes holding this group's arrays
+    injected: tuple[tuple[str, str], ...] = ()  # (formula name, optax name) from the state
+    notes: list[str] = field(default_factory=list)
+
+
+def _translate(args: dict[str, Any]) -> dict[str, Any]:
+    """Optax argument names to the formulas' names, storage-only arguments dropped."""
+    return {_RENAME.get(k, k): v for k, v in args.items() if k not in _NEUTRAL}
+
+
+def _family_hyper(family_name: str, args: dict[str, Any], defaults: dict[str, Any],
+                  where: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """Resolve ``args`` against the family's optax defaults; (None, notes) if unsupported."""
+    module = formulas.family(family_name)
+    known = module.DEFAULTS["optax"]
+    unmodelled = {k: v for k, v in args.items() if k not in known and k != "mask"
+                  and not (k in defaults and _same(v, defaults[k]))}
+    if unmodelled or any(callable(args.get(k)) for k in ("weight_decay", "beta1", "beta2", "eps")):
+        what = (", ".join(f"{k}={v!r}" for k, v in unmodelled.items())
+                or "a scheduled hyperparameter")
+        return None, [f"lrscope does not model {where} with {what}: only the realized update "
+                      "statistics (empirical mode) are reported"]
+    given = {k: v for k, v in args.items() if k in known and k != "lr"}
+    h = resolve(family_name, module.DEFAULTS, "optax", given)
+    if family_name == "amsgrad":
+        h["amsgrad"] = True
+    return h, []
+
+
+def _module(family_name: str) -> ModuleType | None:
+    """The family's formula module, or None where lrscope has none (yet)."""
+    try:
+        return formulas.family(family_name)
+    except ValueError:
+        return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b`` for hyperparameter values (arrays and odd objects compare as different)."""
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - arrays and odd objects: treat as different
+        return a is b
+
+
+def from_alias(alias: Any, kwargs: dict[str, Any]) -> tuple[str, str | None, dict[str, Any] | None,
+                                                             Any, list[str]]:
+    """(optimizer name, family, hyperparameters, lr, notes) of ``alias(**kwargs)``."""
+    name = getattr(alias, "__name__", "optax")
+    family_name = ALIASES[alias]
+    signature = pyinspect.signature(alias)
+    defaults = {k: p.default for k, p in signature.parameters.items()
+                if p.default is not pyinspect.Parameter.empty}
+    if alias is optax.nadam or alias is optax.nadamw:
+        name = "nadamw" if alias is optax.nadamw else "nadam"
+    args = _translate({**defaults, **kwargs})
+    defaults = _translate(defaults)
+    notes: list[str] = []
+    if family_name in ("adam", "adamw"):
+        if "nesterov" in args:  # optax's nadam is adam(nesterov=True)
+            family_name = "nadam" if args.pop("nesterov") else "adam"
+        defaults.pop("nesterov", None)
+    if family_name == "radam" and not args.get("nesterov"):
+        args.pop("nesterov", None)
+    for key in ("momentum", "weight_decay"):  # optax's None: no such transformation
+        if key in args and args[key] is None:
+            args[key] = 0.0
+    lr = args.pop("lr", None)
+    if family_name == "adadelta" and lr is None:
+        lr = -1.0
+        notes.append("optax.adadelta(learning_rate=None) applies no learning rate and no sign "
+                     "flip: each step ASCENDS the loss (theta += ratio * g); lrscope reports "
+                     "lr = -1 and negative effective learning rates")
+    if family_name == "adafactor" and lr is None:
+        lr = 1.0
+        notes.append("optax.adafactor(learning_rate=None) applies no learning rate: the step "
+                     "is the parameter scale alone; lrscope reports lr = 1")
+    if family_name == "lamb":
+        notes.append("optax.lamb scales each tensor's step, weight decay included, by its "
+                     "trust ratio: weight_decay_rate is lr * weight_decay before that ratio "
+                     "(eta and the update norms include it)")
+    if family_name == "rprop":
+        notes.append("optax.rprop applies the update it computed on the previous step (one "
+                     "step late; nothing moves at t = 1): eta is that previous step size")
+    module = _module(family_name)
+    if module is None or family_name not in VERIFIED:
+        return name, family_name, None, lr, [
+            f"lrscope has no per-element model of optax.{name} yet: only the realized update "
+            "statistics (empirical mode) are reported"]
+    h, more = _family_hyper(family_name, args, defaults, f"optax.{name}")
+    if h is not None and family_name == "rprop":
+        h["lr"] = lr
+    return name, family_name, h, lr, notes + more
+
+
+def group_kwargs(spec: dict[str, Any], label: str) -> dict[str, Any]:
+    """The hyperparameters given for group ``label``: common ones, then ``groups[label]``."""
+    return {**spec["kwargs"], **spec.get("groups", {}).get(label, {})}
+
+
+def build_groups(inner_state: Any, spec: dict[str, Any]) -> list[GroupModel]:
+    """Group models of ``inner_state`` given the ``monitor`` spec (alias or chain)."""
+    nodes = find_nodes(inner_state)
+    labels = list(dict.fromkeys(group for group, _ in nodes)) or ["pg0"]
+    unknown = sorted(set(spec.get("groups", {})) - set(labels))
+    if unknown:
+        raise ValueError(f"groups= names {unknown}, but this optimizer's groups (multi_transform "
+                         f"labels holding optimizer state) are {labels}")
+    out = []
+    for label in labels:
+        mine = [node for group, node in nodes if group == label]
+        inject = next((n for n in mine if isinstance(n, INJECT)
+                       and "learning_rate" in n.hyperparams), None)
+        readers = tuple(type(n) for n in mine if not isinstance(n, INJECT))
+        injected: tuple[tuple[str, str], ...] = ()
+        if spec["alias"] is not None:
+            family_name, h, lr, notes = spec["family"], spec["h"], spec["lr"], list(spec["notes"])
+        else:
+            given = set(_translate(group_kwargs(spec, label)))
+            injected = tuple((_RENAME.get(k, k), k) for k in (inject.hyperparams if inject else ())
+                             if _RENAME.get(k, k) in _TRACEABLE and _RENAME.get(k, k) not in given)
+            family_name, h, lr, notes = _chain_family(readers, spec, label,
+                                                      {n for n, _ in injected}, len(labels) > 1)
+        module = formulas.family(family_name) if h is not None else None
+        decay_scale = DECAY_SCALE.get(family_name or "", "lr")
+        out.append(GroupModel(label, module, family_name, h or {}, lr, decay_scale, readers,
+                              injected=injected, notes=notes))
+    return out
+
+
+def _chain_family(readers: tuple[type, ...], spec: dict[str, Any], label: str,
+                  injected: set[str],
+                  shared: bool) -> tuple[str | None, dict[str, Any] | None, Any, list[str]]:
+    """Family, hyperparameters, lr and notes of a user-built chain, from its state nodes.
+
+    ``injected`` names the hyperparameters an ``inject_hyperparams`` state provides;
+    with ``shared`` (several groups) the common hyperparameters apply to the groups
+    whose family has them, ``groups[label]`` ones always.
+    """
+    signalled = [_READERS[t][0] for t in readers if _READERS[t][0] is not None]
+    primary = next((f for f in signalled if f != "sgd"), "sgd" if signalled else None)
+    common = _translate(dict(spec["kwargs"]))
+    own = _translate(dict(spec.get("groups", {}).get(label, {})))
+    family_name = own.pop("family", None) or spec["family"] or primary
+    lr = own.pop("lr", common.pop("lr", None))
+    if family_name is None:
+        return None, None, lr, [f"group {label}: no optimizer state lrscope can read was found "
+                                "in this transformation: empirical statistics only"]
+    if family_name not in VERIFIED:
+        return family_name, None, lr, [f"group {label}: lrscope has no verified optax model of "
+                                       f"{family_name}: empirical statistics only"]
+    known = formulas.family(family_name).DEFAULTS["optax"]
+    args = {**{k: v for k, v in common.items() if not shared or k in known or k == "mask"}, **own}
+    if "sgd" in signalled and family_name in ("sgd", "rmsprop") and "momentum" not in args:
+        return family_name, None, lr, [
+            f"group {label}: a trace (momentum) state was found but its decay is unknown: pass "
+            "momentum= to lrscope.optax.monitor; empirical statistics only"]
+    if family_name == "rmsprop" and any(t in readers for t in (optax.ScaleByRStdDevState,
+                                                                _T.ScaleByRStdDevWithCountState)):
+        args.setdefault("centered", True)
+    h, notes = _family_hyper(family_name, args, {}, f"this {family_name} chain")
+    if h is None:
+        return family_name, None, lr, notes
+    optax_names = {"beta1": "b1", "beta2": "b2"}
+    assumed = [f"{optax_names.get(k, k)}={v!r}" for k, v in sorted(h.items())
+               if k not in args and k not in injected and k not in _FLAGS]
+    if assumed:
+        notes.append(f"group {label}: lrscope found the {family_name} state by the chain's "
+                     f"structure and assumed optax's defaults {', '.join(assumed)} (not given "
+                     "to monitor() nor injected; the model check 'model_error' tells whether "
+                     "they reproduce the real update)")
+    if lr is None and "lr" not in injected:
+        notes.append(f"group {label}: the learning rate is neither injected "
+                     "(optax.inject_hyperparams) nor given: pass learning_rate= to "
+                     "lrscope.optax.monitor; lr and effective learning rates are NaN")
+    return family_name, h, lr, notes
+
+
+def readers_for(model: GroupModel) -> list[Callable[[Any, Any], dict[str, Any]]]:
+    """Functions turning (old node, new node) into PyTorch-named arrays for the formula."""
+    return [lambda old, new, t=t: _READERS[t][1](old, new, model.family_name or "")
+            for t in model.node_types]

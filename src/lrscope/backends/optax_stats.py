@@ -1,0 +1,155 @@
+"""Per-tensor statistics of one optax step, computed inside ``jit``, and their decoding.
+
+Everything here is traced with ``jax.numpy`` and runs where the arrays live (sharded
+arrays included): float32 bit buckets of eta counted with ``bincount``, exact finite
+min/max/sum/sum of squares, the eps-dominated count, the update and parameter squared
+norms, and the model check (max |modelled - real update|).  ``param_report`` decodes
+one tensor's host copy into a ParamReport.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lrscope.report import Distribution, ParamReport
+from lrscope.stats import LogSketch, mapping
+
+
+class LeafStats(NamedTuple):
+    """Statistics of one tensor for one step, as device arrays."""
+
+    buckets: jax.Array  # int32[FLOAT32_BUCKETS] counts of eta (of |delta| when empirical)
+    min: jax.Array
+    max: jax.Array
+    sum: jax.Array
+    sum_squares: jax.Array
+    eps_dominated: jax.Array  # int32, -1 where the family has no eps
+    update_sq: jax.Array
+    param_sq: jax.Array  # NaN when update() got no params
+    model_residual: jax.Array  # max |modelled - real update| (NaN when empirical)
+    update_max: jax.Array  # max |real update|
+
+
+def stat_dtype() -> Any:
+    """float64 under ``jax_enable_x64``, else float32."""
+    return jnp.result_type(float)
+
+
+def _buckets(values: jax.Array) -> jax.Array:
+    """Counts of the float32 bit buckets of ``values`` (see ``stats.mapping``)."""
+    bits = jax.lax.bitcast_convert_type(values.reshape(-1).astype(jnp.float32), jnp.int32)
+    index = (bits >> mapping.FLOAT32_SHIFT) & (mapping.FLOAT32_BUCKETS - 1)
+    return jnp.bincount(index, length=mapping.FLOAT32_BUCKETS).astype(jnp.int32)
+
+
+_COMBINE = {"min": jnp.minimum, "max": jnp.maximum, "sum": jnp.add}
+
+
+def _reduce(columns: dict[str, tuple[jax.Array, str]]) -> dict[str, jax.Array]:
+    """Several reductions of same-sized arrays in one pass (an XLA variadic reduce).
+
+    On CPU this is over twice as fast as one reduction per quantity.
+    """
+    names = list(columns)
+    operands = tuple(columns[n][0].reshape(-1) for n in names)
+    kinds = [columns[n][1] for n in names]
+    start = {"min": jnp.inf, "max": -jnp.inf, "sum": 0}
+    inits = tuple(jnp.asarray(start[k], x.dtype) for k, x in zip(kinds, operands))
+
+    def combine(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        return tuple(_COMBINE[k](x, y) for k, x, y in zip(kinds, a, b))
+
+    return dict(zip(names, jax.lax.reduce(operands, inits, combine, (0,))))
+
+
+def leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str, Any], grad: Any,
+               real: Any, before: Any) -> tuple[LeafStats, dict[str, Any]]:
+    """Statistics of one tensor, and its eta/d/decay arrays (for ``keep_arrays``).
+
+    ``family`` is the formula module (None: empirical, |real update| is sketched),
+    ``arrays`` the optimizer state in PyTorch names, ``real`` the update optax emitted
+    (None: not checked, the norms come from the model, SPEC §1's identity) and
+    ``before`` theta before the step (None when update() got no params).
+    """
+    f = stat_dtype()
+    nan = jnp.asarray(jnp.nan, f)
+    dominated, modelled, kept = None, None, {}
+    if family is None:
+        values, update = jnp.abs(real), real
+    else:
+        state = {**arrays, "grad": grad}
+        if before is not None:
+            state["param_before"] = before
+            if real is not None:
+                state["param"] = before + real
+        el = family.elementwise(jnp, state, t, h, "optax")
+        values = jnp.broadcast_to(el.eta, grad.shape)
+        direction = jnp.broadcast_to(el.direction, grad.shape)
+        modelled = -values * direction
+        if before is not None:
+            modelled = modelled - el.decay_rate * before
+        if el.eps_dominated is not None:
+            dominated = jnp.broadcast_to(el.eps_dominated, grad.shape)
+        update = modelled if real is None else real
+        kept = {"eta": values.astype(f), "direction": direction.astype(jnp.result_type(grad, f)),
+                "decay_rate": jnp.asarray(el.decay_rate, f)}
+    wide = values.astype(f)
+    finite = jnp.isfinite(wide)
+    kept_values = jnp.where(finite, wide, jnp.zeros((), f))
+    size = jnp.abs(update).astype(f)
+    columns = {"min": (jnp.where(finite, wide, jnp.inf), "min"),
+               "max": (jnp.where(finite, wide, -jnp.inf), "max"),
+               "sum": (kept_values, "sum"), "sum_squares": (kept_values * kept_values, "sum"),
+               "update_sq": (size * size, "sum"), "update_max": (size, "max")}
+    if dominated is not None:
+        columns["eps_dominated"] = (dominated.astype(jnp.int32), "sum")
+    if before is not None:
+        columns["param_sq"] = (jnp.abs(before + update).astype(f) ** 2, "sum")
+    if modelled is not None and real is not None:
+        columns["model_residual"] = (jnp.abs(modelled - real).astype(f), "max")
+    r = _reduce(columns)
+    stats = LeafStats(_buckets(values), r["min"], r["max"], r["sum"], r["sum_squares"],
+                      r.get("eps_dominated", jnp.asarray(-1, jnp.int32)), r["update_sq"],
+                      r.get("param_sq", nan), r.get("model_residual", nan), r["update_max"])
+    return stats, kept
+
+
+def merge_stats(stats: list[LeafStats]) -> LeafStats:
+    """The statistics of the union of several tensors (a group, with ``per_param=False``)."""
+    def stack(name: str) -> jax.Array:
+        return jnp.stack([getattr(s, name) for s in stats])
+
+    eps = stack("eps_dominated")
+    return LeafStats(
+        stack("buckets").sum(0, dtype=jnp.int32), stack("min").min(), stack("max").max(),
+        stack("sum").sum(), stack("sum_squares").sum(),
+        jnp.where(jnp.all(eps < 0), -1, jnp.maximum(eps, 0).sum()).astype(jnp.int32),
+        stack("update_sq").sum(), stack("param_sq").sum(), stack("model_residual").max(),
+        stack("update_max").max())
+
+
+def empty_stats(n: int) -> tuple[LeafStats, ...]:
+    """Placeholder statistics of ``n`` tensors (the state before any step)."""
+    nan = jnp.asarray(jnp.nan, stat_dtype())
+    one = LeafStats(jnp.zeros(mapping.FLOAT32_BUCKETS, jnp.int32), nan, nan, nan, nan,
+                    jnp.asarray(-1, jnp.int32), nan, nan, nan, nan)
+    return (one,) * n
+
+
+def param_report(name: str, shape: tuple[int, ...], s: LeafStats, empirical: bool) -> ParamReport:
+    """ParamReport of one tensor from the host copy of its LeafStats."""
+    sketch = LogSketch.from_float32_buckets(
+        np.asarray(s.buckets), min=float(s.min), max=float(s.max), sum=float(s.sum),
+        sum_squares=float(s.sum_squares))
+    eps = None if int(s.eps_dominated) < 0 or empirical else int(s.eps_dominated)
+    dist = Distribution(sketch, eps)
+    param_sq = float(s.param_sq)
+    return ParamReport(name=name, shape=shape, effective_lr=None if empirical else dist,
+                       update_magnitude=dist if empirical else None,
+                       update_norm=math.sqrt(float(s.update_sq)),
+                       param_norm=None if math.isnan(param_sq) else math.sqrt(param_sq))
