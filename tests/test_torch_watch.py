@@ -200,3 +200,20 @@ def test_inspect_notes_what_it_cannot_know():
     report = lrscope.inspect(optimizer)
     assert report.t == 1 and report.groups[0].effective_lr is None
     assert any("watch()" in note for note in report.notes)
+
+
+def test_scalar_steps_report_what_the_step_used_after_the_scheduler_moved():
+    """Between distribution steps the report is built on access: it must still show the lr
+    and betas the step used, not those OneCycleLR set afterwards for the next step."""
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=20)
+    with lrscope.watch(optimizer, every=7) as monitor:
+        for t in range(1, 11):
+            lr, (beta1, beta2) = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["betas"]
+            train_step(model, optimizer, t)
+            scheduler.step()
+            group = monitor.last.groups[0]
+            assert monitor.last.t == t and group.lr == lr
+            assert group.step_size == pytest.approx(lr * (1 - beta2**t) ** 0.5 / (1 - beta1**t), rel=1e-12)
+            assert (group.effective_lr is not None) == (t in (1, 8))

@@ -22,7 +22,7 @@ class Monitor:
         if int(every) < 1:
             raise ValueError(f"every must be a positive number of steps, got {every}")
         self.every = int(every)
-        self.last: StepReport | None = None
+        self._last: StepReport | None = None
         self._sinks = resolve(log_dir, sinks)
         self._closed = False
 
@@ -30,8 +30,17 @@ class Monitor:
         """Distributions are computed on steps 1, 1 + every, 1 + 2*every, ..."""
         return (t - 1) % self.every == 0
 
+    @property
+    def last(self) -> StepReport | None:
+        """The StepReport of the latest step (None before the first)."""
+        return self._last
+
+    @property
+    def has_sinks(self) -> bool:
+        return bool(self._sinks.sinks)
+
     def _emit(self, report: StepReport) -> None:
-        self.last = report
+        self._last = report
         self._sinks.write(report)
 
     def _detach(self) -> None:

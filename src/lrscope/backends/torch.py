@@ -174,9 +174,11 @@ def _record_before(family: str, state: dict[str, Any] | None, param: torch.Tenso
 
 @dataclass
 class _Pending:
-    """What the pre-hook recorded for the coming step."""
+    """What the pre-hook recorded for the coming step: each group's lr and options (a
+    scheduler may change them before the report is built), and per-parameter values."""
 
     lrs: list[Any]
+    groups: list[dict[str, Any]] = field(default_factory=list)
     recorded: dict[int, dict[str, Any]] = field(default_factory=dict)
     snapshot: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -207,16 +209,21 @@ class TorchReader:
         return max((self._group_t(g["params"]) for g in self.optimizer.param_groups), default=0)
 
     def begin(self, t_next: int, distributions: bool) -> _Pending:
+        groups = self.optimizer.param_groups
         pending = _Pending(lrs=[g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
-                                for g in self.optimizer.param_groups])
+                                for g in groups],
+                           groups=[{k: v for k, v in g.items() if k != "params"} for g in groups])
+        records = self.family in _RECORD_BEFORE or (self.family is None and self.empirical)
+        if not (records and distributions):
+            return pending
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if self.family in _RECORD_BEFORE and distributions:
+                if self.family in _RECORD_BEFORE:
                     pending.recorded[id(p)] = _record_before(self.family, self.optimizer.state.get(p),
                                                              p, group)
-                if self.family is None and self.empirical and distributions:
+                if self.family is None:
                     pending.snapshot[id(p)] = p.detach().clone()
         return pending
 
@@ -228,7 +235,9 @@ class TorchReader:
         t = self._step_count() if t is None else t
         groups = []
         for index, group in enumerate(self.optimizer.param_groups):
-            lr = pending.lrs[index] if pending is not None else group["lr"]
+            lr = group["lr"]
+            if pending is not None and pending.groups:
+                lr, group = pending.lrs[index], {**pending.groups[index], "params": group["params"]}
             groups.append(self._group(index, group, lr, pending, distributions, notes, t))
         return StepReport(t=t, optimizer=type(self.optimizer).__name__, framework="torch",
                           family=self.family, groups=groups, empirical=self.family is None and self.empirical,
@@ -330,6 +339,7 @@ class TorchMonitor(Monitor):
         if self.reader.notes:
             warnings.warn("lrscope: " + self.reader.notes[0], RuntimeWarning, stacklevel=3)
         self._pending: _Pending | None = None
+        self._lazy: tuple[_Pending | None, int] | None = None
         self._t = self.reader._step_count()
         self._stepped = False
         opt = self.reader.optimizer
@@ -352,9 +362,25 @@ class TorchMonitor(Monitor):
             # Re-sync with the state's counter (it moves with load_state_dict); SGD keeps none.
             self._t = self.reader._step_count() or self._t
         self._stepped = True
-        report = self.reader.report(self._pending, distributions, t=self._t)
-        self._pending = None
-        self._emit(report)
+        pending, self._pending = self._pending, None
+        if distributions or self.has_sinks:
+            self._emit(self.reader.report(pending, distributions, t=self._t))
+        else:
+            # Nobody reads this step's scalars yet: keep what they need (the lr and options
+            # the step used, recorded by the pre-hook) and build the report on access.
+            self._lazy = (pending, self._t)
+
+    def _emit(self, report: StepReport) -> None:
+        self._lazy = None
+        super()._emit(report)
+
+    @property
+    def last(self) -> StepReport | None:
+        if self._lazy is not None:
+            pending, t = self._lazy
+            self._lazy = None
+            self._last = self.reader.report(pending, False, t=t)
+        return self._last
 
     def _scaler_updated(self, *args: Any, **kwargs: Any) -> Any:
         if not self._stepped:
