@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.conftest import CollectSink
+
 keras = pytest.importorskip("keras")
 
 import lrscope  # noqa: E402
@@ -243,17 +245,6 @@ def test_adadelta_inspect_notes_missing_history() -> None:
     assert any("Adadelta" in note for note in report.notes)
 
 
-class _Collect:
-    def __init__(self) -> None:
-        self.reports: list = []
-
-    def write(self, report) -> None:
-        self.reports.append(report)
-
-    def close(self) -> None:
-        pass
-
-
 def _model(seed: int) -> keras.Model:
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((6,), dtype=DTYPE)
@@ -299,7 +290,7 @@ def test_callback_in_model_fit() -> None:
     x, y = _data()
     model = _model(0)
     model.compile(optimizer=_O.AdamW(_schedule(), weight_decay=0.01), loss="mse")
-    sink = _Collect()
+    sink = CollectSink()
     callback = lrscope.keras.EffectiveLRCallback(sinks=[sink], every=2)
     snapshot = _Snapshot()
     model.fit(
@@ -323,7 +314,7 @@ def test_callback_in_model_fit() -> None:
 def test_callback_does_not_change_training() -> None:
     x, y = _data()
     weights = []
-    for callbacks in ([], [lrscope.keras.EffectiveLRCallback(sinks=[_Collect()])]):
+    for callbacks in ([], [lrscope.keras.EffectiveLRCallback(sinks=[CollectSink()])]):
         model = _model(1)
         model.compile(optimizer=_O.Adam(1e-2), loss="mse")
         model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
@@ -370,7 +361,7 @@ def test_callback_records_adadelta_history() -> None:
     x, y = _data()
     model = _model(2)
     model.compile(optimizer=_O.Adadelta(1.0), loss="mse")
-    callback = lrscope.keras.EffectiveLRCallback(sinks=[_Collect()])
+    callback = lrscope.keras.EffectiveLRCallback(sinks=[CollectSink()])
     check = _AdadeltaEta(callback)
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[callback, check])
     assert callback.last.t == 4 and check.checked == 4

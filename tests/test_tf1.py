@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.conftest import CollectSink
+
 tf = pytest.importorskip("tensorflow")
 
 import lrscope  # noqa: E402
@@ -150,7 +152,7 @@ def test_adadelta_identity_and_monitor() -> None:
         slots = {v.op.name: optimizer.get_slot(v, "accum_update") for v in variables}
         with V1.Session() as sess:
             sess.run(V1.global_variables_initializer())
-            monitor = lrscope.watch(optimizer, session=sess, sinks=[_Collect()])
+            monitor = lrscope.watch(optimizer, session=sess, sinks=[CollectSink()])
             assert lrscope.inspect(optimizer, session=sess).notes  # nothing recorded: said so
             for batch in INPUTS:
                 before, accum_update = sess.run([{v.op.name: v for v in variables}, slots])
@@ -246,23 +248,12 @@ def test_summaries_written_by_filewriter(tmp_path) -> None:
     )
 
 
-class _Collect:
-    def __init__(self) -> None:
-        self.reports: list = []
-
-    def write(self, report) -> None:
-        self.reports.append(report)
-
-    def close(self) -> None:
-        pass
-
-
 def _train(monitored: bool) -> list[np.ndarray]:
     with tf.Graph().as_default():
         optimizer, train_op, variables, _, x = _build(lambda: V1.train.AdamOptimizer(0.01))
         with V1.Session() as sess:
             sess.run(V1.global_variables_initializer())
-            sink = _Collect()
+            sink = CollectSink()
             monitor = (
                 lrscope.watch(optimizer, session=sess, sinks=[sink], every=2) if monitored else None
             )

@@ -117,7 +117,9 @@ def _state_view(state: dict[str, Any], param: torch.Tensor,
     grad = param.grad
     if grad is not None and grad.is_sparse:
         grad = grad.coalesce()
-        ones = torch.sparse_coo_tensor(grad.indices(), torch.ones_like(grad.values()), grad.shape)
+        # The indices come from a coalesced torch tensor: the invariants hold.
+        ones = torch.sparse_coo_tensor(grad.indices(), torch.ones_like(grad.values()), grad.shape,
+                                       check_invariants=False, is_coalesced=True)
         view["touched"] = ones.to_dense() != 0
         grad = grad.to_dense()
     view.update(param=_canonical(param.detach()), grad=_canonical(grad))

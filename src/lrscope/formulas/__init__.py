@@ -21,17 +21,16 @@ from typing import Any
 import numpy as np
 
 from lrscope.formulas import (
-    adabelief, adadelta, adafactor, adagrad, adam, adamax, asgd, lion, nadam, radam, rmsprop,
-    rprop, sgd, yogi, lamb,
+    adabelief, adadelta, adafactor, adagrad, adam, adamax, asgd, lamb, lion, nadam, radam,
+    rmsprop, rprop, sgd, yogi,
 )
 from lrscope.formulas._common import CONVENTIONS, Elementwise, resolve
 
 FAMILIES: dict[str, ModuleType] = {
     module.NAMES[0]: module
     for module in (adam, sgd, adamax, nadam, radam, adagrad, rmsprop, adadelta, adafactor,
-                   lion, rprop, asgd)
+                   lion, rprop, asgd, adabelief, yogi, lamb)
 }
-FAMILIES.update({module.NAMES[0]: module for module in (adabelief, yogi, lamb)})
 _BY_NAME = {name: module for module in FAMILIES.values() for name in module.NAMES}
 
 
