@@ -56,6 +56,7 @@ CASES = {
     "adafactor": lambda: _O.Adafactor(_schedule(), weight_decay=0.1),
     "adafactor_tiny_params": lambda: _O.Adafactor(_schedule(), epsilon_2=10.0),
     "adam_clipnorm": lambda: _O.Adam(_schedule(), global_clipnorm=0.5),
+    "adam_ema": lambda: _O.Adam(_schedule(), use_ema=True, ema_momentum=0.9),
     "adam_loss_scale": lambda: _O.LossScaleOptimizer(_O.Adam(_schedule())),
 }
 
