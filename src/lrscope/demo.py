@@ -18,6 +18,8 @@ learned and the learning rate decays.
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -134,7 +136,7 @@ def train(steps: int = 5000, out: str | Path = "runs/demo", every: int = 25,
     png = out / "lrscope.png"
     plot.draw(plot.load(out), png)
     for line in (f"{steps} steps in {time.perf_counter() - started:.1f} s, test accuracy {accuracy:.1%}",
-                 f"TensorBoard:  tensorboard --logdir {out}",
+                 f"TensorBoard:  {_tensorboard_command()} --logdir {out}",
                  f"Figure:       {png}"):
         console.print(line, soft_wrap=True, markup=False, highlight=False)
     return png
@@ -160,3 +162,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--every", type=int, default=25,
                         help="steps between distribution measurements (default 25)")
     parser.set_defaults(run=run)
+
+
+def _tensorboard_command() -> str:
+    """``tensorboard`` if it is on PATH, else the one beside this Python (an unactivated venv)."""
+    beside = Path(sys.executable).parent / "tensorboard"
+    if shutil.which("tensorboard") or not beside.exists():
+        return "tensorboard"
+    return str(beside.relative_to(Path.cwd()) if beside.is_relative_to(Path.cwd()) else beside)
