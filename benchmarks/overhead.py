@@ -162,8 +162,8 @@ def optax_ratios(tensors: int, repeat: int) -> dict[str, float]:
         "monitor, distributions every step": lrscope.optax.monitor(optax.adam, learning_rate=1e-3),
         "monitor, steps between distributions": lrscope.optax.monitor(
             optax.adam, learning_rate=1e-3, every=10**6),
-        "... with check=False": lrscope.optax.monitor(optax.adam, learning_rate=1e-3, every=10**6,
-                                                      check=False),
+        "... with check=True (keeps the update)": lrscope.optax.monitor(
+            optax.adam, learning_rate=1e-3, every=10**6, check=True),
     }
     out = {}
     for name, tx in variants.items():  # noqa: B023 - tx is bound as a default argument

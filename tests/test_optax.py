@@ -129,7 +129,7 @@ def test_identity_and_bitwise_updates(x64, case_id, alias, kwargs):
     grads = _grads(STEPS)
     scheduled = "learning_rate" not in kwargs and alias is not optax.adadelta
     kwargs = _kwargs(alias, kwargs)
-    monitored = _run(lrscope.optax.monitor(alias, keep_arrays=True, **kwargs), grads)
+    monitored = _run(lrscope.optax.monitor(alias, check=True, keep_arrays=True, **kwargs), grads)
     plain = _run(alias(**kwargs), grads)
     _assert_identity(monitored)
     for (_, p_mon, u_mon, _), (_, p_plain, u_plain, _) in zip(monitored, plain):
@@ -216,9 +216,9 @@ def test_distribution_matches_numpy(x64):
 
 def test_per_group_statistics_equal_the_merged_per_tensor_ones(x64):
     kwargs = {"learning_rate": SCHEDULE, "weight_decay": 1e-2}
-    per_tensor = lrscope.inspect(_run(lrscope.optax.monitor(optax.adamw, **kwargs),
+    per_tensor = lrscope.inspect(_run(lrscope.optax.monitor(optax.adamw, check=True, **kwargs),
                                       _grads(2))[-1][3]).groups[0]
-    state = _run(lrscope.optax.monitor(optax.adamw, per_param=False, **kwargs), _grads(2))[-1][3]
+    state = _run(lrscope.optax.monitor(optax.adamw, check=True, per_param=False, **kwargs), _grads(2))[-1][3]
     assert len(state.stats["pg0"]) == 1
     per_group = lrscope.inspect(state).groups[0]
     assert per_group.params == {}
@@ -243,7 +243,7 @@ def test_every_keeps_scalars_each_step(x64):
                                            (optax.adadelta, {"weight_decay": 1e-1})])
 def test_without_check_the_norms_come_from_the_model(x64, alias, kwargs):
     kwargs = _kwargs(alias, kwargs)
-    checked = _run(lrscope.optax.monitor(alias, keep_arrays=True, **kwargs), _grads(3))
+    checked = _run(lrscope.optax.monitor(alias, check=True, keep_arrays=True, **kwargs), _grads(3))
     unchecked = _run(lrscope.optax.monitor(alias, check=False, every=2, keep_arrays=True,
                                            **kwargs), _grads(3))
     _assert_identity(unchecked[::2])  # steps 1 and 3 carry distributions
@@ -393,7 +393,7 @@ def test_adafactor_factored_and_full(x64, kwargs):
     rng = np.random.default_rng(5)
     shapes = {"factored": (130, 128), "vector": (7,), "small": (3, 4)}
     params = {k: jnp.asarray(rng.normal(size=s)) for k, s in shapes.items()}
-    tx = lrscope.optax.monitor(optax.adafactor, keep_arrays=True, **kwargs)
+    tx = lrscope.optax.monitor(optax.adafactor, check=True, keep_arrays=True, **kwargs)
     state = tx.init(params)
     for _ in range(3):
         grads = {k: jnp.asarray(rng.normal(size=s)) for k, s in shapes.items()}
@@ -468,7 +468,7 @@ def test_sharded_statistics_equal_unsharded():
 def test_flax_nnx_optimizer(x64):
     nnx = pytest.importorskip("flax.nnx")
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
-    optimizer = nnx.Optimizer(model, lrscope.optax.monitor(optax.adamw, learning_rate=1e-2),
+    optimizer = nnx.Optimizer(model, lrscope.optax.monitor(optax.adamw, check=True, learning_rate=1e-2),
                               wrt=nnx.Param)
     x = jnp.ones((4, 3))
 
@@ -488,7 +488,7 @@ def test_flax_nnx_optimizer(x64):
 def test_complex_parameters(x64, alias):
     rng = np.random.default_rng(4)
     params = {"z": jnp.asarray(rng.normal(size=(3, 2)) + 1j * rng.normal(size=(3, 2)))}
-    tx = lrscope.optax.monitor(alias, learning_rate=1e-2, keep_arrays=True)
+    tx = lrscope.optax.monitor(alias, check=True, learning_rate=1e-2, keep_arrays=True)
     state = tx.init(params)
     for _ in range(3):
         grads = {"z": jnp.asarray(rng.normal(size=(3, 2)) + 1j * rng.normal(size=(3, 2)))}
@@ -521,7 +521,7 @@ def test_multisteps_and_apply_if_finite_count_real_steps_only(x64):
 
 def test_bfloat16_parameters_pass_the_model_check():
     params = {"w": jnp.asarray(np.random.default_rng(6).normal(size=(8, 8)), jnp.bfloat16)}
-    tx = lrscope.optax.monitor(optax.adamw, learning_rate=1e-2, weight_decay=1e-2)
+    tx = lrscope.optax.monitor(optax.adamw, check=True, learning_rate=1e-2, weight_decay=1e-2)
     state = tx.init(params)
     for k in range(3):
         grads = jax.tree.map(lambda p: jnp.cos(p * (k + 1)), params)

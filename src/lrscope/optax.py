@@ -39,7 +39,7 @@ from lrscope.backends.optax import (  # noqa: E402 - after the dependency check
 from lrscope.backends.optax import monitor as _monitor  # noqa: E402
 
 
-def monitor(optimizer: Any, /, *, every: int = 1, check: bool = True, per_param: bool = True,
+def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per_param: bool = True,
             keep_arrays: bool = False, family: str | None = None,
             groups: dict[str, dict[str, Any]] | None = None, **hyperparams: Any) -> Any:
     """``optimizer`` (an optax alias, or a transformation) whose state carries lrscope's statistics.
@@ -62,10 +62,12 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool = True, per_param:
     ``every`` steps (``jax.lax.cond``) the per-tensor eta distribution, the
     eps-dominated count, the update and parameter norms and ``model_error``, the
     relative mismatch between lrscope's ``-eta * d - decay * theta`` and the real
-    update (a built-in check that the model describes this optimizer).  ``check=False``
-    drops that comparison (the norms then come from the model): the real update no
-    longer has to be kept in memory for the statistics, which makes the steps between
-    distributions nearly free.  The state keeps 32768 bucket counts (128 KiB) per
+    update (a built-in check that the model describes this optimizer).  By default
+    (``check=None``) the check runs for transformations you built, whose model rests on
+    assumed hyperparameters, and not for aliases, whose model is exact: without it the
+    real update need not be kept for the statistics (the norms come from the model),
+    which makes the steps between distributions nearly free.  ``check=True`` or
+    ``False`` forces it.  The state keeps 32768 bucket counts (128 KiB) per
     tensor; ``per_param=False`` keeps one set per group instead (group distributions
     only, no per-tensor ones), for models with very many tensors.
     ``keep_arrays=True`` also keeps eta and d per tensor in the state (for debugging

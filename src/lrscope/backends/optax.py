@@ -235,7 +235,7 @@ def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any,
     return stats, arrays
 
 
-def monitor(optimizer: Any, /, *, every: int = 1, check: bool = True, per_param: bool = True,
+def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per_param: bool = True,
             keep_arrays: bool = False, family: str | None = None,
             groups: dict[str, dict[str, Any]] | None = None,
             **hyperparams: Any) -> optax.GradientTransformationExtraArgs:
@@ -245,6 +245,10 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool = True, per_param:
     every = int(every)
     tx, spec = _spec(optimizer, family, dict(groups or {}), hyperparams)
     tx = optax.with_extra_args_support(tx)
+    if check is None:
+        # An alias's model is exact (every hyperparameter known, proven by the tests): no
+        # need to keep its real update around.  A chain's rests on assumptions: check it.
+        check = spec["alias"] is None
 
     def init_fn(params: Any) -> LrscopeState:
         inner = tx.init(params)

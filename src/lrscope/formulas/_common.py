@@ -64,6 +64,9 @@ def coupled_direction(
     g = -grad if maximize else grad
     if weight_decay == 0:
         return grad_coef * g + rest
+    if param_after is None:
+        raise ValueError("with coupled weight decay the direction needs the parameters: "
+                         "pass params to the optimizer's update")
     theta_before = (param_after + eta * (grad_coef * g + rest)) / (1 - eta * grad_coef * weight_decay)
     return grad_coef * (g + weight_decay * theta_before) + rest
 

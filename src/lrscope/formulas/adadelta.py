@@ -51,7 +51,7 @@ def elementwise(
             direction = direction + h["weight_decay"] * state["param_before"]
         return Elementwise(eta=eta, direction=direction, eps_dominated=square_avg < eps)
     if convention == "torch":
-        direction = coupled_direction(xp, state["param"], state["grad"], eta, 1.0, 0.0,
+        direction = coupled_direction(xp, state.get("param"), state["grad"], eta, 1.0, 0.0,
                                       h["weight_decay"], h["maximize"])
         return Elementwise(eta=eta, direction=direction, eps_dominated=square_avg < eps)
     return Elementwise(eta=eta, direction=state["grad"], decay_rate=h["lr"] * h["weight_decay"],

@@ -45,7 +45,7 @@ def elementwise(
     if convention == "torch":
         root = xp.sqrt(total)
         eta = lr / (root + eps)
-        direction = coupled_direction(xp, state["param"], state["grad"], eta, 1.0, 0.0,
+        direction = coupled_direction(xp, state.get("param"), state["grad"], eta, 1.0, 0.0,
                                       h["weight_decay"], h["maximize"])
         return Elementwise(eta=eta, direction=direction, eps_dominated=root < eps)
     eta = lr / xp.sqrt(total + eps)

@@ -88,7 +88,7 @@ def elementwise(
     coupled = convention == "torch" and not h["decoupled_weight_decay"]
     wd = h["weight_decay"]
     direction = coupled_direction(
-        xp, state["param"], state["grad"], eta, c_g, c_m * state["exp_avg"],
+        xp, state.get("param"), state["grad"], eta, c_g, c_m * state["exp_avg"],
         wd if coupled else 0.0, h.get("maximize", False),
     )
     decay = 0.0 if coupled or wd == 0 else h["lr"] * wd

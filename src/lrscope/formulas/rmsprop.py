@@ -60,7 +60,7 @@ def elementwise(
         eta = lr / (root + eps)
         if h["momentum"] > 0:
             return Elementwise(eta=eta, direction=buffer * (root + eps), eps_dominated=root < eps)
-        direction = coupled_direction(xp, state["param"], state["grad"], eta, 1.0, 0.0,
+        direction = coupled_direction(xp, state.get("param"), state["grad"], eta, 1.0, 0.0,
                                       h["weight_decay"], h["maximize"])
         return Elementwise(eta=eta, direction=direction, eps_dominated=root < eps)
     if convention == "optax":

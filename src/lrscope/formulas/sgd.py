@@ -60,5 +60,5 @@ def elementwise(
         rest, grad_coef = momentum * state["momentum_buffer"], 1.0
     else:
         return Elementwise(eta=lr, direction=state["momentum_buffer"])
-    direction = coupled_direction(xp, state["param"], state["grad"], lr, grad_coef, rest, wd, maximize)
+    direction = coupled_direction(xp, state.get("param"), state["grad"], lr, grad_coef, rest, wd, maximize)
     return Elementwise(eta=lr, direction=direction)
