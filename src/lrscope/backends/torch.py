@@ -134,12 +134,17 @@ def _chunk(view: dict[str, Any], numel: int, chunk: slice) -> dict[str, Any]:
 
 
 def elementwise_of(family: str, state: dict[str, Any], param: torch.Tensor, h: dict[str, Any],
-                   recorded: dict[str, Any] | None = None, chunk: slice | None = None) -> Elementwise:
-    """eta and d of ``param``'s last step from its optimizer state (optionally one flat chunk)."""
-    view = _state_view(state, param, recorded)
+                   recorded: dict[str, Any] | None = None) -> Elementwise:
+    """eta and d of ``param``'s last step from its optimizer state."""
+    return _elementwise(family, _state_view(state, param, recorded), state.get("step", 0), h,
+                        param.dtype)
+
+
+def _elementwise(family: str, view: dict[str, Any], t: Any, h: dict[str, Any], dtype: torch.dtype,
+                 chunk: slice | None = None) -> Elementwise:
+    """The family's formula on a state view (``_state_view``), optionally one flat chunk."""
     if chunk is not None:
         view = _chunk(view, view["param"].numel(), chunk)
-    t = state.get("step", 0)
     if not isinstance(t, torch.Tensor) or t.device.type == "cpu" or family in _HOST_STEP:
         # As torch.optim does unless capturable: bias corrections in Python floats.
         t = _as_float(t)
@@ -154,7 +159,7 @@ def elementwise_of(family: str, state: dict[str, Any], param: torch.Tensor, h: d
         return el
     if family == "adafactor":
         eps1, eps2 = h["eps"]
-        h = {**h, "eps": (torch.finfo(param.dtype).eps if eps1 is None else eps1, eps2)}
+        h = {**h, "eps": (torch.finfo(dtype).eps if eps1 is None else eps1, eps2)}
     return module.elementwise(torch, view, t, h, "torch")
 
 
@@ -288,9 +293,10 @@ class TorchReader:
     def _per_chunk(self, state: dict[str, Any], p: torch.Tensor, h: dict[str, Any],
                    recorded: dict[str, Any] | None) -> Callable[[slice], Elementwise]:
         """The Elementwise of a flat chunk of ``p``, computed chunk by chunk where possible."""
+        view, t = _state_view(state, p, recorded), state.get("step", 0)
         if getattr(formulas.family(self.family), "CHUNKABLE", True):
-            return lambda chunk: elementwise_of(self.family, state, p, h, recorded, chunk)
-        whole = elementwise_of(self.family, state, p, h, recorded)
+            return lambda chunk: _elementwise(self.family, view, t, h, p.dtype, chunk)
+        whole = _elementwise(self.family, view, t, h, p.dtype)
 
         def flat(value: Any, chunk: slice) -> Any:
             return value.reshape(-1)[chunk] if isinstance(value, torch.Tensor) and value.dim() else value
