@@ -90,6 +90,20 @@ def distributions(scale: float, repeat: int) -> dict[str, float]:
             "lrscope_s": monitor}
 
 
+def kernel_costs(repeat: int) -> dict[str, float]:
+    """Seconds per element of one chunk's bincount and of one elementwise kernel (sqrt)."""
+    torch.manual_seed(0)
+    values = torch.rand(torch_stats.CHUNK_ELEMENTS) * 1e-3
+    keys = (values.view(torch.int32) >> 17) & 0x7FFF
+
+    def many(fn: Callable[[], object]) -> Callable[[], None]:
+        return lambda: [fn() for _ in range(100)]
+
+    per = 100 * values.numel()
+    return {"bincount": best_of(many(lambda: torch.bincount(keys, minlength=1 << 15)), repeat) / per,
+            "elementwise": best_of(many(values.sqrt), repeat) / per}
+
+
 def scalars_only(repeat: int) -> dict[str, float]:
     """A small MLP's training step, and what watching adds to each step (scalars only).
 
@@ -253,6 +267,11 @@ def main() -> None:
     print(f"   ratio to the Adam step     {d['lrscope_s'] / d['adam_step_s']:8.2f} x   (goal <= 0.3)")
     print(f"   ratio to one read pass     {d['lrscope_s'] / d['read_once_s']:8.2f} x")
     print(f"   ratio to the naive monitor {d['lrscope_s'] / d['naive_s']:8.2f} x")
+    k = kernel_costs(repeat)
+    n = d["parameters"]
+    print(f"   per element, one chunk: bincount {k['bincount'] * 1e9:.2f} ns "
+          f"({k['bincount'] * n / d['adam_step_s']:.2f} x the step alone), one elementwise kernel "
+          f"{k['elementwise'] * 1e9:.2f} ns ({k['elementwise'] * n / d['adam_step_s']:.2f} x)")
 
     s = scalars_only(repeat)
     print("\n2. Scalars only, every step, small MLP (batch 128)")

@@ -89,3 +89,17 @@ class Collect:
 
     def close(self) -> None:
         self.closed = True
+
+
+def write_reports(sinks: list, steps: int, every: int) -> dict:
+    """Reports 1..steps (distributions every ``every`` steps, from step 1) through a
+    SinkGroup, closed at the end; returns each step's raw data."""
+    from lrscope.sinks import SinkGroup
+
+    group = SinkGroup(sinks)
+    raws = {}
+    for t in range(1, steps + 1):
+        report, raws[t] = make_report(t, distributions=(t - 1) % every == 0)
+        group.write(report)
+    group.close()
+    return raws

@@ -7,22 +7,15 @@ import pytest
 
 from lrscope import plot
 from lrscope.cli import main
-from lrscope.sinks import SinkGroup
 from lrscope.sinks.jsonl import JsonlSink
-from tests._sink_reports import lr_at, make_report, step_size_at
+from tests._sink_reports import lr_at, make_report, step_size_at, write_reports
 
 pytest.importorskip("matplotlib")
 STEPS = 9
 
 
 def _log(log_dir, sinks) -> dict:
-    group = SinkGroup(sinks)
-    raws = {}
-    for t in range(1, STEPS + 1):
-        report, raws[t] = make_report(t, distributions=t % 4 == 1)
-        group.write(report)
-    group.close()
-    return raws
+    return write_reports(sinks, STEPS, every=4)
 
 
 def _check_png(path) -> None:

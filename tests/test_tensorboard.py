@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lrscope.sinks import SinkGroup
 from lrscope.sinks.tensorboard import TensorBoardSink
-from tests._sink_reports import SIZES, WEIGHT_DECAY, lr_at, make_report, step_size_at
+from tests._sink_reports import (
+    SIZES, WEIGHT_DECAY, lr_at, make_report, step_size_at, write_reports,
+)
 
 pytest.importorskip("tensorboardX", reason="pip install 'lrscope[tensorboard]'")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -27,14 +28,8 @@ STEPS = 7
 
 
 def _write(log_dir: Path, **options) -> dict:
-    """Reports 1..STEPS (distributions on odd steps) through a SinkGroup; returns the raw data."""
-    sinks = SinkGroup([TensorBoardSink(log_dir, **options)])
-    raws = {}
-    for t in range(1, STEPS + 1):
-        report, raws[t] = make_report(t, distributions=t % 2 == 1)
-        sinks.write(report)
-    sinks.close()
-    return raws
+    """Reports 1..STEPS (distributions on odd steps) to a TensorBoardSink; returns the raw data."""
+    return write_reports([TensorBoardSink(log_dir, **options)], STEPS, every=2)
 
 
 def _load(log_dir: Path):
