@@ -45,13 +45,12 @@ class Distribution:
     def from_array(cls, values: Any, eps_dominated: int | None = None) -> Distribution:
         return cls(LogSketch.from_array(values), eps_dominated)
 
-    def merge(self, other: Distribution) -> Distribution:
-        eps = (
-            None
-            if self.eps_dominated_count is None or other.eps_dominated_count is None
-            else self.eps_dominated_count + other.eps_dominated_count
-        )
-        return Distribution(self.sketch.merge(other.sketch), eps)
+    @classmethod
+    def union(cls, dists: list[Distribution]) -> Distribution:
+        """The distribution of all elements of ``dists`` (at least one)."""
+        counts = [d.eps_dominated_count for d in dists]
+        eps = None if any(c is None for c in counts) else sum(counts)  # type: ignore[misc]
+        return cls(LogSketch.union([d.sketch for d in dists]), eps)
 
     count = property(lambda self: self.sketch.count, doc="Number of elements.")
     min = property(lambda self: self.sketch.min, doc="Exact minimum of the finite values.")
@@ -154,10 +153,7 @@ class GroupReport(ParamReport):
         for label in ("effective_lr", "update_magnitude"):
             dists = [getattr(p, label) for p in params.values() if getattr(p, label) is not None]
             if dists:
-                merged = dists[0]
-                for d in dists[1:]:
-                    merged = merged.merge(d)
-                setattr(group, label, merged)
+                setattr(group, label, Distribution.union(dists))
         for label in ("update_norm", "param_norm"):
             norms = [getattr(p, label) for p in params.values()]
             if norms and all(n is not None for n in norms):

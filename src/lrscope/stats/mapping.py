@@ -72,16 +72,22 @@ def split_float32_bucket_counts(counts: np.ndarray) -> dict[str, np.ndarray | in
     counts = np.asarray(counts, dtype=np.int64)
     if counts.shape != (FLOAT32_BUCKETS,):
         raise ValueError(f"expected {FLOAT32_BUCKETS} bucket counts, got shape {counts.shape}")
+    indices = np.flatnonzero(counts != 0)
+    return split_float32_bucket_items(indices, counts[indices])
+
+
+def split_float32_bucket_items(indices: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray | int]:
+    """``split_float32_bucket_counts`` of a histogram given by its nonzero buckets only
+    (``indices`` sorted, and their counts)."""
+    indices, counts = np.asarray(indices, dtype=np.int64), np.asarray(counts, dtype=np.int64)
     half = _FLOAT32_EXPONENT_BUCKETS
     out: dict[str, np.ndarray | int] = {}
-    for sign, block in (("positive", counts[:half]), ("negative", counts[half:])):
-        zero = int(block[:SUBBUCKETS].sum())
-        top = block[-SUBBUCKETS:]
-        inf, nan = int(top[0]), int(top[1:].sum())
-        finite = block[SUBBUCKETS:-SUBBUCKETS]
-        index = np.nonzero(finite)[0]
-        out[sign] = (float32_bits_to_key(index + SUBBUCKETS), finite[index])
-        out[f"zero_{sign}"] = zero
-        out[f"inf_{sign}"] = inf
-        out[f"nan_{sign}"] = nan
+    for sign, offset in (("positive", 0), ("negative", half)):
+        inside = (indices >= offset) & (indices < offset + half)
+        local, local_counts = indices[inside] - offset, counts[inside]
+        finite = (local >= SUBBUCKETS) & (local < half - SUBBUCKETS)
+        out[sign] = (float32_bits_to_key(local[finite]), local_counts[finite])
+        out[f"zero_{sign}"] = int(local_counts[local < SUBBUCKETS].sum())
+        out[f"inf_{sign}"] = int(local_counts[local == half - SUBBUCKETS].sum())
+        out[f"nan_{sign}"] = int(local_counts[local > half - SUBBUCKETS].sum())
     return out

@@ -32,13 +32,15 @@ from lrscope.stats import mapping
 _EMPTY_KEYS = np.zeros(0, dtype=np.int64)
 
 
-def _merge_store(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]):
-    keys = np.concatenate([a[0], b[0]])
+def _merge_stores(stores: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """One (keys, counts) store from many: a single sort, however many are merged."""
+    keys = np.concatenate([keys for keys, _ in stores])
     if keys.size == 0:
         return _EMPTY_KEYS, _EMPTY_KEYS
     unique, inverse = np.unique(keys, return_inverse=True)
-    counts = np.bincount(inverse, weights=np.concatenate([a[1], b[1]]), minlength=unique.size)
-    return unique, counts.astype(np.int64)
+    counts = np.zeros(unique.size, dtype=np.int64)
+    np.add.at(counts, inverse, np.concatenate([counts for _, counts in stores]))
+    return unique, counts
 
 
 def _store_from_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,14 +95,16 @@ class LogSketch:
 
     @classmethod
     def from_float32_buckets(
-        cls, counts: Any, *, min: float, max: float, sum: float, sum_squares: float
+        cls, counts: Any, *, indices: Any = None, min: float, max: float, sum: float, sum_squares: float
     ) -> LogSketch:
         """Sketch from a device histogram of float32 bit buckets (see ``mapping``).
 
-        ``min``/``max``/``sum``/``sum_squares`` are the exact finite-value reductions
-        the backend computed beside the histogram.
+        ``counts`` holds all ``FLOAT32_BUCKETS`` counts or, with ``indices`` (sorted),
+        the counts of those buckets only.  ``min``/``max``/``sum``/``sum_squares`` are the
+        exact finite-value reductions the backend computed beside the histogram.
         """
-        parts = mapping.split_float32_bucket_counts(counts)
+        parts = mapping.split_float32_bucket_counts(counts) if indices is None else \
+            mapping.split_float32_bucket_items(indices, counts)
         total = int(np.asarray(counts).sum())
         return cls(
             count=total,
@@ -118,18 +122,23 @@ class LogSketch:
 
     def merge(self, other: LogSketch) -> LogSketch:
         """The sketch of the union of both inputs (neither is modified)."""
-        return LogSketch(
-            count=self.count + other.count,
-            zeros=self.zeros + other.zeros,
-            nan=self.nan + other.nan,
-            posinf=self.posinf + other.posinf,
-            neginf=self.neginf + other.neginf,
-            min=min(self.min, other.min),
-            max=max(self.max, other.max),
-            sum=self.sum + other.sum,
-            sum_squares=self.sum_squares + other.sum_squares,
-            positive=_merge_store(self.positive, other.positive),
-            negative=_merge_store(self.negative, other.negative),
+        return LogSketch.union([self, other])
+
+    @classmethod
+    def union(cls, sketches: list[LogSketch]) -> LogSketch:
+        """The sketch of the union of all ``sketches`` (at least one; none is modified)."""
+        return cls(
+            count=sum(s.count for s in sketches),
+            zeros=sum(s.zeros for s in sketches),
+            nan=sum(s.nan for s in sketches),
+            posinf=sum(s.posinf for s in sketches),
+            neginf=sum(s.neginf for s in sketches),
+            min=min(s.min for s in sketches),
+            max=max(s.max for s in sketches),
+            sum=math.fsum(s.sum for s in sketches),
+            sum_squares=math.fsum(s.sum_squares for s in sketches),
+            positive=_merge_stores([s.positive for s in sketches]),
+            negative=_merge_stores([s.negative for s in sketches]),
         )
 
     # -- summaries --------------------------------------------------------------------

@@ -1,0 +1,102 @@
+"""Histograms of float32 values over the bit buckets of ``mapping``, on the CPU.
+
+With numba installed (it comes with ``lrscope[torch]``) the count runs on every core,
+each thread into its own row of counts, reading the float bits directly: one pass, no
+atomics, no key array.  Without it, numpy's ``bincount`` does the same in three passes
+on one core.
+
+>>> import numpy as np
+>>> counts = BucketCounts()
+>>> counts.add(np.array([1.0, 1.0, 3.0], np.float32))
+>>> counts.add(np.array([1.0], np.float32))
+>>> indices, total = counts.nonzero()
+>>> mapping.float32_bits_to_key(indices).tolist(), total.tolist()
+([0, 96], [3, 1])
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import numpy as np
+
+from lrscope.stats import mapping
+
+_MASK = mapping.FLOAT32_BUCKETS - 1
+_SHIFT = mapping.FLOAT32_SHIFT
+#: Per-thread counts are int32 (a third faster than int64 here), folded into the int64
+#: total before any of them could overflow.
+_ROW_LIMIT = 2**31 - 1
+
+
+@functools.cache
+def _parallel_counter() -> tuple[Callable[[np.ndarray, np.ndarray], None], int] | None:
+    """numba's parallel counting kernel and its thread count, or None without numba."""
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    @numba.njit(parallel=True, nogil=True, cache=True)
+    def count_into(rows: Any, bits: Any) -> None:  # pragma: no cover - compiled
+        # bits are uint32: the shift alone leaves the sign, exponent and top mantissa bits.
+        threads, n = rows.shape[0], bits.size
+        block = (n + threads - 1) // threads
+        for thread in numba.prange(threads):
+            row = rows[thread]
+            for i in range(thread * block, min(n, (thread + 1) * block)):
+                row[bits[i] >> _SHIFT] += 1
+
+    return count_into, numba.get_num_threads()
+
+
+class BucketCounts:
+    """Counts of float32 values per bit bucket, accumulated over many ``add`` calls."""
+
+    def __init__(self) -> None:
+        counter = _parallel_counter()
+        self._count, self._threads = counter if counter else (None, 1)
+        self._rows: np.ndarray | None = None  # int32 counts per thread, made on first use
+        self._in_rows = 0
+        self._total: np.ndarray | None = None  # int64 counts folded from the rows
+        self._few: list[tuple[np.ndarray, int]] = []  # keys of small adds, with their weight
+
+    def add(self, values: np.ndarray, weight: int = 1) -> None:
+        """Count a float32 array (any shape), each value ``weight`` times."""
+        bits = np.ascontiguousarray(values, dtype=np.float32).reshape(-1).view(np.uint32)
+        if self._count is None or weight != 1 or bits.size < 4096:
+            # Small arrays (a bias, one eta for a whole tensor) keep their keys: no pass
+            # over all the buckets.
+            self._few.append(((bits >> _SHIFT).astype(np.int64), weight))
+            return
+        if self._rows is None:
+            self._rows = np.zeros((self._threads, mapping.FLOAT32_BUCKETS), np.int32)
+        if self._in_rows + bits.size > _ROW_LIMIT:
+            self._fold()
+        self._count(self._rows, bits)
+        self._in_rows += bits.size
+
+    def _fold(self) -> None:
+        if self._rows is not None and self._in_rows:
+            folded = self._rows.sum(axis=0, dtype=np.int64)
+            self._total = folded if self._total is None else self._total + folded
+            self._rows[:] = 0
+            self._in_rows = 0
+
+    def nonzero(self) -> tuple[np.ndarray, np.ndarray]:
+        """The buckets with a nonzero count (sorted) and their counts, for
+        ``LogSketch.from_float32_buckets(counts, indices=...)``."""
+        self._fold()
+        # (flatnonzero of a boolean array: several times faster than of the int64 counts)
+        indices = [np.flatnonzero(self._total != 0)] if self._total is not None else []
+        counts = [self._total[indices[0]]] if indices else []
+        for keys, weight in self._few:
+            indices.append(keys)
+            counts.append(np.full(keys.size, weight, np.int64))
+        if not self._few:  # the dense counts alone: already sorted and unique
+            return (indices[0], counts[0]) if indices else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        unique, inverse = np.unique(np.concatenate(indices), return_inverse=True)
+        total = np.zeros(unique.size, np.int64)
+        np.add.at(total, inverse, np.concatenate(counts))
+        return unique, total

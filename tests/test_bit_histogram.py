@@ -1,0 +1,52 @@
+"""The CPU bit-bucket counter against numpy's bincount of the same keys."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lrscope.stats import bit_histogram, mapping
+
+
+def keys_of(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float32).view(np.uint32) >> mapping.FLOAT32_SHIFT
+
+
+def mixed(n: int, seed: int) -> np.ndarray:
+    """Twelve decades of both signs, with zeros, NaN, infinities and float32 subnormals."""
+    rng = np.random.default_rng(seed)
+    values = rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(-8, 4, n)
+    specials = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-40]
+    values[rng.integers(0, n, 50)] = rng.choice(specials, 50)
+    return values.astype(np.float32)
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["numba", "numpy"])
+def test_counts_equal_bincount(parallel, monkeypatch):
+    if parallel and bit_histogram._parallel_counter() is None:
+        pytest.skip("numba is not installed (pip install 'lrscope[torch]')")
+    counts = bit_histogram.BucketCounts()
+    if not parallel:
+        counts._count = None
+    arrays = [mixed(n, seed) for seed, n in enumerate([10_000, 7, 5000, 1, 100_003])]
+    for values in arrays:
+        counts.add(values)
+    counts.add(np.array([2.5], np.float32), weight=1000)
+    expected = np.bincount(np.concatenate([keys_of(a) for a in arrays]), minlength=mapping.FLOAT32_BUCKETS)
+    expected[keys_of(np.array([2.5]))] += 1000
+    indices, got = counts.nonzero()
+    assert indices.tolist() == np.flatnonzero(expected).tolist()
+    assert got.tolist() == expected[indices].tolist()
+
+
+def test_per_thread_counts_are_folded_before_they_overflow(monkeypatch):
+    if bit_histogram._parallel_counter() is None:
+        pytest.skip("numba is not installed (pip install 'lrscope[torch]')")
+    monkeypatch.setattr(bit_histogram, "_ROW_LIMIT", 10_000)
+    counts = bit_histogram.BucketCounts()
+    values = np.full(6000, 3.0, np.float32)
+    for _ in range(5):
+        counts.add(values)
+    indices, got = counts.nonzero()
+    assert got.tolist() == [30_000] and indices.tolist() == keys_of(values[:1]).tolist()
+    assert counts._total is not None  # folded at least once
