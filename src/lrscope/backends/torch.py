@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lrscope import formulas
-from lrscope.backends import torch_stats
+from lrscope.backends import torch_fused, torch_stats
 from lrscope.formulas import Elementwise
 from lrscope.monitor import Monitor
 from lrscope.report import GroupReport, ParamReport, StepReport
@@ -127,12 +127,6 @@ def _state_view(state: dict[str, Any], param: torch.Tensor,
     return view
 
 
-def _chunk(view: dict[str, Any], numel: int, chunk: slice) -> dict[str, Any]:
-    """The flat slice ``chunk`` of every per-element tensor of the state."""
-    return {k: v.reshape(-1)[chunk] if isinstance(v, torch.Tensor) and v.numel() == numel and numel > 1
-            else v for k, v in view.items()}
-
-
 def elementwise_of(family: str, state: dict[str, Any], param: torch.Tensor, h: dict[str, Any],
                    recorded: dict[str, Any] | None = None) -> Elementwise:
     """eta and d of ``param``'s last step from its optimizer state."""
@@ -140,16 +134,28 @@ def elementwise_of(family: str, state: dict[str, Any], param: torch.Tensor, h: d
                         param.dtype)
 
 
-def _elementwise(family: str, view: dict[str, Any], t: Any, h: dict[str, Any], dtype: torch.dtype,
-                 chunk: slice | None = None) -> Elementwise:
-    """The family's formula on a state view (``_state_view``), optionally one flat chunk."""
-    if chunk is not None:
-        view = _chunk(view, view["param"].numel(), chunk)
+def _host_scalars(family: str, view: dict[str, Any], t: Any,
+                  h: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The step counter (and what depends on it alone) as Python floats where torch.optim
+    reads it on the host: always on the CPU, and for some families even when capturable.
+
+    Adam's beta**t is computed here once, as torch.optim does, rather than inside the
+    formula: in a compiled loop (``torch_fused``) it would be recomputed per element.
+    """
     if not isinstance(t, torch.Tensor) or t.device.type == "cpu" or family in _HOST_STEP:
         # As torch.optim does unless capturable: bias corrections in Python floats.
         t = _as_float(t)
     if family == "nadam" and "mu_product" in view:
-        view["mu_product"] = _as_float(view["mu_product"])
+        view = {**view, "mu_product": _as_float(view["mu_product"])}
+    if family in ("adam", "adamw") and isinstance(t, float):
+        view = {**view, "beta1_power": h["beta1"] ** t, "beta2_power": h["beta2"] ** t}
+    return view, t
+
+
+def _elementwise(family: str, view: dict[str, Any], t: Any, h: dict[str, Any],
+                 dtype: torch.dtype) -> Elementwise:
+    """The family's formula on a state view (``_state_view``) or a flat chunk of one."""
+    view, t = _host_scalars(family, view, t, h)
     module = formulas.family(family)
     if family == "sparse_adam":
         # SparseAdam adds eps to the raw sqrt(v), like TF1, and moves only the entries in
@@ -287,15 +293,15 @@ class TorchReader:
                                  "not recorded (use watch()); distributions skipped")
                     break
                 stats[self.names[id(p)]] = partial(
-                    torch_stats.reduce, self._per_chunk(state, p, h, recorded), _canonical(p.detach()))
+                    torch_fused.reduce, self._per_chunk(state, p, h, recorded), _canonical(p.detach()))
         return GroupReport.combine(self._param_reports(params, stats, "effective_lr"), **scalars)
 
     def _per_chunk(self, state: dict[str, Any], p: torch.Tensor, h: dict[str, Any],
                    recorded: dict[str, Any] | None) -> Callable[[slice], Elementwise]:
         """The Elementwise of a flat chunk of ``p``, computed chunk by chunk where possible."""
-        view, t = _state_view(state, p, recorded), state.get("step", 0)
+        view, t = _host_scalars(self.family, _state_view(state, p, recorded), state.get("step", 0), h)
         if getattr(formulas.family(self.family), "CHUNKABLE", True):
-            return lambda chunk: _elementwise(self.family, view, t, h, p.dtype, chunk)
+            return torch_fused.ChunkedFormula(_elementwise, self.family, view, t, h, p.dtype)
         whole = _elementwise(self.family, view, t, h, p.dtype)
 
         def flat(value: Any, chunk: slice) -> Any:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from lrscope.formulas import Elementwise
 from lrscope.report import Distribution
 from lrscope.stats import LogSketch, mapping
+from lrscope.stats.bit_histogram import BucketCounts
 
 #: Elements processed at once: bounds the temporary memory to a few buffers this size
 #: (1 MiB each in float32), whatever the model size; measured fastest on 2 CPU cores
@@ -26,7 +28,8 @@ _MASK = mapping.FLOAT32_BUCKETS - 1
 _SCALARS = ("min", "max", "sum", "sum_squares", "eps_dominated", "update_sq", "param_sq", "has_eps")
 
 
-def _buckets(values: torch.Tensor) -> torch.Tensor:
+def bucket_counts(values: torch.Tensor) -> torch.Tensor:
+    """Histogram of ``values`` over the float32 bit buckets (``mapping``)."""
     bits = values.to(torch.float32).reshape(-1).view(torch.int32)
     return torch.bincount((bits >> mapping.FLOAT32_SHIFT) & _MASK, minlength=mapping.FLOAT32_BUCKETS)
 
@@ -55,91 +58,122 @@ def _squared_norm(values: torch.Tensor | None, like: torch.Tensor) -> torch.Tens
     return torch.dot(flat, flat)
 
 
-class Accumulator:
-    """Statistics of one tensor over its chunks, kept on the device until ``packed``.
+def _totals(rows: list[torch.Tensor]) -> torch.Tensor:
+    """One row from the per-chunk rows (min, max, sum, sum of squares, eps-dominated count,
+    update and parameter squared norms), in float64."""
+    table = torch.stack([r.double() for r in rows]) if len({r.dtype for r in rows}) > 1 \
+        else torch.stack(rows).double()
+    return torch.cat([table[:, 0].amin().reshape(1), table[:, 1].amax().reshape(1), table[:, 2:].sum(0)])
 
-    Each chunk appends one row (min, max, sum, sum of squares, update and parameter
-    squared norms) in the data's own dtype: converting per chunk would cost more small
-    kernels than the statistics themselves.
+
+class Accumulator:
+    """Statistics of one tensor over its chunks, kept on the device until ``result``.
+
+    Each chunk appends one row (see ``_totals``) in the data's own dtype: converting per
+    chunk would cost more small kernels than the statistics themselves.  On the CPU the
+    histogram is counted in one parallel pass over the bits (``bit_histogram``).
     """
 
     def __init__(self, device: torch.device, finite_only: bool = False):
         self.device = device
         self.finite_only = finite_only
-        self.counts = torch.zeros(mapping.FLOAT32_BUCKETS, dtype=torch.int64, device=device)
+        self.cpu_counts = BucketCounts() if device.type == "cpu" else None
+        self.counts = None if self.cpu_counts else torch.zeros(
+            mapping.FLOAT32_BUCKETS, dtype=torch.int64, device=device)
         self.rows: list[torch.Tensor] = []
-        self.eps_counts: list[torch.Tensor] = []
+        self.has_eps = False
+
+    def _count(self, values: torch.Tensor, n: int) -> None:
+        weight = n if values.dim() == 0 else 1  # a 0-d value stands for all n elements
+        if self.cpu_counts is not None:
+            self.cpu_counts.add(values.to(torch.float32).numpy(), weight)
+        else:
+            self.counts += bucket_counts(values) * weight
 
     def add(self, values: torch.Tensor, eps_dominated: Any, update: torch.Tensor | None,
             param: torch.Tensor) -> None:
         values = values.detach()
         n = param.numel()
+        self._count(values, n)
         if values.dim() == 0:  # one eta for the whole chunk (SGD): no per-element work
-            self.counts += _buckets(values) * n
             extremes = [values, values, values * n, values * values * n]
         else:
-            self.counts += _buckets(values)
             extremes = _extremes(values, self.finite_only)
-        if eps_dominated is not None:
-            self.eps_counts.append(torch.as_tensor(eps_dominated, device=self.device).sum())
-        row = extremes + [_squared_norm(update, param), _squared_norm(param, param)]
+        if eps_dominated is None:
+            eps = param.new_zeros(())
+        else:
+            self.has_eps = True
+            eps = torch.as_tensor(eps_dominated, device=self.device).sum()
+        row = extremes + [eps, _squared_norm(update, param), _squared_norm(param, param)]
         dtype = row[0].dtype
         for r in row[1:]:
             dtype = torch.promote_types(dtype, r.dtype)
         self.rows.append(torch.stack([r if r.dtype == dtype else r.to(dtype) for r in row]))
 
-    def packed(self) -> torch.Tensor:
-        """Bucket counts then ``_SCALARS`` as one float64 vector."""
-        rows = torch.stack([r.double() for r in self.rows]) if len({r.dtype for r in self.rows}) > 1 \
-            else torch.stack(self.rows).double()
-        eps = torch.stack(self.eps_counts).sum().double().reshape(1) if self.eps_counts \
-            else rows.new_zeros(1)
-        has_eps = rows.new_full((1,), float(bool(self.eps_counts)))
-        return torch.cat([self.counts.double(), rows[:, 0].amin().reshape(1), rows[:, 1].amax().reshape(1),
-                          rows[:, 2:4].sum(0), eps, rows[:, 4:].sum(0), has_eps])
+    def add_row(self, values: torch.Tensor, row: torch.Tensor, has_eps: bool, n: int) -> None:
+        """A chunk of ``n`` elements whose row was computed elsewhere (``torch_fused``);
+        ``values`` is eta, or one 0-d eta for all ``n``."""
+        self._count(values, n)
+        self.rows.append(row)
+        self.has_eps = self.has_eps or has_eps
+
+    def add_chunk(self, compute: Callable[[slice], Elementwise], flat_param: torch.Tensor,
+                  chunk: slice) -> None:
+        """The statistics of eta over the flat slice ``chunk`` (``compute(chunk)``)."""
+        el = compute(chunk)
+        theta = flat_param[chunk]
+        eta = el.eta if isinstance(el.eta, torch.Tensor) else torch.tensor(
+            float(el.eta), dtype=torch.float64, device=theta.device)
+        self.add(eta, el.eps_dominated, el.update(theta), theta)
+
+    def result(self) -> torch.Tensor | tuple[Distribution, float, float]:
+        """Decoded at once on the CPU (nothing to transfer, and no tensor's bucket counts
+        outlive it); on a device, bucket counts then ``_SCALARS`` as one float64 vector
+        for ``to_host`` to move with the others."""
+        totals = _totals(self.rows)
+        if self.cpu_counts is not None:
+            indices, counts = self.cpu_counts.nonzero()
+            return _distribution(counts, [*totals.tolist(), self.has_eps], indices)
+        return torch.cat([self.counts.double(), totals, totals.new_full((1,), float(self.has_eps))])
 
 
-def chunks(param: torch.Tensor) -> list[slice]:
+def chunks(param: torch.Tensor, start: int = 0) -> list[slice]:
+    """Flat slices of at most CHUNK_ELEMENTS covering ``param`` from ``start`` on."""
     n = param.numel()
-    return [slice(start, min(start + CHUNK_ELEMENTS, n)) for start in range(0, max(n, 1), CHUNK_ELEMENTS)]
+    return [slice(i, min(i + CHUNK_ELEMENTS, n)) for i in range(start, max(n, 1), CHUNK_ELEMENTS)]
 
 
-def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor,
-           finite_only: bool = False) -> torch.Tensor:
-    """Packed statistics of eta over ``param``, chunk by chunk.
+def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite_only: bool = False) -> Any:
+    """Statistics (``Accumulator.result``) of eta over ``param``, chunk by chunk.
 
     ``compute(chunk)`` returns the Elementwise of the flat slice ``chunk``.
     """
     acc = Accumulator(param.device, finite_only)
     flat_param = param.detach().reshape(-1)
     for chunk in chunks(param):
-        el = compute(chunk)
-        theta = flat_param[chunk]
-        eta = el.eta if isinstance(el.eta, torch.Tensor) else torch.tensor(
-            float(el.eta), dtype=torch.float64, device=theta.device)
-        acc.add(eta, el.eps_dominated, el.update(theta), theta)
-    return acc.packed()
+        acc.add_chunk(compute, flat_param, chunk)
+    return acc.result()
 
 
-def realized(param: torch.Tensor, before: torch.Tensor, finite_only: bool = False) -> torch.Tensor:
-    """Packed statistics of |delta theta| (empirical mode)."""
+def realized(param: torch.Tensor, before: torch.Tensor, finite_only: bool = False) -> Any:
+    """Statistics (``Accumulator.result``) of |delta theta| (empirical mode)."""
     acc = Accumulator(param.device, finite_only)
     after = param.detach().reshape(-1)
     before = before.reshape(-1)
     for chunk in chunks(param):
         delta = after[chunk] - before[chunk]
         acc.add(delta.abs(), None, delta, after[chunk])
-    return acc.packed()
+    return acc.result()
 
 
-def _decode(row: Any) -> tuple[Distribution, float, float]:
-    counts, scalars = row[: mapping.FLOAT32_BUCKETS], dict(zip(_SCALARS, row[mapping.FLOAT32_BUCKETS:]))
-    sketch = LogSketch.from_float32_buckets(
-        counts.astype("int64"), min=scalars["min"], max=scalars["max"], sum=scalars["sum"],
-        sum_squares=scalars["sum_squares"],
-    )
-    eps = int(scalars["eps_dominated"]) if scalars["has_eps"] else None
-    return Distribution(sketch, eps), math.sqrt(scalars["update_sq"]), math.sqrt(scalars["param_sq"])
+def _distribution(counts: Any, scalars: Any, indices: Any = None) -> tuple[Distribution, float, float]:
+    """The Distribution and the update and parameter norms from bucket counts (all of
+    them, or those of ``indices``) and ``_SCALARS``."""
+    named = dict(zip(_SCALARS, scalars))
+    sketch = LogSketch.from_float32_buckets(counts, indices=indices, min=named["min"], max=named["max"],
+                                            sum=named["sum"], sum_squares=named["sum_squares"])
+    eps = int(named["eps_dominated"]) if named["has_eps"] else None
+    return Distribution(sketch, eps), math.sqrt(named["update_sq"]), math.sqrt(named["param_sq"])
 
 
 def to_host(stats: dict[str, Any]) -> dict[str, tuple[Distribution, float, float]]:
@@ -152,22 +186,17 @@ def to_host(stats: dict[str, Any]) -> dict[str, tuple[Distribution, float, float
             by_device.setdefault(packed.device, []).append(name)
     for names in by_device.values():
         rows = torch.stack([stats[n] for n in names]).cpu().numpy()
-        out.update((name, _decode(row)) for name, row in zip(names, rows))
+        out.update((name, _distribution(row[:mapping.FLOAT32_BUCKETS].astype(np.int64),
+                                        row[mapping.FLOAT32_BUCKETS:])) for name, row in zip(names, rows))
     return {name: out[name] for name in stats}
 
 
-def _measured(fn: Callable[[bool], torch.Tensor], finite_only: bool) -> Any:
-    """A packed vector, decoded at once when it lives on the CPU: nothing to transfer, and
-    the model's tensors then never hold their 256 KiB of bucket counts all at the same time."""
-    packed = fn(finite_only)
-    return _decode(packed.numpy()) if packed.device.type == "cpu" else packed
-
-
-def collect(measure: dict[str, Callable[[bool], torch.Tensor]]) -> dict[str, tuple[Distribution, float, float]]:
-    """Run every ``measure(finite_only)`` on the fast path, move the results in one transfer,
-    and redo (with ``finite_only=True``) only the tensors that turned out to hold NaN/Inf."""
-    out = to_host({name: _measured(fn, False) for name, fn in measure.items()})
+def collect(measure: dict[str, Callable[[bool], Any]]) -> dict[str, tuple[Distribution, float, float]]:
+    """Run every ``measure(finite_only)`` (an ``Accumulator.result``) on the fast path, move
+    the device results in one transfer, and redo (with ``finite_only=True``) only the
+    tensors that turned out to hold NaN/Inf."""
+    out = to_host({name: fn(False) for name, fn in measure.items()})
     redo = {name for name, (dist, _, _) in out.items() if dist.nonfinite and not math.isfinite(dist.sketch.sum)}
     if redo:
-        out.update(to_host({name: _measured(measure[name], True) for name in redo}))
+        out.update(to_host({name: measure[name](True) for name in redo}))
     return out

@@ -67,9 +67,9 @@ def elementwise(
 ) -> Elementwise:
     """eta and d of the step just taken from ``exp_avg``/``exp_avg_sq`` (or ``max_exp_avg_sq``).
 
-    ``state`` may carry ``beta1_power``/``beta2_power`` (beta**t of this step) where the
-    framework accumulates them in variables (TF1): they replace ``beta**t`` so eta matches
-    the framework's own rounding.
+    ``state`` may carry ``beta1_power``/``beta2_power`` (beta**t of this step): where the
+    framework accumulates them in variables (TF1), so eta matches its own rounding, or
+    where a caller computes them once per step rather than per element (compiled loops).
     """
     bias1 = 1 - (state["beta1_power"] if "beta1_power" in state else h["beta1"] ** t)
     bias2 = 1 - (state["beta2_power"] if "beta2_power" in state else h["beta2"] ** t)

@@ -1,0 +1,137 @@
+"""One fused pass per chunk for the statistics of large CPU tensors.
+
+Eager PyTorch runs one kernel, so one pass over memory, per operation: the family's
+formula, then min/max, sums, norms and the eps-dominated count, a dozen passes per
+chunk.  Here ``torch.compile`` (Inductor, a C++ compiler at run time) traces the same
+family formula (``formulas/``: there is no second copy of it) together with every
+reduction into one vectorised loop that reads the state once and writes eta as float32.
+The histogram of eta's bucket keys is then counted by ``torch.bincount``.
+
+Used for tensors of at least ``FUSED_MIN_ELEMENTS`` on the CPU: the first compilation
+takes seconds, which pays off only on large models.  GPU tensors keep the eager path
+(their kernels already run at memory speed).  Set ``LRSCOPE_FUSED=0`` to switch it off;
+if compilation fails (no C++ compiler), lrscope warns once and stays eager.
+
+The statistics are those of ``torch_stats.reduce`` up to float32 rounding: Inductor may
+reorder a division into a multiplication by the reciprocal (1 ulp on eta), far inside
+the sketch's 1 % quantile accuracy.  ``lrscope.torch.elementwise`` stays eager and exact.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from lrscope.backends import torch_stats
+from lrscope.formulas import Elementwise
+
+#: Tensors smaller than this use the eager path: they are cheap, and a model made only of
+#: them (a test, the demo) never waits for a compilation.
+FUSED_MIN_ELEMENTS = torch_stats.CHUNK_ELEMENTS
+#: Chunk sizes of the compiled pass, largest first (the temporary memory is a few
+#: buffers of the largest: 4 MiB each in float32).
+CHUNK_SIZES = (4 * torch_stats.CHUNK_ELEMENTS, torch_stats.CHUNK_ELEMENTS)
+
+_compiled: Callable[..., Any] | None = None
+_failed = False
+
+
+@dataclass
+class ChunkedFormula:
+    """A family's formula over flat chunks of one parameter's state.
+
+    ``apply(family, view, t, h, dtype) -> Elementwise`` is a module-level function, so
+    the compiled caller sees the same object for every parameter and does not recompile.
+    """
+
+    apply: Callable[..., Elementwise]
+    family: str
+    view: dict[str, Any]
+    t: Any
+    h: dict[str, Any]
+    dtype: torch.dtype
+
+    def chunk(self, chunk: slice) -> dict[str, Any]:
+        """The flat slice ``chunk`` of every per-element tensor of the view."""
+        numel = self.view["param"].numel()
+        return {k: v.reshape(-1)[chunk] if isinstance(v, torch.Tensor) and v.numel() == numel and numel > 1
+                else v for k, v in self.view.items()}
+
+    def __call__(self, chunk: slice) -> Elementwise:
+        return self.apply(self.family, self.chunk(chunk), self.t, self.h, self.dtype)
+
+
+def _chunk_statistics(apply: Callable[..., Elementwise], family: str, view: dict[str, Any], t: Any,
+                      h: dict[str, Any], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """eta (float32, or 0-d when one eta serves the whole chunk), the ``torch_stats`` row
+    (min, max, sum, sum of squares, eps-dominated count, update and parameter squared
+    norms) in float64, and whether the family has an eps term."""
+    el = apply(family, view, t, h, dtype)
+    theta = view["param"]
+    eta = el.eta if isinstance(el.eta, torch.Tensor) else torch.tensor(el.eta, dtype=torch.float64)
+    # (Broadcasting a full-size eta would split Inductor's loop in two.)
+    wide = eta.double() if eta.dim() else eta.double().expand(theta.shape)
+    update = el.update(theta).double()
+    eps = el.eps_dominated
+    row = torch.stack([wide.amin(), wide.amax(), wide.sum(), (wide * wide).sum(),
+                       eps.double().sum() if eps is not None else wide.new_zeros(()),
+                       (update * update).sum(), theta.double().square().sum()])
+    return eta.float(), row, eps is not None
+
+
+def applies(param: torch.Tensor, finite_only: bool) -> bool:
+    """Whether ``param``'s statistics take the fused path."""
+    return (not _failed and not finite_only and param.device.type == "cpu"
+            and param.numel() >= FUSED_MIN_ELEMENTS and os.environ.get("LRSCOPE_FUSED", "1") != "0"
+            and not torch.compiler.is_compiling())
+
+
+def _compile() -> Callable[..., Any]:
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_chunk_statistics)
+    return _compiled
+
+
+def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite_only: bool = False) -> Any:
+    """``torch_stats.reduce``, fused when ``compute`` is a ChunkedFormula and ``applies``."""
+    global _failed
+    if isinstance(compute, ChunkedFormula) and applies(param, finite_only):
+        try:
+            return _fused(compute, param)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: stay correct, go eager
+            _failed = True
+            warnings.warn(f"lrscope: torch.compile failed ({type(error).__name__}: {error}); "
+                          "computing statistics eagerly from now on (slower, same results)",
+                          RuntimeWarning, stacklevel=2)
+    return torch_stats.reduce(compute, param, finite_only)
+
+
+def _fused(formula: ChunkedFormula, param: torch.Tensor) -> Any:
+    """Chunks of ``CHUNK_SIZES`` through the compiled pass, the remainder eagerly.
+
+    Each size is its own static compiled loop: one compiled for any size would be about
+    twice slower (Inductor's dynamic-shape loops), and a call costs tens of microseconds
+    of guards and wrappers, so large tensors go in the larger chunks.
+    """
+    statistics = _compile()
+    acc = torch_stats.Accumulator(param.device)
+    start, n = 0, param.numel()
+    for size in CHUNK_SIZES:
+        while n - start >= size:
+            view = formula.chunk(slice(start, start + size))
+            for value in view.values():
+                if isinstance(value, torch.Tensor) and value.dim():
+                    torch._dynamo.mark_static(value)
+            eta, row, has_eps = statistics(formula.apply, formula.family, view, formula.t, formula.h,
+                                           formula.dtype)
+            acc.add_row(eta, row, has_eps, size)
+            start += size
+    flat_param = param.detach().reshape(-1)
+    for chunk in torch_stats.chunks(param, start=start) if start < n else ():
+        acc.add_chunk(formula, flat_param, chunk)
+    return acc.result()

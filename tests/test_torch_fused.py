@@ -1,0 +1,155 @@
+"""The compiled (fused) statistics pass against numpy on the family's exact eta.
+
+Chunk sizes are shrunk so that small tensors take the fused path, in several chunks of
+two compiled sizes plus an eager remainder; a StepLR changes lr every step, which the
+compiled pass must follow without a stale constant.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from tests.conftest import require
+
+torch = require("torch")
+import lrscope  # noqa: E402
+from lrscope.backends import torch as backend  # noqa: E402
+from lrscope.backends import torch_fused, torch_stats  # noqa: E402
+from tests.test_torch_optimizers import CASES, make_optimizer, real, recorded_before  # noqa: E402
+
+#: One case per chunkable family (Adafactor and Lamb factor over whole tensors: eager).
+FUSED_CASES = ["sgd-momentum-dampening-wd", "adam", "adam-amsgrad", "adamw-amsgrad-wd", "adam-tensor-lr",
+               "adamax-wd", "nadam-decoupled-wd", "radam", "adagrad-decay-init-wd",
+               "rmsprop-centered-momentum", "adadelta-wd-maximize", "rprop", "asgd-wd"]
+STEPS = 7  # RAdam is rectified from t = 6
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Fused chunks of 2048 then 512 elements from 1000 elements on, eager chunks of 512,
+    and fresh compiled code (dynamo caches at most 8 variants per function)."""
+    monkeypatch.setattr(torch_fused, "FUSED_MIN_ELEMENTS", 1000)
+    monkeypatch.setattr(torch_fused, "CHUNK_SIZES", (2048, 512))
+    monkeypatch.setattr(torch_stats, "CHUNK_ELEMENTS", 512)
+    monkeypatch.delenv("LRSCOPE_FUSED", raising=False)
+    calls = []
+    fused = torch_fused._fused
+    monkeypatch.setattr(torch_fused, "_fused", lambda *args: calls.append(1) or fused(*args))
+    torch._dynamo.reset()
+    yield calls
+    torch._dynamo.reset()
+
+
+def make_params(dtype, with_complex):
+    g = torch.Generator().manual_seed(0)
+    shapes = {"matrix": (61, 83), "vector": (3000,), "bias": (7,)}  # 5063 = 2*2048 + 512 + 455
+    params = {name: torch.nn.Parameter(torch.randn(shape, generator=g, dtype=dtype))
+              for name, shape in shapes.items()}
+    if with_complex:
+        cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        params["complex"] = torch.nn.Parameter(torch.randn(40, 30, generator=g, dtype=cdtype))
+    return params
+
+
+def set_grads(params, step):
+    g = torch.Generator().manual_seed(100 + step)
+    for p in params.values():
+        grad = torch.randn(p.shape, generator=g, dtype=torch.float64) * 10.0 ** (torch.rand(p.shape, generator=g) * 8 - 6)
+        if p.is_complex():
+            grad = torch.complex(grad, torch.randn(p.shape, generator=g, dtype=torch.float64))
+        p.grad = grad.to(p.dtype)
+
+
+def exact(family, optimizer, p, recorded):
+    """eta, the eps-dominated count and the norms from the eager formula, in float64."""
+    group = optimizer.param_groups[0]
+    h, _ = backend.hyperparameters(family, group, group["lr"])
+    el = backend.elementwise_of(family, optimizer.state[p], p, h, recorded.get(id(p)))
+    theta = real(p.detach())
+    eta = np.broadcast_to(torch.as_tensor(el.eta).double().numpy(), theta.shape).ravel()
+    eps = None if el.eps_dominated is None else int(torch.as_tensor(el.eps_dominated).sum())
+    update = torch.as_tensor(el.update(theta)).double()
+    return eta, eps, float(update.norm()), float(theta.double().norm())
+
+
+@pytest.mark.parametrize("case_id,dtype", [(c, torch.float32) for c in FUSED_CASES] + [("adam", torch.float64)],
+                         ids=[f"{c}-float32" for c in FUSED_CASES] + ["adam-float64"])
+def test_fused_statistics_match_numpy(small_chunks, case_id, dtype):
+    """float64 is checked on Adam only: each case costs a compilation."""
+    _, cls, options, with_complex = next(c for c in CASES if c[0] == case_id)
+    params = make_params(dtype, with_complex)
+    optimizer = make_optimizer(cls, options, params)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
+    family = backend.family_of(optimizer)
+    names = {id(p): f"param{i}" for i, p in enumerate(params.values())}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a compile failure would warn and go eager
+        monitor = lrscope.watch(optimizer)
+        for step in range(1, STEPS + 1):
+            set_grads(params, step)
+            recorded = recorded_before(optimizer)
+            optimizer.step()
+            report = monitor.last
+            for p in params.values():
+                eta, eps, update_norm, param_norm = exact(family, optimizer, p, recorded)
+                got = report.groups[0].params[names[id(p)]]
+                dist = got.effective_lr
+                where = f"{case_id} step {step} {names[id(p)]}"
+                assert dist.count == eta.size, where
+                assert dist.min == pytest.approx(eta.min(), rel=1e-6), where
+                assert dist.max == pytest.approx(eta.max(), rel=1e-6), where
+                assert dist.mean == pytest.approx(eta.mean(), rel=1e-5), where
+                for q in (0.01, 0.25, 0.5, 0.75, 0.99):
+                    assert abs(dist.quantile(q) - np.quantile(eta, q)) <= 0.01 * abs(np.quantile(eta, q)), where
+                assert dist.eps_dominated_count == eps, where
+                assert got.update_norm == pytest.approx(update_norm, rel=1e-4), where
+                assert got.param_norm == pytest.approx(param_norm, rel=1e-6), where
+            scheduler.step()
+        monitor.close()
+    assert small_chunks, "the fused path was not taken"
+
+
+def test_nonfinite_state_is_redone_eagerly(small_chunks):
+    w = torch.nn.Parameter(torch.randn(5000))
+    optimizer = torch.optim.Adam([w], lr=1e-3)
+    w.grad = torch.randn(5000)
+    optimizer.step()
+    optimizer.state[w]["exp_avg_sq"][[0, 2500, 4999]] = torch.tensor([float("nan"), float("inf"), 0.0])
+    dist = lrscope.inspect(optimizer).groups[0].effective_lr
+    v = optimizer.state[w]["exp_avg_sq"].double().numpy()
+    eta = 1e-3 / (np.sqrt(v / (1 - 0.999)) + 1e-8)
+    finite = eta[np.isfinite(eta)]
+    assert small_chunks and dist.count == 5000 and dist.nonfinite == 1  # NaN; inf v gives eta 0
+    assert dist.min == pytest.approx(finite.min(), rel=1e-6) and dist.max == pytest.approx(finite.max(), rel=1e-6)
+    assert dist.mean == pytest.approx(finite.mean(), rel=1e-5)
+
+
+def test_a_compiler_failure_warns_once_and_stays_eager(small_chunks, monkeypatch):
+    def broken():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch_fused, "_compile", broken)
+    monkeypatch.setattr(torch_fused, "_failed", False)
+    w = torch.nn.Parameter(torch.randn(5000))
+    optimizer = torch.optim.Adam([w], lr=1e-3)
+    w.grad = torch.randn(5000)
+    optimizer.step()
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        fused_failed = lrscope.inspect(optimizer).groups[0].effective_lr
+    monkeypatch.setenv("LRSCOPE_FUSED", "0")
+    eager = lrscope.inspect(optimizer).groups[0].effective_lr
+    assert torch_fused._failed
+    assert fused_failed.to_dict() == eager.to_dict()
+
+
+def test_switched_off_by_the_environment(small_chunks, monkeypatch):
+    monkeypatch.setenv("LRSCOPE_FUSED", "0")
+    w = torch.nn.Parameter(torch.randn(5000))
+    optimizer = torch.optim.Adam([w], lr=1e-3)
+    w.grad = torch.randn(5000)
+    optimizer.step()
+    lrscope.inspect(optimizer)
+    assert not small_chunks
