@@ -56,10 +56,11 @@ def transformer_shapes(scale: float) -> list[tuple[int, ...]]:
     return shapes
 
 
-def adam_with_state(shapes: list[tuple[int, ...]]) -> tuple[torch.optim.Adam, list[torch.nn.Parameter]]:
+def adam_with_state(shapes: list[tuple[int, ...]], **options: Any) -> tuple[torch.optim.Adam,
+                                                                          list[torch.nn.Parameter]]:
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
-    optimizer = torch.optim.Adam(params, lr=1e-3, foreach=True)
+    optimizer = torch.optim.Adam(params, lr=1e-3, **(options or {"foreach": True}))
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     optimizer.step()
@@ -79,29 +80,31 @@ def naive_monitor(optimizer: torch.optim.Adam) -> None:
         _ = (eta.min().item(), eta.max().item(), eta.mean().item(), (eta > group["lr"] / eps / 2).sum().item())
 
 
-def distributions(scale: float, repeat: int) -> dict[str, float]:
+def distributions(scale: float, repeat: int) -> dict[str, Any]:
+    """Per-round times of the Adam step, one read of exp_avg_sq and lrscope's distributions
+    (fused, then eager), interleaved so that a slow spell of the machine hits them alike."""
     optimizer, params = adam_with_state(transformer_shapes(scale))
-    n = sum(p.numel() for p in params)
-    step = best_of(optimizer.step, repeat)
-    read_once = best_of(lambda: [optimizer.state[p]["exp_avg_sq"].sum() for p in params], repeat)
-    naive = best_of(lambda: naive_monitor(optimizer), max(1, repeat // 2))
-    monitor = best_of(lambda: lrscope.inspect(optimizer), repeat)
-    return {"parameters": n, "adam_step_s": step, "read_once_s": read_once, "naive_s": naive,
-            "lrscope_s": monitor}
+    start = time.perf_counter()
+    lrscope.inspect(optimizer)  # compiles the fused pass (or loads it from Inductor's cache)
+    first = time.perf_counter() - start
 
+    def eager() -> None:
+        os.environ["LRSCOPE_FUSED"] = "0"
+        try:
+            lrscope.inspect(optimizer)
+        finally:
+            del os.environ["LRSCOPE_FUSED"]
 
-def kernel_costs(repeat: int) -> dict[str, float]:
-    """Seconds per element of one chunk's bincount and of one elementwise kernel (sqrt)."""
-    torch.manual_seed(0)
-    values = torch.rand(torch_stats.CHUNK_ELEMENTS) * 1e-3
-    keys = (values.view(torch.int32) >> 17) & 0x7FFF
-
-    def many(fn: Callable[[], object]) -> Callable[[], None]:
-        return lambda: [fn() for _ in range(100)]
-
-    per = 100 * values.numel()
-    return {"bincount": best_of(many(lambda: torch.bincount(keys, minlength=1 << 15)), repeat) / per,
-            "elementwise": best_of(many(values.sqrt), repeat) / per}
+    fused_adam, _ = adam_with_state(transformer_shapes(scale), fused=True)
+    work = {"adam_step": optimizer.step, "fused_adam_step": fused_adam.step,
+            "read_once": lambda: [optimizer.state[p]["exp_avg_sq"].sum() for p in params],
+            "lrscope": lambda: lrscope.inspect(optimizer), "eager": eager}
+    rounds: dict[str, list[float]] = {name: [] for name in work}
+    for _ in range(repeat):
+        for name, fn in work.items():
+            rounds[name].append(best_of(fn, 1))
+    return {"parameters": sum(p.numel() for p in params), "first_s": first, "rounds": rounds,
+            "naive_s": best_of(lambda: naive_monitor(optimizer), max(1, repeat // 2))}
 
 
 def scalars_only(repeat: int) -> dict[str, float]:
@@ -254,24 +257,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small model, for a smoke run")
     args = parser.parse_args()
-    scale, repeat = (0.1, 3) if args.quick else (1.0, 5)
+    scale, repeat = (0.1, 3) if args.quick else (1.0, 9)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"chunk = {torch_stats.CHUNK_ELEMENTS:,} elements")
 
     d = distributions(scale, repeat)
-    print(f"\n1. Full distributions, Adam, {d['parameters'] / 1e6:.1f}M parameters")
-    print(f"   Adam step                  {d['adam_step_s'] * 1e3:8.1f} ms")
-    print(f"   one read of exp_avg_sq     {d['read_once_s'] * 1e3:8.1f} ms")
-    print(f"   naive log10+histc monitor  {d['naive_s'] * 1e3:8.1f} ms")
-    print(f"   lrscope distributions      {d['lrscope_s'] * 1e3:8.1f} ms")
-    print(f"   ratio to the Adam step     {d['lrscope_s'] / d['adam_step_s']:8.2f} x   (goal <= 0.3)")
-    print(f"   ratio to one read pass     {d['lrscope_s'] / d['read_once_s']:8.2f} x")
-    print(f"   ratio to the naive monitor {d['lrscope_s'] / d['naive_s']:8.2f} x")
-    k = kernel_costs(repeat)
-    n = d["parameters"]
-    print(f"   per element, one chunk: bincount {k['bincount'] * 1e9:.2f} ns "
-          f"({k['bincount'] * n / d['adam_step_s']:.2f} x the step alone), one elementwise kernel "
-          f"{k['elementwise'] * 1e9:.2f} ns ({k['elementwise'] * n / d['adam_step_s']:.2f} x)")
+    r = d["rounds"]
+    step = statistics.median(r["adam_step"])
+    per_round = {name: [a / b for a, b in zip(r[name], r["adam_step"])] for name in r}
+    print(f"\n1. Full distributions, Adam, {d['parameters'] / 1e6:.1f}M parameters "
+          f"({repeat} interleaved rounds; ratios are medians of per-round ratios)")
+    print(f"   Adam step                  {step * 1e3:8.1f} ms")
+    for name, label in (("fused_adam_step", "Adam step with fused=True"), ("read_once", "one read of exp_avg_sq"),
+                        ("lrscope", "lrscope distributions"), ("eager", "... eager (LRSCOPE_FUSED=0)")):
+        ratios = per_round[name]
+        print(f"   {label:27s}{statistics.median(r[name]) * 1e3:8.1f} ms  "
+              f"{statistics.median(ratios):5.2f} x the step  (rounds {min(ratios):.2f}-{max(ratios):.2f})")
+    lrscope_s = statistics.median(r["lrscope"])
+    print(f"   ratio to the Adam step     {statistics.median(per_round['lrscope']):8.2f} x   (goal <= 0.3)")
+    print(f"   ratio to one read pass     {lrscope_s / statistics.median(r['read_once']):8.2f} x")
+    print(f"   ratio to the naive monitor {lrscope_s / d['naive_s']:8.2f} x   (naive: {d['naive_s'] * 1e3:.0f} ms)")
+    print(f"   ratio to the fused=True Adam step {lrscope_s / statistics.median(r['fused_adam_step']):.2f} x")
+    print(f"   first call, which compiles the fused pass (or loads it from Inductor's cache): "
+          f"{d['first_s']:.1f} s")
 
     s = scalars_only(repeat)
     print("\n2. Scalars only, every step, small MLP (batch 128)")

@@ -1,9 +1,13 @@
 """Histograms of float32 values over the bit buckets of ``mapping``, on the CPU.
 
 With numba installed (it comes with ``lrscope[torch]``) the count runs on every core,
-each thread into its own row of counts, reading the float bits directly: one pass, no
-atomics, no key array.  Without it, numpy's ``bincount`` does the same in three passes
-on one core.
+each thread over its own slice into its own row of counts, reading the float bits
+directly: one pass, no atomics, no key array.  Without it, numpy's ``bincount`` does the
+same in three passes on one core.
+
+The threads are Python threads running a compiled loop that releases the GIL, not
+numba's parallel layer: that would start a second OpenMP runtime beside PyTorch's,
+whose idle threads spin and take the cores from the other's.
 
 >>> import numpy as np
 >>> counts = BucketCounts()
@@ -17,6 +21,8 @@ on one core.
 from __future__ import annotations
 
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
@@ -32,23 +38,30 @@ _ROW_LIMIT = 2**31 - 1
 
 @functools.cache
 def _parallel_counter() -> tuple[Callable[[np.ndarray, np.ndarray], None], int] | None:
-    """numba's parallel counting kernel and its thread count, or None without numba."""
+    """A function counting uint32 float bits into one int32 row per thread, and the
+    number of threads; None without numba."""
     try:
         import numba
     except ImportError:
         return None
 
-    @numba.njit(parallel=True, nogil=True, cache=True)
-    def count_into(rows: Any, bits: Any) -> None:  # pragma: no cover - compiled
-        # bits are uint32: the shift alone leaves the sign, exponent and top mantissa bits.
-        threads, n = rows.shape[0], bits.size
-        block = (n + threads - 1) // threads
-        for thread in numba.prange(threads):
-            row = rows[thread]
-            for i in range(thread * block, min(n, (thread + 1) * block)):
-                row[bits[i] >> _SHIFT] += 1
+    @numba.njit(nogil=True, cache=True)
+    def count_into(row: Any, bits: Any) -> None:  # pragma: no cover - compiled
+        for i in range(bits.size):  # the shift alone leaves sign, exponent and top mantissa bits
+            row[bits[i] >> _SHIFT] += 1
 
-    return count_into, numba.get_num_threads()
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="lrscope-count") if threads > 1 else None
+
+    def count(rows: np.ndarray, bits: np.ndarray) -> None:
+        block = -(-bits.size // threads)
+        parts = [pool.submit(count_into, rows[i], bits[i * block:(i + 1) * block])  # type: ignore[union-attr]
+                 for i in range(1, threads)]
+        count_into(rows[0], bits[:block])  # this thread takes the first slice
+        for part in parts:
+            part.result()
+
+    return count, threads
 
 
 class BucketCounts:
