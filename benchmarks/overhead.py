@@ -100,6 +100,8 @@ def distributions(scale: float, repeat: int) -> dict[str, Any]:
             "read_once": lambda: [optimizer.state[p]["exp_avg_sq"].sum() for p in params],
             "lrscope": lambda: lrscope.inspect(optimizer), "eager": eager}
     rounds: dict[str, list[float]] = {name: [] for name in work}
+    for fn in work.values():  # warm-up: the first steps allocate, the first inspect compiles
+        fn()
     for _ in range(repeat):
         for name, fn in work.items():
             rounds[name].append(best_of(fn, 1))

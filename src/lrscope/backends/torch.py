@@ -147,7 +147,7 @@ def _host_scalars(family: str, view: dict[str, Any], t: Any,
         t = _as_float(t)
     if family == "nadam" and "mu_product" in view:
         view = {**view, "mu_product": _as_float(view["mu_product"])}
-    if family in ("adam", "adamw") and isinstance(t, float):
+    if family in ("adam", "adamw") and isinstance(t, float) and "beta1_power" not in view:
         view = {**view, "beta1_power": h["beta1"] ** t, "beta2_power": h["beta2"] ** t}
     return view, t
 

@@ -4,13 +4,15 @@ Eager PyTorch runs one kernel, so one pass over memory, per operation: the famil
 formula, then min/max, sums, norms and the eps-dominated count, a dozen passes per
 chunk.  Here ``torch.compile`` (Inductor, a C++ compiler at run time) traces the same
 family formula (``formulas/``: there is no second copy of it) together with every
-reduction into one vectorised loop that reads the state once and writes eta as float32.
-The histogram of eta's bucket keys is then counted by ``torch.bincount``.
+reduction into one vectorised loop that reads the state once and writes eta as float32;
+the bucket counts of eta are then taken on every core (``stats.bit_histogram``).
 
 Used for tensors of at least ``FUSED_MIN_ELEMENTS`` on the CPU: the first compilation
 takes seconds, which pays off only on large models.  GPU tensors keep the eager path
 (their kernels already run at memory speed).  Set ``LRSCOPE_FUSED=0`` to switch it off;
-if compilation fails (no C++ compiler), lrscope warns once and stays eager.
+if compilation fails (no C++ compiler), lrscope warns once and stays eager.  Dynamo keeps
+at most ``torch._dynamo.config.recompile_limit`` variants (family, options, dtype, chunk
+size) of the compiled pass; beyond them it runs the pass eagerly, with the same results.
 
 The statistics are those of ``torch_stats.reduce`` up to float32 rounding: Inductor may
 reorder a division into a multiplication by the reciprocal (1 ulp on eta), far inside
