@@ -32,7 +32,7 @@ import torch
 
 import lrscope
 import lrscope.torch
-from lrscope.backends import torch_stats
+from lrscope.backends import torch_fused, torch_stats
 from lrscope.sinks import JsonlSink
 
 
@@ -267,7 +267,7 @@ def main() -> None:
     args = parser.parse_args()
     scale, repeat = (0.1, 3) if args.quick else (1.0, 9)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"chunk = {torch_stats.CHUNK_ELEMENTS:,} elements")
+          f"chunks = {torch_stats.CHUNK_ELEMENTS:,} elements (eager), {torch_fused.CHUNK_SIZES} (compiled)")
 
     d = distributions(scale, repeat)
     r = d["rounds"]
@@ -301,8 +301,8 @@ def main() -> None:
     for label, s in (("this model", scale), ("a quarter of it", scale / 4)):
         kib = memory(s)["extra_peak_kib"]
         print(f"   {label:16s} median {kib[2] / 1024:6.1f} MiB, max {kib[-1] / 1024:6.1f} MiB")
-    print(f"   (chunks of {torch_stats.CHUNK_ELEMENTS:,} elements = 1 MiB in float32; the rest is the C "
-          "allocator's heap growth)")
+    print(f"   (fused chunks of up to {max(torch_fused.CHUNK_SIZES):,} elements = "
+          f"{max(torch_fused.CHUNK_SIZES) * 4 >> 20} MiB in float32; the rest is the C allocator's heap growth)")
 
     print_other_frameworks(4 if args.quick else 40, repeat)
 
