@@ -113,6 +113,13 @@ def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite_
     return torch_stats.reduce(compute, param, finite_only)
 
 
+def _as_input(value: Any) -> Any:
+    """A per-step scalar (lr, Adam's beta powers, NAdam's mu_product) as a 0-d float64
+    tensor: the compiled pass takes it as an input from the first call on, rather than
+    baking in its first value and compiling again (seconds) when it changes."""
+    return torch.tensor(value, dtype=torch.float64) if isinstance(value, float) else value
+
+
 def _fused(formula: ChunkedFormula, param: torch.Tensor) -> Any:
     """Chunks of ``CHUNK_SIZES`` through the compiled pass, the remainder eagerly.
 
@@ -122,15 +129,15 @@ def _fused(formula: ChunkedFormula, param: torch.Tensor) -> Any:
     """
     statistics = _compile()
     acc = torch_stats.Accumulator(param.device)
+    h = {**formula.h, "lr": _as_input(formula.h["lr"])}
     start, n = 0, param.numel()
     for size in CHUNK_SIZES:
         while n - start >= size:
-            view = formula.chunk(slice(start, start + size))
+            view = {k: _as_input(v) for k, v in formula.chunk(slice(start, start + size)).items()}
             for value in view.values():
                 if isinstance(value, torch.Tensor) and value.dim():
                     torch._dynamo.mark_static(value)
-            eta, row, has_eps = statistics(formula.apply, formula.family, view, formula.t, formula.h,
-                                           formula.dtype)
+            eta, row, has_eps = statistics(formula.apply, formula.family, view, formula.t, h, formula.dtype)
             acc.add_row(eta, row, has_eps, size)
             start += size
     flat_param = param.detach().reshape(-1)
