@@ -16,7 +16,10 @@ size) of the compiled pass; beyond them it runs the pass eagerly, with the same 
 
 The statistics are those of ``torch_stats.reduce`` up to float32 rounding: Inductor may
 reorder a division into a multiplication by the reciprocal (1 ulp on eta), far inside
-the sketch's 1 % quantile accuracy.  ``lrscope.torch.elementwise`` stays eager and exact.
+the sketch's 1 % quantile accuracy.  For bfloat16/float16 state, Inductor computes in
+float32 without rounding every intermediate to the state's dtype as eager kernels do, so
+min/max/eta may differ from the eager values by about one unit of that dtype (0.4 % in
+bfloat16).  ``lrscope.torch.elementwise`` stays eager and exact.
 """
 
 from __future__ import annotations
