@@ -17,6 +17,7 @@ from tests.conftest import require
 torch = require("torch")
 import lrscope  # noqa: E402
 from lrscope.backends import torch as backend  # noqa: E402
+from lrscope.backends.torch_state import elementwise_of  # noqa: E402
 from lrscope.backends import torch_fused, torch_stats  # noqa: E402
 from tests.test_torch_optimizers import CASES, make_optimizer, real, recorded_before  # noqa: E402
 
@@ -67,7 +68,7 @@ def exact(family, optimizer, p, recorded):
     """eta, the eps-dominated count and the norms from the eager formula, in float64."""
     group = optimizer.param_groups[0]
     h, _ = backend.hyperparameters(family, group, group["lr"])
-    el = backend.elementwise_of(family, optimizer.state[p], p, h, recorded.get(id(p)))
+    el = elementwise_of(family, optimizer.state[p], p, h, recorded.get(id(p)))
     theta = real(p.detach())
     eta = np.broadcast_to(torch.as_tensor(el.eta).double().numpy(), theta.shape).ravel()
     eps = None if el.eps_dominated is None else int(torch.as_tensor(el.eps_dominated).sum())

@@ -17,6 +17,7 @@ from tests.conftest import require
 torch = require("torch")
 import lrscope  # noqa: E402
 from lrscope.backends import torch as backend  # noqa: E402
+from lrscope.backends.torch_state import elementwise_of  # noqa: E402
 
 O = torch.optim
 STEPS = 8  # RAdam switches to the rectified regime at t = 6
@@ -139,7 +140,7 @@ def test_identity_against_real_step(case_id, cls, options, with_complex, dtype):
             if p.grad is None:
                 assert torch.equal(p.detach(), before[name]), f"{name} moved without a gradient"
                 continue
-            el = backend.elementwise_of(family, optimizer.state[p], p, h, recorded.get(id(p)))
+            el = elementwise_of(family, optimizer.state[p], p, h, recorded.get(id(p)))
             delta = real(p.detach() - before[name]).double()
             predicted = (-el.eta * el.direction - el.decay_rate * real(before[name])).double()
             atol = 4 * ulp * real(before[name]).abs().max().item() + relative * delta.abs().max().item()

@@ -21,6 +21,8 @@ import torch
 
 from lrscope import formulas
 from lrscope.backends import torch_fused, torch_stats
+from lrscope.backends.torch_state import (RECORD_BEFORE, as_float, canonical, elementwise_of,
+                                         formula_elementwise, host_scalars, record_before, state_view)
 from lrscope.formulas import Elementwise
 from lrscope.monitor import Monitor
 from lrscope.report import GroupReport, ParamReport, StepReport
@@ -40,10 +42,6 @@ _NEUTRAL_KEYS = {
     "params", "name", "foreach", "fused", "capturable", "differentiable", "initial_lr",
     "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum", "swa_lr", "param_names",
 }
-#: Families whose torch implementation reads the step counter on the host even when capturable.
-_HOST_STEP = {"radam", "nadam", "asgd", "adagrad", "adafactor"}
-#: Families whose formula needs a value the step overwrites, recorded by the pre-hook.
-_RECORD_BEFORE = {"adadelta", "asgd", "adafactor"}
 
 
 def unwrap(optimizer: Any) -> Any:
@@ -74,10 +72,6 @@ def group_name(group: dict[str, Any], index: int) -> str:
     return str(group.get("name") or f"pg{index}")
 
 
-def _as_float(value: Any) -> float:
-    return float(value.item() if isinstance(value, torch.Tensor) else value)
-
-
 def hyperparameters(family: str, group: dict[str, Any], lr: Any) -> tuple[dict[str, Any], list[str]]:
     """Canonical hyperparameters of a group, and the options lrscope does not model."""
     known = formulas.family(family).DEFAULTS["torch"]
@@ -102,87 +96,6 @@ def _parameter_names(model: Any, optimizer: torch.optim.Optimizer) -> dict[int, 
             names.setdefault(id(p), f"param{index}")
             index += 1
     return names
-
-
-def _canonical(tensor: Any) -> Any:
-    """Complex tensors as (..., 2) real views: torch.optim treats re and im separately."""
-    if isinstance(tensor, torch.Tensor) and tensor.is_complex():
-        return torch.view_as_real(tensor)
-    return tensor
-
-
-def _state_view(state: dict[str, Any], param: torch.Tensor,
-                recorded: dict[str, Any] | None) -> dict[str, Any]:
-    view = {k: _canonical(v) for k, v in state.items() if k != "step"}
-    grad = param.grad
-    if grad is not None and grad.is_sparse:
-        grad = grad.coalesce()
-        # The indices come from a coalesced torch tensor: the invariants hold.
-        ones = torch.sparse_coo_tensor(grad.indices(), torch.ones_like(grad.values()), grad.shape,
-                                       check_invariants=False, is_coalesced=True)
-        view["touched"] = ones.to_dense() != 0
-        grad = grad.to_dense()
-    view.update(param=_canonical(param.detach()), grad=_canonical(grad))
-    view.update(recorded or {})
-    return view
-
-
-def elementwise_of(family: str, state: dict[str, Any], param: torch.Tensor, h: dict[str, Any],
-                   recorded: dict[str, Any] | None = None) -> Elementwise:
-    """eta and d of ``param``'s last step from its optimizer state."""
-    return _elementwise(family, _state_view(state, param, recorded), state.get("step", 0), h,
-                        param.dtype)
-
-
-def _host_scalars(family: str, view: dict[str, Any], t: Any,
-                  h: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """The step counter (and what depends on it alone) as Python floats where torch.optim
-    reads it on the host: always on the CPU, and for some families even when capturable.
-
-    Adam's beta**t is computed here once, as torch.optim does, rather than inside the
-    formula: in a compiled loop (``torch_fused``) it would be recomputed per element.
-    """
-    if not isinstance(t, torch.Tensor) or t.device.type == "cpu" or family in _HOST_STEP:
-        # As torch.optim does unless capturable: bias corrections in Python floats.
-        t = _as_float(t)
-    if family == "nadam" and "mu_product" in view:
-        view = {**view, "mu_product": _as_float(view["mu_product"])}
-    if family in ("adam", "adamw") and isinstance(t, float) and "beta1_power" not in view:
-        view = {**view, "beta1_power": h["beta1"] ** t, "beta2_power": h["beta2"] ** t}
-    return view, t
-
-
-def _elementwise(family: str, view: dict[str, Any], t: Any, h: dict[str, Any],
-                 dtype: torch.dtype) -> Elementwise:
-    """The family's formula on a state view (``_state_view``) or a flat chunk of one."""
-    view, t = _host_scalars(family, view, t, h)
-    module = formulas.family(family)
-    if family == "sparse_adam":
-        # SparseAdam adds eps to the raw sqrt(v), like TF1, and moves only the entries in
-        # the sparse gradient: eta is 0 elsewhere.
-        el = module.elementwise(torch, view, t, {**h, "amsgrad": False}, "tf1")
-        el.eta = el.eta * view["touched"]
-        return el
-    if family == "adafactor":
-        eps1, eps2 = h["eps"]
-        h = {**h, "eps": (torch.finfo(dtype).eps if eps1 is None else eps1, eps2)}
-    return module.elementwise(torch, view, t, h, "torch")
-
-
-def _record_before(family: str, state: dict[str, Any] | None, param: torch.Tensor,
-                   group: dict[str, Any]) -> dict[str, Any]:
-    """What the coming step overwrites (or its initial value on the first step)."""
-    state = state or {}
-    if family == "adadelta":
-        before = state["acc_delta"].clone() if "acc_delta" in state else torch.zeros_like(param)
-        return {"acc_delta_before": _canonical(before)}
-    if family == "adafactor":
-        return {"param_rms_before": param.detach().norm().item() / max(param.numel(), 1) ** 0.5}
-    # ASGD: torch reads eta as a Python float; it starts as lr in torch's scalar dtype.
-    if "eta" in state:
-        return {"eta_before": state["eta"].clone().double()}
-    scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-    return {"eta_before": torch.as_tensor(_as_float(group["lr"]), dtype=scalar_dtype).double()}
 
 
 @dataclass
@@ -226,15 +139,15 @@ class TorchReader:
         pending = _Pending(lrs=[g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
                                 for g in groups],
                            groups=[{k: v for k, v in g.items() if k != "params"} for g in groups])
-        records = self.family in _RECORD_BEFORE or (self.family is None and self.empirical)
+        records = self.family in RECORD_BEFORE or (self.family is None and self.empirical)
         if not (records and distributions):
             return pending
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if self.family in _RECORD_BEFORE:
-                    pending.recorded[id(p)] = _record_before(self.family, self.optimizer.state.get(p),
+                if self.family in RECORD_BEFORE:
+                    pending.recorded[id(p)] = record_before(self.family, self.optimizer.state.get(p),
                                                              p, group)
                 if self.family is None:
                     pending.snapshot[id(p)] = p.detach().clone()
@@ -259,7 +172,7 @@ class TorchReader:
     def _group(self, index: int, group: dict[str, Any], lr: Any, pending: _Pending | None,
                distributions: bool, notes: list[str], t_report: int) -> GroupReport:
         name = group_name(group, index)
-        scalars: dict[str, Any] = {"name": name, "lr": _as_float(lr)}
+        scalars: dict[str, Any] = {"name": name, "lr": as_float(lr)}
         # Scalars-only steps touch no parameter: they must stay O(1) per group.
         params = [p for p in group["params"] if p.grad is not None] if distributions else []
         if self.family is None:
@@ -275,11 +188,11 @@ class TorchReader:
                          "distributions skipped rather than mis-modelled")
         # Reading a (possibly on-device) step counter is a host sync: only on measured steps.
         t = (self._group_t(group["params"]) or t_report) if distributions else t_report
-        host_h = {**h, "lr": _as_float(h["lr"])}
+        host_h = {**h, "lr": as_float(h["lr"])}
         family_scalars = formulas.family(self.family).step_sizes(
             np, t, host_h, "torch") if t else {"step_size": math.nan}
-        scalars["step_size"] = _as_float(family_scalars.pop("step_size"))
-        scalars["extra"] = {k: _as_float(v) for k, v in family_scalars.items()}
+        scalars["step_size"] = as_float(family_scalars.pop("step_size"))
+        scalars["extra"] = {k: as_float(v) for k, v in family_scalars.items()}
         scalars["weight_decay_rate"] = self._decay_rate(h, scalars["step_size"])
         stats = {}
         if distributions and not unsupported and t:
@@ -288,21 +201,21 @@ class TorchReader:
                 if not state and self.family != "sgd":  # plain SGD keeps no state
                     continue
                 recorded = pending.recorded.get(id(p)) if pending is not None else None
-                if self.family in _RECORD_BEFORE and not recorded and self.family != "asgd":
+                if self.family in RECORD_BEFORE and not recorded and self.family != "asgd":
                     notes.append(f"{type(self.optimizer).__name__}: the state the step overwrote was "
                                  "not recorded (use watch()); distributions skipped")
                     break
                 stats[self.names[id(p)]] = partial(
-                    torch_fused.reduce, self._per_chunk(state, p, h, recorded), _canonical(p.detach()))
+                    torch_fused.reduce, self._per_chunk(state, p, h, recorded), canonical(p.detach()))
         return GroupReport.combine(self._param_reports(params, stats, "effective_lr"), **scalars)
 
     def _per_chunk(self, state: dict[str, Any], p: torch.Tensor, h: dict[str, Any],
                    recorded: dict[str, Any] | None) -> Callable[[slice], Elementwise]:
         """The Elementwise of a flat chunk of ``p``, computed chunk by chunk where possible."""
-        view, t = _host_scalars(self.family, _state_view(state, p, recorded), state.get("step", 0), h)
+        view, t = host_scalars(self.family, state_view(state, p, recorded), state.get("step", 0), h)
         if getattr(formulas.family(self.family), "CHUNKABLE", True):
-            return torch_fused.ChunkedFormula(_elementwise, self.family, view, t, h, p.dtype)
-        whole = _elementwise(self.family, view, t, h, p.dtype)
+            return torch_fused.ChunkedFormula(formula_elementwise, self.family, view, t, h, p.dtype)
+        whole = formula_elementwise(self.family, view, t, h, p.dtype)
 
         def flat(value: Any, chunk: slice) -> Any:
             return value.reshape(-1)[chunk] if isinstance(value, torch.Tensor) and value.dim() else value
@@ -315,7 +228,7 @@ class TorchReader:
         for p in params:
             if p.grad is not None:
                 state = self.optimizer.state.get(p)
-                return int(_as_float(state["step"])) if state and "step" in state else 0
+                return int(as_float(state["step"])) if state and "step" in state else 0
         return 0
 
     def _decay_rate(self, h: dict[str, Any], step_size: float) -> float:
@@ -324,7 +237,7 @@ class TorchReader:
             return h["lambd"] * step_size  # theta *= 1 - lambd * eta_t
         decoupled = h.get("decoupled_weight_decay", False) or self.family == "adafactor"
         if decoupled and h.get("weight_decay"):
-            return _as_float(h["lr"]) * float(h["weight_decay"])
+            return as_float(h["lr"]) * float(h["weight_decay"])
         return 0.0
 
     def _param_reports(self, params: list[torch.Tensor], stats: dict[str, Any],
