@@ -154,3 +154,23 @@ def test_switched_off_by_the_environment(small_chunks, monkeypatch):
     optimizer.step()
     lrscope.inspect(optimizer)
     assert not small_chunks
+
+
+def test_a_new_lr_and_t_reuse_the_compiled_pass(small_chunks):
+    """lr and Adam's beta powers are inputs of the compiled loop, not constants baked in;
+    t turns into one on its first change (dynamo's automatic dynamic).  From the third
+    measured step on nothing compiles (each compilation costs seconds)."""
+    from torch._dynamo.utils import counters
+
+    w = torch.nn.Parameter(torch.randn(5000))
+    optimizer = torch.optim.Adam([w], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    with lrscope.watch(optimizer):
+        for step in range(6):
+            w.grad = torch.randn(5000)
+            optimizer.step()
+            scheduler.step()
+            if step == 1:
+                compiled = counters["stats"]["unique_graphs"]
+    assert small_chunks and compiled > 0
+    assert counters["stats"]["unique_graphs"] == compiled

@@ -66,10 +66,14 @@ def host_scalars(family: str, view: dict[str, Any], t: Any,
     Adam's beta**t is computed here once, as torch.optim does, rather than inside the
     formula: in a compiled loop (``torch_fused``) it would be recomputed per element.
     """
-    if not isinstance(t, torch.Tensor) or t.device.type == "cpu" or family in HOST_STEP:
-        # As torch.optim does unless capturable: bias corrections in Python floats.
-        t = as_float(t)
-    if family == "nadam" and "mu_product" in view:
+    # As torch.optim does unless capturable: bias corrections in Python floats.  A float
+    # is left alone: converting it again would make a compiled caller specialise on it.
+    if isinstance(t, torch.Tensor):
+        if t.device.type == "cpu" or family in HOST_STEP:
+            t = as_float(t)
+    elif not isinstance(t, float):
+        t = float(t)
+    if family == "nadam" and isinstance(view.get("mu_product"), torch.Tensor):
         view = {**view, "mu_product": as_float(view["mu_product"])}
     if family in ("adam", "adamw") and isinstance(t, float) and "beta1_power" not in view:
         view = {**view, "beta1_power": h["beta1"] ** t, "beta2_power": h["beta2"] ** t}
