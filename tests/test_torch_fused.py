@@ -21,11 +21,12 @@ from lrscope.backends.torch_state import elementwise_of  # noqa: E402
 from lrscope.backends import torch_fused, torch_stats  # noqa: E402
 from tests.test_torch_optimizers import CASES, make_optimizer, real, recorded_before  # noqa: E402
 
-#: One case per chunkable family (Adafactor and Lamb factor over whole tensors: eager).
+#: One case per chunkable family (Adafactor and Lamb factor over whole tensors, and RAdam
+#: branches on t: eager).
 FUSED_CASES = ["sgd-momentum-dampening-wd", "adam", "adam-amsgrad", "adamw-amsgrad-wd", "adam-tensor-lr",
-               "adamax-wd", "nadam-decoupled-wd", "radam", "adagrad-decay-init-wd",
+               "adamax-wd", "nadam-decoupled-wd", "adagrad-decay-init-wd",
                "rmsprop-centered-momentum", "adadelta-wd-maximize", "rprop", "asgd-wd"]
-STEPS = 7  # RAdam is rectified from t = 6
+STEPS = 7
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ import torch
 
 from lrscope import formulas
 from lrscope.backends import torch_fused, torch_stats
-from lrscope.backends.torch_state import (RECORD_BEFORE, as_float, canonical, elementwise_of,
-                                         formula_elementwise, host_scalars, record_before, state_view)
+from lrscope.backends.torch_state import (RECORD_BEFORE, apply_formula, as_float, canonical, elementwise_of,
+                                         host_scalars, record_before, state_view)
 from lrscope.formulas import Elementwise
 from lrscope.monitor import Monitor
 from lrscope.report import GroupReport, ParamReport, StepReport
@@ -214,8 +214,8 @@ class TorchReader:
         """The Elementwise of a flat chunk of ``p``, computed chunk by chunk where possible."""
         view, t = host_scalars(self.family, state_view(state, p, recorded), state.get("step", 0), h)
         if getattr(formulas.family(self.family), "CHUNKABLE", True):
-            return torch_fused.ChunkedFormula(formula_elementwise, self.family, view, t, h, p.dtype)
-        whole = formula_elementwise(self.family, view, t, h, p.dtype)
+            return torch_fused.ChunkedFormula(apply_formula, self.family, view, t, h, p.dtype)
+        whole = apply_formula(self.family, view, t, h, p.dtype)
 
         def flat(value: Any, chunk: slice) -> Any:
             return value.reshape(-1)[chunk] if isinstance(value, torch.Tensor) and value.dim() else value

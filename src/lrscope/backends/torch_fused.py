@@ -41,6 +41,10 @@ FUSED_MIN_ELEMENTS = torch_stats.CHUNK_ELEMENTS
 #: buffers of the largest: 4 MiB each in float32).
 CHUNK_SIZES = (4 * torch_stats.CHUNK_ELEMENTS, torch_stats.CHUNK_ELEMENTS)
 
+#: Families left eager: RAdam picks its regime with a Python branch on t, so a compiled
+#: pass would compile again for every new t (measured: 3.5x slower than eager).
+EAGER_FAMILIES = {"radam"}
+
 _compiled: Callable[..., Any] | None = None
 _failed = False
 
@@ -105,7 +109,8 @@ def _compile() -> Callable[..., Any]:
 def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite_only: bool = False) -> Any:
     """``torch_stats.reduce``, fused when ``compute`` is a ChunkedFormula and ``applies``."""
     global _failed
-    if isinstance(compute, ChunkedFormula) and applies(param, finite_only):
+    fusable = isinstance(compute, ChunkedFormula) and compute.family not in EAGER_FAMILIES
+    if fusable and applies(param, finite_only):
         try:
             return _fused(compute, param)
         except Exception as error:  # noqa: BLE001 - any compiler failure: stay correct, go eager
@@ -132,17 +137,23 @@ def _fused(formula: ChunkedFormula, param: torch.Tensor) -> Any:
     """
     statistics = _compile()
     acc = torch_stats.Accumulator(param.device)
-    h = {**formula.h, "lr": _as_input(formula.h["lr"])}
+    # t stays a float: formulas branch on it (RAdam's regime), so dynamo makes it an input
+    # only on its first change, one more compilation per chunk size.
+    t, h = formula.t, {**formula.h, "lr": _as_input(formula.h["lr"])}
     start, n = 0, param.numel()
-    for size in CHUNK_SIZES:
-        while n - start >= size:
-            view = {k: _as_input(v) for k, v in formula.chunk(slice(start, start + size)).items()}
-            for value in view.values():
-                if isinstance(value, torch.Tensor) and value.dim():
-                    torch._dynamo.mark_static(value)
-            eta, row, has_eps = statistics(formula.apply, formula.family, view, formula.t, h, formula.dtype)
-            acc.add_row(eta, row, has_eps, size)
-            start += size
+    # Each (family, options, dtype, chunk size) is one compiled variant: more than dynamo's
+    # default of 8 (e.g. AdamW groups with and without decay, in two dtypes) would send
+    # the rest to an eager run of the same function, slower than torch_stats.
+    with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
+        for size in CHUNK_SIZES:
+            while n - start >= size:
+                view = {k: _as_input(v) for k, v in formula.chunk(slice(start, start + size)).items()}
+                for value in view.values():
+                    if isinstance(value, torch.Tensor) and value.dim():
+                        torch._dynamo.mark_static(value)
+                eta, row, has_eps = statistics(formula.apply, formula.family, view, t, h, formula.dtype)
+                acc.add_row(eta, row, has_eps, size)
+                start += size
     flat_param = param.detach().reshape(-1)
     for chunk in torch_stats.chunks(param, start=start) if start < n else ():
         acc.add_chunk(formula, flat_param, chunk)

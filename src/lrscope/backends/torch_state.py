@@ -83,7 +83,13 @@ def host_scalars(family: str, view: dict[str, Any], t: Any,
 def formula_elementwise(family: str, view: dict[str, Any], t: Any, h: dict[str, Any],
                         dtype: torch.dtype) -> Elementwise:
     """The family's formula on a state view (``state_view``) or a flat chunk of one."""
-    view, t = host_scalars(family, view, t, h)
+    return apply_formula(family, *host_scalars(family, view, t, h), h, dtype)
+
+
+def apply_formula(family: str, view: dict[str, Any], t: Any, h: dict[str, Any],
+                  dtype: torch.dtype) -> Elementwise:
+    """``formula_elementwise`` on a view and step already passed through ``host_scalars``
+    (their scalars may then be 0-d tensors: inputs of a compiled caller)."""
     module = formulas.family(family)
     if family == "sparse_adam":
         # SparseAdam adds eps to the raw sqrt(v), like TF1, and moves only the entries in
