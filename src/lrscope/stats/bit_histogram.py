@@ -109,7 +109,9 @@ class BucketCounts:
             counts.append(np.full(keys.size, weight, np.int64))
         if not self._few:  # the dense counts alone: already sorted and unique
             return (indices[0], counts[0]) if indices else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        if len(indices) == 1 and self._few[0][1] == 1:  # one small array (a bias): one sort
+            unique, total = np.unique(indices[0], return_counts=True)
+            return unique, total.astype(np.int64)
         unique, inverse = np.unique(np.concatenate(indices), return_inverse=True)
-        total = np.zeros(unique.size, np.int64)
-        np.add.at(total, inverse, np.concatenate(counts))
-        return unique, total
+        total = np.bincount(inverse, weights=np.concatenate(counts), minlength=unique.size)
+        return unique, total.astype(np.int64)

@@ -81,6 +81,11 @@ def split_float32_bucket_items(indices: np.ndarray, counts: np.ndarray) -> dict[
     (``indices`` sorted, and their counts)."""
     indices, counts = np.asarray(indices, dtype=np.int64), np.asarray(counts, dtype=np.int64)
     half = _FLOAT32_EXPONENT_BUCKETS
+    if indices.size and indices[0] >= SUBBUCKETS and indices[-1] < half - SUBBUCKETS:
+        # The usual case (eta, |delta theta|): positive, finite, normal values only.
+        empty = np.zeros(0, dtype=np.int64)
+        return {"positive": (float32_bits_to_key(indices), counts), "negative": (empty, empty),
+                **{f"{kind}_{sign}": 0 for kind in ("zero", "inf", "nan") for sign in ("positive", "negative")}}
     out: dict[str, np.ndarray | int] = {}
     for sign, offset in (("positive", 0), ("negative", half)):
         inside = (indices >= offset) & (indices < offset + half)
