@@ -92,9 +92,10 @@ def _chunk_statistics(apply: Callable[..., Elementwise], family: str, view: dict
     return eta.float(), row, eps is not None
 
 
-def applies(param: torch.Tensor, finite_only: bool) -> bool:
+def applies(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite_only: bool) -> bool:
     """Whether ``param``'s statistics take the fused path."""
-    return (not _failed and not finite_only and param.device.type == "cpu"
+    return (isinstance(compute, ChunkedFormula) and compute.family not in EAGER_FAMILIES
+            and not _failed and not finite_only and param.device.type == "cpu"
             and param.numel() >= FUSED_MIN_ELEMENTS and os.environ.get("LRSCOPE_FUSED", "1") != "0"
             and not torch.compiler.is_compiling())
 
@@ -109,8 +110,7 @@ def _compile() -> Callable[..., Any]:
 def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite_only: bool = False) -> Any:
     """``torch_stats.reduce``, fused when ``compute`` is a ChunkedFormula and ``applies``."""
     global _failed
-    fusable = isinstance(compute, ChunkedFormula) and compute.family not in EAGER_FAMILIES
-    if fusable and applies(param, finite_only):
+    if applies(compute, param, finite_only):
         try:
             return _fused(compute, param)
         except Exception as error:  # noqa: BLE001 - any compiler failure: stay correct, go eager

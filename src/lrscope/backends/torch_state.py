@@ -54,8 +54,8 @@ def state_view(state: dict[str, Any], param: torch.Tensor,
 def elementwise_of(family: str, state: dict[str, Any], param: torch.Tensor, h: dict[str, Any],
                    recorded: dict[str, Any] | None = None) -> Elementwise:
     """eta and d of ``param``'s last step from its optimizer state."""
-    return formula_elementwise(family, state_view(state, param, recorded), state.get("step", 0), h,
-                               param.dtype)
+    view, t = host_scalars(family, state_view(state, param, recorded), state.get("step", 0), h)
+    return apply_formula(family, view, t, h, param.dtype)
 
 
 def host_scalars(family: str, view: dict[str, Any], t: Any,
@@ -80,16 +80,11 @@ def host_scalars(family: str, view: dict[str, Any], t: Any,
     return view, t
 
 
-def formula_elementwise(family: str, view: dict[str, Any], t: Any, h: dict[str, Any],
-                        dtype: torch.dtype) -> Elementwise:
-    """The family's formula on a state view (``state_view``) or a flat chunk of one."""
-    return apply_formula(family, *host_scalars(family, view, t, h), h, dtype)
-
-
 def apply_formula(family: str, view: dict[str, Any], t: Any, h: dict[str, Any],
                   dtype: torch.dtype) -> Elementwise:
-    """``formula_elementwise`` on a view and step already passed through ``host_scalars``
-    (their scalars may then be 0-d tensors: inputs of a compiled caller)."""
+    """The family's formula on a state view (``state_view``), or a flat chunk of one, and
+    a step already passed through ``host_scalars`` (their scalars may then be 0-d tensors:
+    inputs of a compiled caller)."""
     module = formulas.family(family)
     if family == "sparse_adam":
         # SparseAdam adds eps to the raw sqrt(v), like TF1, and moves only the entries in
