@@ -86,6 +86,31 @@ class Distribution:
         return {**self.summary(), "sketch": self.sketch.to_dict()}
 
 
+#: The reductions every device backend computes beside the float32 bucket counts, in this
+#: order; -1 marks an absent eps-dominated count or update norm.
+STATISTICS = ("min", "max", "sum", "sum_squares", "eps_dominated", "update_sq", "param_sq")
+
+
+def decode_statistics(counts: Any, scalars: Any,
+                      indices: Any = None) -> tuple[Distribution, float | None, float]:
+    """The Distribution, update norm (None if absent) and parameter norm of one tensor from
+    its float32 bucket counts (all of them, or those of ``indices``) and its ``STATISTICS``.
+
+    >>> import numpy as np
+    >>> from lrscope.stats import mapping
+    >>> ones = np.array([1.0, 1.0], np.float32).view(np.uint32) >> mapping.FLOAT32_SHIFT
+    >>> dist, update, param = decode_statistics([2], [1.0, 1.0, 2.0, 2.0, -1, -1, 8.0], indices=ones[:1])
+    >>> dist.count, dist.mean, dist.eps_dominated_count, update, param
+    (2, 1.0, None, None, 2.8284271247461903)
+    """
+    named = dict(zip(STATISTICS, (float(x) for x in scalars)))
+    sketch = LogSketch.from_float32_buckets(counts, indices=indices, min=named["min"], max=named["max"],
+                                            sum=named["sum"], sum_squares=named["sum_squares"])
+    eps = None if named["eps_dominated"] < 0 else int(named["eps_dominated"])
+    update = None if named["update_sq"] < 0 else math.sqrt(named["update_sq"])
+    return Distribution(sketch, eps), update, math.sqrt(named["param_sq"])
+
+
 def _ratio(update_norm: float | None, param_norm: float | None) -> float | None:
     if update_norm is None or param_norm is None:
         return None

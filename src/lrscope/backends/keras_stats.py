@@ -16,13 +16,12 @@ import numpy as np
 from keras import ops
 
 from lrscope.formulas import Elementwise
-from lrscope.report import Distribution
-from lrscope.stats import LogSketch, mapping
+from lrscope.report import Distribution, decode_statistics
+from lrscope.stats import mapping
 
 #: Elements processed at once by the elementwise families.
 CHUNK_ELEMENTS = 1 << 20
 _MASK = mapping.FLOAT32_BUCKETS - 1
-_SCALARS = ("min", "max", "sum", "sum_squares", "eps_dominated", "update_sq", "param_sq")
 
 
 def chunks(size: int, chunkable: bool) -> list[slice | None]:
@@ -107,13 +106,4 @@ def to_host(stats: list[tuple[Any, Any]]) -> list[tuple[Distribution, float | No
         return []
     counts = ops.convert_to_numpy(ops.stack([c for c, _ in stats])).astype(np.int64)
     scalars = ops.convert_to_numpy(ops.stack([s for _, s in stats])).astype(np.float64)
-    out = []
-    for row_counts, row in zip(counts, scalars):
-        s = dict(zip(_SCALARS, row.tolist()))
-        sketch = LogSketch.from_float32_buckets(
-            row_counts, min=s["min"], max=s["max"], sum=s["sum"], sum_squares=s["sum_squares"]
-        )
-        eps = None if s["eps_dominated"] < 0 else int(s["eps_dominated"])
-        update = math.sqrt(s["update_sq"]) if s["update_sq"] >= 0 else None
-        out.append((Distribution(sketch, eps), update, math.sqrt(s["param_sq"])))
-    return out
+    return [decode_statistics(row_counts, row) for row_counts, row in zip(counts, scalars)]

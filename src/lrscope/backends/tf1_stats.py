@@ -13,11 +13,10 @@ import numpy as np
 import tensorflow as tf
 
 from lrscope.formulas import Elementwise
-from lrscope.report import Distribution, ParamReport
-from lrscope.stats import LogSketch, mapping
+from lrscope.report import ParamReport, decode_statistics
+from lrscope.stats import mapping
 
 _MASK = mapping.FLOAT32_BUCKETS - 1
-_SCALARS = ("min", "max", "sum", "sum_squares", "eps_dominated", "update_sq", "param_sq")
 
 
 def statistics(
@@ -65,12 +64,7 @@ def param_reports(values: dict[str, tuple[np.ndarray, np.ndarray]],
     """ParamReports from the fetched ``{name: (counts, scalars)}`` of ``statistics``."""
     params = {}
     for name, (counts, scalars) in values.items():
-        s = dict(zip(_SCALARS, scalars.tolist()))
-        sketch = LogSketch.from_float32_buckets(np.asarray(counts), min=s["min"], max=s["max"],
-                                                sum=s["sum"], sum_squares=s["sum_squares"])
-        eps = None if s["eps_dominated"] < 0 else int(s["eps_dominated"])
-        params[name] = ParamReport(
-            name=name, shape=shapes[name], effective_lr=Distribution(sketch, eps),
-            update_norm=None if s["update_sq"] < 0 else math.sqrt(s["update_sq"]),
-            param_norm=math.sqrt(s["param_sq"]))
+        dist, update_norm, param_norm = decode_statistics(np.asarray(counts), scalars)
+        params[name] = ParamReport(name=name, shape=shapes[name], effective_lr=dist,
+                                   update_norm=update_norm, param_norm=param_norm)
     return params

@@ -1,6 +1,7 @@
 """Distribution statistics of torch tensors, computed where the tensors live.
 
-One pass per chunk: float32 bit buckets (``mapping``) counted with ``bincount``,
+One pass per chunk: float32 bit buckets (``mapping``) counted with ``bincount`` (on the
+CPU by ``stats.bit_histogram``, on every core),
 exact min/max/sum/sum of squares, the eps-dominated count and the update and
 parameter squared norms.  Everything stays on the device until ``to_host`` moves all
 tensors of a step in one transfer.
@@ -15,8 +16,8 @@ import numpy as np
 import torch
 
 from lrscope.formulas import Elementwise
-from lrscope.report import Distribution
-from lrscope.stats import LogSketch, mapping
+from lrscope.report import Distribution, decode_statistics
+from lrscope.stats import mapping
 from lrscope.stats.bit_histogram import BucketCounts
 
 #: Elements processed at once: bounds the temporary memory to a few buffers this size
@@ -24,11 +25,9 @@ from lrscope.stats.bit_histogram import BucketCounts
 #: (benchmarks/overhead.py): larger chunks fall out of cache.
 CHUNK_ELEMENTS = 1 << 18
 _MASK = mapping.FLOAT32_BUCKETS - 1
-# Layout of the per-tensor statistics vector: bucket counts, then these scalars.
-_SCALARS = ("min", "max", "sum", "sum_squares", "eps_dominated", "update_sq", "param_sq", "has_eps")
 
 
-def bucket_counts(values: torch.Tensor) -> torch.Tensor:
+def _bucket_counts(values: torch.Tensor) -> torch.Tensor:
     """Histogram of ``values`` over the float32 bit buckets (``mapping``)."""
     bits = values.to(torch.float32).reshape(-1).view(torch.int32)
     return torch.bincount((bits >> mapping.FLOAT32_SHIFT) & _MASK, minlength=mapping.FLOAT32_BUCKETS)
@@ -88,7 +87,7 @@ class Accumulator:
         if self.cpu_counts is not None:
             self.cpu_counts.add(values.to(torch.float32).numpy(), weight)
         else:
-            self.counts += bucket_counts(values) * weight
+            self.counts += _bucket_counts(values) * weight
 
     def add(self, values: torch.Tensor, eps_dominated: Any, update: torch.Tensor | None,
             param: torch.Tensor) -> None:
@@ -126,15 +125,17 @@ class Accumulator:
             float(el.eta), dtype=torch.float64, device=theta.device)
         self.add(eta, el.eps_dominated, el.update(theta), theta)
 
-    def result(self) -> torch.Tensor | tuple[Distribution, float, float]:
+    def result(self) -> torch.Tensor | tuple[Distribution, float | None, float]:
         """Decoded at once on the CPU (nothing to transfer, and no tensor's bucket counts
-        outlive it); on a device, bucket counts then ``_SCALARS`` as one float64 vector
-        for ``to_host`` to move with the others."""
+        outlive it); on a device, bucket counts then ``report.STATISTICS`` as one float64
+        vector for ``to_host`` to move with the others."""
         totals = _totals(self.rows)
+        if not self.has_eps:
+            totals[4] = -1  # absent, as report.decode_statistics reads it
         if self.cpu_counts is not None:
             indices, counts = self.cpu_counts.nonzero()
-            return _distribution(counts, [*totals.tolist(), self.has_eps], indices)
-        return torch.cat([self.counts.double(), totals, totals.new_full((1,), float(self.has_eps))])
+            return decode_statistics(counts, totals.tolist(), indices)
+        return torch.cat([self.counts.double(), totals])
 
 
 def chunks(param: torch.Tensor, start: int = 0) -> list[slice]:
@@ -166,17 +167,7 @@ def realized(param: torch.Tensor, before: torch.Tensor, finite_only: bool = Fals
     return acc.result()
 
 
-def _distribution(counts: Any, scalars: Any, indices: Any = None) -> tuple[Distribution, float, float]:
-    """The Distribution and the update and parameter norms from bucket counts (all of
-    them, or those of ``indices``) and ``_SCALARS``."""
-    named = dict(zip(_SCALARS, scalars))
-    sketch = LogSketch.from_float32_buckets(counts, indices=indices, min=named["min"], max=named["max"],
-                                            sum=named["sum"], sum_squares=named["sum_squares"])
-    eps = int(named["eps_dominated"]) if named["has_eps"] else None
-    return Distribution(sketch, eps), math.sqrt(named["update_sq"]), math.sqrt(named["param_sq"])
-
-
-def to_host(stats: dict[str, Any]) -> dict[str, tuple[Distribution, float, float]]:
+def to_host(stats: dict[str, Any]) -> dict[str, tuple[Distribution, float | None, float]]:
     """Decode packed vectors: already-decoded (CPU) ones pass through; device ones move to
     the host in one transfer per device."""
     out = {name: value for name, value in stats.items() if isinstance(value, tuple)}
@@ -186,12 +177,12 @@ def to_host(stats: dict[str, Any]) -> dict[str, tuple[Distribution, float, float
             by_device.setdefault(packed.device, []).append(name)
     for names in by_device.values():
         rows = torch.stack([stats[n] for n in names]).cpu().numpy()
-        out.update((name, _distribution(row[:mapping.FLOAT32_BUCKETS].astype(np.int64),
-                                        row[mapping.FLOAT32_BUCKETS:])) for name, row in zip(names, rows))
+        out.update((name, decode_statistics(row[:mapping.FLOAT32_BUCKETS].astype(np.int64),
+                                            row[mapping.FLOAT32_BUCKETS:])) for name, row in zip(names, rows))
     return {name: out[name] for name in stats}
 
 
-def collect(measure: dict[str, Callable[[bool], Any]]) -> dict[str, tuple[Distribution, float, float]]:
+def collect(measure: dict[str, Callable[[bool], Any]]) -> dict[str, tuple[Distribution, float | None, float]]:
     """Run every ``measure(finite_only)`` (an ``Accumulator.result``) on the fast path, move
     the device results in one transfer, and redo (with ``finite_only=True``) only the
     tensors that turned out to hold NaN/Inf."""
