@@ -21,12 +21,16 @@ def mixed(n: int, seed: int) -> np.ndarray:
     return values.astype(np.float32)
 
 
-@pytest.mark.parametrize("parallel", [True, False], ids=["numba", "numpy"])
-def test_counts_equal_bincount(parallel, monkeypatch):
-    if parallel and bit_histogram._parallel_counter() is None:
+@pytest.mark.parametrize("mode", ["threads", "one-thread", "numpy"])
+def test_counts_equal_bincount(mode, monkeypatch):
+    """The arrays here are small: "threads" lowers the size from which the count is split
+    over the threads, so that every array takes that path."""
+    if mode != "numpy" and bit_histogram._parallel_counter() is None:
         pytest.skip("numba is not installed (pip install 'lrscope[torch]')")
+    if mode == "threads":
+        monkeypatch.setattr(bit_histogram, "_THREADED_MIN", 0)
     counts = bit_histogram.BucketCounts()
-    if not parallel:
+    if mode == "numpy":
         counts._count = None
     arrays = [mixed(n, seed) for seed, n in enumerate([10_000, 7, 5000, 1, 100_003])]
     for values in arrays:

@@ -64,14 +64,17 @@ class ChunkedFormula:
     h: dict[str, Any]
     dtype: torch.dtype
 
-    def chunk(self, chunk: slice) -> dict[str, Any]:
-        """The flat slice ``chunk`` of every per-element tensor of the view."""
+    def split(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The view's per-element tensors, flattened, and the rest (scalars, 0-d tensors)."""
         numel = self.view["param"].numel()
-        return {k: v.reshape(-1)[chunk] if isinstance(v, torch.Tensor) and v.numel() == numel and numel > 1
-                else v for k, v in self.view.items()}
+        flat = {k: v.reshape(-1) for k, v in self.view.items()
+                if isinstance(v, torch.Tensor) and v.numel() == numel and numel > 1}
+        return flat, {k: v for k, v in self.view.items() if k not in flat}
 
     def __call__(self, chunk: slice) -> Elementwise:
-        return self.apply(self.family, self.chunk(chunk), self.t, self.h, self.dtype)
+        flat, rest = self.split()
+        return self.apply(self.family, {**rest, **{k: v[chunk] for k, v in flat.items()}},
+                          self.t, self.h, self.dtype)
 
 
 def _chunk_statistics(apply: Callable[..., Elementwise], family: str, view: dict[str, Any], t: Any,
@@ -103,7 +106,8 @@ def applies(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite
 def _compile() -> Callable[..., Any]:
     global _compiled
     if _compiled is None:
-        _compiled = torch.compile(_chunk_statistics)
+        # Static shapes: each chunk size is its own loop; per-step scalars are 0-d inputs.
+        _compiled = torch.compile(_chunk_statistics, dynamic=False)
     return _compiled
 
 
@@ -122,10 +126,11 @@ def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite_
 
 
 def _as_input(value: Any) -> Any:
-    """A per-step scalar (lr, Adam's beta powers, NAdam's mu_product) as a 0-d float64
-    tensor: the compiled pass takes it as an input from the first call on, rather than
-    baking in its first value and compiling again (seconds) when it changes."""
-    return torch.tensor(value, dtype=torch.float64) if isinstance(value, float) else value
+    """A per-step scalar (t, lr, Adam's beta powers, NAdam's mu_product) as a 0-d float64
+    tensor: the compiled pass takes it as an input, rather than baking in its value and
+    compiling again (seconds) when it changes."""
+    return torch.tensor(value, dtype=torch.float64) if isinstance(value, (int, float)) \
+        and not isinstance(value, bool) else value
 
 
 def _fused(formula: ChunkedFormula, param: torch.Tensor) -> Any:
@@ -137,9 +142,9 @@ def _fused(formula: ChunkedFormula, param: torch.Tensor) -> Any:
     """
     statistics = _compile()
     acc = torch_stats.Accumulator(param.device)
-    # t stays a float: formulas branch on it (RAdam's regime), so dynamo makes it an input
-    # only on its first change, one more compilation per chunk size.
-    t, h = formula.t, {**formula.h, "lr": _as_input(formula.h["lr"])}
+    flat, rest = formula.split()
+    rest = {k: _as_input(v) for k, v in rest.items()}
+    t, h = _as_input(formula.t), {**formula.h, "lr": _as_input(formula.h["lr"])}
     start, n = 0, param.numel()
     # Each (family, options, dtype, chunk size) is one compiled variant: more than dynamo's
     # default of 8 (e.g. AdamW groups with and without decay, in two dtypes) would send
@@ -147,10 +152,7 @@ def _fused(formula: ChunkedFormula, param: torch.Tensor) -> Any:
     with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
         for size in CHUNK_SIZES:
             while n - start >= size:
-                view = {k: _as_input(v) for k, v in formula.chunk(slice(start, start + size)).items()}
-                for value in view.values():
-                    if isinstance(value, torch.Tensor) and value.dim():
-                        torch._dynamo.mark_static(value)
+                view = {**rest, **{k: v[start:start + size] for k, v in flat.items()}}
                 eta, row, has_eps = statistics(formula.apply, formula.family, view, t, h, formula.dtype)
                 acc.add_row(eta, row, has_eps, size)
                 start += size
