@@ -174,3 +174,28 @@ def test_a_new_lr_and_t_reuse_the_compiled_pass(small_chunks):
                 compiled = counters["stats"]["unique_graphs"]
     assert small_chunks and compiled > 0
     assert counters["stats"]["unique_graphs"] == compiled
+
+
+@pytest.mark.parametrize("numpy_elements", [0, 1 << 14], ids=["torch-rows", "numpy-rows"])
+def test_eager_chunks_reduced_in_torch_or_numpy(small_chunks, monkeypatch, numpy_elements):
+    """Eager chunks are reduced by torch, or by numpy when small: both against numpy on
+    the exact eta, NaN/Inf redo included."""
+    monkeypatch.setenv("LRSCOPE_FUSED", "0")
+    monkeypatch.setattr(torch_stats, "NUMPY_ELEMENTS", numpy_elements)
+    w = torch.nn.Parameter(torch.randn(5000))
+    optimizer = torch.optim.Adam([w], lr=1e-3, eps=1e-3)
+    w.grad = torch.randn(5000)
+    optimizer.step()
+    optimizer.state[w]["exp_avg_sq"][[0, 2500]] = torch.tensor([float("nan"), 0.0])
+    report = lrscope.inspect(optimizer).groups[0]
+    dist, got = report.effective_lr, next(iter(report.params.values()))
+    v = optimizer.state[w]["exp_avg_sq"].double().numpy()
+    root = np.sqrt(v / (1 - 0.999))
+    eta = 1e-3 / (root + 1e-3)
+    finite = eta[np.isfinite(eta)]
+    assert not small_chunks and dist.count == 5000 and dist.nonfinite == 1
+    assert dist.min == pytest.approx(finite.min(), rel=1e-6) and dist.max == pytest.approx(finite.max(), rel=1e-6)
+    assert dist.mean == pytest.approx(finite.mean(), rel=1e-5)
+    assert dist.eps_dominated_count == int((root < 1e-3).sum())
+    assert np.isnan(got.update_norm)  # the NaN element's update is NaN too
+    assert got.param_norm == pytest.approx(float(w.detach().double().norm()), rel=1e-6)

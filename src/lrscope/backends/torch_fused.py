@@ -4,8 +4,11 @@ Eager PyTorch runs one kernel, so one pass over memory, per operation: the famil
 formula, then min/max, sums, norms and the eps-dominated count, a dozen passes per
 chunk.  Here ``torch.compile`` (Inductor, a C++ compiler at run time) traces the same
 family formula (``formulas/``: there is no second copy of it) together with every
-reduction into one vectorised loop that reads the state once and writes eta as float32;
-the bucket counts of eta are then taken on every core (``stats.bit_histogram``).
+reduction into one C++ kernel that reads each state tensor once and writes eta as
+float32 (Inductor splits it into three vectorised loops over the chunk: eta and the
+eps-dominated count; the extremes, sums and update norm; the parameter norm); the bucket
+counts of eta are then taken by ``stats.bit_histogram``.  Per-step scalars (t, lr, beta
+powers) are 0-d inputs, so a new step compiles nothing.
 
 Used for tensors of at least ``FUSED_MIN_ELEMENTS`` on the CPU: the first compilation
 takes seconds, which pays off only on large models.  GPU tensors keep the eager path

@@ -24,6 +24,8 @@ from lrscope.stats.bit_histogram import BucketCounts
 #: (1 MiB each in float32), whatever the model size; measured fastest on 2 CPU cores
 #: (benchmarks/overhead.py): larger chunks fall out of cache.
 CHUNK_ELEMENTS = 1 << 18
+#: CPU chunks up to this size are reduced in numpy (see ``Accumulator``).
+NUMPY_ELEMENTS = 1 << 14
 _MASK = mapping.FLOAT32_BUCKETS - 1
 
 
@@ -65,12 +67,33 @@ def _totals(rows: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([table[:, 0].amin().reshape(1), table[:, 1].amax().reshape(1), table[:, 2:].sum(0)])
 
 
+def _numpy(values: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's values as float64 numpy (a copy: small arrays only)."""
+    return values.detach().reshape(-1).to(torch.float64).numpy()
+
+
+def _numpy_row(values: torch.Tensor, eps_dominated: Any, update: torch.Tensor | None,
+               param: torch.Tensor, finite_only: bool) -> np.ndarray:
+    """``_totals``'s row of a small CPU chunk, in numpy: a numpy reduction of a few
+    thousand values costs a microsecond, a torch one several.  (No ``@``: numpy's BLAS
+    threads would then spin beside PyTorch's and slow down both.)"""
+    v = _numpy(values)
+    if finite_only:
+        v = v[np.isfinite(v)]
+    extremes = [v.min(), v.max(), v.sum(), np.square(v).sum()] if v.size else [math.inf, -math.inf, 0.0, 0.0]
+    eps = 0 if eps_dominated is None else np.count_nonzero(torch.as_tensor(eps_dominated).numpy())
+    u = _numpy(update) if update is not None else np.zeros(0)
+    theta = _numpy(param)
+    return np.array(extremes + [eps, np.square(u).sum(), np.square(theta).sum()])
+
+
 class Accumulator:
     """Statistics of one tensor over its chunks, kept on the device until ``result``.
 
     Each chunk appends one row (see ``_totals``) in the data's own dtype: converting per
     chunk would cost more small kernels than the statistics themselves.  On the CPU the
-    histogram is counted in one parallel pass over the bits (``bit_histogram``).
+    histogram is counted in one parallel pass over the bits (``bit_histogram``), and
+    chunks of at most ``NUMPY_ELEMENTS`` (biases, norms) are reduced in numpy.
     """
 
     def __init__(self, device: torch.device, finite_only: bool = False):
@@ -80,6 +103,7 @@ class Accumulator:
         self.counts = None if self.cpu_counts else torch.zeros(
             mapping.FLOAT32_BUCKETS, dtype=torch.int64, device=device)
         self.rows: list[torch.Tensor] = []
+        self.numpy_rows: list[np.ndarray] = []  # of small CPU chunks
         self.has_eps = False
 
     def _count(self, values: torch.Tensor, n: int) -> None:
@@ -94,15 +118,16 @@ class Accumulator:
         values = values.detach()
         n = param.numel()
         self._count(values, n)
+        self.has_eps = self.has_eps or eps_dominated is not None
+        if self.cpu_counts is not None and n <= NUMPY_ELEMENTS and values.dim():
+            self.numpy_rows.append(_numpy_row(values, eps_dominated, update, param, self.finite_only))
+            return
         if values.dim() == 0:  # one eta for the whole chunk (SGD): no per-element work
             extremes = [values, values, values * n, values * values * n]
         else:
             extremes = _extremes(values, self.finite_only)
-        if eps_dominated is None:
-            eps = param.new_zeros(())
-        else:
-            self.has_eps = True
-            eps = torch.as_tensor(eps_dominated, device=self.device).sum()
+        eps = param.new_zeros(()) if eps_dominated is None else \
+            torch.as_tensor(eps_dominated, device=self.device).sum()
         row = extremes + [eps, _squared_norm(update, param), _squared_norm(param, param)]
         dtype = row[0].dtype
         for r in row[1:]:
@@ -129,13 +154,17 @@ class Accumulator:
         """Decoded at once on the CPU (nothing to transfer, and no tensor's bucket counts
         outlive it); on a device, bucket counts then ``report.STATISTICS`` as one float64
         vector for ``to_host`` to move with the others."""
-        totals = _totals(self.rows)
+        if self.cpu_counts is None:
+            totals = _totals(self.rows)
+            if not self.has_eps:
+                totals[4] = -1  # absent, as report.decode_statistics reads it
+            return torch.cat([self.counts.double(), totals])
+        table = np.stack([r.double().numpy() for r in self.rows] + self.numpy_rows)
+        totals = [table[:, 0].min(), table[:, 1].max(), *table[:, 2:].sum(axis=0)]
         if not self.has_eps:
             totals[4] = -1  # absent, as report.decode_statistics reads it
-        if self.cpu_counts is not None:
-            indices, counts = self.cpu_counts.nonzero()
-            return decode_statistics(counts, totals.tolist(), indices)
-        return torch.cat([self.counts.double(), totals])
+        indices, counts = self.cpu_counts.nonzero()
+        return decode_statistics(counts, totals, indices)
 
 
 def chunks(param: torch.Tensor, start: int = 0) -> list[slice]:
