@@ -13,7 +13,6 @@ from tests.conftest import require
 torch = require("torch")
 import lrscope  # noqa: E402
 import lrscope.torch  # noqa: E402
-from lrscope.backends import torch as backend  # noqa: E402
 
 
 def make_model():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import keras
 
