@@ -46,6 +46,20 @@ def best_of(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_rounds(work: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
+    """One wall time per call and round, the calls interleaved in every round (so that a
+    slow spell of this shared machine hits them alike), after one warm-up call each."""
+    for fn in work.values():
+        fn()
+    rounds: dict[str, list[float]] = {name: [] for name in work}
+    for _ in range(repeat):
+        for name, fn in work.items():
+            start = time.perf_counter()
+            fn()
+            rounds[name].append(time.perf_counter() - start)
+    return rounds
+
+
 def transformer_shapes(scale: float) -> list[tuple[int, ...]]:
     """Embedding, 8 blocks (attention, MLP, norms), output head: ~50M parameters at scale 1."""
     d, vocab = int(512 * scale) or 8, int(32000 * scale) or 8
@@ -99,12 +113,7 @@ def distributions(scale: float, repeat: int) -> dict[str, Any]:
     work = {"adam_step": optimizer.step, "fused_adam_step": fused_adam.step,
             "read_once": lambda: [optimizer.state[p]["exp_avg_sq"].sum() for p in params],
             "lrscope": lambda: lrscope.inspect(optimizer), "eager": eager}
-    rounds: dict[str, list[float]] = {name: [] for name in work}
-    for fn in work.values():  # warm-up: the first steps allocate, the first inspect compiles
-        fn()
-    for _ in range(repeat):
-        for name, fn in work.items():
-            rounds[name].append(best_of(fn, 1))
+    rounds = interleaved_rounds(work, repeat)  # its warm-up also compiles the fused pass
     return {"parameters": sum(p.numel() for p in params), "first_s": first, "rounds": rounds,
             "naive_s": best_of(lambda: naive_monitor(optimizer), max(1, repeat // 2))}
 
@@ -201,7 +210,7 @@ def optax_ratios(tensors: int, repeat: int) -> dict[str, float]:
         "... with check=True (keeps the update)": lrscope.optax.monitor(
             optax.adam, learning_rate=1e-3, every=10**6, check=True),
     }
-    out = {}
+    runs = {}
     for name, tx in variants.items():  # noqa: B023 - tx is bound as a default argument
         @jax.jit
         def step(p: Any, state: Any, tx: Any = tx) -> Any:
@@ -215,8 +224,8 @@ def optax_ratios(tensors: int, repeat: int) -> dict[str, float]:
             jax.block_until_ready(carry[0])
 
         run()  # compile, and pass step 1 (distributions) for the every=10**6 variants
-        out[name] = best_of(run, repeat)
-    return out
+        runs[name] = run
+    return {name: statistics.median(times) for name, times in interleaved_rounds(runs, repeat).items()}
 
 
 def keras_ratios(tensors: int, repeat: int) -> dict[str, float]:
@@ -234,8 +243,9 @@ def keras_ratios(tensors: int, repeat: int) -> dict[str, float]:
              for _ in range(tensors)]
     optimizer = keras.optimizers.Adam(1e-3)
     optimizer.apply(grads, variables)
-    return {"apply": best_of(lambda: optimizer.apply(grads, variables), repeat),
-            "inspect": best_of(lambda: lrscope.inspect(optimizer), repeat)}
+    rounds = interleaved_rounds({"apply": lambda: optimizer.apply(grads, variables),
+                                 "inspect": lambda: lrscope.inspect(optimizer)}, repeat)
+    return {name: statistics.median(times) for name, times in rounds.items()}
 
 
 def print_other_frameworks(tensors: int, repeat: int) -> None:
