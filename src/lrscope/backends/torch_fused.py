@@ -27,6 +27,7 @@ bfloat16).  ``lrscope.torch.elementwise`` stays eager and exact.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -67,17 +68,21 @@ class ChunkedFormula:
     h: dict[str, Any]
     dtype: torch.dtype
 
-    def split(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    @functools.cached_property
+    def parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The view's per-element tensors, flattened, and the rest (scalars, 0-d tensors)."""
         numel = self.view["param"].numel()
         flat = {k: v.reshape(-1) for k, v in self.view.items()
                 if isinstance(v, torch.Tensor) and v.numel() == numel and numel > 1}
         return flat, {k: v for k, v in self.view.items() if k not in flat}
 
+    def sliced(self, chunk: slice, rest: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The view over the flat slice ``chunk``, with ``rest`` in place of its scalars."""
+        flat, own_rest = self.parts
+        return {**(own_rest if rest is None else rest), **{k: v[chunk] for k, v in flat.items()}}
+
     def __call__(self, chunk: slice) -> Elementwise:
-        flat, rest = self.split()
-        return self.apply(self.family, {**rest, **{k: v[chunk] for k, v in flat.items()}},
-                          self.t, self.h, self.dtype)
+        return self.apply(self.family, self.sliced(chunk), self.t, self.h, self.dtype)
 
 
 def _chunk_statistics(apply: Callable[..., Elementwise], family: str, view: dict[str, Any], t: Any,
@@ -145,8 +150,7 @@ def _fused(formula: ChunkedFormula, param: torch.Tensor) -> Any:
     """
     statistics = _compile()
     acc = torch_stats.Accumulator(param.device)
-    flat, rest = formula.split()
-    rest = {k: _as_input(v) for k, v in rest.items()}
+    rest = {k: _as_input(v) for k, v in formula.parts[1].items()}
     t, h = _as_input(formula.t), {**formula.h, "lr": _as_input(formula.h["lr"])}
     start, n = 0, param.numel()
     # Each (family, options, dtype, chunk size) is one compiled variant: more than dynamo's
@@ -155,7 +159,7 @@ def _fused(formula: ChunkedFormula, param: torch.Tensor) -> Any:
     with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
         for size in CHUNK_SIZES:
             while n - start >= size:
-                view = {**rest, **{k: v[start:start + size] for k, v in flat.items()}}
+                view = formula.sliced(slice(start, start + size), rest)
                 eta, row, has_eps = statistics(formula.apply, formula.family, view, t, h, formula.dtype)
                 acc.add_row(eta, row, has_eps, size)
                 start += size

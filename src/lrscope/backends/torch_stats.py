@@ -90,10 +90,11 @@ def _numpy_row(values: torch.Tensor, eps_dominated: Any, update: torch.Tensor | 
 class Accumulator:
     """Statistics of one tensor over its chunks, kept on the device until ``result``.
 
-    Each chunk appends one row (see ``_totals``) in the data's own dtype: converting per
-    chunk would cost more small kernels than the statistics themselves.  On the CPU the
-    histogram is counted in one parallel pass over the bits (``bit_histogram``), and
-    chunks of at most ``NUMPY_ELEMENTS`` (biases, norms) are reduced in numpy.
+    Each chunk appends one row (see ``_totals``): on a device in the data's own dtype
+    (converting per chunk would cost more small kernels than the statistics themselves),
+    on the CPU as float64 numpy.  On the CPU the histogram is counted in one parallel pass
+    over the bits (``bit_histogram``), and chunks of at most ``NUMPY_ELEMENTS`` (biases,
+    norms) are reduced in numpy.
     """
 
     def __init__(self, device: torch.device, finite_only: bool = False):
@@ -102,8 +103,7 @@ class Accumulator:
         self.cpu_counts = BucketCounts() if device.type == "cpu" else None
         self.counts = None if self.cpu_counts else torch.zeros(
             mapping.FLOAT32_BUCKETS, dtype=torch.int64, device=device)
-        self.rows: list[torch.Tensor] = []
-        self.numpy_rows: list[np.ndarray] = []  # of small CPU chunks
+        self.rows: list[Any] = []  # torch tensors on a device, numpy arrays on the CPU
         self.has_eps = False
 
     def _count(self, values: torch.Tensor, n: int) -> None:
@@ -120,7 +120,7 @@ class Accumulator:
         self._count(values, n)
         self.has_eps = self.has_eps or eps_dominated is not None
         if self.cpu_counts is not None and n <= NUMPY_ELEMENTS and values.dim():
-            self.numpy_rows.append(_numpy_row(values, eps_dominated, update, param, self.finite_only))
+            self.rows.append(_numpy_row(values, eps_dominated, update, param, self.finite_only))
             return
         if values.dim() == 0:  # one eta for the whole chunk (SGD): no per-element work
             extremes = [values, values, values * n, values * values * n]
@@ -132,13 +132,16 @@ class Accumulator:
         dtype = row[0].dtype
         for r in row[1:]:
             dtype = torch.promote_types(dtype, r.dtype)
-        self.rows.append(torch.stack([r if r.dtype == dtype else r.to(dtype) for r in row]))
+        self._keep(torch.stack([r if r.dtype == dtype else r.to(dtype) for r in row]))
+
+    def _keep(self, row: torch.Tensor) -> None:
+        self.rows.append(row.double().numpy() if self.cpu_counts is not None else row)
 
     def add_row(self, values: torch.Tensor, row: torch.Tensor, has_eps: bool, n: int) -> None:
         """A chunk of ``n`` elements whose row was computed elsewhere (``torch_fused``);
         ``values`` is eta, or one 0-d eta for all ``n``."""
         self._count(values, n)
-        self.rows.append(row)
+        self._keep(row)
         self.has_eps = self.has_eps or has_eps
 
     def add_chunk(self, compute: Callable[[slice], Elementwise], flat_param: torch.Tensor,
@@ -159,7 +162,7 @@ class Accumulator:
             if not self.has_eps:
                 totals[4] = -1  # absent, as report.decode_statistics reads it
             return torch.cat([self.counts.double(), totals])
-        table = np.stack([r.double().numpy() for r in self.rows] + self.numpy_rows)
+        table = np.stack(self.rows)
         totals = [table[:, 0].min(), table[:, 1].max(), *table[:, 2:].sum(axis=0)]
         if not self.has_eps:
             totals[4] = -1  # absent, as report.decode_statistics reads it
