@@ -202,3 +202,23 @@ def test_step_size_matches_closed_form_and_scheduler_does_not_leak():
     report = lrscope.inspect(optimizer)
     assert report.groups[0].lr == pytest.approx(1e-3 / 6)
     assert any("scheduler" in note for note in report.notes)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(momentum=0.9, weight_decay=0.01)], ids=["plain", "momentum-wd"])
+def test_inspect_sgd_without_step_counter(options):
+    """torch's SGD keeps no step counter: inspect() still reports eta = lr and the real
+    update, and says that t is unknown."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.nn.Parameter(torch.randn(64, 32, generator=g, dtype=torch.float64))
+    optimizer = O.SGD([w], lr=0.05, **options)
+    for _ in range(3):
+        before = w.detach().clone()
+        w.grad = torch.randn(w.shape, generator=g, dtype=torch.float64)
+        optimizer.step()
+    report = lrscope.inspect(optimizer)
+    group = report.groups[0]
+    assert report.t == 0 and any("no step counter" in note for note in report.notes)
+    assert group.step_size == 0.05
+    dist = group.params["param0"].effective_lr
+    assert dist.count == w.numel() and dist.min == dist.max == 0.05
+    assert group.params["param0"].update_norm == pytest.approx((w.detach() - before).norm().item(), rel=1e-12)

@@ -159,6 +159,9 @@ class TorchReader:
             notes.append("lr read from param_groups after the step: if a scheduler stepped since, "
                           "this is the next step's lr (watch() records the lr the step used)")
         t = self._step_count() if t is None else t
+        if not t and self.family == "sgd":
+            notes.append("SGD keeps no step counter: t is unknown to inspect() and reported as 0 "
+                         "(watch() counts the steps)")
         groups = []
         for index, group in enumerate(self.optimizer.param_groups):
             lr = group["lr"]
@@ -188,14 +191,16 @@ class TorchReader:
                          "distributions skipped rather than mis-modelled")
         # Reading a (possibly on-device) step counter is a host sync: only on measured steps.
         t = (self._group_t(group["params"]) or t_report) if distributions else t_report
+        # t == 0: no step taken yet, or a stepless family (SGD) read by inspect().
+        known = bool(t) or not getattr(formulas.family(self.family), "USES_STEP", True)
         host_h = {**h, "lr": as_float(h["lr"])}
         family_scalars = formulas.family(self.family).step_sizes(
-            np, t, host_h, "torch") if t else {"step_size": math.nan}
+            np, t, host_h, "torch") if known else {"step_size": math.nan}
         scalars["step_size"] = as_float(family_scalars.pop("step_size"))
         scalars["extra"] = {k: as_float(v) for k, v in family_scalars.items()}
         scalars["weight_decay_rate"] = self._decay_rate(h, scalars["step_size"])
         stats = {}
-        if distributions and not unsupported and t:
+        if distributions and not unsupported and known:
             for p in params:
                 state = self.optimizer.state.get(p, {})
                 if not state and self.family != "sgd":  # plain SGD keeps no state

@@ -24,6 +24,8 @@ from typing import Any, Mapping
 from lrscope.formulas._common import Elementwise, coupled_direction
 
 NAMES = ("sgd", "momentum", "gradient_descent")
+#: Neither formula reads the step index t (torch's SGD keeps no step counter).
+USES_STEP = False
 
 _BASE = {"momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
 DEFAULTS: dict[str, dict[str, Any]] = {
