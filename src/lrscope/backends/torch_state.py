@@ -17,6 +17,8 @@ from lrscope.formulas import Elementwise
 
 #: Families whose torch implementation reads the step counter on the host even when capturable.
 HOST_STEP = {"radam", "nadam", "asgd", "adagrad", "adafactor"}
+#: Families whose formulas take beta1**t and beta2**t from the view when it has them.
+BETA_POWERS = {"adam", "adamw", "adamax", "nadam"}
 #: Families whose formula needs a value the step overwrites, recorded by the pre-hook.
 RECORD_BEFORE = {"adadelta", "asgd", "adafactor"}
 
@@ -63,8 +65,9 @@ def host_scalars(family: str, view: dict[str, Any], t: Any,
     """The step counter (and what depends on it alone) as Python floats where torch.optim
     reads it on the host: always on the CPU, and for some families even when capturable.
 
-    Adam's beta**t is computed here once, as torch.optim does, rather than inside the
-    formula: in a compiled loop (``torch_fused``) it would be recomputed per element.
+    The powers beta**t (Adam, Adamax, NAdam) and NAdam's two coefficients are computed
+    here once, as torch.optim does, rather than inside the formula: in a compiled loop
+    (``torch_fused``) Inductor would call ``pow`` once per vector of elements.
     """
     # As torch.optim does unless capturable: bias corrections in Python floats.  A float
     # is left alone: converting it again would make a compiled caller specialise on it.
@@ -75,8 +78,11 @@ def host_scalars(family: str, view: dict[str, Any], t: Any,
         t = float(t)
     if family == "nadam" and isinstance(view.get("mu_product"), torch.Tensor):
         view = {**view, "mu_product": as_float(view["mu_product"])}
-    if family in ("adam", "adamw") and isinstance(t, float) and "beta1_power" not in view:
+    if family in BETA_POWERS and isinstance(t, float) and "beta1_power" not in view:
         view = {**view, "beta1_power": h["beta1"] ** t, "beta2_power": h["beta2"] ** t}
+    if family == "nadam" and isinstance(t, float):
+        c_m, c_g = formulas.family("nadam").coefficients(t, h, "torch", view.get("mu_product"))
+        view = {**view, "c_m": c_m, "c_g": c_g}
     return view, t
 
 

@@ -52,6 +52,18 @@ class Elementwise:
         return -step - self.decay_rate * theta_before
 
 
+def power(state: Mapping[str, Any], h: Mapping[str, Any], name: str, t: Any) -> Any:
+    """``h[name] ** t``, or ``state[name + "_power"]`` where the caller has it: a framework
+    that accumulates the power in a variable (TF1), or a caller that computes it once per
+    step rather than once per element of a compiled loop (``torch_state.host_scalars``).
+
+    >>> power({}, {"beta1": 0.5}, "beta1", 3), power({"beta1_power": 0.25}, {}, "beta1", 3)
+    (0.125, 0.25)
+    """
+    key = f"{name}_power"
+    return state[key] if key in state else h[name] ** t
+
+
 def coupled_direction(
     xp: Any, param_after: Any, grad: Any, eta: Any, grad_coef: Any, rest: Any, weight_decay: float,
     maximize: bool = False,

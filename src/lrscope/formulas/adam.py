@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lrscope.formulas._common import Elementwise, resolve
+from lrscope.formulas._common import Elementwise, power, resolve
 
 NAMES = ("adam", "adamw", "amsgrad", "sparse_adam")
 
@@ -71,8 +71,7 @@ def elementwise(
     framework accumulates them in variables (TF1), so eta matches its own rounding, or
     where a caller computes them once per step rather than per element (compiled loops).
     """
-    bias1 = 1 - (state["beta1_power"] if "beta1_power" in state else h["beta1"] ** t)
-    bias2 = 1 - (state["beta2_power"] if "beta2_power" in state else h["beta2"] ** t)
+    bias1, bias2 = 1 - power(state, h, "beta1", t), 1 - power(state, h, "beta2", t)
     v = state["max_exp_avg_sq"] if h["amsgrad"] else state["exp_avg_sq"]
     if convention == "optax":
         # optax's AMSGrad keeps the max of the already bias-corrected v_hat.

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lrscope.formulas._common import Elementwise, coupled_direction, resolve
+from lrscope.formulas._common import Elementwise, coupled_direction, power, resolve
 
 NAMES = ("nadam", "nadamw")
 
@@ -80,11 +80,13 @@ def elementwise(
     xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any], convention: str
 ) -> Elementwise:
     """eta from ``exp_avg_sq``; d from ``exp_avg``, ``grad`` and ``mu_product`` (torch, keras)."""
-    bias2 = 1 - h["beta2"] ** t
+    bias2 = 1 - power(state, h, "beta2", t)
     v_hat = state["exp_avg_sq"] / bias2
     root = xp.sqrt(v_hat + h["eps_root"]) if convention == "optax" else xp.sqrt(v_hat)
     eta = h["lr"] / (root + h["eps"])
-    c_m, c_g = coefficients(t, h, convention, state.get("mu_product"))
+    # (c_m, c_g in the state: computed once per step by the caller, see _common.power)
+    c_m, c_g = (state["c_m"], state["c_g"]) if "c_m" in state else \
+        coefficients(t, h, convention, state.get("mu_product"))
     coupled = convention == "torch" and not h["decoupled_weight_decay"]
     wd = h["weight_decay"]
     direction = coupled_direction(
