@@ -199,3 +199,43 @@ def test_eager_chunks_reduced_in_torch_or_numpy(small_chunks, monkeypatch, numpy
     assert dist.eps_dominated_count == int((root < 1e-3).sum())
     assert np.isnan(got.update_norm)  # the NaN element's update is NaN too
     assert got.param_norm == pytest.approx(float(w.detach().double().norm()), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("case_id", ["adam", "adamw-amsgrad-wd", "nadam-decoupled-wd"])
+def test_half_precision_state_within_one_unit(small_chunks, case_id, dtype):
+    """Inductor computes bfloat16/float16 formulas in float32 without rounding every
+    intermediate as eager kernels do: the fused statistics stay within about one unit of
+    the state's dtype of the eager eta the real step used (module docstring)."""
+    _, cls, options, _ = next(c for c in CASES if c[0] == case_id)
+    params = {name: p.detach().to(dtype).requires_grad_() for name, p in make_params(torch.float32, False).items()}
+    optimizer = make_optimizer(cls, options, params)
+    family = backend.family_of(optimizer)
+    unit = 2 * torch.finfo(dtype).eps  # two units of rounding, relative
+    generator = torch.Generator().manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for step in range(1, 4):
+            if dtype == torch.bfloat16:
+                set_grads(params, step)
+            else:  # float16's range: squares of gradients below 1e-4 would underflow v to 0
+                for p in params.values():
+                    p.grad = (torch.randn(p.shape, generator=generator) * 0.3 + 0.5).to(dtype)
+            recorded = recorded_before(optimizer)
+            optimizer.step()
+        report = lrscope.inspect(optimizer).groups[0]
+    for i, p in enumerate(params.values()):
+        eta, eps, update_norm, param_norm = exact(family, optimizer, p, recorded)
+        got = report.params[f"param{i}"]
+        dist, where = got.effective_lr, f"{case_id} {dtype} param{i}"
+        assert dist.count == eta.size and dist.nonfinite == 0, where
+        assert dist.min == pytest.approx(eta.min(), rel=unit), where
+        assert dist.max == pytest.approx(eta.max(), rel=unit), where
+        assert dist.mean == pytest.approx(eta.mean(), rel=unit), where
+        for q in (0.01, 0.5, 0.99):
+            exact_q = np.quantile(eta, q)
+            assert abs(dist.quantile(q) - exact_q) <= (0.01 + unit) * abs(exact_q), where
+        assert abs(dist.eps_dominated_count - eps) <= 0.01 * eta.size, where
+        assert got.update_norm == pytest.approx(update_norm, rel=unit), where
+        assert got.param_norm == pytest.approx(param_norm, rel=1e-6), where
+    assert small_chunks, "the fused path was not taken"
