@@ -18,7 +18,7 @@ torch = require("torch")
 import lrscope  # noqa: E402
 from lrscope.backends import torch as backend  # noqa: E402
 from lrscope.backends.torch_state import elementwise_of  # noqa: E402
-from lrscope.backends import torch_fused, torch_stats  # noqa: E402
+from lrscope.backends import torch_fused, torch_small, torch_stats  # noqa: E402
 from tests.test_torch_optimizers import CASES, make_optimizer, real, recorded_before  # noqa: E402
 
 #: One case per chunkable family (Adafactor and Lamb factor over whole tensors, and RAdam
@@ -36,6 +36,7 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(torch_fused, "FUSED_MIN_ELEMENTS", 1000)
     monkeypatch.setattr(torch_fused, "CHUNK_SIZES", (2048, 512))
     monkeypatch.setattr(torch_stats, "CHUNK_ELEMENTS", 512)
+    monkeypatch.setattr(torch_small, "SMALL_ELEMENTS", 999)  # only the bias is batched
     monkeypatch.delenv("LRSCOPE_FUSED", raising=False)
     calls = []
     fused = torch_fused._fused

@@ -222,3 +222,49 @@ def test_inspect_sgd_without_step_counter(options):
     dist = group.params["param0"].effective_lr
     assert dist.count == w.numel() and dist.min == dist.max == 0.05
     assert group.params["param0"].update_norm == pytest.approx((w.detach() - before).norm().item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("case_id", ["adam", "sgd", "rmsprop-centered-momentum", "nadam-decoupled-wd"])
+def test_small_tensors_measured_together_as_alone(case_id, monkeypatch):
+    """Small tensors sharing a formula go through one formula call (torch_small): each
+    tensor's statistics match numpy on its exact eta and the tensor-by-tensor path, and a
+    tensor holding NaN is redone alone without touching the others."""
+    from lrscope.backends import torch_small
+
+    _, cls, options, _ = next(c for c in CASES if c[0] == case_id)
+    g = torch.Generator().manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in [(7,), (30, 20), (5, 1), (300,), (2, 3, 4)]]
+    optimizer = make_optimizer(cls, options, {str(i): p for i, p in enumerate(params)})
+    for step in range(1, 4):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 10.0 ** (torch.rand(p.shape, generator=g) * 6 - 4)
+        optimizer.step()
+    if "exp_avg_sq" in optimizer.state[params[1]]:
+        optimizer.state[params[1]]["exp_avg_sq"][0, 0] = float("nan")
+    batches = []
+    compute = torch_small._Batch._compute
+    monkeypatch.setattr(torch_small._Batch, "_compute", lambda self: batches.append(len(self.items)) or compute(self))
+    together = lrscope.inspect(optimizer).groups[0]
+    assert batches == [len(params)]
+    monkeypatch.setattr(torch_small, "SMALL_ELEMENTS", 0)
+    alone = lrscope.inspect(optimizer).groups[0]
+    assert batches == [len(params)]
+    family = backend.family_of(optimizer)
+    h, _ = backend.hyperparameters(family, optimizer.param_groups[0], optimizer.param_groups[0]["lr"])
+    for i, p in enumerate(params):
+        got, reference = together.params[f"param{i}"], alone.params[f"param{i}"]
+        el = elementwise_of(family, optimizer.state[p], p, h)
+        eta = np.broadcast_to(torch.as_tensor(el.eta).double().numpy(), p.shape).ravel()
+        finite = eta[np.isfinite(eta)]
+        dist = got.effective_lr
+        assert dist.count == eta.size and dist.nonfinite == eta.size - finite.size
+        assert dist.min == pytest.approx(finite.min(), rel=1e-6) and dist.max == pytest.approx(finite.max(), rel=1e-6)
+        assert dist.mean == pytest.approx(finite.mean(), rel=1e-6)
+        for q in (0.05, 0.5, 0.95):
+            assert abs(dist.quantile(q) - np.quantile(finite, q)) <= 0.01 * np.quantile(finite, q)
+        for mine, theirs in zip(dist.sketch.positive, reference.effective_lr.sketch.positive):
+            np.testing.assert_array_equal(mine, theirs)  # the same bucket counts
+        assert dist.summary() == pytest.approx(reference.effective_lr.summary(), rel=1e-12, nan_ok=True)
+        # (tensor by tensor, a scalar eta's norms are summed in float32, here in float64)
+        assert (got.update_norm, got.param_norm) == pytest.approx((reference.update_norm, reference.param_norm),
+                                                                  rel=1e-6, nan_ok=True)

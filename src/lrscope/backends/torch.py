@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lrscope import formulas
-from lrscope.backends import torch_fused, torch_stats
+from lrscope.backends import torch_fused, torch_small, torch_stats
 from lrscope.backends.torch_state import (RECORD_BEFORE, apply_formula, as_float, canonical, elementwise_of,
                                          host_scalars, record_before, state_view)
 from lrscope.formulas import Elementwise
@@ -199,7 +199,7 @@ class TorchReader:
         scalars["step_size"] = as_float(family_scalars.pop("step_size"))
         scalars["extra"] = {k: as_float(v) for k, v in family_scalars.items()}
         scalars["weight_decay_rate"] = self._decay_rate(h, scalars["step_size"])
-        stats = {}
+        items = {}
         if distributions and not unsupported and known:
             for p in params:
                 state = self.optimizer.state.get(p, {})
@@ -210,9 +210,9 @@ class TorchReader:
                     notes.append(f"{type(self.optimizer).__name__}: the state the step overwrote was "
                                  "not recorded (use watch()); distributions skipped")
                     break
-                stats[self.names[id(p)]] = partial(
-                    torch_fused.reduce, self._per_chunk(state, p, h, recorded), canonical(p.detach()))
-        return GroupReport.combine(self._param_reports(params, stats, "effective_lr"), **scalars)
+                items[self.names[id(p)]] = (self._per_chunk(state, p, h, recorded), canonical(p.detach()))
+        return GroupReport.combine(self._param_reports(params, torch_small.measures(items), "effective_lr"),
+                                   **scalars)
 
     def _per_chunk(self, state: dict[str, Any], p: torch.Tensor, h: dict[str, Any],
                    recorded: dict[str, Any] | None) -> Callable[[slice], Elementwise]:

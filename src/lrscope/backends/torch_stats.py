@@ -67,7 +67,7 @@ def _totals(rows: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([table[:, 0].amin().reshape(1), table[:, 1].amax().reshape(1), table[:, 2:].sum(0)])
 
 
-def _numpy(values: torch.Tensor) -> np.ndarray:
+def float64_numpy(values: torch.Tensor) -> np.ndarray:
     """A CPU tensor's values as float64 numpy (a copy: small arrays only)."""
     return values.detach().reshape(-1).to(torch.float64).numpy()
 
@@ -77,13 +77,13 @@ def _numpy_row(values: torch.Tensor, eps_dominated: Any, update: torch.Tensor | 
     """``_totals``'s row of a small CPU chunk, in numpy: a numpy reduction of a few
     thousand values costs a microsecond, a torch one several.  (No ``@``: numpy's BLAS
     threads would then spin beside PyTorch's and slow down both.)"""
-    v = _numpy(values)
+    v = float64_numpy(values)
     if finite_only:
         v = v[np.isfinite(v)]
     extremes = [v.min(), v.max(), v.sum(), np.square(v).sum()] if v.size else [math.inf, -math.inf, 0.0, 0.0]
     eps = 0 if eps_dominated is None else np.count_nonzero(torch.as_tensor(eps_dominated).numpy())
-    u = _numpy(update) if update is not None else np.zeros(0)
-    theta = _numpy(param)
+    u = float64_numpy(update) if update is not None else np.zeros(0)
+    theta = float64_numpy(param)
     return np.array(extremes + [eps, np.square(u).sum(), np.square(theta).sum()])
 
 

@@ -1,0 +1,130 @@
+"""Statistics of many small CPU tensors (biases, norm weights) from one formula call.
+
+Each small tensor on its own costs a dozen eager torch calls of a few microseconds, far
+more than its arithmetic: on a small model lrscope would cost several optimizer steps.
+Here the state of every small tensor that shares a formula (same family, options, dtype
+and per-step scalars) is concatenated, the family's formula (``formulas/``) runs once
+over the concatenation, and numpy reduces each tensor's segment: the same elementwise
+arithmetic as tensor by tensor, so the same eta, and per-tensor results in the format of
+``torch_stats.Accumulator.result``.  Temporary memory is bounded by ``BATCH_ELEMENTS``.
+
+A tensor whose statistics hold NaN/Inf is redone on its own (``torch_stats.collect``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from lrscope.backends import torch_fused, torch_stats
+from lrscope.report import decode_statistics
+from lrscope.stats import mapping
+
+#: Tensors of at most this many elements are batched.
+SMALL_ELEMENTS = torch_stats.NUMPY_ELEMENTS
+#: Elements per batch (the concatenated state is a few buffers of this size).
+BATCH_ELEMENTS = 4 * torch_stats.CHUNK_ELEMENTS
+
+
+def _signature(formula: torch_fused.ChunkedFormula) -> tuple[Any, ...] | None:
+    """What must be equal for two tensors to share one formula call; None if a per-step
+    value is neither a number nor a 0-d tensor (then the tensor is measured alone)."""
+    flat, rest = formula.parts
+    scalars = []
+    for key, value in sorted(rest.items()):
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            value = (value.dtype, value.device, value.item())
+        elif not isinstance(value, (int, float)):
+            return None
+        scalars.append((key, value))
+    t = formula.t.item() if isinstance(formula.t, torch.Tensor) and formula.t.dim() == 0 else formula.t
+    # (The hyperparameters: one dict per parameter group, shared by its tensors.)
+    return formula.family, formula.dtype, tuple(sorted(flat)), tuple(scalars), t, id(formula.h)
+
+
+def _batchable(compute: Any, param: torch.Tensor) -> bool:
+    return (isinstance(compute, torch_fused.ChunkedFormula) and param.device.type == "cpu"
+            and 1 < param.numel() <= SMALL_ELEMENTS)
+
+
+def measures(items: dict[str, tuple[Callable[[slice], Any], torch.Tensor]]) -> dict[str, Callable[[bool], Any]]:
+    """``{name: measure(finite_only)}`` for ``torch_stats.collect`` from ``{name: (compute,
+    param)}``: small CPU tensors that share a formula are measured together, the others by
+    ``torch_fused.reduce``."""
+    out: dict[str, Callable[[bool], Any]] = {}
+    batches: dict[tuple[Any, ...], list[str]] = {}
+    for name, (compute, param) in items.items():
+        signature = _signature(compute) if _batchable(compute, param) else None
+        if signature is None:
+            out[name] = lambda finite_only, c=compute, p=param: torch_fused.reduce(c, p, finite_only)
+        else:
+            batches.setdefault(signature, []).append(name)
+    for names in batches.values():
+        for run in _runs(names, lambda name: items[name][1].numel(), BATCH_ELEMENTS):
+            out.update(_Batch({name: items[name] for name in run}).measures())
+    return {name: out[name] for name in items}
+
+
+def _runs(names: list[str], size: Callable[[str], int], limit: int) -> Iterator[list[str]]:
+    """``names`` in consecutive runs of at most ``limit`` elements each (or of one name)."""
+    run: list[str] = []
+    total = 0
+    for name in names:
+        if run and total + size(name) > limit:
+            yield run
+            run, total = [], 0
+        run.append(name)
+        total += size(name)
+    if run:
+        yield run
+
+
+class _Batch:
+    """Small tensors sharing one formula call, measured once on first request."""
+
+    def __init__(self, items: dict[str, tuple[torch_fused.ChunkedFormula, torch.Tensor]]):
+        self.items = items
+        self.results: dict[str, Any] | None = None
+
+    def measures(self) -> dict[str, Callable[[bool], Any]]:
+        return {name: (lambda finite_only, name=name: self.measure(name, finite_only)) for name in self.items}
+
+    def measure(self, name: str, finite_only: bool) -> Any:
+        if finite_only:  # the rare redo of a tensor holding NaN/Inf: on its own, masked
+            return torch_fused.reduce(*self.items[name], finite_only=True)
+        if self.results is None:
+            self.results = self._compute()
+        return self.results[name]
+
+    def _compute(self) -> dict[str, Any]:
+        formulas = [formula for formula, _ in self.items.values()]
+        first = formulas[0]
+        flat = {key: torch.cat([f.parts[0][key] for f in formulas]) for key in first.parts[0]}
+        theta = flat["param"]
+        el = first.apply(first.family, {**first.parts[1], **flat}, first.t, first.h, first.dtype)
+        eta = torch.as_tensor(el.eta, dtype=torch.float64 if not isinstance(el.eta, torch.Tensor) else None)
+        eta = eta.detach().expand(theta.shape) if eta.dim() == 0 else eta.detach()
+        update = torch_stats.float64_numpy(el.update(theta))
+        values = torch_stats.float64_numpy(eta)
+        sizes = np.array([param.numel() for _, param in self.items.values()])
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        eps = np.add.reduceat(torch.as_tensor(el.eps_dominated).reshape(-1).numpy().astype(np.int64), starts) \
+            if el.eps_dominated is not None else np.full(sizes.size, -1)
+        theta64 = torch_stats.float64_numpy(theta)
+        rows = np.stack([np.minimum.reduceat(values, starts), np.maximum.reduceat(values, starts),
+                         np.add.reduceat(values, starts), np.add.reduceat(values * values, starts), eps,
+                         np.add.reduceat(update * update, starts), np.add.reduceat(theta64 * theta64, starts)], 1)
+        # Each tensor's bucket counts from one bincount, no sort: tensor i's buckets
+        # [low_i, high_i] are laid end to end.
+        buckets = (eta.to(torch.float32).numpy().view(np.uint32) >> mapping.FLOAT32_SHIFT).astype(np.int64)
+        low, high = np.minimum.reduceat(buckets, starts), np.maximum.reduceat(buckets, starts)
+        offsets = np.concatenate([[0], np.cumsum(high - low + 1)])
+        counts = np.bincount(buckets + np.repeat(offsets[:-1] - low, sizes), minlength=offsets[-1])
+        results = {}
+        for i, name in enumerate(self.items):
+            mine = counts[offsets[i]:offsets[i + 1]]
+            nonzero = np.flatnonzero(mine)
+            results[name] = decode_statistics(mine[nonzero], rows[i], nonzero + low[i])
+        return results
