@@ -268,3 +268,18 @@ def test_small_tensors_measured_together_as_alone(case_id, monkeypatch):
         # (tensor by tensor, a scalar eta's norms are summed in float32, here in float64)
         assert (got.update_norm, got.param_norm) == pytest.approx((reference.update_norm, reference.param_norm),
                                                                   rel=1e-6, nan_ok=True)
+
+
+@pytest.mark.parametrize("spread", [50, 1 << 15], ids=["narrow-bincount", "wide-sort"])
+def test_segment_counts_match_unique_per_segment(spread):
+    from lrscope.backends.torch_small import segment_counts
+
+    rng = np.random.default_rng(spread)
+    sizes = rng.integers(1, 40, size=30)
+    keys = rng.integers(0, spread, size=sizes.sum()) + 9000 * (spread < 100)
+    start = 0
+    for size, (indices, counts) in zip(sizes, segment_counts(keys, sizes)):
+        expected = np.unique(keys[start:start + size], return_counts=True)
+        np.testing.assert_array_equal(indices, expected[0])
+        np.testing.assert_array_equal(counts, expected[1])
+        start += size
