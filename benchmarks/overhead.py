@@ -31,7 +31,7 @@ import torch
 
 import lrscope
 import lrscope.torch
-from lrscope.backends import torch_fused, torch_stats
+from lrscope.backends import torch_fused, torch_small, torch_stats
 from lrscope.sinks import JsonlSink
 
 
@@ -311,7 +311,8 @@ def main() -> None:
         kib = memory(s)["extra_peak_kib"]
         print(f"   {label:16s} median {kib[2] / 1024:6.1f} MiB, max {kib[-1] / 1024:6.1f} MiB")
     print(f"   (fused chunks of up to {max(torch_fused.CHUNK_SIZES):,} elements = "
-          f"{max(torch_fused.CHUNK_SIZES) * 4 >> 20} MiB in float32; the rest is the C allocator's heap growth)")
+          f"{max(torch_fused.CHUNK_SIZES) * 4 >> 20} MiB in float32, small tensors in batches of up to "
+          f"{torch_small.BATCH_ELEMENTS:,} elements; the rest is the C allocator's heap growth)")
 
     print_other_frameworks(4 if args.quick else 40, repeat)
 
