@@ -158,13 +158,16 @@ def test_switched_off_by_the_environment(small_chunks, monkeypatch):
     assert not small_chunks
 
 
-def test_a_new_lr_and_t_reuse_the_compiled_pass(small_chunks):
-    """t, lr and Adam's beta powers are inputs of the compiled loop, not constants baked
-    in: after the first measured step nothing compiles (each compilation costs seconds)."""
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.NAdam, torch.optim.Adamax],
+                         ids=["adam", "nadam", "adamax"])
+def test_a_new_lr_and_t_reuse_the_compiled_pass(small_chunks, cls):
+    """t, lr and what depends on t alone (beta powers, NAdam's coefficients) are inputs of
+    the compiled loop, not constants baked in: after the first measured step nothing
+    compiles (each compilation costs seconds)."""
     from torch._dynamo.utils import counters
 
     w = torch.nn.Parameter(torch.randn(5000))
-    optimizer = torch.optim.Adam([w], lr=1e-3)
+    optimizer = cls([w], lr=1e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     with lrscope.watch(optimizer):
         for step in range(6):
