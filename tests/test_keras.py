@@ -428,3 +428,30 @@ def test_unmodelled_option_skips_distributions() -> None:
     assert any("ema_overwrite_frequency=2" in note for note in report.notes)
     assert report.groups[0].step_size == pytest.approx(
         lrscope.step_size("adam", 1, lr=1e-3, convention="keras"), rel=BETA_ROUNDING)
+
+
+def test_nonfinite_state_is_redone_with_masking() -> None:
+    """The fast pass reduces everything; a variable whose state holds NaN/Inf is measured
+    again with masking, the others keep their fast-pass statistics."""
+    rng = np.random.default_rng(8)
+    trained = list(_variables(rng).values())
+    optimizer = _O.Adam(1e-3)
+    optimizer.apply(_grads(rng, trained), trained)
+    matrix = trained[2]
+    velocity = next(v for v in optimizer._velocities if tuple(v.shape) == tuple(matrix.shape))
+    poisoned = ops.convert_to_numpy(velocity).copy()
+    poisoned[0, 0], poisoned[1, 2] = np.nan, -1.0  # NaN, and a sqrt of a negative (NaN eta)
+    poisoned[2, 1] = np.inf  # eta 0: finite
+    velocity.assign(poisoned)
+    report = lrscope.inspect(optimizer).groups[0]
+    exact = {name: np.asarray(ops.convert_to_numpy(el.eta), np.float64).reshape(-1)
+             for name, el in lrscope.keras.elementwise(optimizer)}
+    assert set(exact) == set(report.params)
+    for name, got in report.params.items():
+        eta = np.broadcast_to(exact[name], (got.effective_lr.count,)) if exact[name].size == 1 else exact[name]
+        finite = eta[np.isfinite(eta)]
+        dist = got.effective_lr
+        assert dist.nonfinite == eta.size - finite.size == (2 if name == matrix.path else 0)
+        assert dist.min == pytest.approx(finite.min(), rel=RTOL)
+        assert dist.max == pytest.approx(finite.max(), rel=RTOL)
+        assert dist.mean == pytest.approx(finite.mean(), rel=RTOL)

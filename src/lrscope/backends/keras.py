@@ -15,6 +15,7 @@ other class: lr only, with a note.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Iterator, Sequence
 
 import keras
@@ -327,7 +328,7 @@ class KerasReader:
             )
         dtype = _float_dtype()
         chunkable = getattr(formulas.family(self.family), "CHUNKABLE", True)
-        stats, reports = [], []
+        measures, reports = [], []
         for index, var in enumerate(self.variables()):
             if by_index and index not in by_index:
                 continue  # no gradient: Keras skipped this variable
@@ -337,13 +338,12 @@ class KerasReader:
                     index, t, h, by_index.get(index), (recorded or {}).get(index), chunk
                 )
 
-            stats.append(
-                keras_stats.reduce(
-                    compute, ops.convert_to_tensor(var), with_update, dtype, chunkable
-                )
+            measures.append(
+                partial(keras_stats.reduce, compute, ops.convert_to_tensor(var), with_update, dtype,
+                        chunkable)
             )
             reports.append(ParamReport(name=var.path, shape=tuple(var.shape)))
-        for report, (dist, update_norm, param_norm) in zip(reports, keras_stats.to_host(stats)):
+        for report, (dist, update_norm, param_norm) in zip(reports, keras_stats.collect(measures)):
             report.effective_lr = dist
             report.update_norm, report.param_norm = update_norm, param_norm
         return {r.name: r for r in reports}

@@ -4,7 +4,8 @@ Per variable: float32 bit buckets of eta (``mapping``) counted with ``bincount``
 finite min/max/sum/sum of squares, the eps-dominated count and the update and parameter
 squared norms.  Elementwise families are processed in chunks of ``CHUNK_ELEMENTS`` so
 temporary memory stays bounded whatever the variable size; ``to_host`` moves the
-statistics of every variable of a step in two transfers.
+statistics of every variable of a step in two transfers (two more for the variables
+holding NaN/Inf, which are measured again with masking).
 """
 
 from __future__ import annotations
@@ -42,15 +43,29 @@ def _squares(x: Any, dtype: str) -> Any:
     return ops.sum(x * x)
 
 
-def _statistics(el: Elementwise, param: Any, with_update: bool, dtype: str) -> tuple[Any, Any]:
+def _extremes(values: Any, finite_only: bool) -> list[Any]:
+    """min, max, sum and sum of squares.  The fast path reduces everything (a NaN/Inf then
+    shows in the sum and ``collect`` redoes that variable); masking costs as much again."""
+    if not finite_only:
+        return [ops.min(values), ops.max(values), ops.sum(values), ops.sum(values * values)]
+    finite = ops.isfinite(values)
+    zero = ops.zeros_like(values)
+    return [
+        ops.min(ops.where(finite, values, zero + math.inf)),
+        ops.max(ops.where(finite, values, zero - math.inf)),
+        ops.sum(ops.where(finite, values, zero)),
+        ops.sum(ops.where(finite, values * values, zero)),
+    ]
+
+
+def _statistics(el: Elementwise, param: Any, with_update: bool, dtype: str,
+                finite_only: bool) -> tuple[Any, Any]:
     """(bucket counts, packed scalars) of eta over ``param`` (a tensor or a flat chunk)."""
     eta = ops.reshape(ops.broadcast_to(ops.convert_to_tensor(el.eta), ops.shape(param)), [-1])
     bits = ops.view(ops.cast(eta, "float32"), "int32")
     keys = ops.bitwise_and(ops.right_shift(bits, mapping.FLOAT32_SHIFT), _MASK)
     counts = ops.bincount(keys, minlength=mapping.FLOAT32_BUCKETS)
     values = ops.cast(eta, dtype)
-    finite = ops.isfinite(values)
-    zero = ops.zeros_like(values)
     absent = ops.convert_to_tensor(-1.0, dtype=dtype)
     eps = (
         absent
@@ -59,10 +74,7 @@ def _statistics(el: Elementwise, param: Any, with_update: bool, dtype: str) -> t
     )
     scalars = ops.stack(
         [
-            ops.min(ops.where(finite, values, zero + math.inf)),
-            ops.max(ops.where(finite, values, zero - math.inf)),
-            ops.sum(ops.where(finite, values, zero)),
-            ops.sum(ops.where(finite, values * values, zero)),
+            *_extremes(values, finite_only),
             eps,
             _squares(el.update(param), dtype) if with_update else absent,
             _squares(param, dtype),
@@ -77,6 +89,7 @@ def reduce(
     with_update: bool,
     dtype: str,
     chunkable: bool,
+    finite_only: bool = False,
 ) -> tuple[Any, Any]:
     """Statistics of eta over ``param``; ``compute(chunk)`` gives the Elementwise of a flat
     slice of every state tensor (``None``: the whole tensors)."""
@@ -84,7 +97,7 @@ def reduce(
     counts, rows = None, []
     for chunk in chunks(int(np.prod(param.shape)), chunkable):
         c, row = _statistics(
-            compute(chunk), param if chunk is None else flat[chunk], with_update, dtype
+            compute(chunk), param if chunk is None else flat[chunk], with_update, dtype, finite_only
         )
         counts = c if counts is None else counts + c
         rows.append(row)
@@ -107,3 +120,13 @@ def to_host(stats: list[tuple[Any, Any]]) -> list[tuple[Distribution, float | No
     counts = ops.convert_to_numpy(ops.stack([c for c, _ in stats])).astype(np.int64)
     scalars = ops.convert_to_numpy(ops.stack([s for _, s in stats])).astype(np.float64)
     return [decode_statistics(row_counts, row) for row_counts, row in zip(counts, scalars)]
+
+
+def collect(measures: list[Callable[[bool], tuple[Any, Any]]]) -> list[tuple[Distribution, float | None, float]]:
+    """Every ``measure(finite_only)`` (a ``reduce``) on the fast path, moved to the host
+    together; the variables that turn out to hold NaN/Inf are measured again with masking."""
+    out = to_host([measure(False) for measure in measures])
+    redo = [i for i, (dist, _, _) in enumerate(out) if dist.nonfinite and not math.isfinite(dist.sketch.sum)]
+    for i, masked in zip(redo, to_host([measures[i](True) for i in redo])):
+        out[i] = masked
+    return out
