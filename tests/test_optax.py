@@ -195,6 +195,30 @@ def test_fused_train_step_is_bitwise_unchanged(alias, kwargs):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("alias, kwargs", [(optax.adam, {}), (optax.sgd, {"momentum": 0.9}),
+                                           (optax.adafactor, {})])
+@pytest.mark.parametrize("every", [1, 2])
+def test_state_can_be_donated(alias, kwargs, every):
+    """Training loops donate the optimizer state to the jitted step (donate_argnums): no
+    two leaves of the monitor's state may share a buffer, at init or after any step."""
+    tx = lrscope.optax.monitor(alias, learning_rate=1e-2, every=every, **kwargs)
+
+    def step(params, state):
+        grads = jax.tree_util.tree_map(lambda p: 0.1 * p + 0.01, params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    reports = []
+    for donate in ((0, 1), ()):
+        params = {"w": jnp.ones((4, 3), jnp.float32), "b": jnp.ones((3,), jnp.float32)}
+        state = tx.init(params)
+        jitted = jax.jit(step, donate_argnums=donate)
+        for _ in range(3):
+            params, state = jitted(params, state)
+        reports.append(lrscope.inspect(state).to_dict())
+    assert reports[0]["t"] == 3 and reports[0] == reports[1]
+
+
 def test_distribution_matches_numpy(x64):
     params = {"big": jnp.asarray(np.random.default_rng(2).normal(size=(50, 60)))}
     rng = np.random.default_rng(3)

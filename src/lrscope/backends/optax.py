@@ -262,7 +262,11 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per
         scalars = {m.name: _scalars(m, _hyper(m, nodes.get(m.name, []), steps), steps + 1)
                    for m in models}
         stats = {g.name: empty_stats(plan.stats_count(g)) for g in plan.groups}
-        return LrscopeState(inner, plan, steps, scalars, stats, steps, _kept_arrays(plan, params))
+        # One buffer per leaf (empty_stats repeats its arrays, and a step size may be the lr
+        # itself): a training loop may donate the state, and XLA refuses a buffer donated twice.
+        distinct = jax.tree_util.tree_map(
+            jnp.array, (steps, scalars, stats, steps, _kept_arrays(plan, params)))
+        return LrscopeState(inner, plan, *distinct)
 
     def update_fn(updates: Any, state: LrscopeState, params: Any = None,
                   **extra: Any) -> tuple[Any, LrscopeState]:
