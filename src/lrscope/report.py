@@ -111,6 +111,13 @@ def decode_statistics(counts: Any, scalars: Any,
     return Distribution(sketch, eps), update, math.sqrt(named["param_sq"])
 
 
+def needs_masked_redo(dist: Distribution) -> bool:
+    """Whether statistics reduced without masks (a backend's fast pass) must be measured
+    again with masking: NaN/Inf reached the sums, so min/max/mean are not those of the
+    finite values."""
+    return bool(dist.nonfinite) and not math.isfinite(dist.sketch.sum)
+
+
 def _ratio(update_norm: float | None, param_norm: float | None) -> float | None:
     if update_norm is None or param_norm is None:
         return None

@@ -17,7 +17,7 @@ import numpy as np
 from keras import ops
 
 from lrscope.formulas import Elementwise
-from lrscope.report import Distribution, decode_statistics
+from lrscope.report import Distribution, decode_statistics, needs_masked_redo
 from lrscope.stats import mapping
 
 #: Elements processed at once by the elementwise families.
@@ -126,7 +126,7 @@ def collect(measures: list[Callable[[bool], tuple[Any, Any]]]) -> list[tuple[Dis
     """Every ``measure(finite_only)`` (a ``reduce``) on the fast path, moved to the host
     together; the variables that turn out to hold NaN/Inf are measured again with masking."""
     out = to_host([measure(False) for measure in measures])
-    redo = [i for i, (dist, _, _) in enumerate(out) if dist.nonfinite and not math.isfinite(dist.sketch.sum)]
+    redo = [i for i, (dist, _, _) in enumerate(out) if needs_masked_redo(dist)]
     for i, masked in zip(redo, to_host([measures[i](True) for i in redo])):
         out[i] = masked
     return out

@@ -117,6 +117,9 @@ class TorchReader:
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.family = family_of(self.optimizer)
+        # A family whose formulas never read t (SGD: torch keeps no step counter for it).
+        self.stepless = self.family is not None and not getattr(
+            formulas.family(self.family), "USES_STEP", True)
         self.empirical = empirical
         self.names = _parameter_names(model, self.optimizer)
         self.notes: list[str] = []
@@ -159,9 +162,9 @@ class TorchReader:
             notes.append("lr read from param_groups after the step: if a scheduler stepped since, "
                           "this is the next step's lr (watch() records the lr the step used)")
         t = self._step_count() if t is None else t
-        if not t and self.family == "sgd":
-            notes.append("SGD keeps no step counter: t is unknown to inspect() and reported as 0 "
-                         "(watch() counts the steps)")
+        if not t and self.stepless:
+            notes.append(f"{type(self.optimizer).__name__} keeps no step counter: t is unknown to "
+                         "inspect() and reported as 0 (watch() counts the steps)")
         groups = []
         for index, group in enumerate(self.optimizer.param_groups):
             lr = group["lr"]
@@ -191,8 +194,8 @@ class TorchReader:
                          "distributions skipped rather than mis-modelled")
         # Reading a (possibly on-device) step counter is a host sync: only on measured steps.
         t = (self._group_t(group["params"]) or t_report) if distributions else t_report
-        # t == 0: no step taken yet, or a stepless family (SGD) read by inspect().
-        known = bool(t) or not getattr(formulas.family(self.family), "USES_STEP", True)
+        # t == 0: no step taken yet, or a stepless family read by inspect().
+        known = bool(t) or self.stepless
         host_h = {**h, "lr": as_float(h["lr"])}
         family_scalars = formulas.family(self.family).step_sizes(
             np, t, host_h, "torch") if known else {"step_size": math.nan}

@@ -92,7 +92,7 @@ def _chunk_statistics(apply: Callable[..., Elementwise], family: str, view: dict
     norms) in float64, and whether the family has an eps term."""
     el = apply(family, view, t, h, dtype)
     theta = view["param"]
-    eta = el.eta if isinstance(el.eta, torch.Tensor) else torch.tensor(el.eta, dtype=torch.float64)
+    eta = torch_stats.eta_tensor(el)
     # (Broadcasting a full-size eta would split Inductor's loop in two.)
     wide = eta.double() if eta.dim() else eta.double().expand(theta.shape)
     update = el.update(theta).double()

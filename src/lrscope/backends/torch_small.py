@@ -106,8 +106,8 @@ class _Batch:
         flat = {key: torch.cat([f.parts[0][key] for f in formulas]) for key in first.parts[0]}
         theta = flat["param"]
         el = first.apply(first.family, {**first.parts[1], **flat}, first.t, first.h, first.dtype)
-        eta = torch.as_tensor(el.eta, dtype=torch.float64 if not isinstance(el.eta, torch.Tensor) else None)
-        eta = eta.detach().expand(theta.shape) if eta.dim() == 0 else eta.detach()
+        eta = torch_stats.eta_tensor(el).detach()
+        eta = eta.expand(theta.shape) if eta.dim() == 0 else eta
         update = torch_stats.float64_numpy(el.update(theta))
         values = torch_stats.float64_numpy(eta)
         sizes = np.array([param.numel() for _, param in self.items.values()])

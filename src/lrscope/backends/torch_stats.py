@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lrscope.formulas import Elementwise
-from lrscope.report import Distribution, decode_statistics
+from lrscope.report import Distribution, decode_statistics, needs_masked_redo
 from lrscope.stats import mapping
 from lrscope.stats.bit_histogram import BucketCounts
 
@@ -57,6 +57,12 @@ def _squared_norm(values: torch.Tensor | None, like: torch.Tensor) -> torch.Tens
         return like.new_zeros(())
     flat = values.reshape(-1)
     return torch.dot(flat, flat)
+
+
+def eta_tensor(el: Elementwise, device: torch.device | None = None) -> torch.Tensor:
+    """``el.eta`` as a tensor: a scalar eta (SGD's lr) becomes a 0-d float64 one."""
+    return el.eta if isinstance(el.eta, torch.Tensor) else torch.tensor(
+        float(el.eta), dtype=torch.float64, device=device)
 
 
 def _totals(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -149,9 +155,7 @@ class Accumulator:
         """The statistics of eta over the flat slice ``chunk`` (``compute(chunk)``)."""
         el = compute(chunk)
         theta = flat_param[chunk]
-        eta = el.eta if isinstance(el.eta, torch.Tensor) else torch.tensor(
-            float(el.eta), dtype=torch.float64, device=theta.device)
-        self.add(eta, el.eps_dominated, el.update(theta), theta)
+        self.add(eta_tensor(el, theta.device), el.eps_dominated, el.update(theta), theta)
 
     def result(self) -> torch.Tensor | tuple[Distribution, float | None, float]:
         """Decoded at once on the CPU (nothing to transfer, and no tensor's bucket counts
@@ -219,7 +223,7 @@ def collect(measure: dict[str, Callable[[bool], Any]]) -> dict[str, tuple[Distri
     the device results in one transfer, and redo (with ``finite_only=True``) only the
     tensors that turned out to hold NaN/Inf."""
     out = to_host({name: fn(False) for name, fn in measure.items()})
-    redo = {name for name, (dist, _, _) in out.items() if dist.nonfinite and not math.isfinite(dist.sketch.sum)}
+    redo = {name for name, (dist, _, _) in out.items() if needs_masked_redo(dist)}
     if redo:
         out.update(to_host({name: measure[name](True) for name in redo}))
     return out
