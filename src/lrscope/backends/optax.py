@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lrscope import formulas
 from lrscope.backends import optax_model
 from lrscope.backends.optax_stats import (
     LeafStats, empty_stats, leaf_stats, merge_stats, param_report, stat_dtype,
@@ -202,14 +203,18 @@ def _kept_arrays(plan: Plan, params: Any) -> dict[str, tuple[dict[str, jax.Array
 
 
 def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any, grads: Any,
-                   updates: Any, params: Any,
+                   updates: Any, after: Any,
                    steps: jax.Array) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Per-tensor statistics of every group (and eta/d/decay arrays with ``keep_arrays``)."""
+    """Per-tensor statistics of every group (and eta/d/decay arrays with ``keep_arrays``).
+
+    ``updates`` is the update optax emitted (None when not needed, see ``_needs_real``)
+    and ``after`` theta after the step (None when update() got no params).
+    """
     models, new_nodes = _models(inner, spec)
     old_nodes = _models(old_inner, spec)[1]
     grads = optax_model.leaves(grads)
     reals = optax_model.leaves(updates) if updates is not None else [None] * len(grads)
-    befores = optax_model.leaves(params) if params is not None else None
+    afters = optax_model.leaves(after) if after is not None else None
     stats, arrays = {}, {}
     for model, group in zip(models, plan.groups):
         h = _hyper(model, new_nodes.get(model.name, []), steps)
@@ -224,8 +229,8 @@ def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any,
         for i, decayed in zip(group.leaf_index, group.decayed):
             s, k = leaf_stats(model.family, {key: v[i] for key, v in named.items()}, steps + 1,
                               h if decayed else {**h, "weight_decay": 0.0}, grads[i],
-                              reals[i] if group.empirical or plan.check else None,
-                              None if befores is None else befores[i])
+                              reals[i], None if afters is None else afters[i],
+                              check=group.empirical or plan.check)
             tensors.append(s)
             kept.append(k)
         stats[group.name] = (tuple(tensors) if plan.per_param
@@ -233,6 +238,16 @@ def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any,
         if plan.keep_arrays and not group.empirical:
             arrays[group.name] = tuple(kept)
     return stats, arrays
+
+
+def _needs_real(plan: Plan, has_params: bool) -> bool:
+    """Whether the statistics read the real update: to check the model against it, to
+    sketch it (empirical groups), or to recover theta before the step for a family whose
+    eta or d reads it.  Otherwise the update never has to exist in memory apart from the
+    caller's apply_updates (the cheapest steps between distributions)."""
+    return plan.check or any(
+        g.empirical or (has_params and getattr(formulas.family(g.family), "READS_PARAM_BEFORE", False))
+        for g in plan.groups)
 
 
 def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per_param: bool = True,
@@ -275,10 +290,14 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per
         models, nodes = _models(inner, spec)
         scalars = {m.name: _scalars(m, _hyper(m, nodes.get(m.name, []), steps), steps + 1)
                    for m in models}
-        # Without the check the real update is not needed: it then never has to exist
-        # in memory apart from the caller's apply_updates (the cheapest skipped steps).
-        real = new_updates if plan.check or any(g.empirical for g in plan.groups) else None
-        arrays = (state.inner, inner, updates, real, params, steps)
+        # The statistics read theta after the step, the caller's own apply_updates (XLA
+        # computes the same expression once), never ``params``: a training loop may donate
+        # params, and XLA then copies every parameter on every step if anything else
+        # reads them.  Theta before the step comes from the real update where one is
+        # needed anyway, otherwise from the model (optax_stats.leaf_stats).
+        after = None if params is None else optax.apply_updates(params, new_updates)
+        real = new_updates if _needs_real(plan, params is not None) else None
+        arrays = (state.inner, inner, updates, real, after, steps)
         if plan.every == 1:
             (stats, kept), stats_step = _distributions(spec, plan, *arrays), steps + 1
         else:

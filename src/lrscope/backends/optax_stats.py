@@ -68,34 +68,41 @@ def _reduce(columns: dict[str, tuple[jax.Array, str]]) -> dict[str, jax.Array]:
 
 
 def leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str, Any], grad: Any,
-               real: Any, before: Any) -> tuple[LeafStats, dict[str, Any]]:
+               real: Any, after: Any, check: bool) -> tuple[LeafStats, dict[str, Any]]:
     """Statistics of one tensor, and its eta/d/decay arrays (for ``keep_arrays``).
 
     ``family`` is the formula module (None: empirical, |real update| is sketched),
     ``arrays`` the optimizer state in PyTorch names, ``real`` the update optax emitted
-    (None: not checked, the norms come from the model, SPEC §1's identity) and
-    ``before`` theta before the step (None when update() got no params).
+    (None when not needed), ``after`` theta after the step (None when update() got no
+    params) and ``check`` whether to compare the model with ``real``.  Without the check
+    the norms come from the model (SPEC §1's identity).
+
+    Theta before the step is ``after - real`` when ``real`` is given, else it follows
+    from the identity ``after = before - eta * d - decay_rate * before``: either way
+    within a rounding of theta of the value the step read.
     """
     f = stat_dtype()
     nan = jnp.asarray(jnp.nan, f)
-    dominated, modelled, kept = None, None, {}
+    dominated, modelled, kept, before = None, None, {}, None
     if family is None:
         values, update = jnp.abs(real), real
     else:
         state = {**arrays, "grad": grad}
-        if before is not None:
-            state["param_before"] = before
+        if after is not None:
+            state["param"] = after
             if real is not None:
-                state["param"] = before + real
+                before = state["param_before"] = (after - real).astype(after.dtype)
         el = family.elementwise(jnp, state, t, h, "optax")
         values = jnp.broadcast_to(el.eta, grad.shape)
         direction = jnp.broadcast_to(el.direction, grad.shape)
         modelled = -values * direction
-        if before is not None:
+        if after is not None:
+            if before is None:
+                before = (after - modelled) / (1 - el.decay_rate)
             modelled = modelled - el.decay_rate * before
         if el.eps_dominated is not None:
             dominated = jnp.broadcast_to(el.eps_dominated, grad.shape)
-        update = modelled if real is None else real
+        update = real if check else modelled
         kept = {"eta": values.astype(f), "direction": direction.astype(jnp.result_type(grad, f)),
                 "decay_rate": jnp.asarray(el.decay_rate, f)}
     wide = values.astype(f)
@@ -108,9 +115,9 @@ def leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str, Any], g
                "update_sq": (size * size, "sum"), "update_max": (size, "max")}
     if dominated is not None:
         columns["eps_dominated"] = (dominated.astype(jnp.int32), "sum")
-    if before is not None:
-        columns["param_sq"] = (jnp.abs(before + update).astype(f) ** 2, "sum")
-    if modelled is not None and real is not None:
+    if after is not None:
+        columns["param_sq"] = (jnp.abs(after).astype(f) ** 2, "sum")
+    if modelled is not None and check:
         columns["model_residual"] = (jnp.abs(modelled - real).astype(f), "max")
     r = _reduce(columns)
     stats = LeafStats(_buckets(values), r["min"], r["max"], r["sum"], r["sum_squares"],

@@ -25,6 +25,9 @@ from typing import Any, Mapping
 from lrscope.formulas._common import Elementwise, coupled_direction
 
 NAMES = ("adadelta",)
+#: The optax convention reads theta before the step in eta or d, so it cannot be
+#: recovered from theta after the step through the model (see backends/optax.py).
+READS_PARAM_BEFORE = True
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "torch": {"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0, "maximize": False},

@@ -47,6 +47,9 @@ from lrscope.formulas.lamb import positive_root
 NAMES = ("adafactor",)
 #: eta needs whole-tensor reductions (RMS(U), the factored V): not computable chunk by chunk.
 CHUNKABLE = False
+#: The optax convention reads theta before the step in eta or d, so it cannot be
+#: recovered from theta after the step through the model (see backends/optax.py).
+READS_PARAM_BEFORE = True
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "torch": {"lr": 1e-2, "beta2_decay": -0.8, "eps": (None, 1e-3), "d": 1.0,

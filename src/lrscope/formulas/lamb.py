@@ -65,6 +65,9 @@ from lrscope.formulas._common import Elementwise
 NAMES = ("lamb",)
 #: eta needs whole-tensor norms (the trust ratio): not computable chunk by chunk.
 CHUNKABLE = False
+#: The optax convention reads theta before the step in eta or d, so it cannot be
+#: recovered from theta after the step through the model (see backends/optax.py).
+READS_PARAM_BEFORE = True
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "keras": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "weight_decay": 0.0},
