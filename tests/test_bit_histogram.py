@@ -54,3 +54,22 @@ def test_per_thread_counts_are_folded_before_they_overflow(monkeypatch):
     indices, got = counts.nonzero()
     assert got.tolist() == [30_000] and indices.tolist() == keys_of(values[:1]).tolist()
     assert counts._total is not None  # folded at least once
+
+
+@pytest.mark.parametrize("row_limit", [bit_histogram._ROW_LIMIT, 10_000])
+def test_scan_within_the_extremes_equals_the_full_scan(monkeypatch, row_limit):
+    """``nonzero(within=(min, max))`` scans only the buckets between the extremes (float64
+    bounds of float32-counted values, as the torch backend passes them), before and after
+    the per-thread rows are folded, and with weighted small adds beside."""
+    monkeypatch.setattr(bit_histogram, "_ROW_LIMIT", row_limit)
+    rng = np.random.default_rng(7)
+    values = [10.0 ** rng.uniform(-9, -2, n) for n in (6000, 5000, 20)]
+    counts = bit_histogram.BucketCounts()
+    for v in values:
+        counts.add(v.astype(np.float32))
+    counts.add(np.array([1e-5], np.float32), weight=300)
+    low, high = min(v.min() for v in values), max(v.max() for v in values)
+    within_indices, within_counts = counts.nonzero((low, high))
+    full_indices, full_counts = counts.nonzero()
+    assert within_indices.tolist() == full_indices.tolist()
+    assert within_counts.tolist() == full_counts.tolist() and within_counts.sum() == 11_320

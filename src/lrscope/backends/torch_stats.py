@@ -170,7 +170,10 @@ class Accumulator:
         totals = [table[:, 0].min(), table[:, 1].max(), *table[:, 2:].sum(axis=0)]
         if not self.has_eps:
             totals[4] = -1  # absent, as report.decode_statistics reads it
-        indices, counts = self.cpu_counts.nonzero()
+        # Positive finite extremes of the fast pass bound every counted value (a NaN would
+        # show in them; the masked pass leaves NaN/Inf out of them but not of the counts).
+        bounded = not self.finite_only and 0 < totals[0] and totals[1] < math.inf
+        indices, counts = self.cpu_counts.nonzero((totals[0], totals[1]) if bounded else None)
         return decode_statistics(counts, totals, indices)
 
 

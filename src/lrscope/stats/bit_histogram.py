@@ -103,21 +103,38 @@ class BucketCounts:
             self._rows[:] = 0
             self._in_rows = 0
 
-    def nonzero(self) -> tuple[np.ndarray, np.ndarray]:
-        """The buckets with a nonzero count (sorted) and their counts, for
-        ``LogSketch.from_float32_buckets(counts, indices=...)``."""
-        self._fold()
+    def _dense(self, within: tuple[float, float] | None) -> tuple[np.ndarray, np.ndarray]:
+        """The nonzero buckets of the dense counts (rows and folded total) and their counts,
+        scanning only the buckets of ``within`` when given."""
+        start, stop = 0, mapping.FLOAT32_BUCKETS
+        if within is not None:
+            start, stop = (int(np.float32(x).view(np.uint32)) >> _SHIFT for x in within)
+            stop += 1
+        total = None if self._total is None else self._total[start:stop]
+        if self._rows is not None and self._in_rows:
+            part = self._rows[:, start:stop].sum(axis=0, dtype=np.int64)
+            total = part if total is None else total + part
+        if total is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         # (flatnonzero of a boolean array: several times faster than of the int64 counts)
-        indices = [np.flatnonzero(self._total != 0)] if self._total is not None else []
-        counts = [self._total[indices[0]]] if indices else []
-        for keys, weight in self._few:
-            indices.append(keys)
-            counts.append(np.full(keys.size, weight, np.int64))
+        indices = np.flatnonzero(total != 0)
+        return indices + start, total[indices]
+
+    def nonzero(self, within: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The buckets with a nonzero count (sorted) and their counts, for
+        ``LogSketch.from_float32_buckets(counts, indices=...)``.
+
+        ``within``: positive bounds of every value counted (e.g. the exact min and max),
+        when known; then only their buckets are scanned, a few hundred instead of 32768.
+        """
+        indices, counts = self._dense(within)
         if not self._few:  # the dense counts alone: already sorted and unique
-            return (indices[0], counts[0]) if indices else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-        if len(indices) == 1 and self._few[0][1] == 1:  # one small array (a bias): one sort
-            unique, total = np.unique(indices[0], return_counts=True)
+            return indices, counts
+        keys = [indices] + [k for k, _ in self._few]
+        weights = [counts] + [np.full(k.size, w, np.int64) for k, w in self._few]
+        if len(keys) == 2 and not indices.size and self._few[0][1] == 1:  # one small array: one sort
+            unique, total = np.unique(keys[1], return_counts=True)
             return unique, total.astype(np.int64)
-        unique, inverse = np.unique(np.concatenate(indices), return_inverse=True)
-        total = np.bincount(inverse, weights=np.concatenate(counts), minlength=unique.size)
+        unique, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+        total = np.bincount(inverse, weights=np.concatenate(weights), minlength=unique.size)
         return unique, total.astype(np.int64)
