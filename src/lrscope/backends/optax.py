@@ -28,7 +28,8 @@ import optax
 from lrscope import formulas
 from lrscope.backends import optax_model
 from lrscope.backends.optax_stats import (
-    LeafStats, empty_stats, leaf_stats, merge_stats, param_report, stat_dtype,
+    LeafStats, empty_stats, leaf_stats, merge_stats, param_report, stack_stats, stat_dtype,
+    unstack_stats,
 )
 from lrscope.monitor import Monitor
 from lrscope.report import GroupReport, StepReport
@@ -82,7 +83,7 @@ class LrscopeState(NamedTuple):
     plan: Plan
     steps: jax.Array
     scalars: dict[str, dict[str, jax.Array]]
-    stats: dict[str, tuple[LeafStats, ...]]
+    stats: dict[str, LeafStats]  # stacked, a row per tensor (or one row per group)
     stats_step: jax.Array
     arrays: dict[str, tuple[dict[str, jax.Array], ...]]
 
@@ -233,8 +234,8 @@ def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any,
                               check=group.empirical or plan.check)
             tensors.append(s)
             kept.append(k)
-        stats[group.name] = (tuple(tensors) if plan.per_param
-                             else (merge_stats(tensors),) if tensors else empty_stats(1))
+        stats[group.name] = (empty_stats(plan.stats_count(group)) if not tensors
+                             else stack_stats(tensors if plan.per_param else [merge_stats(tensors)]))
         if plan.keep_arrays and not group.empirical:
             arrays[group.name] = tuple(kept)
     return stats, arrays
@@ -277,7 +278,7 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per
         scalars = {m.name: _scalars(m, _hyper(m, nodes.get(m.name, []), steps), steps + 1)
                    for m in models}
         stats = {g.name: empty_stats(plan.stats_count(g)) for g in plan.groups}
-        # One buffer per leaf (empty_stats repeats its arrays, and a step size may be the lr
+        # One buffer per leaf (empty_stats repeats its NaN array, and a step size may be the lr
         # itself): a training loop may donate the state, and XLA refuses a buffer donated twice.
         distinct = jax.tree_util.tree_map(
             jnp.array, (steps, scalars, stats, steps, _kept_arrays(plan, params)))
@@ -359,16 +360,17 @@ def inspect(obj: Any) -> StepReport:
     groups, notes = [], []
     for g in state.plan.groups:
         values = {k: float(v) for k, v in scalars[g.name].items()}
+        rows = unstack_stats(stats[g.name])
         params = {}
         if fresh and state.plan.per_param:
             params = {n: param_report(n, shape, s, g.empirical)
-                      for n, shape, s in zip(g.leaves, g.shapes, stats[g.name])}
+                      for n, shape, s in zip(g.leaves, g.shapes, rows)}
         extra = {k: v for k, v in values.items()
                  if k not in ("lr", "step_size", "weight_decay_rate")}
         checked = fresh and not g.empirical and g.leaves and state.plan.check
         if checked and not math.isnan(values["lr"]):  # an unknown lr has its own note
-            residual = max(float(s.model_residual) for s in stats[g.name])
-            scale = max(float(s.update_max) for s in stats[g.name])
+            residual = max(float(s.model_residual) for s in rows)
+            scale = max(float(s.update_max) for s in rows)
             extra["model_error"] = residual / scale if scale > 0 else float(residual > 0)
             if not extra["model_error"] <= g.tolerance:
                 notes.append(f"group {g.name}: lrscope's {g.family} model does NOT reproduce the "
@@ -379,7 +381,7 @@ def inspect(obj: Any) -> StepReport:
             params, name=g.name, lr=values["lr"], step_size=values.get("step_size", math.nan),
             weight_decay_rate=values.get("weight_decay_rate", 0.0), extra=extra)
         if fresh and not state.plan.per_param:  # the group's merged statistics
-            merged = param_report(g.name, (), stats[g.name][0], g.empirical)
+            merged = param_report(g.name, (), rows[0], g.empirical)
             for label in ("effective_lr", "update_magnitude", "update_norm", "param_norm"):
                 setattr(group, label, getattr(merged, label))
         groups.append(group)

@@ -21,7 +21,8 @@ from lrscope.stats import LogSketch, mapping
 
 
 class LeafStats(NamedTuple):
-    """Statistics of one tensor for one step, as device arrays."""
+    """Statistics of one tensor for one step, as device arrays (``stack_stats``: of several,
+    one row per tensor along a leading axis)."""
 
     buckets: jax.Array  # int32[FLOAT32_BUCKETS] counts of eta (of |delta| when empirical)
     min: jax.Array
@@ -140,12 +141,23 @@ def merge_stats(stats: list[LeafStats]) -> LeafStats:
         stack("update_max").max())
 
 
-def empty_stats(n: int) -> tuple[LeafStats, ...]:
-    """Placeholder statistics of ``n`` tensors (the state before any step)."""
-    nan = jnp.asarray(jnp.nan, stat_dtype())
-    one = LeafStats(jnp.zeros(mapping.FLOAT32_BUCKETS, jnp.int32), nan, nan, nan, nan,
-                    jnp.asarray(-1, jnp.int32), nan, nan, nan, nan)
-    return (one,) * n
+def stack_stats(stats: list[LeafStats]) -> LeafStats:
+    """The statistics of several tensors as one LeafStats, a row per tensor: the state then
+    holds ten arrays per group rather than ten per tensor (on every step between
+    distributions each array is carried over, a copy or a kernel launch of its own)."""
+    return LeafStats(*(jnp.stack(field) for field in zip(*stats)))
+
+
+def unstack_stats(stats: LeafStats) -> list[LeafStats]:
+    """The per-tensor rows of a (host copy of a) ``stack_stats`` result."""
+    return [LeafStats(*(field[i] for field in stats)) for i in range(len(stats.min))]
+
+
+def empty_stats(n: int) -> LeafStats:
+    """Placeholder statistics of ``n`` tensors, stacked (the state before any step)."""
+    nan = jnp.full((n,), jnp.nan, stat_dtype())
+    return LeafStats(jnp.zeros((n, mapping.FLOAT32_BUCKETS), jnp.int32), nan, nan, nan, nan,
+                     jnp.full((n,), -1, jnp.int32), nan, nan, nan, nan)
 
 
 def param_report(name: str, shape: tuple[int, ...], s: LeafStats, empirical: bool) -> ParamReport:
