@@ -108,16 +108,11 @@ class _Batch:
         el = first.apply(first.family, {**first.parts[1], **flat}, first.t, first.h, first.dtype)
         eta = torch_stats.eta_tensor(el).detach()
         eta = eta.expand(theta.shape) if eta.dim() == 0 else eta
-        update = torch_stats.float64_numpy(el.update(theta))
-        values = torch_stats.float64_numpy(eta)
         sizes = np.array([param.numel() for _, param in self.items.values()])
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # each tensor's segment
-        eps = np.add.reduceat(torch.as_tensor(el.eps_dominated).reshape(-1).numpy().astype(np.int64), starts) \
-            if el.eps_dominated is not None else np.full(sizes.size, -1)
-        theta64 = torch_stats.float64_numpy(theta)
-        rows = np.stack([np.minimum.reduceat(values, starts), np.maximum.reduceat(values, starts),
-                         np.add.reduceat(values, starts), np.add.reduceat(values * values, starts), eps,
-                         np.add.reduceat(update * update, starts), np.add.reduceat(theta64 * theta64, starts)], 1)
+        rows = torch_stats.numpy_rows(eta, el.eps_dominated, el.update(theta), theta, starts)
+        if el.eps_dominated is None:
+            rows[:, 4] = -1  # absent, as report.decode_statistics reads it
         buckets = (eta.to(torch.float32).numpy().view(np.uint32) >> mapping.FLOAT32_SHIFT).astype(np.int64)
         return {name: decode_statistics(counts, rows[i], indices)
                 for i, (name, (indices, counts)) in enumerate(zip(self.items, segment_counts(buckets, sizes)))}

@@ -78,19 +78,38 @@ def float64_numpy(values: torch.Tensor) -> np.ndarray:
     return values.detach().reshape(-1).to(torch.float64).numpy()
 
 
-def _numpy_row(values: torch.Tensor, eps_dominated: Any, update: torch.Tensor | None,
-               param: torch.Tensor, finite_only: bool) -> np.ndarray:
-    """``_totals``'s row of a small CPU chunk, in numpy: a numpy reduction of a few
-    thousand values costs a microsecond, a torch one several.  (No ``@``: numpy's BLAS
-    threads would then spin beside PyTorch's and slow down both.)"""
+def numpy_rows(values: torch.Tensor, eps_dominated: Any, update: torch.Tensor | None,
+               param: torch.Tensor, starts: np.ndarray, finite_only: bool = False) -> np.ndarray:
+    """``_totals``'s row (min, max, sum, sum of squares, eps-dominated count, update and
+    parameter squared norms) of each consecutive segment of small CPU tensors, the
+    segments starting at ``starts``, in numpy: a numpy reduction of a few thousand values
+    costs a microsecond, a torch one several.  ``finite_only`` leaves NaN/Inf out of the
+    extremes and sums (a segment without finite values: min inf, max -inf, sums 0); the
+    eps-dominated count is 0 where the family has none.  (No ``@``: numpy's BLAS threads
+    would then spin beside PyTorch's and slow down both.)
+
+    >>> rows = numpy_rows(torch.tensor([1.0, 3.0, float("nan")]), None, None,
+    ...                   torch.ones(3), np.array([0, 2]), finite_only=True)
+    >>> rows.tolist()
+    [[1.0, 3.0, 4.0, 10.0, 0.0, 0.0, 2.0], [inf, -inf, 0.0, 0.0, 0.0, 0.0, 1.0]]
+    """
     v = float64_numpy(values)
+    if not v.size:  # an empty tensor
+        return np.array([[math.inf, -math.inf, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    low = high = kept = v
     if finite_only:
-        v = v[np.isfinite(v)]
-    extremes = [v.min(), v.max(), v.sum(), np.square(v).sum()] if v.size else [math.inf, -math.inf, 0.0, 0.0]
-    eps = 0 if eps_dominated is None else np.count_nonzero(torch.as_tensor(eps_dominated).numpy())
-    u = float64_numpy(update) if update is not None else np.zeros(0)
+        finite = np.isfinite(v)
+        low, high, kept = (np.where(finite, v, fill) for fill in (math.inf, -math.inf, 0.0))
+
+    def sums(x: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(x, starts)
+
+    eps = 0 if eps_dominated is None else sums(torch.as_tensor(eps_dominated).reshape(-1).numpy().astype(np.int64))
+    u = 0 if update is None else sums(np.square(float64_numpy(update)))
     theta = float64_numpy(param)
-    return np.array(extremes + [eps, np.square(u).sum(), np.square(theta).sum()])
+    columns = [np.minimum.reduceat(low, starts), np.maximum.reduceat(high, starts), sums(kept),
+               sums(np.square(kept)), eps, u, sums(np.square(theta))]
+    return np.stack(np.broadcast_arrays(*columns), 1)
 
 
 class Accumulator:
@@ -126,7 +145,8 @@ class Accumulator:
         self._count(values, n)
         self.has_eps = self.has_eps or eps_dominated is not None
         if self.cpu_counts is not None and n <= NUMPY_ELEMENTS and values.dim():
-            self.rows.append(_numpy_row(values, eps_dominated, update, param, self.finite_only))
+            self.rows.append(numpy_rows(values, eps_dominated, update, param, np.zeros(1, np.int64),
+                                        self.finite_only)[0])
             return
         if values.dim() == 0:  # one eta for the whole chunk (SGD): no per-element work
             extremes = [values, values, values * n, values * values * n]
