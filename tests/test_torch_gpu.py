@@ -1,9 +1,14 @@
-"""GPU paths: no device-to-host synchronisation on steps that compute no distribution.
+"""GPU paths: no device-to-host synchronisation on steps that compute no distribution,
+one transfer on steps that do.
 
 Skipped without CUDA; run on a GPU machine with `pytest tests/test_torch_gpu.py`.
+(``tests/test_torch_watch.py::test_device_path_run_on_the_cpu`` runs the same code path
+on the CPU.)
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 
@@ -13,13 +18,21 @@ torch = require("torch")
 import lrscope  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+OPTIONS = [{"fused": True}, {"capturable": True}, {"foreach": True}]
 
 
-@pytest.mark.parametrize("options", [{"fused": True}, {"capturable": True}, {"foreach": True}])
-def test_no_sync_on_scalar_steps(options):
+def _model_and_optimizer(options):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, **options)
+    optimizer = torch.optim.AdamW([{"params": model[0].parameters()},
+                                   {"params": model[2].parameters(), "weight_decay": 0.0}],
+                                  lr=1e-3, **options)
+    return model, optimizer
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_no_sync_on_scalar_steps(options):
+    model, optimizer = _model_and_optimizer(options)
     x = torch.randn(32, 64, device="cuda")
     with lrscope.watch(optimizer, model=model, every=5) as monitor:
         for step in range(1, 11):
@@ -29,9 +42,32 @@ def test_no_sync_on_scalar_steps(options):
             torch.cuda.set_sync_debug_mode(0 if measured else "error")
             try:
                 optimizer.step()
+                report = monitor.last  # built on access: reads nothing on the device either
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-            assert monitor.last.t == step
-            assert (monitor.last.groups[0].effective_lr is not None) == measured
-    report = monitor.last
+            assert report.t == step
+            assert (report.groups[0].effective_lr is not None) == measured
     assert report.groups[0].step_size == pytest.approx(lrscope.step_size("adamw", 10, lr=1e-3))
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_one_transfer_per_measured_step(options):
+    """Both groups' statistics and, where they live on the GPU (fused, capturable), their
+    step counters reach the host in one synchronising copy."""
+    model, optimizer = _model_and_optimizer(options)
+    x = torch.randn(32, 64, device="cuda")
+    with lrscope.watch(optimizer, model=model, every=1) as monitor:
+        for step in range(1, 4):
+            optimizer.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    optimizer.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            syncs = [w for w in caught if "synchroniz" in str(w.message)]
+            assert len(syncs) == 1, [str(w.message) for w in syncs]
+            assert monitor.last.t == step and monitor.last.groups[1].effective_lr is not None

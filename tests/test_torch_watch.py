@@ -216,3 +216,43 @@ def test_scalar_steps_report_what_the_step_used_after_the_scheduler_moved():
             assert monitor.last.t == t and group.lr == lr
             assert group.step_size == pytest.approx(lr * (1 - beta2**t) ** 0.5 / (1 - beta1**t), rel=1e-12)
             assert (group.effective_lr is not None) == (t in (1, 8))
+
+
+def test_device_path_run_on_the_cpu(monkeypatch):
+    """The GPU code path, run on the CPU by treating it as a device: counts added with
+    ``index_add_``, statistics packed on the device and moved, with the groups' step
+    counters, by one ``to_host`` per measured step for all groups (none on the others);
+    the same distributions as the CPU path."""
+    from lrscope.backends import torch_small, torch_stats
+
+    def train(device_path):
+        model = make_model()
+        optimizer = torch.optim.AdamW([
+            {"params": model[0].parameters(), "weight_decay": 0.1},
+            {"params": model[2].parameters(), "lr": 1e-2}], lr=1e-3)
+        calls = []
+        with monkeypatch.context() as patch:
+            if device_path:
+                patch.setattr(torch_stats, "on_host", lambda device: False)
+                patch.setattr(torch_small, "SMALL_ELEMENTS", 0)  # no numpy batching
+                real = torch_stats.to_host
+                patch.setattr(torch_stats, "to_host", lambda *a: calls.append(a) or real(*a))
+            with lrscope.watch(optimizer, model=model, every=2) as monitor:
+                for seed in range(3):
+                    train_step(model, optimizer, seed)
+                    if device_path:  # one call on the measured steps 1 and 3
+                        assert len(calls) == seed // 2 + 1
+            return monitor.last, calls
+
+    cpu, _ = train(False)
+    device, calls = train(True)
+    assert len(calls) == 2 and device.t == cpu.t == 3
+    assert set(calls[-1][1]) == {"pg0", "pg1"}  # the step counters (tensors) moved along
+    for a, b in zip(cpu.groups, device.groups):
+        x, y = a.effective_lr.sketch, b.effective_lr.sketch  # the same bucket counts
+        assert b.step_size == a.step_size and y.count == x.count
+        assert all(np.array_equal(u, v) for u, v in zip(x.positive + x.negative, y.positive + y.negative))
+        assert (b.effective_lr.min, b.effective_lr.max) == (a.effective_lr.min, a.effective_lr.max)
+        assert b.effective_lr.mean == pytest.approx(a.effective_lr.mean, rel=1e-6)
+        assert b.update_norm == pytest.approx(a.update_norm, rel=1e-6)
+        assert b.param_norm == pytest.approx(a.param_norm, rel=1e-6)

@@ -109,6 +109,19 @@ class _Pending:
     snapshot: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class _GroupParts:
+    """A group's report before its statistics reach the host (``TorchReader._group``)."""
+
+    name: str
+    lr: float
+    params: list[torch.Tensor] = field(default_factory=list)
+    stats: dict[str, Callable[[bool], Any]] = field(default_factory=dict)
+    label: str = "effective_lr"
+    counter: Any = None  # the step counter as the state holds it
+    h: dict[str, Any] = field(default_factory=dict)  # canonical hyperparameters (modelled families)
+
+
 class TorchReader:
     """Turns a torch optimizer's state into StepReports."""
 
@@ -133,10 +146,6 @@ class TorchReader:
                    "parameters per measured step)")
             )
 
-    def _step_count(self) -> int:
-        """The largest step counter of the groups (0 when the state keeps none, as SGD's)."""
-        return max((self._group_t(g["params"]) for g in self.optimizer.param_groups), default=0)
-
     def begin(self, t_next: int, distributions: bool) -> _Pending:
         groups = self.optimizer.param_groups
         pending = _Pending(lrs=[g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
@@ -157,65 +166,87 @@ class TorchReader:
         return pending
 
     def report(self, pending: _Pending | None, distributions: bool, t: int | None = None) -> StepReport:
+        """StepReport of the last step; ``t`` is the caller's count (None: read the counters).
+
+        On a measured step the statistics of every group and the groups' step counters
+        that live on a device reach the host in one transfer per device (``torch_stats.collect``).
+        """
         notes = list(self.notes)
         if pending is None:
             notes.append("lr read from param_groups after the step: if a scheduler stepped since, "
                           "this is the next step's lr (watch() records the lr the step used)")
-        t = self._step_count() if t is None else t
-        if not t and self.stepless:
-            notes.append(f"{type(self.optimizer).__name__} keeps no step counter: t is unknown to "
-                         "inspect() and reported as 0 (watch() counts the steps)")
-        groups = []
+        if t is None and not distributions:
+            t = self._step_count()
+        parts = []
         for index, group in enumerate(self.optimizer.param_groups):
             lr = group["lr"]
             if pending is not None and pending.groups:
                 lr, group = pending.lrs[index], {**pending.groups[index], "params": group["params"]}
-            groups.append(self._group(index, group, lr, pending, distributions, notes, t))
+            parts.append(self._group(index, group, lr, pending, distributions, notes))
+        host, counters = torch_stats.collect(
+            {name: measure for part in parts for name, measure in part.stats.items()},
+            {part.name: part.counter for part in parts if part.counter is not None})
+        # A measured step re-syncs with the state's counters (they move with load_state_dict).
+        t = max(counters.values(), default=0) or t or 0
+        if not t and self.stepless:
+            notes.append(f"{type(self.optimizer).__name__} keeps no step counter: t is unknown to "
+                         "inspect() and reported as 0 (watch() counts the steps)")
+        groups = [self._finish(part, host, counters.get(part.name) or t) for part in parts]
         return StepReport(t=t, optimizer=type(self.optimizer).__name__, framework="torch",
                           family=self.family, groups=groups, empirical=self.family is None and self.empirical,
                           notes=notes)
 
     def _group(self, index: int, group: dict[str, Any], lr: Any, pending: _Pending | None,
-               distributions: bool, notes: list[str], t_report: int) -> GroupReport:
-        name = group_name(group, index)
-        scalars: dict[str, Any] = {"name": name, "lr": as_float(lr)}
-        # Scalars-only steps touch no parameter: they must stay O(1) per group.
-        params = [p for p in group["params"] if p.grad is not None] if distributions else []
+               distributions: bool, notes: list[str]) -> _GroupParts:
+        """What a group's report needs from the device: its statistics, not yet moved."""
+        part = _GroupParts(group_name(group, index), as_float(lr))
+        unsupported = []
+        if self.family is not None:
+            part.h, unsupported = hyperparameters(self.family, group, lr)
+            if unsupported:
+                notes.append(f"group {part.name}: option(s) {', '.join(unsupported)} not modelled by "
+                             "lrscope; distributions skipped rather than mis-modelled")
+        if not distributions:  # scalars-only steps touch no parameter: O(1) per group
+            return part
+        part.params = [p for p in group["params"] if p.grad is not None]
+        part.counter = self._counter(part.params)
         if self.family is None:
-            stats = {}
-            if distributions and self.empirical and pending is not None:
-                stats = {self.names[id(p)]: partial(torch_stats.realized, p, pending.snapshot[id(p)])
-                         for p in params if id(p) in pending.snapshot}
-            return GroupReport.combine(self._param_reports(params, stats, "update_magnitude"),
-                                       step_size=scalars["lr"], **scalars)
-        h, unsupported = hyperparameters(self.family, group, lr)
+            part.label = "update_magnitude"
+            if self.empirical and pending is not None:
+                part.stats = {self.names[id(p)]: partial(torch_stats.realized, p, pending.snapshot[id(p)])
+                              for p in part.params if id(p) in pending.snapshot}
+            return part
         if unsupported:
-            notes.append(f"group {name}: option(s) {', '.join(unsupported)} not modelled by lrscope; "
-                         "distributions skipped rather than mis-modelled")
-        # Reading a (possibly on-device) step counter is a host sync: only on measured steps.
-        t = (self._group_t(group["params"]) or t_report) if distributions else t_report
+            return part
+        items = {}
+        for p in part.params:
+            state = self.optimizer.state.get(p, {})
+            if not state and self.family != "sgd":  # plain SGD keeps no state
+                continue
+            recorded = pending.recorded.get(id(p)) if pending is not None else None
+            if self.family in RECORD_BEFORE and not recorded and self.family != "asgd":
+                notes.append(f"{type(self.optimizer).__name__}: the state the step overwrote was "
+                             "not recorded (use watch()); distributions skipped")
+                break
+            items[self.names[id(p)]] = (self._per_chunk(state, p, part.h, recorded), canonical(p.detach()))
+        part.stats = torch_small.measures(items)
+        return part
+
+    def _finish(self, part: _GroupParts, host: dict[str, Any], t: int) -> GroupReport:
+        """The group's report from its statistics on the host, at step ``t``."""
+        scalars: dict[str, Any] = {"name": part.name, "lr": part.lr}
+        if self.family is None:
+            return GroupReport.combine(self._param_reports(part, host), step_size=part.lr, **scalars)
+        h = part.h
         # t == 0: no step taken yet, or a stepless family read by inspect().
         known = bool(t) or self.stepless
-        host_h = {**h, "lr": as_float(h["lr"])}
+        host_h = {**h, "lr": part.lr}
         family_scalars = formulas.family(self.family).step_sizes(
             np, t, host_h, "torch") if known else {"step_size": math.nan}
         scalars["step_size"] = as_float(family_scalars.pop("step_size"))
         scalars["extra"] = {k: as_float(v) for k, v in family_scalars.items()}
         scalars["weight_decay_rate"] = self._decay_rate(h, scalars["step_size"])
-        items = {}
-        if distributions and not unsupported and known:
-            for p in params:
-                state = self.optimizer.state.get(p, {})
-                if not state and self.family != "sgd":  # plain SGD keeps no state
-                    continue
-                recorded = pending.recorded.get(id(p)) if pending is not None else None
-                if self.family in RECORD_BEFORE and not recorded and self.family != "asgd":
-                    notes.append(f"{type(self.optimizer).__name__}: the state the step overwrote was "
-                                 "not recorded (use watch()); distributions skipped")
-                    break
-                items[self.names[id(p)]] = (self._per_chunk(state, p, h, recorded), canonical(p.detach()))
-        return GroupReport.combine(self._param_reports(params, torch_small.measures(items), "effective_lr"),
-                                   **scalars)
+        return GroupReport.combine(self._param_reports(part, host if known else {}), **scalars)
 
     def _per_chunk(self, state: dict[str, Any], p: torch.Tensor, h: dict[str, Any],
                    recorded: dict[str, Any] | None) -> Callable[[slice], Elementwise]:
@@ -231,13 +262,20 @@ class TorchReader:
         return lambda chunk: Elementwise(flat(whole.eta, chunk), flat(whole.direction, chunk),
                                          whole.decay_rate, flat(whole.eps_dominated, chunk))
 
-    def _group_t(self, params: list[torch.Tensor]) -> int:
-        """Step counter of the group's first parameter that moved this step (one read)."""
+    def _counter(self, params: list[torch.Tensor]) -> Any:
+        """Step counter of the group's first parameter that moved this step, as the state
+        holds it (a device tensor is not read here), or None."""
         for p in params:
             if p.grad is not None:
                 state = self.optimizer.state.get(p)
-                return int(as_float(state["step"])) if state and "step" in state else 0
-        return 0
+                return state["step"] if state and "step" in state else None
+        return None
+
+    def _step_count(self) -> int:
+        """The largest step counter of the groups (0 when the state keeps none, as SGD's);
+        a host read for counters on a device."""
+        counters = [self._counter(g["params"]) for g in self.optimizer.param_groups]
+        return max((int(as_float(c)) for c in counters if c is not None), default=0)
 
     def _decay_rate(self, h: dict[str, Any], step_size: float) -> float:
         """Fraction of theta removed by decoupled decay this step (coupled L2 lives in d)."""
@@ -248,16 +286,14 @@ class TorchReader:
             return as_float(h["lr"]) * float(h["weight_decay"])
         return 0.0
 
-    def _param_reports(self, params: list[torch.Tensor], stats: dict[str, Any],
-                       label: str) -> dict[str, ParamReport]:
+    def _param_reports(self, part: _GroupParts, host: dict[str, Any]) -> dict[str, ParamReport]:
         reports = {}
-        host = torch_stats.collect(stats)
-        for p in params:
+        for p in part.params:
             name = self.names[id(p)]
             report = ParamReport(name=name, shape=tuple(p.shape))
             if name in host:
                 dist, update_norm, param_norm = host[name]
-                setattr(report, label, dist)
+                setattr(report, part.label, dist)
                 report.update_norm, report.param_norm = update_norm, param_norm
             reports[name] = report
         return reports
@@ -293,13 +329,12 @@ class TorchMonitor(Monitor):
     def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._t += 1
         distributions = self.wants_distributions(self._t)
-        if distributions:
-            # Re-sync with the state's counter (it moves with load_state_dict); SGD keeps none.
-            self._t = self.reader._step_count() or self._t
         self._stepped = True
         pending, self._pending = self._pending, None
         if distributions or self.has_sinks:
-            self._emit(self.reader.report(pending, distributions, t=self._t))
+            report = self.reader.report(pending, distributions, t=self._t)
+            self._t = report.t  # a measured step re-syncs with the state's counters
+            self._emit(report)
         else:
             # Nobody reads this step's scalars yet: keep what they need (the lr and options
             # the step used, recorded by the pre-hook) and build the report on access.

@@ -1,7 +1,7 @@
 """Distribution statistics of torch tensors, computed where the tensors live.
 
-One pass per chunk: float32 bit buckets (``mapping``) counted with ``bincount`` (on the
-CPU by ``stats.bit_histogram``, on every core),
+One pass per chunk: float32 bit buckets (``mapping``) counted on the device with
+``index_add_`` (on the CPU by ``stats.bit_histogram``, on every core),
 exact min/max/sum/sum of squares, the eps-dominated count and the update and
 parameter squared norms.  Everything stays on the device until ``to_host`` moves all
 tensors of a step in one transfer.
@@ -29,10 +29,19 @@ NUMPY_ELEMENTS = 1 << 14
 _MASK = mapping.FLOAT32_BUCKETS - 1
 
 
-def _bucket_counts(values: torch.Tensor) -> torch.Tensor:
-    """Histogram of ``values`` over the float32 bit buckets (``mapping``)."""
+def on_host(device: torch.device) -> bool:
+    """Whether values on ``device`` are read without a device-to-host transfer (the CPU:
+    there the statistics are decoded at once).  Tests patch it to run the device paths."""
+    return device.type == "cpu"
+
+
+def _add_bucket_counts(counts: torch.Tensor, values: torch.Tensor, weight: int) -> None:
+    """Add ``weight`` per value of ``values`` to its float32 bit bucket (``mapping``) in
+    ``counts``.  (Not ``torch.bincount``: on CUDA it reads the keys' min and max on the host
+    to size its output, two synchronisations per call.)"""
     bits = values.to(torch.float32).reshape(-1).view(torch.int32)
-    return torch.bincount((bits >> mapping.FLOAT32_SHIFT) & _MASK, minlength=mapping.FLOAT32_BUCKETS)
+    keys = ((bits >> mapping.FLOAT32_SHIFT) & _MASK).long()
+    counts.index_add_(0, keys, torch.full_like(keys, weight))
 
 
 def _extremes(values: torch.Tensor, finite_only: bool) -> list[torch.Tensor]:
@@ -125,7 +134,7 @@ class Accumulator:
     def __init__(self, device: torch.device, finite_only: bool = False):
         self.device = device
         self.finite_only = finite_only
-        self.cpu_counts = BucketCounts() if device.type == "cpu" else None
+        self.cpu_counts = BucketCounts() if on_host(device) else None
         self.counts = None if self.cpu_counts else torch.zeros(
             mapping.FLOAT32_BUCKETS, dtype=torch.int64, device=device)
         self.rows: list[Any] = []  # torch tensors on a device, numpy arrays on the CPU
@@ -136,7 +145,7 @@ class Accumulator:
         if self.cpu_counts is not None:
             self.cpu_counts.add(values.to(torch.float32).numpy(), weight)
         else:
-            self.counts += _bucket_counts(values) * weight
+            _add_bucket_counts(self.counts, values, weight)
 
     def add(self, values: torch.Tensor, eps_dominated: Any, update: torch.Tensor | None,
             param: torch.Tensor) -> None:
@@ -226,27 +235,43 @@ def realized(param: torch.Tensor, before: torch.Tensor, finite_only: bool = Fals
     return acc.result()
 
 
-def to_host(stats: dict[str, Any]) -> dict[str, tuple[Distribution, float | None, float]]:
+def to_host(stats: dict[str, Any], counters: dict[str, Any] | None = None
+            ) -> tuple[dict[str, tuple[Distribution, float | None, float]], dict[str, int]]:
     """Decode packed vectors: already-decoded (CPU) ones pass through; device ones move to
-    the host in one transfer per device."""
+    the host in one transfer per device, together with the ``counters`` (step counters,
+    numbers or one-element tensors) that live on that device.  Returns the decoded
+    statistics and the counters as ints."""
     out = {name: value for name, value in stats.items() if isinstance(value, tuple)}
-    by_device: dict[torch.device, list[str]] = {}
+    steps: dict[str, int] = {}
+    by_device: dict[torch.device, list[tuple[bool, str, torch.Tensor]]] = {}
     for name, packed in stats.items():
         if not isinstance(packed, tuple):
-            by_device.setdefault(packed.device, []).append(name)
-    for names in by_device.values():
-        rows = torch.stack([stats[n] for n in names]).cpu().numpy()
-        out.update((name, decode_statistics(row[:mapping.FLOAT32_BUCKETS].astype(np.int64),
-                                            row[mapping.FLOAT32_BUCKETS:])) for name, row in zip(names, rows))
-    return {name: out[name] for name in stats}
+            by_device.setdefault(packed.device, []).append((False, name, packed))
+    for name, counter in (counters or {}).items():
+        if isinstance(counter, torch.Tensor) and not on_host(counter.device):
+            by_device.setdefault(counter.device, []).append((True, name, counter))
+        else:
+            steps[name] = int(float(counter))
+    for entries in by_device.values():
+        flat = torch.cat([value.reshape(-1).double() for _, _, value in entries]).cpu().numpy()
+        offset = 0
+        for is_counter, name, value in entries:
+            row, offset = flat[offset:offset + value.numel()], offset + value.numel()
+            if is_counter:
+                steps[name] = int(row[0])
+            else:
+                out[name] = decode_statistics(row[:mapping.FLOAT32_BUCKETS].astype(np.int64),
+                                              row[mapping.FLOAT32_BUCKETS:])
+    return {name: out[name] for name in stats}, steps
 
 
-def collect(measure: dict[str, Callable[[bool], Any]]) -> dict[str, tuple[Distribution, float | None, float]]:
+def collect(measure: dict[str, Callable[[bool], Any]], counters: dict[str, Any] | None = None
+            ) -> tuple[dict[str, tuple[Distribution, float | None, float]], dict[str, int]]:
     """Run every ``measure(finite_only)`` (an ``Accumulator.result``) on the fast path, move
-    the device results in one transfer, and redo (with ``finite_only=True``) only the
-    tensors that turned out to hold NaN/Inf."""
-    out = to_host({name: fn(False) for name, fn in measure.items()})
+    the device results and ``counters`` (see ``to_host``) in one transfer per device, and
+    redo (with ``finite_only=True``) only the tensors that turned out to hold NaN/Inf."""
+    out, steps = to_host({name: fn(False) for name, fn in measure.items()}, counters)
     redo = {name for name, (dist, _, _) in out.items() if needs_masked_redo(dist)}
     if redo:
-        out.update(to_host({name: measure[name](True) for name in redo}))
-    return out
+        out.update(to_host({name: measure[name](True) for name in redo})[0])
+    return out, steps
