@@ -185,13 +185,13 @@ class TorchReader:
             parts.append(self._group(index, group, lr, pending, distributions, notes))
         host, counters = torch_stats.collect(
             {name: measure for part in parts for name, measure in part.stats.items()},
-            {part.name: part.counter for part in parts if part.counter is not None})
+            {index: part.counter for index, part in enumerate(parts) if part.counter is not None})
         # A measured step re-syncs with the state's counters (they move with load_state_dict).
         t = max(counters.values(), default=0) or t or 0
         if not t and self.stepless:
             notes.append(f"{type(self.optimizer).__name__} keeps no step counter: t is unknown to "
                          "inspect() and reported as 0 (watch() counts the steps)")
-        groups = [self._finish(part, host, counters.get(part.name) or t) for part in parts]
+        groups = [self._finish(part, host, counters.get(index) or t) for index, part in enumerate(parts)]
         return StepReport(t=t, optimizer=type(self.optimizer).__name__, framework="torch",
                           family=self.family, groups=groups, empirical=self.family is None and self.empirical,
                           notes=notes)

@@ -235,15 +235,15 @@ def realized(param: torch.Tensor, before: torch.Tensor, finite_only: bool = Fals
     return acc.result()
 
 
-def to_host(stats: dict[str, Any], counters: dict[str, Any] | None = None
-            ) -> tuple[dict[str, tuple[Distribution, float | None, float]], dict[str, int]]:
+def to_host(stats: dict[str, Any], counters: dict[Any, Any] | None = None
+            ) -> tuple[dict[str, tuple[Distribution, float | None, float]], dict[Any, int]]:
     """Decode packed vectors: already-decoded (CPU) ones pass through; device ones move to
     the host in one transfer per device, together with the ``counters`` (step counters,
     numbers or one-element tensors) that live on that device.  Returns the decoded
     statistics and the counters as ints."""
     out = {name: value for name, value in stats.items() if isinstance(value, tuple)}
-    steps: dict[str, int] = {}
-    by_device: dict[torch.device, list[tuple[bool, str, torch.Tensor]]] = {}
+    steps: dict[Any, int] = {}
+    by_device: dict[torch.device, list[tuple[bool, Any, torch.Tensor]]] = {}
     for name, packed in stats.items():
         if not isinstance(packed, tuple):
             by_device.setdefault(packed.device, []).append((False, name, packed))
@@ -265,8 +265,8 @@ def to_host(stats: dict[str, Any], counters: dict[str, Any] | None = None
     return {name: out[name] for name in stats}, steps
 
 
-def collect(measure: dict[str, Callable[[bool], Any]], counters: dict[str, Any] | None = None
-            ) -> tuple[dict[str, tuple[Distribution, float | None, float]], dict[str, int]]:
+def collect(measure: dict[str, Callable[[bool], Any]], counters: dict[Any, Any] | None = None
+            ) -> tuple[dict[str, tuple[Distribution, float | None, float]], dict[Any, int]]:
     """Run every ``measure(finite_only)`` (an ``Accumulator.result``) on the fast path, move
     the device results and ``counters`` (see ``to_host``) in one transfer per device, and
     redo (with ``finite_only=True``) only the tensors that turned out to hold NaN/Inf."""
