@@ -130,12 +130,13 @@ def reduce(
 ) -> tuple[Any, Any]:
     """Statistics of eta over ``param``; ``compute(chunk)`` gives the Elementwise of a flat
     slice of every state tensor (``None``: the whole tensors)."""
+    spans = chunks(int(np.prod(param.shape)), chunkable)
+    if spans == [None]:  # the whole tensor at once: its row is the total
+        return _statistics(compute(None), param, with_update, dtype, finite_only)
     flat = ops.reshape(param, [-1])
     counts, rows = None, []
-    for chunk in chunks(int(np.prod(param.shape)), chunkable):
-        c, row = _statistics(
-            compute(chunk), param if chunk is None else flat[chunk], with_update, dtype, finite_only
-        )
+    for chunk in spans:
+        c, row = _statistics(compute(chunk), flat[chunk], with_update, dtype, finite_only)
         counts = c if counts is None else counts + c
         rows.append(row)
     stacked = ops.stack(rows)
