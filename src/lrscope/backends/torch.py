@@ -150,7 +150,7 @@ class TorchReader:
         groups = self.optimizer.param_groups
         pending = _Pending(lrs=[g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
                                 for g in groups],
-                           groups=[{k: v for k, v in g.items() if k != "params"} for g in groups])
+                           groups=[dict(g) for g in groups])  # (a C copy; "params" is replaced on read)
         records = self.family in RECORD_BEFORE or (self.family is None and self.empirical)
         if not (records and distributions):
             return pending
