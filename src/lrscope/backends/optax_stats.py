@@ -97,10 +97,10 @@ def leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str, Any], g
         values = jnp.broadcast_to(el.eta, grad.shape)
         direction = jnp.broadcast_to(el.direction, grad.shape)
         modelled = -values * direction
-        if after is not None:
-            if before is None:
-                before = (after - modelled) / (1 - el.decay_rate)
+        if before is not None:
             modelled = modelled - el.decay_rate * before
+        elif after is not None:  # theta before from SPEC §1's identity, as Elementwise.update does
+            modelled = jnp.broadcast_to(el.update(after), grad.shape)
         if el.eps_dominated is not None:
             dominated = jnp.broadcast_to(el.eps_dominated, grad.shape)
         update = real if check else modelled
@@ -129,16 +129,12 @@ def leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str, Any], g
 
 def merge_stats(stats: list[LeafStats]) -> LeafStats:
     """The statistics of the union of several tensors (a group, with ``per_param=False``)."""
-    def stack(name: str) -> jax.Array:
-        return jnp.stack([getattr(s, name) for s in stats])
-
-    eps = stack("eps_dominated")
+    s = stack_stats(stats)
+    eps = s.eps_dominated
     return LeafStats(
-        stack("buckets").sum(0, dtype=jnp.int32), stack("min").min(), stack("max").max(),
-        stack("sum").sum(), stack("sum_squares").sum(),
+        s.buckets.sum(0, dtype=jnp.int32), s.min.min(), s.max.max(), s.sum.sum(), s.sum_squares.sum(),
         jnp.where(jnp.all(eps < 0), -1, jnp.maximum(eps, 0).sum()).astype(jnp.int32),
-        stack("update_sq").sum(), stack("param_sq").sum(), stack("model_residual").max(),
-        stack("update_max").max())
+        s.update_sq.sum(), s.param_sq.sum(), s.model_residual.max(), s.update_max.max())
 
 
 def stack_stats(stats: list[LeafStats]) -> LeafStats:
