@@ -21,14 +21,10 @@ def mixed(n: int, seed: int) -> np.ndarray:
     return values.astype(np.float32)
 
 
-@pytest.mark.parametrize("mode", ["threads", "one-thread", "numpy"])
-def test_counts_equal_bincount(mode, monkeypatch):
-    """The arrays here are small: "threads" lowers the size from which the count is split
-    over the threads, so that every array takes that path."""
-    if mode != "numpy" and bit_histogram._parallel_counter() is None:
+@pytest.mark.parametrize("mode", ["numba", "numpy"])
+def test_counts_equal_bincount(mode):
+    if mode == "numba" and bit_histogram._compiled_counter() is None:
         pytest.skip("numba is not installed (pip install 'lrscope[torch]')")
-    if mode == "threads":
-        monkeypatch.setattr(bit_histogram, "_THREADED_MIN", 0)
     counts = bit_histogram.BucketCounts()
     if mode == "numpy":
         counts._count = None
@@ -43,8 +39,8 @@ def test_counts_equal_bincount(mode, monkeypatch):
     assert got.tolist() == expected[indices].tolist()
 
 
-def test_per_thread_counts_are_folded_before_they_overflow(monkeypatch):
-    if bit_histogram._parallel_counter() is None:
+def test_int32_counts_are_folded_before_they_overflow(monkeypatch):
+    if bit_histogram._compiled_counter() is None:
         pytest.skip("numba is not installed (pip install 'lrscope[torch]')")
     monkeypatch.setattr(bit_histogram, "_ROW_LIMIT", 10_000)
     counts = bit_histogram.BucketCounts()
@@ -60,7 +56,7 @@ def test_per_thread_counts_are_folded_before_they_overflow(monkeypatch):
 def test_scan_within_the_extremes_equals_the_full_scan(monkeypatch, row_limit):
     """``nonzero(within=(min, max))`` scans only the buckets between the extremes (float64
     bounds of float32-counted values, as the torch backend passes them), before and after
-    the per-thread rows are folded, and with weighted small adds beside."""
+    the int32 counts are folded, and with weighted small adds beside."""
     monkeypatch.setattr(bit_histogram, "_ROW_LIMIT", row_limit)
     rng = np.random.default_rng(7)
     values = [10.0 ** rng.uniform(-9, -2, n) for n in (6000, 5000, 20)]

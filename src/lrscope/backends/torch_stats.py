@@ -1,7 +1,7 @@
 """Distribution statistics of torch tensors, computed where the tensors live.
 
 One pass per chunk: float32 bit buckets (``mapping``) counted on the device with
-``index_add_`` (on the CPU by ``stats.bit_histogram``, on every core),
+``index_add_`` (on the CPU by ``stats.bit_histogram``),
 exact min/max/sum/sum of squares, the eps-dominated count and the update and
 parameter squared norms.  Everything stays on the device until ``to_host`` moves all
 tensors of a step in one transfer.
@@ -126,8 +126,8 @@ class Accumulator:
 
     Each chunk appends one row (see ``_totals``): on a device in the data's own dtype
     (converting per chunk would cost more small kernels than the statistics themselves),
-    on the CPU as float64 numpy.  On the CPU the histogram is counted in one parallel pass
-    over the bits (``bit_histogram``), and chunks of at most ``NUMPY_ELEMENTS`` (biases,
+    on the CPU as float64 numpy.  On the CPU the histogram is counted in one pass over the
+    bits (``bit_histogram``), and chunks of at most ``NUMPY_ELEMENTS`` (biases,
     norms) are reduced in numpy.
     """
 

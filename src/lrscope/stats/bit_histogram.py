@@ -1,13 +1,13 @@
 """Histograms of float32 values over the bit buckets of ``mapping``, on the CPU.
 
-With numba installed (it comes with ``lrscope[torch]``) a large array is counted on
-every core, each thread over its own slice into its own row of counts, reading the float bits
-directly: one pass, no atomics, no key array.  Without it, numpy's ``bincount`` does the
-same in three passes on one core.
+With numba installed (it comes with ``lrscope[torch]``) an array is counted by one
+compiled loop reading the float bits directly: one pass, no key array.  Without it,
+numpy's ``bincount`` does the same in three passes.
 
-The threads are Python threads running a compiled loop that releases the GIL, not
-numba's parallel layer: that would start a second OpenMP runtime beside PyTorch's,
-whose idle threads spin and take the cores from the other's.
+The count runs on the calling thread alone.  It follows a PyTorch kernel, whose OpenMP
+threads spin for a while after it and so keep the other core busy: a count split over
+Python threads (or numba's own) ran slower, not faster (measured on 2 cores: 44.7-46.2 ms
+against 47.5-48.2 ms for the 49.8M-parameter benchmark model).
 
 >>> import numpy as np
 >>> counts = BucketCounts()
@@ -21,8 +21,6 @@ whose idle threads spin and take the cores from the other's.
 from __future__ import annotations
 
 import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
@@ -31,19 +29,14 @@ from lrscope.stats import mapping
 
 _MASK = mapping.FLOAT32_BUCKETS - 1
 _SHIFT = mapping.FLOAT32_SHIFT
-#: Arrays smaller than this are counted on the calling thread alone: waking the other
-#: threads costs about 50 us, more than they save below half a million values
-#: (measured on 2 cores).
-_THREADED_MIN = 1 << 19
-#: Per-thread counts are int32 (a third faster than int64 here), folded into the int64
-#: total before any of them could overflow.
+#: The counts are int32 (a third faster than int64 here), folded into the int64 total
+#: before they could overflow.
 _ROW_LIMIT = 2**31 - 1
 
 
 @functools.cache
-def _parallel_counter() -> tuple[Callable[[np.ndarray, np.ndarray], None], int] | None:
-    """A function counting uint32 float bits into one int32 row per thread, and the
-    number of threads; None without numba."""
+def _compiled_counter() -> Callable[[np.ndarray, np.ndarray], None] | None:
+    """A function counting uint32 float bits into an int32 row; None without numba."""
     try:
         import numba
     except ImportError:
@@ -54,31 +47,17 @@ def _parallel_counter() -> tuple[Callable[[np.ndarray, np.ndarray], None], int] 
         for i in range(bits.size):  # the shift alone leaves sign, exponent and top mantissa bits
             row[bits[i] >> _SHIFT] += 1
 
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="lrscope-count") if threads > 1 else None
-
-    def count(rows: np.ndarray, bits: np.ndarray) -> None:
-        if pool is None or bits.size < _THREADED_MIN:
-            count_into(rows[0], bits)
-            return
-        block = -(-bits.size // threads)
-        parts = [pool.submit(count_into, rows[i], bits[i * block:(i + 1) * block]) for i in range(1, threads)]
-        count_into(rows[0], bits[:block])  # this thread takes the first slice
-        for part in parts:
-            part.result()
-
-    return count, threads
+    return count_into
 
 
 class BucketCounts:
     """Counts of float32 values per bit bucket, accumulated over many ``add`` calls."""
 
     def __init__(self) -> None:
-        counter = _parallel_counter()
-        self._count, self._threads = counter if counter else (None, 1)
-        self._rows: np.ndarray | None = None  # int32 counts per thread, made on first use
-        self._in_rows = 0
-        self._total: np.ndarray | None = None  # int64 counts folded from the rows
+        self._count = _compiled_counter()
+        self._row: np.ndarray | None = None  # int32 counts, made on first use
+        self._in_row = 0
+        self._total: np.ndarray | None = None  # int64 counts folded from the row
         self._few: list[tuple[np.ndarray, int]] = []  # keys of small adds, with their weight
 
     def add(self, values: np.ndarray, weight: int = 1) -> None:
@@ -89,30 +68,30 @@ class BucketCounts:
             # over all the buckets.
             self._few.append(((bits >> _SHIFT).astype(np.int64), weight))
             return
-        if self._rows is None:
-            self._rows = np.zeros((self._threads, mapping.FLOAT32_BUCKETS), np.int32)
-        if self._in_rows + bits.size > _ROW_LIMIT:
+        if self._row is None:
+            self._row = np.zeros(mapping.FLOAT32_BUCKETS, np.int32)
+        if self._in_row + bits.size > _ROW_LIMIT:
             self._fold()
-        self._count(self._rows, bits)
-        self._in_rows += bits.size
+        self._count(self._row, bits)
+        self._in_row += bits.size
 
     def _fold(self) -> None:
-        if self._rows is not None and self._in_rows:
-            folded = self._rows.sum(axis=0, dtype=np.int64)
+        if self._row is not None and self._in_row:
+            folded = self._row.astype(np.int64)
             self._total = folded if self._total is None else self._total + folded
-            self._rows[:] = 0
-            self._in_rows = 0
+            self._row[:] = 0
+            self._in_row = 0
 
     def _dense(self, within: tuple[float, float] | None) -> tuple[np.ndarray, np.ndarray]:
-        """The nonzero buckets of the dense counts (rows and folded total) and their counts,
+        """The nonzero buckets of the dense counts (row and folded total) and their counts,
         scanning only the buckets of ``within`` when given."""
         start, stop = 0, mapping.FLOAT32_BUCKETS
         if within is not None:
             start, stop = (int(np.float32(x).view(np.uint32)) >> _SHIFT for x in within)
             stop += 1
         total = None if self._total is None else self._total[start:stop]
-        if self._rows is not None and self._in_rows:
-            part = self._rows[:, start:stop].sum(axis=0, dtype=np.int64)
+        if self._row is not None and self._in_row:
+            part = self._row[start:stop].astype(np.int64)
             total = part if total is None else total + part
         if total is None:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
