@@ -33,9 +33,10 @@ def _model_and_optimizer(options):
 @pytest.mark.parametrize("options", OPTIONS)
 def test_synchronisations_per_step(options):
     """No synchronising call on steps without distributions (the report read included: it
-    is built on access and reads nothing on the device), exactly one on measured steps:
-    both groups' statistics and, where they live on the GPU (fused, capturable), their
-    step counters reach the host in one copy."""
+    is built on access and reads nothing on the device): there the sync debug mode is
+    "error", so any synchronisation raises.  Exactly one on measured steps, counted in
+    "warn" mode: both groups' statistics and, where they live on the GPU (fused,
+    capturable), their step counters reach the host in one copy."""
     model, optimizer = _model_and_optimizer(options)
     x = torch.randn(32, 64, device="cuda")
     with lrscope.watch(optimizer, model=model, every=3) as monitor:
@@ -46,7 +47,7 @@ def test_synchronisations_per_step(options):
             measured = (step - 1) % 3 == 0
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
+                torch.cuda.set_sync_debug_mode("warn" if measured else "error")
                 try:
                     optimizer.step()
                     report = monitor.last
