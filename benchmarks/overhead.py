@@ -194,8 +194,9 @@ def memory(scale: float) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def optax_ratios(tensors: int, repeat: int) -> dict[str, float]:
-    """Jitted Adam steps: plain, monitored with distributions every step, and between them."""
+def optax_ratios(tensors: int, repeat: int) -> dict[str, tuple[float, int]]:
+    """Jitted Adam steps: plain, monitored with distributions every step, and between them;
+    per variant the median time and the bytes of XLA's temporary buffer."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -216,7 +217,7 @@ def optax_ratios(tensors: int, repeat: int) -> dict[str, float]:
         ("plain optax.adam, donated", optax.adam(1e-3), True),
         ("monitor, between, donated", between, True),
     ]
-    runs = {}
+    runs, temp = {}, {}
     for name, tx, donate in variants:  # noqa: B023 - tx is bound as a default argument
         def step(p: Any, state: Any, tx: Any = tx) -> Any:
             updates, state = tx.update(grads, state, p)
@@ -231,7 +232,10 @@ def optax_ratios(tensors: int, repeat: int) -> dict[str, float]:
 
         run()  # compile, and pass step 1 (distributions) for the every=10**6 variants
         runs[name] = run
-    return {name: statistics.median(times) for name, times in interleaved_rounds(runs, repeat).items()}
+        # XLA's temporary buffer for one step (allocated on every step, distributions or not)
+        temp[name] = step.lower(*carry).compile().memory_analysis().temp_size_in_bytes
+    rounds = interleaved_rounds(runs, repeat)
+    return {name: (statistics.median(times), temp[name]) for name, times in rounds.items()}
 
 
 def keras_ratios(tensors: int, repeat: int) -> dict[str, float]:
@@ -261,12 +265,14 @@ def print_other_frameworks(tensors: int, repeat: int) -> None:
     except ImportError as error:
         print(f"\n4. Optax: skipped ({error})")
     else:
-        plain, donated = o.pop("plain optax.adam"), o.pop("plain optax.adam, donated")
+        (plain, plain_temp), (donated, _) = o.pop("plain optax.adam"), o.pop("plain optax.adam, donated")
         print(f"\n4. Optax (jitted, CPU), Adam over {n:.0f}M parameters: plain step {plain * 1e3:.1f} ms "
-              f"({donated * 1e3:.1f} ms with params and state donated)")
-        for name, seconds in o.items():
+              f"({donated * 1e3:.1f} ms with params and state donated); XLA temporary buffer per step "
+              f"{plain_temp / 2**20:.1f} MiB")
+        for name, (seconds, temp) in o.items():
             base = donated if name.endswith("donated") else plain
-            print(f"   {name:38s} {seconds * 1e3:8.1f} ms  {seconds / base:6.2f} x the plain step")
+            print(f"   {name:38s} {seconds * 1e3:8.1f} ms  {seconds / base:6.2f} x the plain step"
+                  f"   temporary buffer {temp / 2**20:5.1f} MiB")
     try:
         k = keras_ratios(tensors, repeat)
     except ImportError as error:

@@ -14,6 +14,7 @@ the StepReport.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -28,8 +29,8 @@ import optax
 from lrscope import formulas
 from lrscope.backends import optax_model
 from lrscope.backends.optax_stats import (
-    LeafStats, empty_stats, leaf_stats, merge_stats, param_report, stack_stats, stat_dtype,
-    unstack_stats,
+    LeafStats, empty_stats, leaf_stats, merge_stats, one_at_a_time, param_report, stack_stats,
+    stat_dtype, unstack_stats,
 )
 from lrscope.monitor import Monitor
 from lrscope.report import GroupReport, StepReport
@@ -226,18 +227,20 @@ def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any,
         for read, (old, new) in zip(optax_model.readers_for(model), pairs):
             for key, tree in read(old, new).items():
                 named[key] = optax_model.leaves(tree)
-        tensors, kept = [], []
-        for i, decayed in zip(group.leaf_index, group.decayed):
-            s, k = leaf_stats(model.family, {key: v[i] for key, v in named.items()}, steps + 1,
-                              h if decayed else {**h, "weight_decay": 0.0}, grads[i],
-                              reals[i], None if afters is None else afters[i],
-                              check=group.empirical or plan.check)
-            tensors.append(s)
-            kept.append(k)
-        stats[group.name] = (empty_stats(plan.stats_count(group)) if not tensors
-                             else stack_stats(tensors if plan.per_param else [merge_stats(tensors)]))
-        if plan.keep_arrays and not group.empirical:
-            arrays[group.name] = tuple(kept)
+        measures = [functools.partial(leaf_stats, model.family, {key: v[i] for key, v in named.items()},
+                                      steps + 1, h if decayed else {**h, "weight_decay": 0.0}, grads[i],
+                                      reals[i], None if afters is None else afters[i],
+                                      check=group.empirical or plan.check)
+                    for i, decayed in zip(group.leaf_index, group.decayed)]
+        if not measures:
+            stats[group.name] = empty_stats(plan.stats_count(group))
+            continue
+        if plan.keep_arrays and not group.empirical:  # arrays of every shape: no loop
+            rows, arrays[group.name] = zip(*(measure() for measure in measures))
+            stacked = stack_stats(list(rows))
+        else:
+            stacked = one_at_a_time([lambda m=m: m()[0] for m in measures])
+        stats[group.name] = stacked if plan.per_param else merge_stats(stacked)
     return stats, arrays
 
 
