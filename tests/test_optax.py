@@ -238,10 +238,14 @@ def test_donated_params_are_not_copied(alias, check):
 
 
 @pytest.mark.parametrize("alias, kwargs", [(optax.adamw, {"weight_decay": 1e-2}), (optax.lion, {})])
-def test_tensors_measured_in_a_loop_equal_those_measured_alone(x64, alias, kwargs):
-    """On the CPU the tensors of a group are measured one after the other in a loop
-    (``optax_stats.one_at_a_time``); with ``keep_arrays`` (arrays of every shape) each is
-    measured on its own, as on other platforms: the same statistics."""
+def test_tensors_measured_in_a_loop_equal_those_measured_alone(x64, alias, kwargs, monkeypatch):
+    """On the CPU the tensors of a group are measured block by block in a loop
+    (``optax_stats.by_blocks``; blocks of at most 5 elements here: [4], [12], [4, 1]);
+    with ``keep_arrays`` (arrays of every shape) each is measured on its own, as on other
+    platforms: the same statistics."""
+    from lrscope.backends import optax_stats
+
+    monkeypatch.setattr(optax_stats, "BLOCK_ELEMENTS", 5)
     looped, alone = (lrscope.inspect(_run(lrscope.optax.monitor(
         alias, learning_rate=SCHEDULE, keep_arrays=keep, **kwargs), _grads(3))[-1][3]).to_dict()
         for keep in (False, True))
@@ -249,23 +253,26 @@ def test_tensors_measured_in_a_loop_equal_those_measured_alone(x64, alias, kwarg
     assert looped == alone
 
 
-def test_a_step_holds_one_tensors_temporaries_at_a_time():
+def test_a_step_holds_the_temporaries_of_one_block_of_tensors():
     """XLA's temporary buffer of a monitored step, allocated on every step, holds the
-    temporaries of one tensor (eta, bucket keys), not those of all of them (CPU: measured
-    in a loop, 1.7 MB here; written out, XLA's CPU scheduler runs the tensors'
-    measurements side by side and allocates them all, 19.4 MB)."""
+    temporaries (eta, bucket keys) of one block of tensors (``optax_stats.blocks``), not
+    those of every tensor: on the CPU the blocks are measured in a loop (13 MiB here);
+    written out, XLA's CPU scheduler runs all the measurements side by side and allocates
+    them all at once (51 MiB)."""
     if jax.default_backend() != "cpu":
         pytest.skip("the loop is the CPU's")
+    from lrscope.backends import optax_stats
+
     tx = lrscope.optax.monitor(optax.adam, learning_rate=1e-3, every=10)
 
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    params = {f"w{i}": jnp.ones((100, 1000), jnp.float32) for i in range(20)}
+    params = {f"w{i}": jnp.ones((500, 1000), jnp.float32) for i in range(12)}  # blocks of 2
     compiled = jax.jit(step).lower(params, tx.init(params), params).compile()
-    one_tensor = 100 * 1000 * 4
-    assert compiled.memory_analysis().temp_size_in_bytes < 5 * one_tensor
+    one_block = optax_stats.BLOCK_ELEMENTS * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < 4 * one_block
 
 
 def test_distribution_matches_numpy(x64):

@@ -29,7 +29,7 @@ import optax
 from lrscope import formulas
 from lrscope.backends import optax_model
 from lrscope.backends.optax_stats import (
-    LeafStats, empty_stats, leaf_stats, merge_stats, one_at_a_time, param_report, stack_stats,
+    LeafStats, by_blocks, empty_stats, leaf_stats, merge_stats, param_report, stack_stats,
     stat_dtype, unstack_stats,
 )
 from lrscope.monitor import Monitor
@@ -239,7 +239,8 @@ def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any,
             rows, arrays[group.name] = zip(*(measure() for measure in measures))
             stacked = stack_stats(list(rows))
         else:
-            stacked = one_at_a_time([lambda m=m: m()[0] for m in measures])
+            stacked = by_blocks([lambda m=m: m()[0] for m in measures],
+                                [int(np.size(grads[i])) for i in group.leaf_index])
         stats[group.name] = stacked if plan.per_param else merge_stats(stacked)
     return stats, arrays
 
