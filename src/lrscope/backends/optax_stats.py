@@ -180,8 +180,9 @@ def by_blocks(measures: list[Callable[[], LeafStats]], sizes: list[int]) -> Leaf
     CPU scheduler runs them side by side with every tensor's temporaries allocated at
     once, on every step, distributions or not (40 tensors of 250K, blocks of four:
     15 MiB instead of 83 MiB; a step with distributions page-faulted 1,280 times instead
-    of 21,056 and took 41 ms instead of 40-58 ms in alternated runs).  A branch per block rather than per tensor: XLA's compile time grows with the
-    branches (200 small tensors, a branch each: 15 s to compile the step instead of 5.5 s).
+    of 21,056 and took 41 ms instead of 40-58 ms in alternated runs).  A branch per block
+    rather than per tensor: XLA's compile time grows with the branches (200 small
+    tensors, a branch each: 15 s to compile the step instead of 5.5 s).
     Elsewhere the measurements stay written out: a GPU's memory scheduler orders them for
     memory (not measured here), and XLA's GPU runtime may read a switch's index on the
     host, a synchronisation per block.
