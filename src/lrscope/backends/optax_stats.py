@@ -190,10 +190,10 @@ def by_blocks(measures: list[Callable[[], LeafStats]], sizes: list[int]) -> Leaf
     def written_out() -> LeafStats:
         return stack_stats([measure() for measure in measures])
 
-    groups = blocks(sizes, BLOCK_ELEMENTS)
-    if len(groups) == 1:
+    spans = blocks(sizes, BLOCK_ELEMENTS)
+    if len(spans) == 1:
         return written_out()
-    width = max(map(len, groups))
+    width = max(map(len, spans))
 
     def measure_block(block: list[int]) -> LeafStats:
         rows = [measures[i]() for i in block]
@@ -201,14 +201,14 @@ def by_blocks(measures: list[Callable[[], LeafStats]], sizes: list[int]) -> Leaf
 
     def in_a_loop() -> LeafStats:
         def measure_into(j: jax.Array, table: LeafStats) -> LeafStats:
-            block = jax.lax.switch(j, [functools.partial(measure_block, g) for g in groups])
+            block = jax.lax.switch(j, [functools.partial(measure_block, span) for span in spans])
             return LeafStats(*(field.at[j].set(rows) for field, rows in zip(table, block)))
 
-        empty = LeafStats(*(field.reshape(len(groups), width, *field.shape[1:])
-                            for field in empty_stats(len(groups) * width)))
-        table = jax.lax.fori_loop(0, len(groups), measure_into, empty)
-        kept = np.array([j * width + k for j, block in enumerate(groups) for k in range(len(block))])
-        return LeafStats(*(field.reshape(-1, *field.shape[2:])[kept] for field in table))
+        empty = LeafStats(*(field.reshape(len(spans), width, *field.shape[1:])
+                            for field in empty_stats(len(spans) * width)))
+        table = jax.lax.fori_loop(0, len(spans), measure_into, empty)
+        not_padding = np.array([j * width + k for j, block in enumerate(spans) for k in range(len(block))])
+        return LeafStats(*(field.reshape(-1, *field.shape[2:])[not_padding] for field in table))
 
     return jax.lax.platform_dependent(cpu=in_a_loop, default=written_out)
 
