@@ -70,13 +70,15 @@ def _reduce(columns: dict[str, tuple[jax.Array, str]]) -> dict[str, jax.Array]:
 
 
 def leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str, Any], grad: Any,
-               real: Any, after: Any, check: bool) -> tuple[LeafStats, dict[str, Any]]:
+               real: Any, after: Any, check: bool, convention: str = "optax"
+               ) -> tuple[LeafStats, dict[str, Any]]:
     """Statistics of one tensor, and its eta/d/decay arrays (for ``keep_arrays``).
 
     ``family`` is the formula module (None: empirical, |real update| is sketched),
     ``arrays`` the optimizer state in PyTorch names, ``real`` the update optax emitted
     (None when not needed), ``after`` theta after the step (None when update() got no
-    params) and ``check`` whether to compare the model with ``real``.  Without the check
+    params), ``check`` whether to compare the model with ``real`` and ``convention`` the
+    formula's (``backends.keras_jax`` measures Keras steps with it).  Without the check
     the norms come from the model (SPEC §1's identity).
 
     Theta before the step is ``after - real`` when ``real`` is given, else it follows
@@ -94,7 +96,7 @@ def leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str, Any], g
             state["param"] = after
             if real is not None:
                 before = state["param_before"] = (after - real).astype(after.dtype)
-        el = family.elementwise(jnp, state, t, h, "optax")
+        el = family.elementwise(jnp, state, t, h, convention)
         values = jnp.broadcast_to(el.eta, grad.shape)
         direction = jnp.broadcast_to(el.direction, grad.shape)
         modelled = -values * direction
@@ -225,15 +227,22 @@ def empty_stats(n: int) -> LeafStats:
                      jnp.full((n,), -1, jnp.int32), nan, nan, nan, nan)
 
 
-def param_report(name: str, shape: tuple[int, ...], s: LeafStats, empirical: bool) -> ParamReport:
-    """ParamReport of one tensor from the host copy of its LeafStats."""
+def decode(s: LeafStats) -> tuple[Distribution, float, float | None]:
+    """The Distribution (no eps-dominated count where the family has no eps), the update
+    norm and the parameter norm (None when update() got no params) of one tensor from the
+    host copy of its LeafStats."""
     sketch = LogSketch.from_float32_buckets(
         np.asarray(s.buckets), min=float(s.min), max=float(s.max), sum=float(s.sum),
         sum_squares=float(s.sum_squares))
-    eps = None if int(s.eps_dominated) < 0 or empirical else int(s.eps_dominated)
-    dist = Distribution(sketch, eps)
+    eps = None if int(s.eps_dominated) < 0 else int(s.eps_dominated)
     param_sq = float(s.param_sq)
+    return (Distribution(sketch, eps), math.sqrt(float(s.update_sq)),
+            None if math.isnan(param_sq) else math.sqrt(param_sq))
+
+
+def param_report(name: str, shape: tuple[int, ...], s: LeafStats, empirical: bool) -> ParamReport:
+    """ParamReport of one tensor from the host copy of its LeafStats."""
+    dist, update_norm, param_norm = decode(s)
     return ParamReport(name=name, shape=shape, effective_lr=None if empirical else dist,
-                       update_magnitude=dist if empirical else None,
-                       update_norm=math.sqrt(float(s.update_sq)),
-                       param_norm=None if math.isnan(param_sq) else math.sqrt(param_sq))
+                       update_magnitude=Distribution(dist.sketch) if empirical else None,
+                       update_norm=update_norm, param_norm=param_norm)
