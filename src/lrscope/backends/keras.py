@@ -14,6 +14,7 @@ other class: lr only, with a note.
 
 from __future__ import annotations
 
+import importlib
 import math
 from functools import partial
 from typing import Any, Iterator, Sequence
@@ -171,30 +172,31 @@ class KerasReader:
             return _float(schedule(t * k - 1))
         return _float(self.optimizer.learning_rate)
 
-    def decay_rate(self, lr: float) -> float:
-        """The fraction of theta Keras' weight decay removes, with its backend's roundings.
+    def weight_decay(self, lr: float) -> float:
+        """The weight decay as the formulas take it (they remove ``lr * weight_decay`` of
+        theta), with its backend's roundings.
 
         TensorFlow casts the Python ``weight_decay`` through float32; torch computes
         ``1 - wd * lr`` in float32 (lr is a float32 tensor).  Those roundings change the
-        decay by up to 1e-3 relative, so they are modelled.
+        decay by up to 1e-3 relative, so they are modelled.  (Elsewhere the value does not
+        depend on lr: ``keras_jax`` compiles again when it changes.)
         """
         wd = float(self.optimizer.weight_decay or 0.0)
         if wd == 0 or lr == 0:
             return 0.0
         f32 = np.float32
         if BACKEND == "torch":
-            return 1.0 - float(f32(1.0) - f32(f32(wd) * f32(lr)))
+            return (1.0 - float(f32(1.0) - f32(f32(wd) * f32(lr)))) / lr
         if BACKEND == "tensorflow":
-            return float(f32(wd)) * lr
-        return wd * lr
+            return float(f32(wd))
+        return wd
 
     def hyperparameters(self, lr: float) -> dict[str, Any]:
         opt = self.optimizer
         given = {name: getattr(opt, attribute) for name, attribute in _HYPER[self.family].items()}
         for name in _CAST.get(self.family, ()) if BACKEND == "tensorflow" else ():
             given[name] = float(np.float32(given[name]))
-        # The formulas take decay_rate = lr * weight_decay: give them Keras' real rate.
-        given["weight_decay"] = self.decay_rate(lr) / lr if lr else 0.0
+        given["weight_decay"] = self.weight_decay(lr)
         return formulas.hyperparameters(self.family, "keras", lr=lr, **given)
 
     def variables(self) -> list[Any]:
@@ -219,6 +221,20 @@ class KerasReader:
             for i, a in enumerate(self.optimizer._accumulated_delta_vars)
         }
 
+    def formula_inputs(
+        self, index: int, t: int, h: dict[str, Any], grad: Any, recorded: dict[str, Any] | None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The formula's state of variable ``index`` (PyTorch names, ``param`` after the
+        step, ``grad`` None when not given) and its hyperparameters."""
+        var = self.variables()[index]
+        param = ops.convert_to_tensor(var)
+        state = {**self.state_of(index), **(recorded or {}), "param": param, "grad": grad}
+        if self.family == "adadelta" and "acc_delta_before" not in state and t == 1:
+            state["acc_delta_before"] = ops.zeros_like(param)  # Keras starts it at zero
+        if not self.optimizer._use_weight_decay(var):
+            h = {**h, "weight_decay": 0.0}
+        return state, h
+
     def elementwise(
         self,
         index: int,
@@ -229,16 +245,10 @@ class KerasReader:
         chunk: slice | None = None,
     ) -> Elementwise:
         """eta and d of variable ``index`` (of the flat slice ``chunk`` of it, if given)."""
-        var = self.variables()[index]
-        param = ops.convert_to_tensor(var)
-        state = self.state_of(index)
-        state.update(recorded or {})
-        # Without the gradient the formula still needs the key; eta does not depend on it.
-        state.update(param=param, grad=ops.zeros_like(param) if grad is None else grad)
-        if self.family == "adadelta" and "acc_delta_before" not in state and t == 1:
-            state["acc_delta_before"] = ops.zeros_like(param)  # Keras starts it at zero
-        if not self.optimizer._use_weight_decay(var):
-            h = {**h, "weight_decay": 0.0}
+        state, h = self.formula_inputs(index, t, h, grad, recorded)
+        if grad is None:
+            # Without the gradient the formula still needs the key; eta does not depend on it.
+            state["grad"] = ops.zeros_like(state["param"])
         if chunk is not None:
             state = {
                 k: v if isinstance(v, float) else ops.reshape(v, [-1])[chunk]
@@ -326,27 +336,39 @@ class KerasReader:
             notes.append(
                 "with gradient accumulation, grads= must be the averaged accumulated gradients"
             )
-        dtype = _float_dtype()
-        chunkable = getattr(formulas.family(self.family), "CHUNKABLE", True)
-        measures, reports = [], []
-        for index, var in enumerate(self.variables()):
-            if by_index and index not in by_index:
-                continue  # no gradient: Keras skipped this variable
-
-            def compute(chunk: slice | None, index: int = index) -> Elementwise:
-                return self.elementwise(
-                    index, t, h, by_index.get(index), (recorded or {}).get(index), chunk
-                )
-
-            measures.append(
-                partial(keras_stats.reduce, compute, ops.convert_to_tensor(var), with_update, dtype,
-                        chunkable)
-            )
-            reports.append(ParamReport(name=var.path, shape=tuple(var.shape)))
-        for report, (dist, update_norm, param_norm) in zip(reports, keras_stats.collect(measures)):
+        indices = [i for i in range(len(self.variables())) if not by_index or i in by_index]
+        # (A variable without a gradient was skipped by Keras.)
+        reports = [ParamReport(name=v.path, shape=tuple(v.shape))
+                   for v in (self.variables()[i] for i in indices)]
+        for report, (dist, update_norm, param_norm) in zip(
+                reports, self._statistics(indices, t, h, by_index, recorded or {}, with_update)):
             report.effective_lr = dist
             report.update_norm, report.param_norm = update_norm, param_norm
         return {r.name: r for r in reports}
+
+    def _statistics(self, indices: list[int], t: int, h: dict[str, Any], grads: dict[int, Any],
+                    recorded: dict[int, dict[str, Any]], with_update: bool
+                    ) -> list[tuple[Any, float | None, float]]:
+        """(Distribution, update norm or None, param norm) of each variable of ``indices``:
+        jitted on JAX (``keras_jax``), by the PyTorch backend's passes on torch
+        (``keras_torch``), else op by op (``keras_stats``)."""
+        if BACKEND in ("jax", "torch"):
+            fast = importlib.import_module(f"lrscope.backends.keras_{BACKEND}")
+            if fast.applies(self.family):
+                inputs = [self.formula_inputs(i, t, h, grads.get(i), recorded.get(i)) for i in indices]
+                return fast.collect(self.family, [s for s, _ in inputs], [hh for _, hh in inputs],
+                                    t, with_update)
+        dtype = _float_dtype()
+        chunkable = getattr(formulas.family(self.family), "CHUNKABLE", True)
+        measures = []
+        for index in indices:
+
+            def compute(chunk: slice | None, index: int = index) -> Elementwise:
+                return self.elementwise(index, t, h, grads.get(index), recorded.get(index), chunk)
+
+            param = ops.convert_to_tensor(self.variables()[index])
+            measures.append(partial(keras_stats.reduce, compute, param, with_update, dtype, chunkable))
+        return keras_stats.collect(measures)
 
 
 def inspect(
