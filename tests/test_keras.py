@@ -528,7 +528,7 @@ def test_jitted_statistics_compile_once_per_model() -> None:
 @pytest.mark.parametrize("case", ["adam_amsgrad_wd", "nadam"])
 def test_fused_pass_on_torch_equals_op_by_op(case: str, monkeypatch) -> None:
     """Large variables take torch_fused's compiled pass (chunk sizes shrunk so that 5063
-    elements make two compiled chunks of each size and an eager remainder); a schedule
+    elements make two chunks of 2048, one of 512 and a remainder for the any-size pass); a schedule
     changes lr and NAdam's mu_product every step."""
     import torch
 

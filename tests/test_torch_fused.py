@@ -1,7 +1,7 @@
 """The compiled (fused) statistics pass against numpy on the family's exact eta.
 
 Chunk sizes are shrunk so that small tensors take the fused path, in several chunks of
-two compiled sizes plus an eager remainder; a StepLR changes lr every step, which the
+two compiled sizes plus a remainder through the pass compiled for any size; a StepLR changes lr every step, which the
 compiled pass must follow without a stale constant.
 """
 
@@ -31,12 +31,13 @@ STEPS = 7
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Fused chunks of 2048 then 512 elements from 1000 elements on, eager chunks of 512,
-    and fresh compiled code (dynamo caches at most 8 variants per function)."""
-    monkeypatch.setattr(torch_fused, "FUSED_MIN_ELEMENTS", 1000)
+    """Fused chunks of 2048 then 512 elements from 300 elements on, the rest of a tensor
+    (all of one below 512) through the pass for any size, eager chunks of 512, and fresh
+    compiled code (dynamo caches at most 8 variants per function)."""
+    monkeypatch.setattr(torch_fused, "FUSED_MIN_ELEMENTS", 300)
     monkeypatch.setattr(torch_fused, "CHUNK_SIZES", (2048, 512))
     monkeypatch.setattr(torch_stats, "CHUNK_ELEMENTS", 512)
-    monkeypatch.setattr(torch_small, "SMALL_ELEMENTS", 999)  # only the bias is batched
+    monkeypatch.setattr(torch_small, "SMALL_ELEMENTS", 299)  # only the bias is batched
     monkeypatch.delenv("LRSCOPE_FUSED", raising=False)
     calls = []
     fused = torch_fused._fused
@@ -130,8 +131,33 @@ def test_nonfinite_state_is_redone_eagerly(small_chunks):
     assert dist.mean == pytest.approx(finite.mean(), rel=1e-5)
 
 
+def test_tensors_below_the_smallest_chunk_share_the_pass_for_any_size(small_chunks):
+    """400 and 450 elements: no static chunk fits, each tensor goes whole through the loop
+    compiled for any size: one compilation for both sizes, reused with a new lr."""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(n, generator=g, dtype=torch.float64)) for n in (400, 450)]
+    optimizer = torch.optim.Adam(params, lr=1e-3, eps=1e-3)
+    graphs = counters["stats"]["unique_graphs"]
+    for step in (1, 2):
+        lr = optimizer.param_groups[0]["lr"] = 1e-3 / step
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64) * 10.0 ** torch.linspace(-6, 0, p.numel())
+        optimizer.step()
+        report = lrscope.inspect(optimizer).groups[0]
+        for i, p in enumerate(params):
+            dist = report.params[f"param{i}"].effective_lr
+            root = np.sqrt(optimizer.state[p]["exp_avg_sq"].numpy() / (1 - 0.999**step))
+            eta = lr / (root + 1e-3)
+            assert dist.count == p.numel()
+            assert (dist.min, dist.max, dist.mean) == pytest.approx((eta.min(), eta.max(), eta.mean()), rel=1e-12)
+            assert dist.eps_dominated_count == int((root < 1e-3).sum())
+    assert len(small_chunks) == 4 and counters["stats"]["unique_graphs"] == graphs + 1
+
+
 def test_a_compiler_failure_warns_once_and_stays_eager(small_chunks, monkeypatch):
-    def broken():
+    def broken(dynamic):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(torch_fused, "_compile", broken)

@@ -11,8 +11,13 @@ counts of eta are then taken by ``stats.bit_histogram``.  Per-step scalars (t, l
 powers) are 0-d inputs, so a new step compiles nothing.
 
 Used for tensors of at least ``FUSED_MIN_ELEMENTS`` on the CPU: the first compilation
-takes seconds, which pays off only on large models.  GPU tensors keep the eager path
-(their kernels already run at memory speed).  Set ``LRSCOPE_FUSED=0`` to switch it off;
+takes seconds, which pays off only on large models.  Chunks of ``CHUNK_SIZES`` go through
+loops compiled for their static size; the rest of a tensor (all of it below the smallest
+size) through one loop compiled for any size, about twice slower per element but still
+several times faster than eager kernels, which allocate a fresh temporary per operation
+(the C allocator may hand each one out as fresh pages from the kernel: 40 tensors of 250K
+page-faulted 43,000 times per measurement in some processes, 71 ms eager against 10 ms).
+GPU tensors keep the eager path (their kernels already run at memory speed).  Set ``LRSCOPE_FUSED=0`` to switch it off;
 if compilation fails (no C++ compiler), lrscope warns once and stays eager.  Dynamo keeps
 at most ``torch._dynamo.config.recompile_limit`` variants (family, options, dtype, chunk
 size) of the compiled pass; beyond them it runs the pass eagerly, with the same results.
@@ -38,9 +43,10 @@ import torch
 from lrscope.backends import torch_stats
 from lrscope.formulas import Elementwise
 
-#: Tensors smaller than this use the eager path: they are cheap, and a model made only of
-#: them (a test, the demo) never waits for a compilation.
-FUSED_MIN_ELEMENTS = torch_stats.CHUNK_ELEMENTS
+#: Tensors smaller than this (at most 65,536 elements, 256 KiB in float32) use the eager
+#: path: they are cheap, and a model made only of them (a test, the demo) never waits for a
+#: compilation.
+FUSED_MIN_ELEMENTS = (1 << 16) + 1
 #: Chunk sizes of the compiled pass, largest first (the temporary memory is a few
 #: buffers of the largest: 4 MiB each in float32).
 CHUNK_SIZES = (4 * torch_stats.CHUNK_ELEMENTS, torch_stats.CHUNK_ELEMENTS)
@@ -49,7 +55,7 @@ CHUNK_SIZES = (4 * torch_stats.CHUNK_ELEMENTS, torch_stats.CHUNK_ELEMENTS)
 #: pass would compile again for every new t (measured: 3.5x slower than eager).
 EAGER_FAMILIES = {"radam"}
 
-_compiled: Callable[..., Any] | None = None
+_compiled: dict[bool, Callable[..., Any]] = {}  # by whether compiled for any size
 _failed = False
 
 
@@ -111,12 +117,12 @@ def applies(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite
             and not torch.compiler.is_compiling())
 
 
-def _compile() -> Callable[..., Any]:
-    global _compiled
-    if _compiled is None:
-        # Static shapes: each chunk size is its own loop; per-step scalars are 0-d inputs.
-        _compiled = torch.compile(_chunk_statistics, dynamic=False)
-    return _compiled
+def _compile(dynamic: bool) -> Callable[..., Any]:
+    """The compiled pass: for static shapes (each chunk size its own loop) or for any size;
+    per-step scalars are 0-d inputs either way."""
+    if dynamic not in _compiled:
+        _compiled[dynamic] = torch.compile(_chunk_statistics, dynamic=dynamic)
+    return _compiled[dynamic]
 
 
 def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite_only: bool = False) -> Any:
@@ -142,16 +148,23 @@ def _as_input(value: Any) -> Any:
 
 
 def _fused(formula: ChunkedFormula, param: torch.Tensor) -> Any:
-    """Chunks of ``CHUNK_SIZES`` through the compiled pass, the remainder eagerly.
+    """Chunks of ``CHUNK_SIZES`` through the static compiled passes, the rest through the
+    pass for any size.
 
-    Each size is its own static compiled loop: one compiled for any size would be about
-    twice slower (Inductor's dynamic-shape loops), and a call costs tens of microseconds
-    of guards and wrappers, so large tensors go in the larger chunks.
+    Each chunk size is its own static compiled loop: one compiled for any size is about
+    twice slower (Inductor's dynamic-shape loops), and a call costs tens of microseconds of
+    guards and wrappers, so large tensors go in the larger chunks.
     """
-    statistics = _compile()
+    static, any_size = _compile(False), _compile(True)
     acc = torch_stats.Accumulator(param.device)
     rest = {k: _as_input(v) for k, v in formula.parts[1].items()}
     t, h = _as_input(formula.t), {**formula.h, "lr": _as_input(formula.h["lr"])}
+
+    def measure(statistics: Callable[..., Any], start: int, stop: int) -> None:
+        view = formula.sliced(slice(start, stop), rest)
+        eta, row, has_eps = statistics(formula.apply, formula.family, view, t, h, formula.dtype)
+        acc.add_row(eta, row, has_eps, stop - start)
+
     start, n = 0, param.numel()
     # Each (family, options, dtype, chunk size) is one compiled variant: more than dynamo's
     # default of 8 (e.g. AdamW groups with and without decay, in two dtypes) would send
@@ -159,11 +172,8 @@ def _fused(formula: ChunkedFormula, param: torch.Tensor) -> Any:
     with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
         for size in CHUNK_SIZES:
             while n - start >= size:
-                view = formula.sliced(slice(start, start + size), rest)
-                eta, row, has_eps = statistics(formula.apply, formula.family, view, t, h, formula.dtype)
-                acc.add_row(eta, row, has_eps, size)
+                measure(static, start, start + size)
                 start += size
-    flat_param = param.detach().reshape(-1)
-    for chunk in torch_stats.chunks(param, start=start) if start < n else ():
-        acc.add_chunk(formula, flat_param, chunk)
+        if start < n:
+            measure(any_size, start, n)
     return acc.result()

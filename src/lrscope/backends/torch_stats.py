@@ -206,10 +206,10 @@ class Accumulator:
         return decode_statistics(counts, totals, indices)
 
 
-def chunks(param: torch.Tensor, start: int = 0) -> list[slice]:
-    """Flat slices of at most CHUNK_ELEMENTS covering ``param`` from ``start`` on."""
+def chunks(param: torch.Tensor) -> list[slice]:
+    """Flat slices of at most CHUNK_ELEMENTS covering ``param``."""
     n = param.numel()
-    return [slice(i, min(i + CHUNK_ELEMENTS, n)) for i in range(start, max(n, 1), CHUNK_ELEMENTS)]
+    return [slice(i, min(i + CHUNK_ELEMENTS, n)) for i in range(0, max(n, 1), CHUNK_ELEMENTS)]
 
 
 def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite_only: bool = False) -> Any:
