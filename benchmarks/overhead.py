@@ -239,8 +239,7 @@ def optax_ratios(tensors: int, repeat: int) -> dict[str, tuple[float, int]]:
 
 
 def keras_ratios(tensors: int, repeat: int) -> dict[str, float]:
-    """Keras 3 (TensorFlow backend) Adam: optimizer.apply vs lrscope.inspect."""
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    """Keras 3 Adam on the backend KERAS_BACKEND names: optimizer.apply vs lrscope.inspect."""
     import keras
     import numpy as np
 
@@ -258,6 +257,23 @@ def keras_ratios(tensors: int, repeat: int) -> dict[str, float]:
     return {name: statistics.median(times) for name, times in rounds.items()}
 
 
+_KERAS_CHILD = """
+import json, sys
+sys.path.insert(0, "benchmarks")
+from overhead import keras_ratios
+print(json.dumps(keras_ratios(int(sys.argv[1]), int(sys.argv[2]))))
+"""
+
+
+def keras_on(backend: str, tensors: int, repeat: int) -> dict[str, float]:
+    """``keras_ratios`` in a fresh process (Keras picks its backend once per process)."""
+    out = subprocess.run([sys.executable, "-c", _KERAS_CHILD, str(tensors), str(repeat)],
+                         env={**os.environ, "KERAS_BACKEND": backend}, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def print_other_frameworks(tensors: int, repeat: int) -> None:
     n = tensors * 250_000 / 1e6
     try:
@@ -273,15 +289,15 @@ def print_other_frameworks(tensors: int, repeat: int) -> None:
             base = donated if name.endswith("donated") else plain
             print(f"   {name:38s} {seconds * 1e3:8.1f} ms  {seconds / base:6.2f} x the plain step"
                   f"   temporary buffer {temp / 2**20:5.1f} MiB")
-    try:
-        k = keras_ratios(tensors, repeat)
-    except ImportError as error:
-        print(f"\n5. Keras: skipped ({error})")
-    else:
-        print(f"\n5. Keras 3 (TensorFlow backend), Adam over {n:.0f}M parameters")
-        print(f"   optimizer.apply            {k['apply'] * 1e3:8.1f} ms")
-        print(f"   lrscope distributions      {k['inspect'] * 1e3:8.1f} ms  "
-              f"{k['inspect'] / k['apply']:6.2f} x the step")
+    print(f"\n5. Keras 3, Adam over {n:.0f}M parameters: lrscope.inspect against optimizer.apply")
+    for backend in ("tensorflow", "jax", "torch"):
+        try:
+            k = keras_on(backend, tensors, repeat)
+        except RuntimeError as error:
+            print(f"   {backend:10s} skipped ({error})")
+            continue
+        print(f"   {backend:10s} apply {k['apply'] * 1e3:7.1f} ms   lrscope distributions "
+              f"{k['inspect'] * 1e3:7.1f} ms  {k['inspect'] / k['apply']:6.2f} x the step")
 
 
 def main() -> None:

@@ -1,6 +1,9 @@
 """Keras 3 backend: read a Keras optimizer's variables, compute with ``keras.ops``.
 
-Written with ``keras.ops`` only, so it runs on the tensorflow, jax and torch backends.
+Written with ``keras.ops``, so it runs on the tensorflow, jax and torch backends; the
+statistics take each backend's fast path where it has one (``_statistics``): one jitted
+computation on JAX (``keras_jax``), lrscope's PyTorch passes on torch (``keras_torch``),
+a ``tf.function`` graph per chunk on TensorFlow (``keras_stats``).
 Conventions (SPEC §2): after step t ``optimizer.iterations == t`` and the schedule was
 evaluated at the raw iteration ``t - 1`` (with ``gradient_accumulation_steps = k``,
 Keras counts micro-batches: the step moved the variables at raw iteration ``t*k - 1``);
