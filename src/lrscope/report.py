@@ -91,6 +91,19 @@ class Distribution:
 STATISTICS = ("min", "max", "sum", "sum_squares", "eps_dominated", "update_sq", "param_sq")
 
 
+def mark_eps_absent(rows: Any) -> None:
+    """Mark the eps-dominated count of ``STATISTICS`` rows (a numpy array or a tensor, the
+    statistics along its last axis) absent, as ``decode_statistics`` reads it.
+
+    >>> import numpy as np
+    >>> row = np.zeros(len(STATISTICS))
+    >>> mark_eps_absent(row)
+    >>> decode_statistics([0], row, indices=[0])[0].eps_dominated is None
+    True
+    """
+    rows[..., STATISTICS.index("eps_dominated")] = -1
+
+
 def decode_statistics(counts: Any, scalars: Any,
                       indices: Any = None) -> tuple[Distribution, float | None, float]:
     """The Distribution, update norm (None if absent) and parameter norm of one tensor from

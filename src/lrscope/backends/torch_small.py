@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lrscope.backends import torch_fused, torch_stats
-from lrscope.report import decode_statistics
+from lrscope.report import decode_statistics, mark_eps_absent
 from lrscope.stats import mapping
 
 #: Tensors of at most this many elements are batched.
@@ -109,13 +109,21 @@ class _Batch:
         eta = torch_stats.eta_tensor(el).detach()
         eta = eta.expand(theta.shape) if eta.dim() == 0 else eta
         sizes = np.array([param.numel() for _, param in self.items.values()])
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # each tensor's segment
-        rows = torch_stats.numpy_rows(eta, el.eps_dominated, el.update(theta), theta, starts)
+        rows = torch_stats.numpy_rows(eta, el.eps_dominated, el.update(theta), theta, segment_starts(sizes))
         if el.eps_dominated is None:
-            rows[:, 4] = -1  # absent, as report.decode_statistics reads it
+            mark_eps_absent(rows)
         buckets = (eta.to(torch.float32).numpy().view(np.uint32) >> mapping.FLOAT32_SHIFT).astype(np.int64)
         return {name: decode_statistics(counts, rows[i], indices)
                 for i, (name, (indices, counts)) in enumerate(zip(self.items, segment_counts(buckets, sizes)))}
+
+
+def segment_starts(sizes: np.ndarray) -> np.ndarray:
+    """Where each of consecutive segments of the given ``sizes`` starts.
+
+    >>> segment_starts(np.array([3, 2, 4])).tolist()
+    [0, 3, 5]
+    """
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
 
 
 def segment_counts(keys: np.ndarray, sizes: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -129,7 +137,7 @@ def segment_counts(keys: np.ndarray, sizes: np.ndarray) -> list[tuple[np.ndarray
     >>> segment_counts(np.array([5, 3, 5, 7, 7]), np.array([3, 2]))
     [(array([3, 5]), array([1, 2])), (array([7]), array([2]))]
     """
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    starts = segment_starts(sizes)
     low, high = np.minimum.reduceat(keys, starts), np.maximum.reduceat(keys, starts)
     offsets = np.concatenate([[0], np.cumsum(high - low + 1)])
     if offsets[-1] <= 8 * keys.size + mapping.FLOAT32_BUCKETS:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lrscope.formulas import Elementwise
-from lrscope.report import Distribution, decode_statistics, needs_masked_redo
+from lrscope.report import Distribution, decode_statistics, mark_eps_absent, needs_masked_redo
 from lrscope.stats import mapping
 from lrscope.stats.bit_histogram import BucketCounts
 
@@ -193,12 +193,12 @@ class Accumulator:
         if self.cpu_counts is None:
             totals = _totals(self.rows)
             if not self.has_eps:
-                totals[4] = -1  # absent, as report.decode_statistics reads it
+                mark_eps_absent(totals)
             return torch.cat([self.counts.double(), totals])
         table = np.stack(self.rows)
-        totals = [table[:, 0].min(), table[:, 1].max(), *table[:, 2:].sum(axis=0)]
+        totals = np.array([table[:, 0].min(), table[:, 1].max(), *table[:, 2:].sum(axis=0)])
         if not self.has_eps:
-            totals[4] = -1  # absent, as report.decode_statistics reads it
+            mark_eps_absent(totals)
         # Positive finite extremes of the fast pass bound every counted value (a NaN would
         # show in them; the masked pass leaves NaN/Inf out of them but not of the counts).
         bounded = not self.finite_only and 0 < totals[0] and totals[1] < math.inf
