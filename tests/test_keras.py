@@ -396,12 +396,16 @@ def test_callback_log_dir_writes_tensorboard(tmp_path) -> None:
     assert (tmp_path / "lrscope.jsonl").exists()
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["op_by_op", "fast"])
 @pytest.mark.parametrize("case", ["adam_amsgrad_wd", "rmsprop_centered_momentum", "lamb"])
-def test_chunked_statistics_equal_whole_tensor(case: str, monkeypatch) -> None:
+def test_chunked_statistics_equal_whole_tensor(case: str, fast: bool, monkeypatch) -> None:
     """Chunks (bounded memory) give the same statistics as one pass over each tensor."""
     from lrscope.backends import keras_stats
 
-    monkeypatch.setenv("LRSCOPE_FUSED", "0")  # op by op on JAX too (keras_jax has no chunks)
+    if fast and BACKEND != "tensorflow":
+        pytest.skip("keras_jax measures whole variables; torch's chunks are test_torch_fused's")
+    if not fast:
+        monkeypatch.setenv("LRSCOPE_FUSED", "0")
     rng = np.random.default_rng(9)
     trained = list(_variables(rng).values())
     optimizer = CASES[case]()
@@ -461,9 +465,8 @@ def test_nonfinite_state_is_redone_with_masking() -> None:
 
 def _fast_cases() -> list[str]:
     """The cases whose statistics take the backend's fast path (``keras_jax`` on JAX,
-    ``keras_torch`` on torch) rather than ``keras_stats``."""
-    if BACKEND == "tensorflow":
-        return []
+    ``keras_torch`` on torch, ``keras_tensorflow`` on TensorFlow) rather than
+    ``keras_stats`` alone."""
     import importlib
 
     from lrscope.backends.keras import family_of, unwrap
@@ -476,9 +479,10 @@ def _fast_cases() -> list[str]:
 @pytest.mark.parametrize("case", _fast_cases())
 def test_fast_statistics_equal_op_by_op(case: str, monkeypatch) -> None:
     """On JAX every variable's statistics come from one jitted computation
-    (``keras_jax``), on torch from lrscope's PyTorch passes (``keras_torch``): they equal
-    the op-by-op ones (``keras_stats``, whose eta test_identity_on_real_steps checks
-    against Keras' real steps)."""
+    (``keras_jax``), on torch from lrscope's PyTorch passes (``keras_torch``), on
+    TensorFlow from one graph per chunk with the formula inside (``keras_tensorflow``):
+    they equal the op-by-op ones (``keras_stats``, whose eta test_identity_on_real_steps
+    checks against Keras' real steps)."""
     rng = np.random.default_rng(11)
     trained = list(_variables(rng).values())
     optimizer = CASES[case]()
@@ -508,20 +512,26 @@ def test_fast_statistics_equal_op_by_op(case: str, monkeypatch) -> None:
         assert got.param_norm == pytest.approx(want.param_norm, rel=rel)
 
 
-@pytest.mark.skipif(BACKEND != "jax", reason="the jitted statistics are JAX's")
-def test_jitted_statistics_compile_once_per_model() -> None:
-    """t, a scheduled lr and the state are inputs: later steps compile nothing."""
-    from lrscope.backends import keras_jax
+@pytest.mark.skipif(BACKEND == "torch", reason="test_torch_fused counts torch_fused's compilations")
+def test_fast_statistics_compile_once_per_model() -> None:
+    """t, a scheduled lr and the state are inputs: later steps compile (on TensorFlow,
+    trace) nothing."""
+    from lrscope.backends import keras_jax, keras_tensorflow
+
+    def compilations() -> int:
+        if BACKEND == "jax":
+            return keras_jax._statistics._cache_size()
+        return keras_tensorflow._graph().experimental_get_tracing_count()
 
     rng = np.random.default_rng(12)
     trained = list(_variables(rng).values())
     optimizer = _O.Nadam(_schedule(), weight_decay=0.01)  # mu_product changes every step
-    sizes = []
+    counts = []
     for _ in range(3):
         optimizer.apply(_grads(rng, trained), trained)
         assert lrscope.inspect(optimizer).groups[0].effective_lr.count == 18
-        sizes.append(keras_jax._statistics._cache_size())
-    assert sizes[1] == sizes[2] == sizes[0]
+        counts.append(compilations())
+    assert counts[0] > 0 and counts[1] == counts[2] == counts[0]
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the compiled pass is PyTorch's")

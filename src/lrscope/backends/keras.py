@@ -3,7 +3,7 @@
 Written with ``keras.ops``, so it runs on the tensorflow, jax and torch backends; the
 statistics take each backend's fast path where it has one (``_statistics``): one jitted
 computation on JAX (``keras_jax``), lrscope's PyTorch passes on torch (``keras_torch``),
-a ``tf.function`` graph per chunk on TensorFlow (``keras_stats``).
+one ``tf.function`` graph per chunk on TensorFlow (``keras_tensorflow``).
 Conventions (SPEC §2): after step t ``optimizer.iterations == t`` and the schedule was
 evaluated at the raw iteration ``t - 1`` (with ``gradient_accumulation_steps = k``,
 Keras counts micro-batches: the step moved the variables at raw iteration ``t*k - 1``);
@@ -354,8 +354,9 @@ class KerasReader:
                     ) -> list[tuple[Any, float | None, float]]:
         """(Distribution, update norm or None, param norm) of each variable of ``indices``:
         jitted on JAX (``keras_jax``), by the PyTorch backend's passes on torch
-        (``keras_torch``), else op by op (``keras_stats``)."""
-        if BACKEND in ("jax", "torch"):
+        (``keras_torch``), formula and statistics in one graph per chunk on TensorFlow
+        (``keras_tensorflow``), else op by op (``keras_stats``)."""
+        if BACKEND in ("jax", "torch", "tensorflow"):
             fast = importlib.import_module(f"lrscope.backends.keras_{BACKEND}")
             if fast.applies(self.family):
                 inputs = [self.formula_inputs(i, t, h, grads.get(i), recorded.get(i)) for i in indices]
