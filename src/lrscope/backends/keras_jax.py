@@ -18,14 +18,13 @@ Python float.  So does everything when ``LRSCOPE_FUSED=0``, as on PyTorch.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from lrscope import formulas
-from lrscope.backends import optax_stats
+from lrscope.backends import fast_statistics, optax_stats
 from lrscope.report import Distribution
 
 #: Families whose formula needs a concrete value (a Python float of an array).
@@ -34,7 +33,7 @@ OP_BY_OP = {"adafactor"}
 
 def applies(family: str) -> bool:
     """Whether ``family``'s statistics are measured by ``collect``."""
-    return family not in OP_BY_OP and os.environ.get("LRSCOPE_FUSED", "1") != "0"
+    return family not in OP_BY_OP and fast_statistics()
 
 
 @functools.partial(jax.jit, static_argnames=("family", "hypers"))

@@ -16,14 +16,13 @@ their own shape.  So does everything when ``LRSCOPE_FUSED=0``.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Callable
 
 import numpy as np
 from keras import ops
 
 from lrscope import formulas
-from lrscope.backends import keras_stats
+from lrscope.backends import fast_statistics, keras_stats
 from lrscope.report import Distribution
 
 #: TensorFlow has float64: the statistics are reduced in it.
@@ -33,7 +32,7 @@ _STATISTICS_DTYPE = "float64"
 def applies(family: str) -> bool:
     """Whether ``family``'s statistics are measured by ``collect``."""
     return (getattr(formulas.family(family), "CHUNKABLE", True)
-            and os.environ.get("LRSCOPE_FUSED", "1") != "0")
+            and fast_statistics())
 
 
 def _chunk(family: str, columns: dict[str, Any], t: Any, lr: Any,

@@ -14,13 +14,12 @@ which the chunked passes do not give.  So does everything when ``LRSCOPE_FUSED=0
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from lrscope import formulas
-from lrscope.backends import torch_fused, torch_small, torch_stats
+from lrscope.backends import fast_statistics, torch_fused, torch_small, torch_stats
 from lrscope.formulas import Elementwise
 from lrscope.report import Distribution
 
@@ -28,7 +27,7 @@ from lrscope.report import Distribution
 def applies(family: str) -> bool:
     """Whether ``family``'s statistics are measured by ``collect``."""
     return (getattr(formulas.family(family), "CHUNKABLE", True)
-            and os.environ.get("LRSCOPE_FUSED", "1") != "0")
+            and fast_statistics())
 
 
 def apply_keras(family: str, view: dict[str, Any], t: Any, h: dict[str, Any],

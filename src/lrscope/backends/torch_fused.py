@@ -33,14 +33,13 @@ bfloat16).  ``lrscope.torch.elementwise`` stays eager and exact.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from lrscope.backends import torch_stats
+from lrscope.backends import fast_statistics, torch_stats
 from lrscope.formulas import Elementwise
 
 #: Tensors smaller than this (at most 65,536 elements, 256 KiB in float32) use the eager
@@ -113,7 +112,7 @@ def applies(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite
     """Whether ``param``'s statistics take the fused path."""
     return (isinstance(compute, ChunkedFormula) and compute.family not in EAGER_FAMILIES
             and not _failed and not finite_only and param.device.type == "cpu"
-            and param.numel() >= FUSED_MIN_ELEMENTS and os.environ.get("LRSCOPE_FUSED", "1") != "0"
+            and param.numel() >= FUSED_MIN_ELEMENTS and fast_statistics()
             and not torch.compiler.is_compiling())
 
 
