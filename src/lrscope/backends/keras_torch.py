@@ -37,17 +37,28 @@ def apply_keras(family: str, view: dict[str, Any], t: Any, h: dict[str, Any],
     return formulas.family(family).elementwise(torch, view, t, h, "keras")
 
 
+def _with_decay_input(h: dict[str, Any]) -> dict[str, Any]:
+    """``h`` with a nonzero weight decay as a 0-d tensor: Keras on torch rounds ``1 - wd * lr``
+    through float32, so the modelled decay changes with lr (``KerasReader.weight_decay``),
+    and as a number it would be compiled into ``torch_fused``'s pass, again every step."""
+    if formulas.is_zero(h["weight_decay"]):
+        return h
+    return {**h, "weight_decay": torch.tensor(h["weight_decay"], dtype=torch.float64)}
+
+
 def collect(family: str, states: list[dict[str, Any]], hypers: list[dict[str, Any]], t: int,
             with_update: bool) -> list[tuple[Distribution, float | None, float]]:
     """``(effective lr Distribution, update norm or None, param norm)`` per variable, like
     ``keras_stats.collect``; ``states`` and ``hypers`` as ``KerasReader.formula_inputs``
     gives them."""
-    items = {}
+    items, inputs = {}, {}
     for i, (state, h) in enumerate(zip(states, hypers)):
         param = state["param"].detach()
         # Without the gradient the formula still needs the key; eta does not depend on it.
         grad = torch.zeros_like(param) if state["grad"] is None else state["grad"]
         view = {**state, "param": param, "grad": grad}
+        # One dict per distinct hyperparameters: variables that share it share a formula call.
+        h = inputs.setdefault(id(h), _with_decay_input(h))
         items[str(i)] = (torch_fused.ChunkedFormula(apply_keras, family, view, float(t), h, param.dtype), param)
     out, _ = torch_stats.collect(torch_small.measures(items))
     return [(dist, update_norm if with_update else None, param_norm)

@@ -24,7 +24,7 @@ from lrscope.formulas import (
     adabelief, adadelta, adafactor, adagrad, adam, adamax, asgd, lamb, lion, nadam, radam,
     rmsprop, rprop, sgd, yogi,
 )
-from lrscope.formulas._common import CONVENTIONS, Elementwise, resolve
+from lrscope.formulas._common import CONVENTIONS, Elementwise, is_zero, resolve
 
 FAMILIES: dict[str, ModuleType] = {
     module.NAMES[0]: module
@@ -90,5 +90,5 @@ def step_size(name: str, t: int, *, convention: str | None = None, term: str = "
     return float(values[term])
 
 
-__all__ = ["CONVENTIONS", "Elementwise", "FAMILIES", "family", "default_convention",
+__all__ = ["CONVENTIONS", "Elementwise", "FAMILIES", "family", "default_convention", "is_zero",
            "hyperparameters", "step_size", "step_sizes"]

@@ -46,10 +46,22 @@ class Elementwise:
         before the step never need to be copied.
         """
         step = self.eta * self.direction
-        if isinstance(self.decay_rate, (int, float)) and self.decay_rate == 0:
+        if is_zero(self.decay_rate):
             return -step
         theta_before = (param_after + step) / (1 - self.decay_rate)
         return -step - self.decay_rate * theta_before
+
+
+def is_zero(value: Any) -> bool:
+    """Whether ``value`` is a Python number equal to 0.  An array is never compared on the
+    host: it may be an input of a compiled caller (a weight decay that changes every step),
+    and a term multiplied by a zero array is zero anyway.
+
+    >>> import numpy as np
+    >>> is_zero(0.0), is_zero(0.1), is_zero(np.zeros(()))
+    (True, False, False)
+    """
+    return isinstance(value, (int, float)) and value == 0
 
 
 def power(state: Mapping[str, Any], h: Mapping[str, Any], name: str, t: Any) -> Any:

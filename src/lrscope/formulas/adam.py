@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lrscope.formulas._common import Elementwise, power, resolve
+from lrscope.formulas._common import Elementwise, is_zero, power, resolve
 
 NAMES = ("adam", "adamw", "amsgrad", "sparse_adam")
 
@@ -80,7 +80,7 @@ def elementwise(
     else:
         root = xp.sqrt(v / bias2)
         eps_hat = h["eps"] / bias2**0.5 if convention in ("keras", "tf1") else h["eps"]
-    decoupled = h["decoupled_weight_decay"] and h["weight_decay"] != 0
+    decoupled = h["decoupled_weight_decay"] and not is_zero(h["weight_decay"])
     return Elementwise(
         eta=h["lr"] / (root + eps_hat),
         direction=state["exp_avg"] / bias1,

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lrscope.formulas._common import Elementwise, coupled_direction, power, resolve
+from lrscope.formulas._common import Elementwise, coupled_direction, is_zero, power, resolve
 
 NAMES = ("nadam", "nadamw")
 
@@ -93,5 +93,5 @@ def elementwise(
         xp, state.get("param"), state["grad"], eta, c_g, c_m * state["exp_avg"],
         wd if coupled else 0.0, h.get("maximize", False),
     )
-    decay = 0.0 if coupled or wd == 0 else h["lr"] * wd
+    decay = 0.0 if coupled or is_zero(wd) else h["lr"] * wd
     return Elementwise(eta=eta, direction=direction, decay_rate=decay, eps_dominated=root < h["eps"])
