@@ -363,7 +363,7 @@ class KerasReader:
                 return fast.collect(self.family, [s for s, _ in inputs], [hh for _, hh in inputs],
                                     t, with_update)
         dtype = _float_dtype()
-        chunkable = getattr(formulas.family(self.family), "CHUNKABLE", True)
+        chunkable = formulas.chunkable(self.family)
         measures = []
         for index in indices:
 

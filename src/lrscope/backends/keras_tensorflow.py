@@ -31,8 +31,7 @@ _STATISTICS_DTYPE = "float64"
 
 def applies(family: str) -> bool:
     """Whether ``family``'s statistics are measured by ``collect``."""
-    return (getattr(formulas.family(family), "CHUNKABLE", True)
-            and fast_statistics())
+    return formulas.chunkable(family) and fast_statistics()
 
 
 def _chunk(family: str, columns: dict[str, Any], t: Any, lr: Any,

@@ -26,8 +26,7 @@ from lrscope.report import Distribution
 
 def applies(family: str) -> bool:
     """Whether ``family``'s statistics are measured by ``collect``."""
-    return (getattr(formulas.family(family), "CHUNKABLE", True)
-            and fast_statistics())
+    return formulas.chunkable(family) and fast_statistics()
 
 
 def apply_keras(family: str, view: dict[str, Any], t: Any, h: dict[str, Any],

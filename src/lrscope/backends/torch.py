@@ -252,7 +252,7 @@ class TorchReader:
                    recorded: dict[str, Any] | None) -> Callable[[slice], Elementwise]:
         """The Elementwise of a flat chunk of ``p``, computed chunk by chunk where possible."""
         view, t = host_scalars(self.family, state_view(state, p, recorded), state.get("step", 0), h)
-        if getattr(formulas.family(self.family), "CHUNKABLE", True):
+        if formulas.chunkable(self.family):
             return torch_fused.ChunkedFormula(apply_formula, self.family, view, t, h, p.dtype)
         whole = apply_formula(self.family, view, t, h, p.dtype)
 

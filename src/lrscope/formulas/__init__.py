@@ -44,6 +44,17 @@ def family(name: str) -> ModuleType:
         ) from None
 
 
+def chunkable(name: str) -> bool:
+    """Whether the family's formula works on flat chunks of the state: not where eta needs
+    whole tensors in their own shape (Lamb's trust ratio, Adafactor's factored moments),
+    whose modules set ``CHUNKABLE = False``.
+
+    >>> chunkable("adam"), chunkable("lamb")
+    (True, False)
+    """
+    return getattr(family(name), "CHUNKABLE", True)
+
+
 def default_convention(name: str) -> str:
     """The first of torch, keras, tf1, optax that the family exists in."""
     return next(c for c in CONVENTIONS if c in family(name).DEFAULTS)
@@ -90,5 +101,5 @@ def step_size(name: str, t: int, *, convention: str | None = None, term: str = "
     return float(values[term])
 
 
-__all__ = ["CONVENTIONS", "Elementwise", "FAMILIES", "family", "default_convention", "is_zero",
-           "hyperparameters", "step_size", "step_sizes"]
+__all__ = ["CONVENTIONS", "Elementwise", "FAMILIES", "chunkable", "family", "default_convention",
+           "is_zero", "hyperparameters", "step_size", "step_sizes"]
