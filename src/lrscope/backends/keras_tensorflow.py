@@ -62,9 +62,8 @@ def _graph(family: str, inputs: tuple[tuple[str, str, bool], ...], hyper: tuple[
     def chunk(columns: dict[str, Any], t: Any, lr: Any) -> tuple[Any, Any]:
         return _chunk(family, columns, t, lr, hyper, with_update, finite_only)
 
-    dtype = dict((name, dtype) for name, dtype, _ in inputs)["param"]
     specs = {name: tf.TensorSpec([None, 1] if column else [], dtype) for name, dtype, column in inputs}
-    scalar = tf.TensorSpec([], dtype)
+    scalar = tf.TensorSpec([], specs["param"].dtype)  # t and lr, in the variable's dtype
     return tf.function(chunk, autograph=False).get_concrete_function(specs, scalar, scalar)
 
 

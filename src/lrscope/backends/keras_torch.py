@@ -57,7 +57,9 @@ def collect(family: str, states: list[dict[str, Any]], hypers: list[dict[str, An
         grad = torch.zeros_like(param) if state["grad"] is None else state["grad"]
         view = {**state, "param": param, "grad": grad}
         # One dict per distinct hyperparameters: variables that share it share a formula call.
-        h = inputs.setdefault(id(h), _with_decay_input(h))
+        if id(h) not in inputs:
+            inputs[id(h)] = _with_decay_input(h)
+        h = inputs[id(h)]
         items[str(i)] = (torch_fused.ChunkedFormula(apply_keras, family, view, float(t), h, param.dtype), param)
     out, _ = torch_stats.collect(torch_small.measures(items))
     return [(dist, update_norm if with_update else None, param_norm)

@@ -17,7 +17,8 @@ size) through one loop compiled for any size, about twice slower per element but
 several times faster than eager kernels, which allocate a fresh temporary per operation
 (the C allocator may hand each one out as fresh pages from the kernel: 40 tensors of 250K
 page-faulted 43,000 times per measurement in some processes, 71 ms eager against 10 ms).
-GPU tensors keep the eager path (their kernels already run at memory speed).  Set ``LRSCOPE_FUSED=0`` to switch it off;
+GPU tensors keep the eager path (their kernels already run at memory speed).  Set
+``LRSCOPE_FUSED=0`` to switch it off;
 if compilation fails (no C++ compiler), lrscope warns once and stays eager.  Dynamo keeps
 at most ``torch._dynamo.config.recompile_limit`` variants (family, options, dtype, chunk
 size) of the compiled pass; beyond them it runs the pass eagerly, with the same results.
