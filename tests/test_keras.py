@@ -513,19 +513,28 @@ def test_fast_statistics_equal_op_by_op(case: str, monkeypatch) -> None:
 
 
 @pytest.mark.skipif(BACKEND == "torch", reason="test_torch_fused counts torch_fused's compilations")
-def test_fast_statistics_compile_once_per_model() -> None:
-    """t, a scheduled lr and the state are inputs: later steps compile (on TensorFlow,
-    trace) nothing."""
-    from lrscope.backends import keras_jax, keras_tensorflow
+@pytest.mark.parametrize("path", ["fast", "op_by_op", "lamb"])
+def test_statistics_compile_once_per_model(path: str, monkeypatch) -> None:
+    """t, a scheduled lr, the weight decay and the state are inputs: later steps compile
+    (on TensorFlow, trace) nothing, on the fast path and, on TensorFlow, in the op-by-op
+    statistics graph (``keras_stats``: Lamb's, and every family's under LRSCOPE_FUSED=0)."""
+    from lrscope.backends import keras_jax, keras_stats, keras_tensorflow
+
+    if path != "fast" and BACKEND != "tensorflow":
+        pytest.skip("op by op, only the TensorFlow backend builds a graph")
+    if path == "op_by_op":
+        monkeypatch.setenv("LRSCOPE_FUSED", "0")
 
     def compilations() -> int:
         if BACKEND == "jax":
             return keras_jax._statistics._cache_size()
-        return keras_tensorflow._graph.cache_info().currsize
+        graphs = keras_tensorflow._graph if path == "fast" else keras_stats._graph
+        return graphs.cache_info().currsize
 
     rng = np.random.default_rng(12)
     trained = list(_variables(rng).values())
-    optimizer = _O.Nadam(_schedule(), weight_decay=0.01)  # mu_product changes every step
+    # NAdam's mu_product, lr and the modelled decay (lr * wd) change every step.
+    optimizer = (_O.Lamb if path == "lamb" else _O.Nadam)(_schedule(), weight_decay=0.01)
     counts = []
     for _ in range(3):
         optimizer.apply(_grads(rng, trained), trained)
