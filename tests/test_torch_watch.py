@@ -201,6 +201,28 @@ def test_inspect_notes_what_it_cannot_know():
     assert any("watch()" in note for note in report.notes)
 
 
+def test_update_ratio_of_a_zero_tensor():
+    """A warmup from lr 0 leaves a zero-initialised bias at zero on step 1: nothing moved,
+    so its update_to_param is 0 (not 0/0 read as inf); a zero tensor that did move has an
+    infinite ratio."""
+    model = make_model()
+    torch.nn.init.zeros_(model[2].bias)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step / 10)
+    with lrscope.watch(optimizer, model=model) as monitor:
+        train_step(model, optimizer, 0)
+        bias = monitor.last.groups[0].params["2.bias"]
+        assert monitor.last.groups[0].lr == 0.0 and torch.count_nonzero(model[2].bias) == 0
+        assert (bias.update_norm, bias.param_norm, bias.update_to_param) == (0.0, 0.0, 0.0)
+        scheduler.step()
+        train_step(model, optimizer, 1)
+    assert monitor.last.groups[0].params["2.bias"].update_to_param > 0
+    with torch.no_grad():
+        model[2].bias.zero_()
+    moved = lrscope.inspect(optimizer, model=model).groups[0].params["2.bias"]
+    assert moved.update_norm > 0 and moved.param_norm == 0 and moved.update_to_param == float("inf")
+
+
 def test_scalar_steps_report_what_the_step_used_after_the_scheduler_moved():
     """Between distribution steps the report is built on access: it must still show the lr
     and betas the step used, not those OneCycleLR set afterwards for the next step."""

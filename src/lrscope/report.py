@@ -132,8 +132,16 @@ def needs_masked_redo(dist: Distribution) -> bool:
 
 
 def _ratio(update_norm: float | None, param_norm: float | None) -> float | None:
+    """||delta theta|| / ||theta||: 0 where nothing moved, even a zero tensor (lr 0 at the
+    start of a warmup leaves a zero-initialised bias at zero), inf where a zero tensor moved.
+
+    >>> _ratio(1.0, 4.0), _ratio(0.0, 0.0), _ratio(1.0, 0.0), _ratio(None, 1.0)
+    (0.25, 0.0, inf, None)
+    """
     if update_norm is None or param_norm is None:
         return None
+    if update_norm == 0:
+        return 0.0
     return update_norm / param_norm if param_norm > 0 else math.inf
 
 
