@@ -230,8 +230,9 @@ def test_unsupported_optimizer_is_named_not_guessed() -> None:
     assert "Ftrl" in report.notes[0]
     with pytest.raises(TypeError, match="Ftrl"):
         list(lrscope.keras.elementwise(optimizer))
-    with pytest.warns(RuntimeWarning, match="Ftrl"):
+    with pytest.warns(RuntimeWarning, match="Ftrl") as record:
         lrscope.watch(optimizer).close()
+    assert record[0].filename == __file__  # the user's line, not lrscope's
 
 
 def test_adadelta_inspect_notes_missing_history() -> None:

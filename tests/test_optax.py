@@ -450,9 +450,10 @@ def test_rprop_is_one_step_late_and_reported(x64):
     (optax.adan, {"learning_rate": 1e-2}, "no optimizer state lrscope can read"),
 ])
 def test_unmodelled_options_fall_back_to_empirical(x64, alias, kwargs, what):
-    with pytest.warns(RuntimeWarning, match=what):
+    with pytest.warns(RuntimeWarning, match=what) as record:
         tx = lrscope.optax.monitor(alias, **kwargs)
         history = _run(tx, _grads(2))
+    assert {w.filename for w in record} == {__file__}  # tx.init's caller, not lrscope
     report = lrscope.inspect(history[-1][3])
     assert report.empirical and report.groups[0].effective_lr is None
     kernel = report.groups[0].params["dense/kernel"]

@@ -279,6 +279,7 @@ def test_an_unusable_log_dir_is_one_warning_not_an_error(tmp_path):
     with pytest.warns(RuntimeWarning, match="cannot log to") as record:
         sinks = default_sinks(not_a_directory / "run")
     assert sinks == [] and len(record) == 1
+    assert record[0].filename == __file__  # the caller's line, not lrscope's
 
 
 def test_watch_logs_a_real_torch_run(tmp_path):

@@ -95,8 +95,9 @@ class OverridesStep(torch.optim.SGD):
 def test_unknown_optimizer_reports_lr_and_empirical_update(make):
     model = make_model()
     optimizer = make(list(model.parameters()))
-    with pytest.warns(RuntimeWarning, match="empirical=True"):
+    with pytest.warns(RuntimeWarning, match="empirical=True") as record:
         plain = lrscope.watch(optimizer)
+    assert record[0].filename == __file__  # the user's line, not lrscope's
     train_step(model, optimizer, 0)
     assert plain.last.groups[0].effective_lr is None and plain.last.groups[0].lr == optimizer.param_groups[0]["lr"]
     plain.close()

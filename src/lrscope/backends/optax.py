@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lrscope._warnings import warn
 from lrscope import formulas
 from lrscope.backends import optax_model
 from lrscope.backends.optax_stats import (
@@ -275,8 +275,7 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per
         plan = _plan(spec, inner, params, every, keep_arrays, check, per_param)
         for group in plan.groups:
             if group.empirical:
-                warnings.warn("lrscope: " + " ".join(group.notes),
-                              RuntimeWarning, stacklevel=2)
+                warn("lrscope: " + " ".join(group.notes))
         models, nodes = _models(inner, spec)
         steps = jnp.zeros([], jnp.int32)
         scalars = {m.name: _scalars(m, _hyper(m, nodes.get(m.name, []), steps), steps + 1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator
@@ -19,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from lrscope._warnings import warn
 from lrscope import formulas
 from lrscope.backends import torch_fused, torch_small, torch_stats
 from lrscope.backends.torch_state import (RECORD_BEFORE, apply_formula, as_float, canonical, elementwise_of,
@@ -308,7 +308,7 @@ class TorchMonitor(Monitor):
         super().__init__(every=every, log_dir=log_dir, sinks=sinks)
         self.reader = TorchReader(optimizer, model=model, empirical=empirical)
         if self.reader.notes:
-            warnings.warn("lrscope: " + self.reader.notes[0], RuntimeWarning, stacklevel=3)
+            warn("lrscope: " + self.reader.notes[0])
         self._pending: _Pending | None = None
         self._lazy: tuple[_Pending | None, int] | None = None
         self._t = self.reader._step_count()

@@ -34,12 +34,12 @@ bfloat16).  ``lrscope.torch.elementwise`` stays eager and exact.
 from __future__ import annotations
 
 import functools
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from lrscope._warnings import warn
 from lrscope.backends import fast_statistics, torch_stats
 from lrscope.formulas import Elementwise
 
@@ -133,9 +133,8 @@ def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite_
             return _fused(compute, param)
         except Exception as error:  # noqa: BLE001 - any compiler failure: stay correct, go eager
             _failed = True
-            warnings.warn(f"lrscope: torch.compile failed ({type(error).__name__}: {error}); "
-                          "computing statistics eagerly from now on (slower, same results)",
-                          RuntimeWarning, stacklevel=2)
+            warn(f"lrscope: torch.compile failed ({type(error).__name__}: {error}); "
+                 "computing statistics eagerly from now on (slower, same results)")
     return torch_stats.reduce(compute, param, finite_only)
 
 

@@ -10,11 +10,11 @@ reading, as Keras documents for callbacks that read state.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any, Iterable, Sequence
 
 import keras
 
+from lrscope._warnings import warn
 from lrscope.backends.keras import KerasReader
 from lrscope.monitor import Monitor
 from lrscope.report import StepReport
@@ -54,7 +54,7 @@ class KerasMonitor(Monitor):
         super().__init__(every=every, log_dir=log_dir, sinks=sinks)
         self.reader = KerasReader(optimizer)
         if self.reader.notes:
-            warnings.warn("lrscope: " + self.reader.notes[0], RuntimeWarning, stacklevel=3)
+            warn("lrscope: " + self.reader.notes[0])
         self._recorded: dict[int, dict[str, Any]] | None = None
         self._last_raw: int | None = None
 

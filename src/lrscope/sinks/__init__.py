@@ -39,10 +39,10 @@ import os
 import queue
 import threading
 import time
-import warnings
 import weakref
 from typing import Iterable, Protocol, runtime_checkable
 
+from lrscope._warnings import warn
 from lrscope.report import StepReport
 
 #: Reports waiting for the background sinks.  When the queue is full, ``write`` waits (sinks
@@ -63,12 +63,8 @@ class Sink(Protocol):
 
 
 def _warn(sink: Sink, error: BaseException) -> None:
-    warnings.warn(
-        f"lrscope: {type(sink).__name__} failed ({type(error).__name__}: {error}); it is "
-        "disabled for the rest of this run, training and the other sinks continue.",
-        RuntimeWarning,
-        stacklevel=4,
-    )
+    warn(f"lrscope: {type(sink).__name__} failed ({type(error).__name__}: {error}); it is "
+         "disabled for the rest of this run, training and the other sinks continue.")
 
 
 class _Worker:
@@ -111,10 +107,9 @@ class _Worker:
         except queue.Full:
             self.dropped += 1
             if self.dropped == 1:
-                warnings.warn(
-                    f"lrscope: the file sinks are {QUEUE_SIZE} reports behind and made no progress "
-                    f"for {STALL_S:.0f} s (stuck disk?); reports are dropped until they catch up, "
-                    "training continues.", RuntimeWarning, stacklevel=4)
+                warn(f"lrscope: the file sinks are {QUEUE_SIZE} reports behind and made no "
+                     f"progress for {STALL_S:.0f} s (stuck disk?); reports are dropped until they "
+                     "catch up, training continues.")
             self.stalled = True
 
     def flush(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
@@ -134,9 +129,8 @@ class _Worker:
             pass
         self.thread.join(max(0.0, deadline - time.monotonic()))
         if self.thread.is_alive():
-            warnings.warn(f"lrscope: the file sinks did not finish within {CLOSE_TIMEOUT_S:.0f} s "
-                          "(stuck disk?); the last reports may be missing.", RuntimeWarning,
-                          stacklevel=3)
+            warn(f"lrscope: the file sinks did not finish within {CLOSE_TIMEOUT_S:.0f} s "
+                 "(stuck disk?); the last reports may be missing.")
             return
         for sink in list(self.sinks):
             try:

@@ -14,10 +14,10 @@ installed, only the JSONL log is written (one warning says how to get TensorBoar
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Callable
 
+from lrscope._warnings import warn
 from lrscope.sinks import Sink
 from lrscope.sinks.jsonl import FILE_NAME as JSONL_FILE_NAME
 from lrscope.sinks.jsonl import JsonlSink
@@ -41,8 +41,6 @@ def default_sinks(log_dir: str | os.PathLike) -> list[Sink]:
         except OSError as error:
             failures.append(f"{what}: {type(error).__name__}: {error}")
     if failures:
-        warnings.warn(
-            f"lrscope: cannot log to {os.fspath(log_dir)!r} ({'; '.join(failures)}); "
-            "training continues" + (" with the other sinks." if sinks else " without logs there."),
-            RuntimeWarning, stacklevel=4)
+        warn(f"lrscope: cannot log to {os.fspath(log_dir)!r} ({'; '.join(failures)}); "
+             "training continues" + (" with the other sinks." if sinks else " without logs there."))
     return sinks
