@@ -85,6 +85,20 @@ class Distribution:
     def to_dict(self) -> dict[str, Any]:
         return {**self.summary(), "sketch": self.sketch.to_dict()}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Distribution:
+        """The Distribution that ``to_dict`` wrote (a JSONL record's ``effective_lr``), to
+        merge with others (``union``) or query again.
+
+        >>> d = Distribution.from_array(np.array([1e-3, 2e-3]), eps_dominated=1)
+        >>> back = Distribution.from_dict(d.to_dict())
+        >>> back.count, back.max, back.eps_dominated
+        (2, 0.002, 0.5)
+        """
+        sketch = LogSketch.from_dict(data["sketch"])
+        fraction = data.get("eps_dominated")
+        return cls(sketch, None if fraction is None else round(fraction * sketch.count))
+
 
 #: The reductions every device backend computes beside the float32 bucket counts, in this
 #: order; -1 marks an absent eps-dominated count or update norm.

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lrscope._warnings import warn
 from lrscope import formulas
+from lrscope._warnings import warn
 from lrscope.backends import optax_model
 from lrscope.backends.optax_stats import (
     LeafStats, by_blocks, empty_stats, leaf_stats, merge_stats, param_report, stack_stats,

@@ -18,17 +18,21 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from lrscope._warnings import warn
 from lrscope import formulas
+from lrscope._warnings import warn
 from lrscope.backends import torch_fused, torch_small, torch_stats
 from lrscope.backends.torch_state import (RECORD_BEFORE, apply_formula, as_float, canonical, elementwise_of,
-                                         host_scalars, record_before, state_view)
+                                         host_scalars, is_sharded, local, record_before, state_view)
 from lrscope.formulas import Elementwise
 from lrscope.monitor import Monitor
 from lrscope.report import GroupReport, ParamReport, StepReport
 from lrscope.sinks import Sink
 
 _OPTIM = torch.optim
+#: Said in the report when parameters are DTensors: statistics are per rank, read without
+#: communication (a monitor on one rank alone must not wait for the others).
+SHARDED_NOTE = ("sharded parameters (DTensor, e.g. FSDP2): the distributions and norms are those "
+                "of this rank's shards; each rank reports its own")
 #: torch.optim classes lrscope models exactly, with their family.
 FAMILY_OF: dict[type, str] = {
     _OPTIM.SGD: "sgd", _OPTIM.Adam: "adam", _OPTIM.AdamW: "adamw", _OPTIM.Adamax: "adamax",
@@ -162,7 +166,7 @@ class TorchReader:
                     pending.recorded[id(p)] = record_before(self.family, self.optimizer.state.get(p),
                                                              p, group)
                 if self.family is None:
-                    pending.snapshot[id(p)] = p.detach().clone()
+                    pending.snapshot[id(p)] = local(p.detach()).clone()
         return pending
 
     def report(self, pending: _Pending | None, distributions: bool, t: int | None = None) -> StepReport:
@@ -210,10 +214,17 @@ class TorchReader:
             return part
         part.params = [p for p in group["params"] if p.grad is not None]
         part.counter = self._counter(part.params)
+        if any(is_sharded(p) for p in part.params):
+            if SHARDED_NOTE not in notes:
+                notes.append(SHARDED_NOTE)
+            if self.family is not None and not formulas.chunkable(self.family):
+                notes.append(f"group {part.name}: {self.family} needs whole tensors, and its "
+                             "parameters are sharded (DTensor): distributions skipped")
+                return part
         if self.family is None:
             part.label = "update_magnitude"
             if self.empirical and pending is not None:
-                part.stats = {self.names[id(p)]: partial(torch_stats.realized, p, pending.snapshot[id(p)])
+                part.stats = {self.names[id(p)]: partial(torch_stats.realized, local(p), pending.snapshot[id(p)])
                               for p in part.params if id(p) in pending.snapshot}
             return part
         if unsupported:

@@ -8,6 +8,7 @@ into Python floats, and records what a coming step overwrites.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -28,8 +29,24 @@ def as_float(value: Any) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
+def is_sharded(tensor: Any) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP2's ``fully_shard``, tensor parallelism).  Only
+    once ``torch.distributed.tensor`` is imported can a tensor be one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def local(tensor: Any) -> Any:
+    """This rank's shard of a DTensor (its elements, as the optimizer updates them), any
+    other value as it is.  Reading the shard needs no communication, so a monitor on one
+    rank alone cannot hang waiting for the others."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
 def canonical(tensor: Any) -> Any:
-    """Complex tensors as (..., 2) real views: torch.optim treats re and im separately."""
+    """This rank's shard (``local``), and complex tensors as (..., 2) real views:
+    torch.optim treats re and im separately."""
+    tensor = local(tensor)
     if isinstance(tensor, torch.Tensor) and tensor.is_complex():
         return torch.view_as_real(tensor)
     return tensor
@@ -106,8 +123,10 @@ def apply_formula(family: str, view: dict[str, Any], t: Any, h: dict[str, Any],
 
 def record_before(family: str, state: dict[str, Any] | None, param: torch.Tensor,
                   group: dict[str, Any]) -> dict[str, Any]:
-    """What the coming step overwrites (or its initial value on the first step)."""
+    """What the coming step overwrites (or its initial value on the first step), of this
+    rank's shard of a DTensor (``local``)."""
     state = state or {}
+    param = local(param)
     if family == "adadelta":
         before = state["acc_delta"].clone() if "acc_delta" in state else torch.zeros_like(param)
         return {"acc_delta_before": canonical(before)}
