@@ -6,6 +6,8 @@ where the backend has it (jax without x64 has not: float32 with float32 toleranc
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -322,6 +324,28 @@ def test_callback_does_not_change_training() -> None:
         model.compile(optimizer=_O.Adam(1e-2), loss="mse")
         model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
         weights.append([np.asarray(ops.convert_to_numpy(v)) for v in model.trainable_variables])
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_failing_measurement_warns_once_and_fit_goes_on(monkeypatch) -> None:
+    """If measuring the distributions raises (an error injected into the statistics), the
+    callback warns once, reports the scalars from then on, and fit trains as without it."""
+    monkeypatch.setattr(KerasReader, "_statistics", lambda *args: 1 / 0)
+    x, y = _data()
+    weights = []
+    for callbacks in ([], [lrscope.keras.EffectiveLRCallback(sinks=[CollectSink()], every=3)]):
+        model = _model(1)
+        model.compile(optimizer=_O.Adam(1e-2), loss="mse")
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
+        weights.append([np.asarray(ops.convert_to_numpy(v)) for v in model.trainable_variables])
+    failures = [w for w in record if "distributions failed (ZeroDivisionError" in str(w.message)]
+    assert len(failures) == 1 and failures[0].filename == __file__  # the fit(...) line
+    last = callbacks[0].last
+    assert last.t == int(ops.convert_to_numpy(model.optimizer.iterations))
+    assert last.groups[0].effective_lr is None and last.groups[0].lr > 0
     for a, b in zip(*weights):
         np.testing.assert_array_equal(a, b)
 

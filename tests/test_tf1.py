@@ -278,6 +278,34 @@ def test_monitor_does_not_change_training() -> None:
         np.testing.assert_array_equal(plain, monitored)
 
 
+def test_a_failing_measurement_warns_once_and_training_goes_on(monkeypatch) -> None:
+    """If measuring the distributions raises (an error injected into the statistics), the
+    monitor warns once and reports the scalars from then on."""
+    from lrscope.backends import tf1_stats
+
+    real = tf1_stats.param_reports
+
+    def unforeseen(stats, shapes):
+        if stats:
+            raise RuntimeError("unforeseen variable type")
+        return real(stats, shapes)
+
+    monkeypatch.setattr(tf1_stats, "param_reports", unforeseen)
+    with tf.Graph().as_default():
+        optimizer, train_op, _, _, x = _build(lambda: V1.train.AdamOptimizer(0.01))
+        with V1.Session() as sess:
+            sess.run(V1.global_variables_initializer())
+            monitor = lrscope.watch(optimizer, session=sess, sinks=[CollectSink()])
+            with pytest.warns(RuntimeWarning, match="distributions failed .*unforeseen") as record:
+                for t, batch in enumerate(INPUTS, 1):
+                    sess.run(train_op, {x: batch})
+                    report = monitor.step()
+                    assert report.t == t and report.groups[0].effective_lr is None
+                    assert report.groups[0].step_size == pytest.approx(_alpha(0.01, t), rel=1e-6)
+            monitor.close()
+    assert len(record) == 1
+
+
 def test_unsupported_optimizer_says_so() -> None:
     with tf.Graph().as_default():
         w = V1.get_variable("w", initializer=np.ones(2))

@@ -202,6 +202,31 @@ def test_inspect_notes_what_it_cannot_know():
     assert any("watch()" in note for note in report.notes)
 
 
+def test_a_failing_measurement_warns_once_and_training_goes_on(monkeypatch):
+    """If measuring the distributions raises (an error injected where the statistics are
+    gathered, standing for a tensor type lrscope does not know), watch warns once and
+    reports the scalars from then on; training is bitwise the same as unwatched."""
+    from lrscope.backends import torch_small
+
+    def unforeseen(items):
+        raise RuntimeError("unforeseen tensor type")
+
+    monkeypatch.setattr(torch_small, "measures", unforeseen)
+    watched, plain = make_model(), make_model()
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (watched, plain)]
+    with pytest.warns(RuntimeWarning, match="distributions failed .*unforeseen tensor type") as record:
+        with lrscope.watch(optimizers[0], every=2) as monitor:
+            for seed in range(5):
+                train_step(watched, optimizers[0], seed)
+                group = monitor.last.groups[0]
+                assert monitor.last.t == seed + 1 and group.effective_lr is None
+                assert group.step_size == pytest.approx(lrscope.step_size("adam", seed + 1, lr=1e-2), rel=1e-12)
+    assert len(record) == 1 and record[0].filename == __file__
+    for seed in range(5):
+        train_step(plain, optimizers[1], seed)
+    assert all(torch.equal(a, b) for a, b in zip(watched.parameters(), plain.parameters()))
+
+
 def test_update_ratio_of_a_zero_tensor():
     """A warmup from lr 0 leaves a zero-initialised bias at zero on step 1: nothing moved,
     so its update_to_param is 0 (not 0/0 read as inf); a zero tensor that did move has an

@@ -3,15 +3,22 @@
 A framework's monitor attaches to its optimizer, builds a StepReport for each step and
 hands it to ``_emit``; this base keeps the latest report in ``last`` and writes it to
 the sinks.  ``close()`` detaches and flushes; monitors are context managers.
+
+A monitor must never stop training: if measuring the distributions raises (a tensor type
+or a framework release lrscope does not know), ``guarded`` warns once and the monitor
+reports scalars only from then on.  ``lrscope.inspect`` still raises, with the traceback.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
+from lrscope._warnings import warn
 from lrscope.report import StepReport
 from lrscope.sinks import Sink, resolve
+
+T = TypeVar("T")
 
 
 class Monitor:
@@ -25,10 +32,25 @@ class Monitor:
         self._last: StepReport | None = None
         self._sinks = resolve(log_dir, sinks)
         self._closed = False
+        self._failed = False  # measuring distributions raised: scalars only from then on
 
     def wants_distributions(self, t: int) -> bool:
-        """Distributions are computed on steps 1, 1 + every, 1 + 2*every, ..."""
-        return (t - 1) % self.every == 0
+        """Distributions are computed on steps 1, 1 + every, 1 + 2*every, ... (none after
+        measuring them failed, see ``guarded``)."""
+        return not self._failed and (t - 1) % self.every == 0
+
+    def guarded(self, work: Callable[[bool], T], distributions: bool) -> T:
+        """``work(distributions)``; if that raises while measuring distributions, one
+        warning, then ``work(False)`` now and no distributions from then on."""
+        if distributions and not self._failed:
+            try:
+                return work(True)
+            except Exception as error:  # noqa: BLE001 - a monitor must never stop training
+                self._failed = True
+                warn(f"lrscope: measuring the distributions failed ({type(error).__name__}: {error}); "
+                     "from now on only the scalars are reported, and training continues. "
+                     "lrscope.inspect(...) raises the error with its traceback: please report it.")
+        return work(False)
 
     @property
     def last(self) -> StepReport | None:

@@ -335,7 +335,7 @@ class TorchMonitor(Monitor):
 
     def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         t_next = self._t + 1
-        self._pending = self.reader.begin(t_next, self.wants_distributions(t_next))
+        self._pending = self.guarded(partial(self.reader.begin, t_next), self.wants_distributions(t_next))
 
     def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._t += 1
@@ -343,7 +343,7 @@ class TorchMonitor(Monitor):
         self._stepped = True
         pending, self._pending = self._pending, None
         if distributions or self.has_sinks:
-            report = self.reader.report(pending, distributions, t=self._t)
+            report = self.guarded(partial(self.reader.report, pending, t=self._t), distributions)
             self._t = report.t  # a measured step re-syncs with the state's counters
             self._emit(report)
         else:

@@ -61,7 +61,8 @@ class KerasMonitor(Monitor):
     def before_step(self) -> None:
         """Record what the coming step overwrites, when its distributions are wanted."""
         _, t, _ = self.reader.position()
-        self._recorded = self.reader.record_before() if self.wants_distributions(t + 1) else None
+        self._recorded = self.guarded(lambda wanted: self.reader.record_before() if wanted else None,
+                                      self.wants_distributions(t + 1))
 
     def step(
         self, grads: Sequence[Any] | None = None, variables: Sequence[Any] | None = None
@@ -78,11 +79,11 @@ class KerasMonitor(Monitor):
         elif not moved:
             report = None
         else:
-            report = self.reader.report(
-                distributions=self.wants_distributions(t),
-                grads=grads,
-                variables=variables,
-                recorded=self._recorded,
+            report = self.guarded(
+                lambda distributions: self.reader.report(
+                    distributions=distributions, grads=grads, variables=variables,
+                    recorded=self._recorded),
+                self.wants_distributions(t),
             )
         self._last_raw, self._recorded = raw, None
         if report is not None:

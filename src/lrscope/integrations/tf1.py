@@ -169,12 +169,10 @@ class TF1Monitor(Monitor):
     def step(self) -> StepReport:
         """Build, emit and return the report of the step just taken."""
         self._calls += 1
-        report = inspect(
-            self.optimizer,
-            session=self.session,
-            var_list=self.var_list,
-            distributions=self.wants_distributions(self._calls),
-            acc_delta_before=self._before,
+        report = self.guarded(
+            lambda distributions: inspect(self.optimizer, session=self.session, var_list=self.var_list,
+                                          distributions=distributions, acc_delta_before=self._before),
+            self.wants_distributions(self._calls),
         )
         if self._record is not None:
             self.session.run(self._record)
