@@ -182,6 +182,32 @@ def test_wrapped_optimizer_and_compiled_model():
     assert monitor.last.groups[0].effective_lr.min == monitor.last.groups[0].effective_lr.max == 0.1
 
 
+def test_compiled_optimizer_step():
+    """torch.compile of a function calling optimizer.step(): lrscope's hooks run untraced,
+    so the distributions are measured (no warning) and training is as without lrscope."""
+    runs = []
+    for watched in (True, False):
+        model = make_model()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        step = torch.compile(optimizer.step, backend="eager")
+        monitor = lrscope.watch(optimizer, every=2) if watched else None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="lrscope")
+            for seed in range(4):
+                g = torch.Generator().manual_seed(seed)
+                x = torch.randn(16, 6, generator=g)
+                optimizer.zero_grad()
+                model(x).pow(2).mean().backward()
+                step()
+                if watched:
+                    assert monitor.last.t == seed + 1
+                    assert (monitor.last.groups[0].effective_lr is not None) == (seed % 2 == 0)
+        if watched:
+            monitor.close()
+        runs.append(list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_nonfinite_state_is_counted_and_training_untouched():
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

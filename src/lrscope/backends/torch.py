@@ -325,8 +325,9 @@ class TorchMonitor(Monitor):
         self._t = self.reader._step_count()
         self._stepped = False
         opt = self.reader.optimizer
-        self._handles = [opt.register_step_pre_hook(self._before),
-                         opt.register_step_post_hook(self._after)]
+        # A compiled optimizer.step() (torch.compile) runs the hooks as they are, untraced.
+        self._handles = [opt.register_step_pre_hook(torch.compiler.disable(self._before)),
+                         opt.register_step_post_hook(torch.compiler.disable(self._after))]
         self._scaler = grad_scaler
         self._scaler_update = None
         if grad_scaler is not None:
