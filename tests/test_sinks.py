@@ -131,6 +131,19 @@ def test_a_killed_process_leaves_every_complete_line_readable(tmp_path):
     assert not torn or torn.startswith(b"{")
 
 
+def test_two_processes_appending_to_one_log_keep_every_line_whole(tmp_path):
+    """Two writers of one JSONL file (two monitors given one log directory, or every rank
+    of a distributed run): lines of some 14 KB, each appended in one system call, never
+    split each other."""
+    path = tmp_path / "lrscope.jsonl"
+    writers = [_run_writer(path, 300) for _ in range(2)]
+    assert [w.wait(120) for w in writers] == [0, 0]
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and min(map(len, lines[:-1])) > 8192  # more than a write buffer
+    steps = sorted(json.loads(line)["t"] for line in lines[:-1])  # every line is whole JSON
+    assert steps == sorted(list(range(1, 301)) * 2)
+
+
 def test_interpreter_exit_flushes_without_close(tmp_path):
     """Before tensorboardX's and multiprocessing's own exit handlers stop their writers."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
