@@ -314,6 +314,9 @@ def test_callback_in_model_fit() -> None:
         assert (group.effective_lr is not None) == (r.t % 2 == 1)
     assert set(callback.last.groups[0].params) == {v.path for v in model.trainable_variables}
     assert callback.last is sink.reports[-1]
+    named = lrscope.keras.EffectiveLRCallback(sinks=[CollectSink()], name="student")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[named])
+    assert named.last.name == "student" and "lr-student/pg0/step_size" in named.last.scalars()
 
 
 def test_callback_does_not_change_training() -> None:

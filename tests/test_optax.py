@@ -515,6 +515,9 @@ def test_log_to_sinks_and_watch(x64, tmp_path):
     with pytest.raises(TypeError, match="create the monitor once"):
         lrscope.optax.log(history[0][3], str(tmp_path))
     assert sink.reports[-1].scalars()["lr-sgd/pg0/lr"] == pytest.approx(0.1)
+    with lrscope.watch(history[0][3], sinks=[sink], name="actor") as mon:  # tags lr-<name>
+        report = mon.log(history[-1][3])
+    assert report.name == "actor" and report.scalars()["lr-actor/pg0/lr"] == pytest.approx(0.1)
 
 
 def test_not_a_monitored_state_is_refused():

@@ -253,6 +253,43 @@ def test_a_failing_measurement_warns_once_and_training_goes_on(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(watched.parameters(), plain.parameters()))
 
 
+def test_two_optimizers_of_one_class_in_one_log_dir(tmp_path):
+    """A GAN's generator and discriminator, both Adam, logged to one directory beside the
+    user's own TensorBoard writer: name= keeps their tags, JSONL records and plotted curves
+    apart, and no writer's event file overwrites another's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lrscope import plot
+    from lrscope.sinks.jsonl import read_jsonl
+
+    models = {"generator": make_model(), "discriminator": make_model()}
+    lrs = {"generator": 1e-3, "discriminator": 4e-3}
+    optimizers = {k: torch.optim.Adam(m.parameters(), lr=lrs[k]) for k, m in models.items()}
+    from tensorboardX import SummaryWriter
+
+    own = SummaryWriter(str(tmp_path))  # the user's writer, started in the same second
+    monitors = [lrscope.watch(optimizers[k], log_dir=tmp_path, name=k) for k in models]
+    for seed in range(3):
+        for k in models:
+            train_step(models[k], optimizers[k], seed)
+        own.add_scalar("loss", 1.0 / (seed + 1), seed + 1)
+    for monitor in monitors:
+        monitor.close()
+    own.close()
+    records = list(read_jsonl(tmp_path / "lrscope.jsonl"))
+    assert sorted((r["name"], r["t"]) for r in records) == sorted((k, t) for k in models for t in (1, 2, 3))
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0}).Reload()
+    run = plot.load(tmp_path)
+    for k, lr in lrs.items():
+        assert [e.value for e in events.Scalars(f"lr-{k}/pg0/lr")] == pytest.approx([lr] * 3)
+        assert run.groups[f"lr-{k}/pg0"]["step_size"].values == pytest.approx(
+            [lrscope.step_size("adam", t, lr=lr) for t in (1, 2, 3)])
+    assert not any(tag.startswith("lr-Adam/") for tag in events.Tags()["scalars"])
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([1.0, 0.5, 1 / 3])
+    with pytest.raises(ValueError, match="name must be"):
+        lrscope.watch(optimizers["generator"], name="gan/generator")
+
+
 def test_update_ratio_of_a_zero_tensor():
     """A warmup from lr 0 leaves a zero-initialised bias at zero on step 1: nothing moved,
     so its update_to_param is 0 (not 0/0 read as inf); a zero tensor that did move has an

@@ -25,10 +25,14 @@ class Monitor:
     """Holds the sinks and the latest report; subclasses attach to an optimizer."""
 
     def __init__(self, *, every: int = 1, log_dir: str | os.PathLike | None = None,
-                 sinks: Iterable[Sink] | None = None):
+                 sinks: Iterable[Sink] | None = None, name: str | None = None):
         if int(every) < 1:
             raise ValueError(f"every must be a positive number of steps, got {every}")
+        if name is not None and (not isinstance(name, str) or not name or "/" in name):
+            raise ValueError(f"name must be a non-empty string without '/' (it becomes the tag "
+                             f"prefix lr-<name>), got {name!r}")
         self.every = int(every)
+        self.name = name
         self._last: StepReport | None = None
         self._sinks = resolve(log_dir, sinks)
         self._closed = False
@@ -61,8 +65,14 @@ class Monitor:
     def has_sinks(self) -> bool:
         return bool(self._sinks.sinks)
 
+    def _named(self, report: StepReport) -> StepReport:
+        """``report`` with this monitor's name, if it was given one."""
+        if self.name is not None:
+            report.name = self.name
+        return report
+
     def _emit(self, report: StepReport) -> None:
-        self._last = report
+        self._last = self._named(report)
         self._sinks.write(report)
 
     def _detach(self) -> None:

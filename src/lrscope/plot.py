@@ -110,7 +110,7 @@ def _jsonl_points(path: Path) -> Iterator[Point]:
         if record.get("skipped"):
             continue
         t = int(record["t"])
-        prefix = f"lr-{record['optimizer']}"
+        prefix = f"lr-{record.get('name') or record['optimizer']}"
         for group in record["groups"]:
             key = f"{prefix}/{group['name']}"
             for metric in ("lr", "step_size", "weight_decay_rate", "update_to_param"):

@@ -244,11 +244,15 @@ class StepReport:
     skipped: bool = False
     empirical: bool = False
     notes: list[str] = field(default_factory=list)
+    #: The name given to ``lrscope.watch(..., name=)``, to tell apart two optimizers of one
+    #: class (a GAN's generator and discriminator); None: the class name stands for it.
+    name: str | None = None
 
     @property
     def default_prefix(self) -> str:
-        """Lightning's ``LearningRateMonitor`` naming: ``lr-<OptimizerClass>``."""
-        return f"lr-{self.optimizer}"
+        """Lightning's ``LearningRateMonitor`` naming: ``lr-<OptimizerClass>``, or
+        ``lr-<name>`` for a monitor given a name."""
+        return f"lr-{self.name or self.optimizer}"
 
     def scalars(self, prefix: str | None = None, params: bool = False) -> dict[str, float]:
         """Flat ``{"<prefix>/<group>/<metric>": float}``; per-tensor metrics with ``params``."""
@@ -275,7 +279,7 @@ class StepReport:
                     "param_norm": p.param_norm, "update_to_param": p.update_to_param}
 
         return {
-            "t": self.t, "optimizer": self.optimizer, "framework": self.framework,
+            "t": self.t, "name": self.name, "optimizer": self.optimizer, "framework": self.framework,
             "family": self.family, "skipped": self.skipped, "empirical": self.empirical,
             "notes": list(self.notes),
             "groups": [

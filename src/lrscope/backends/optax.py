@@ -400,14 +400,14 @@ class OptaxMonitor(Monitor):
 
     def log(self, opt_state: Any) -> StepReport:
         """Build the report of ``opt_state`` and write it (once per step) to the sinks."""
-        report = inspect(opt_state)
+        report = self._named(inspect(opt_state))
         if self.last is None or self.last.t != report.t:
             self._emit(report)
         return report
 
 
 def watch(obj: Any, *, every: int = 1, log_dir: str | os.PathLike | None = None,
-          sinks: Iterable[Sink] | None = None, **options: Any) -> OptaxMonitor:
+          sinks: Iterable[Sink] | None = None, name: str | None = None, **options: Any) -> OptaxMonitor:
     """An OptaxMonitor for the monitored state ``obj`` (call ``mon.log(opt_state)`` each step)."""
     if options:
         raise TypeError(f"unknown option(s) {sorted(options)} for the optax backend")
@@ -417,7 +417,7 @@ def watch(obj: Any, *, every: int = 1, log_dir: str | os.PathLike | None = None,
     if every not in (1, state.plan.every):
         raise ValueError("with optax the distributions are computed inside jit: pass every= to "
                          "lrscope.optax.monitor(...), not to watch()")
-    return OptaxMonitor(every=state.plan.every, log_dir=log_dir, sinks=sinks)
+    return OptaxMonitor(every=state.plan.every, log_dir=log_dir, sinks=sinks, name=name)
 
 
 def log(opt_state: Any, to: OptaxMonitor | Sink | Iterable[Sink]) -> StepReport:

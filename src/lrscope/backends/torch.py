@@ -315,8 +315,8 @@ class TorchMonitor(Monitor):
 
     def __init__(self, optimizer: Any, *, model: Any = None, every: int = 1,
                  log_dir: str | os.PathLike | None = None, sinks: Iterable[Sink] | None = None,
-                 empirical: bool = False, grad_scaler: Any = None):
-        super().__init__(every=every, log_dir=log_dir, sinks=sinks)
+                 empirical: bool = False, grad_scaler: Any = None, name: str | None = None):
+        super().__init__(every=every, log_dir=log_dir, sinks=sinks, name=name)
         self.reader = TorchReader(optimizer, model=model, empirical=empirical)
         if self.reader.notes:
             warn("lrscope: " + self.reader.notes[0])
@@ -361,7 +361,7 @@ class TorchMonitor(Monitor):
         if self._lazy is not None:
             pending, t = self._lazy
             self._lazy = None
-            self._last = self.reader.report(pending, False, t=t)
+            self._last = self._named(self.reader.report(pending, False, t=t))
         return self._last
 
     def _scaler_updated(self, *args: Any, **kwargs: Any) -> Any:

@@ -50,8 +50,9 @@ class KerasMonitor(Monitor):
         every: int = 1,
         log_dir: str | os.PathLike | None = None,
         sinks: Iterable[Sink] | None = None,
+        name: str | None = None,
     ):
-        super().__init__(every=every, log_dir=log_dir, sinks=sinks)
+        super().__init__(every=every, log_dir=log_dir, sinks=sinks, name=name)
         self.reader = KerasReader(optimizer)
         if self.reader.notes:
             warn("lrscope: " + self.reader.notes[0])
@@ -113,12 +114,14 @@ class EffectiveLRCallback(keras.callbacks.Callback):
         log_dir: str | os.PathLike | None = None,
         sinks: Iterable[Sink] | None = None,
         every: int = 1,
+        name: str | None = None,
     ):
         super().__init__()
         self._options: dict[str, Any] = {
             "log_dir": log_dir,
             "sinks": list(sinks or []) or None,
             "every": every,
+            "name": name,
         }
         self.monitor: KerasMonitor | None = None
         self._last: StepReport | None = None

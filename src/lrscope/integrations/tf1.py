@@ -152,8 +152,9 @@ class TF1Monitor(Monitor):
         log_dir: str | os.PathLike | None = None,
         sinks: Iterable[Sink] | None = None,
         var_list: Iterable[Any] | None = None,
+        name: str | None = None,
     ):
-        super().__init__(every=every, log_dir=log_dir, sinks=sinks)
+        super().__init__(every=every, log_dir=log_dir, sinks=sinks, name=name)
         self.optimizer, self.session = optimizer, session
         self.var_list = None if var_list is None else list(var_list)
         self._calls = 0

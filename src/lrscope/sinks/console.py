@@ -96,7 +96,8 @@ class ConsoleSink:
         dist: Distribution | None = group.effective_lr or group.update_magnitude
         quantiles = [dist.quantile(q) for q in (0.05, 0.5, 0.95)] if dist is not None else [None] * 3
         step = f"{report.t}" + (" skip" if report.skipped else "")
-        return [step, group.name, _number(group.lr), _number(group.step_size),
+        where = group.name if report.name is None else f"{report.name}/{group.name}"
+        return [step, where, _number(group.lr), _number(group.step_size),
                 *map(_number, quantiles), _percent(dist.eps_dominated if dist else None),
                 _number(group.update_to_param)]
 

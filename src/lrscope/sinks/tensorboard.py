@@ -14,6 +14,10 @@ not advance; the JSONL log keeps them.
 Writes through tensorboardX's ``SummaryWriter`` (``pip install 'lrscope[tensorboard]'``)
 or a ``SummaryWriter`` you already have (tensorboardX or ``torch.utils.tensorboard``,
 which share the API); lrscope flushes a writer it did not create but leaves it open.
+tensorboardX names an event file by the second and the host alone, so two of its writers
+started in one directory within one second (your own and lrscope's, two monitors, the
+ranks of a distributed run) would write one file, the later truncating the earlier: the
+writers lrscope creates end their file names in ``.lrscope.<pid>.<n>``.
 
 >>> import tempfile, numpy as np
 >>> from lrscope.report import Distribution, GroupReport, StepReport
@@ -32,6 +36,7 @@ which share the API); lrscope flushes a writer it did not create but leaves it o
 from __future__ import annotations
 
 import errno
+import itertools
 import math
 import os
 import re
@@ -78,6 +83,10 @@ def layout(report: StepReport) -> dict[str, dict[str, list[Any]]]:
     return out
 
 
+#: Numbers the event files this process's sinks create (see the module docstring).
+_WRITERS = itertools.count()
+
+
 def log10_histogram(dist: Distribution, bins_per_decade: int = 10) -> dict[str, Any] | None:
     """Keyword arguments of ``add_histogram_raw`` for log10 of the positive values, or None.
 
@@ -122,7 +131,8 @@ class TensorBoardSink:
         self._owns_writer = writer is None
         if writer is None:
             writer = require("tensorboardX", "tensorboard").SummaryWriter(
-                logdir=os.fspath(log_dir), flush_secs=flush_secs)
+                logdir=os.fspath(log_dir), flush_secs=flush_secs,
+                filename_suffix=f".lrscope.{os.getpid()}.{next(_WRITERS)}")
         self.writer = writer
         # tensorboardX names it logdir, torch.utils.tensorboard log_dir.
         found = getattr(writer, "logdir", None) or getattr(writer, "log_dir", None)
