@@ -290,6 +290,25 @@ def test_two_optimizers_of_one_class_in_one_log_dir(tmp_path):
         lrscope.watch(optimizers["generator"], name="gan/generator")
 
 
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "no_model"])
+def test_a_group_added_while_watched(with_model):
+    """Unfreezing a layer with add_param_group mid-run: its tensors are measured and named
+    (by the model, else by position) from the next step on."""
+    model = make_model()
+    optimizer = torch.optim.Adam(model[2].parameters(), lr=1e-3)
+    with lrscope.watch(optimizer, model=model if with_model else None) as monitor:
+        train_step(model, optimizer, 0)
+        optimizer.add_param_group({"params": model[0].parameters(), "lr": 1e-4, "name": "unfrozen"})
+        train_step(model, optimizer, 1)
+    first, added = monitor.last.groups
+    names = (["2.weight", "2.bias"], ["0.weight", "0.bias"]) if with_model else \
+        (["param0", "param1"], ["param2", "param3"])
+    assert (list(first.params), list(added.params)) == names
+    assert added.lr == 1e-4 and added.effective_lr.count == model[0].weight.numel() + model[0].bias.numel()
+    want = [el.eta for _, el in lrscope.torch.elementwise(optimizer)][2:]
+    assert added.effective_lr.max == pytest.approx(max(float(eta.max()) for eta in want), rel=1e-6)
+
+
 def test_update_ratio_of_a_zero_tensor():
     """A warmup from lr 0 leaves a zero-initialised bias at zero on step 1: nothing moved,
     so its update_to_param is 0 (not 0/0 read as inf); a zero tensor that did move has an

@@ -138,6 +138,7 @@ class TorchReader:
         self.stepless = self.family is not None and not getattr(
             formulas.family(self.family), "USES_STEP", True)
         self.empirical = empirical
+        self.model = model
         self.names = _parameter_names(model, self.optimizer)
         self.notes: list[str] = []
         if self.family is None:
@@ -149,6 +150,14 @@ class TorchReader:
                    "; pass empirical=True to measure the realized update (costs one copy of the "
                    "parameters per measured step)")
             )
+
+    def name_of(self, p: torch.Tensor) -> str:
+        """``p``'s name in the model, else ``param<i>`` by its position in the groups; a
+        parameter added since (``add_param_group``, unfreezing layers) is named on sight,
+        and the names already given stay."""
+        if id(p) not in self.names:
+            self.names = {**_parameter_names(self.model, self.optimizer), **self.names}
+        return self.names[id(p)]
 
     def begin(self, t_next: int, distributions: bool) -> _Pending:
         groups = self.optimizer.param_groups
@@ -224,7 +233,7 @@ class TorchReader:
         if self.family is None:
             part.label = "update_magnitude"
             if self.empirical and pending is not None:
-                part.stats = {self.names[id(p)]: partial(torch_stats.realized, local(p), pending.snapshot[id(p)])
+                part.stats = {self.name_of(p): partial(torch_stats.realized, local(p), pending.snapshot[id(p)])
                               for p in part.params if id(p) in pending.snapshot}
             return part
         if unsupported:
@@ -239,7 +248,7 @@ class TorchReader:
                 notes.append(f"{type(self.optimizer).__name__}: the state the step overwrote was "
                              "not recorded (use watch()); distributions skipped")
                 break
-            items[self.names[id(p)]] = (self._per_chunk(state, p, part.h, recorded), canonical(p.detach()))
+            items[self.name_of(p)] = (self._per_chunk(state, p, part.h, recorded), canonical(p.detach()))
         part.stats = torch_small.measures(items)
         return part
 
@@ -300,7 +309,7 @@ class TorchReader:
     def _param_reports(self, part: _GroupParts, host: dict[str, Any]) -> dict[str, ParamReport]:
         reports = {}
         for p in part.params:
-            name = self.names[id(p)]
+            name = self.name_of(p)
             report = ParamReport(name=name, shape=tuple(p.shape))
             if name in host:
                 dist, update_norm, param_norm = host[name]
@@ -408,4 +417,4 @@ def elementwise(optimizer: Any, model: Any = None) -> Iterator[tuple[str, Elemen
         for p in group["params"]:
             state = reader.optimizer.state.get(p, {})
             if p.grad is not None and (state or reader.family == "sgd"):
-                yield reader.names[id(p)], elementwise_of(reader.family, state, p, h)
+                yield reader.name_of(p), elementwise_of(reader.family, state, p, h)
