@@ -319,6 +319,29 @@ def test_callback_in_model_fit() -> None:
     assert named.last.name == "student" and "lr-student/pg0/step_size" in named.last.scalars()
 
 
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras on torch runs one step per execution")
+def test_steps_per_execution_keeps_the_schedule() -> None:
+    """With steps_per_execution=4 fit calls back once per 4 steps: distributions are
+    measured on the first report at or past each of steps 1, 11, 21, ... (with t % 10 == 1
+    alone they never would be); Adadelta, whose history is then 4 steps old, says so."""
+    x, y = _data()
+    for optimizer in (_O.Adam(1e-2), _O.Adadelta(1.0)):
+        model = _model(0)
+        model.compile(optimizer=optimizer, loss="mse", steps_per_execution=4)
+        sink = CollectSink()
+        model.fit(x, y, batch_size=2, epochs=3, shuffle=False, verbose=0,
+                  callbacks=[lrscope.keras.EffectiveLRCallback(sinks=[sink], every=10)])
+        reported = [r.t for r in sink.reports]
+        assert reported == list(range(4, reported[-1] + 1, 4)) and reported[-1] >= 40
+        measured = [r.t for r in sink.reports if r.groups[0].effective_lr is not None]
+        due = sorted({min(t for t in reported if t >= g) for g in range(1, reported[-1] + 1, 10)})
+        if isinstance(optimizer, _O.Adam):
+            assert measured == due
+        else:
+            assert measured == []
+            assert any("covers 4 steps" in note for r in sink.reports for note in r.notes)
+
+
 def test_callback_does_not_change_training() -> None:
     x, y = _data()
     weights = []

@@ -37,11 +37,30 @@ class Monitor:
         self._sinks = resolve(log_dir, sinks)
         self._closed = False
         self._failed = False  # measuring distributions raised: scalars only from then on
+        #: t of the latest report, or of the optimizer when the monitor attached (subclasses
+        #: that know it set it); None: unknown.
+        self._reported_t: int | None = None
 
     def wants_distributions(self, t: int) -> bool:
-        """Distributions are computed on steps 1, 1 + every, 1 + 2*every, ... (none after
-        measuring them failed, see ``guarded``)."""
-        return not self._failed and (t - 1) % self.every == 0
+        """Distributions are computed on steps 1, 1 + every, 1 + 2*every, ...: on a report
+        when such a step lies between the previous report and this one, so that a report
+        covering several steps (Keras' ``steps_per_execution``: one callback per N steps)
+        still measures on schedule; with a report per step, that is t itself.  None after
+        measuring them failed (see ``guarded``).
+
+        >>> monitor = Monitor(every=10, sinks=[])
+        >>> [t for t in range(1, 25) if monitor.wants_distributions(t)]
+        [1, 11, 21]
+        >>> monitor._reported_t = 8  # the previous report was at step 8; this one at 12
+        >>> monitor.wants_distributions(12)
+        True
+        """
+        if self._failed:
+            return False
+        previous = self._reported_t
+        if previous is None or previous >= t:  # unknown, or a checkpoint took t back
+            previous = t - 1
+        return (t - 1) // self.every > (previous - 1) // self.every
 
     def guarded(self, work: Callable[[bool], T], distributions: bool) -> T:
         """``work(distributions)``; if that raises while measuring distributions, one
@@ -73,6 +92,7 @@ class Monitor:
 
     def _emit(self, report: StepReport) -> None:
         self._last = self._named(report)
+        self._reported_t = report.t
         self._sinks.write(report)
 
     def _detach(self) -> None:

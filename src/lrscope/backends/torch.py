@@ -331,7 +331,7 @@ class TorchMonitor(Monitor):
             warn("lrscope: " + self.reader.notes[0])
         self._pending: _Pending | None = None
         self._lazy: tuple[_Pending | None, int] | None = None
-        self._t = self.reader._step_count()
+        self._t = self._reported_t = self.reader._step_count()
         self._stepped = False
         opt = self.reader.optimizer
         # A compiled optimizer.step() (torch.compile) runs the hooks as they are, untraced.

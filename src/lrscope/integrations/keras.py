@@ -58,6 +58,7 @@ class KerasMonitor(Monitor):
             warn("lrscope: " + self.reader.notes[0])
         self._recorded: dict[int, dict[str, Any]] | None = None
         self._last_raw: int | None = None
+        self._reported_t = self.reader.position()[1]
 
     def before_step(self) -> None:
         """Record what the coming step overwrites, when its distributions are wanted."""
@@ -80,12 +81,21 @@ class KerasMonitor(Monitor):
         elif not moved:
             report = None
         else:
+            previous = t - 1 if self._reported_t is None else self._reported_t
+            wanted, covered = self.wants_distributions(t), t - previous
+            # One report for several steps (fit's steps_per_execution): Adadelta's history was
+            # recorded before the first of them, not before the last.
+            stale = covered > 1 and self.reader.family == "adadelta"
             report = self.guarded(
                 lambda distributions: self.reader.report(
                     distributions=distributions, grads=grads, variables=variables,
                     recorded=self._recorded),
-                self.wants_distributions(t),
+                wanted and not stale,
             )
+            if wanted and stale:
+                report.notes.append(
+                    f"Adadelta: this report covers {covered} steps (steps_per_execution) and eta "
+                    "needs the accumulated delta from just before the last one: distributions skipped")
         self._last_raw, self._recorded = raw, None
         if report is not None:
             self._emit(report)
