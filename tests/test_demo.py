@@ -45,3 +45,12 @@ def test_bad_options_are_one_line_errors(capsys):
     assert main(["demo", "--steps", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--steps" in err
+
+
+def test_an_unwritable_out_fails_before_training(tmp_path, capsys):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    assert main(["demo", "--out", str(not_a_directory / "run")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "cannot write to --out" in captured.err
+    assert "step" not in captured.out  # no training table: it stopped before training

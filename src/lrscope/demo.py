@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.every < 1:
         raise ValueError(f"--every must be >= 1, got {args.every}")
-    train(steps=args.steps, out=args.out, every=args.every)
+    out = Path(args.out)
+    try:  # before training, not after it
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as error:
+        raise ValueError(f"cannot write to --out {out} ({error.strerror or error}): "
+                         "pass a directory you can write to") from error
+    train(steps=args.steps, out=out, every=args.every)
     return 0
 
 
