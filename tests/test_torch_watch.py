@@ -309,6 +309,24 @@ def test_a_group_added_while_watched(with_model):
     assert added.effective_lr.max == pytest.approx(max(float(eta.max()) for eta in want), rel=1e-6)
 
 
+def test_a_second_monitor_on_one_optimizer_is_said():
+    """A notebook cell run twice attaches a second monitor: one warning says so, and both
+    report; once both are closed, attaching again is silent."""
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters())
+    first = lrscope.watch(optimizer, sinks=[])
+    with pytest.warns(RuntimeWarning, match="already has 1 monitor") as record:
+        second = lrscope.watch(optimizer, sinks=[])
+    assert record[0].filename == __file__
+    train_step(model, optimizer, 0)
+    assert first.last.t == second.last.t == 1
+    first.close()
+    second.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lrscope.watch(optimizer, sinks=[]).close()
+
+
 def test_update_ratio_of_a_zero_tensor():
     """A warmup from lr 0 leaves a zero-initialised bias at zero on step 1: nothing moved,
     so its update_to_param is 0 (not 0/0 read as inf); a zero tensor that did move has an

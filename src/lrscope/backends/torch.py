@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator
@@ -33,6 +34,8 @@ _OPTIM = torch.optim
 #: communication (a monitor on one rank alone must not wait for the others).
 SHARDED_NOTE = ("sharded parameters (DTensor, e.g. FSDP2): the distributions and norms are those "
                 "of this rank's shards; each rank reports its own")
+#: The monitors attached to each optimizer: a notebook cell run again attaches one more.
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: torch.optim classes lrscope models exactly, with their family.
 FAMILY_OF: dict[type, str] = {
     _OPTIM.SGD: "sgd", _OPTIM.Adam: "adam", _OPTIM.AdamW: "adamw", _OPTIM.Adamax: "adamax",
@@ -337,6 +340,12 @@ class TorchMonitor(Monitor):
         # A compiled optimizer.step() (torch.compile) runs the hooks as they are, untraced.
         self._handles = [opt.register_step_pre_hook(torch.compiler.disable(self._before)),
                          opt.register_step_post_hook(torch.compiler.disable(self._after))]
+        attached = _ATTACHED.setdefault(opt, weakref.WeakSet())
+        if attached:
+            warn(f"lrscope: this optimizer already has {len(attached)} monitor(s) attached (a notebook "
+                 "cell run again?): each reports and logs every step; close the ones you do not "
+                 "want with monitor.close()")
+        attached.add(self)
         self._scaler = grad_scaler
         self._scaler_update = None
         if grad_scaler is not None:
@@ -388,6 +397,7 @@ class TorchMonitor(Monitor):
     def _detach(self) -> None:
         for handle in self._handles:
             handle.remove()
+        _ATTACHED.get(self.reader.optimizer, set()).discard(self)
         if self._scaler is not None:
             self._scaler.update = self._scaler_update
 
