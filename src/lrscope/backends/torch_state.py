@@ -31,9 +31,13 @@ def as_float(value: Any) -> float:
 
 def is_sharded(tensor: Any) -> bool:
     """Whether ``tensor`` is a DTensor (FSDP2's ``fully_shard``, tensor parallelism).  Only
-    once ``torch.distributed.tensor`` is imported can a tensor be one."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(tensor, module.DTensor)
+    once its module is imported can a tensor be one (``torch.distributed.tensor``; before
+    torch 2.5, ``torch.distributed._tensor``)."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        dtensor = getattr(sys.modules.get(name), "DTensor", None)
+        if dtensor is not None and isinstance(tensor, dtensor):
+            return True
+    return False
 
 
 def local(tensor: Any) -> Any:
