@@ -1,7 +1,8 @@
 """Run by test_optax.py in a subprocess with 4 host devices (XLA_FLAGS set before jax loads).
 
-Trains the same monitored AdamW on parameters sharded over the 4 devices and on
-unsharded ones, and prints the two reports' statistics as one JSON line.
+Trains the same monitored AdamW on parameters sharded over the 4 devices, on unsharded
+ones, and under ``jax.pmap`` (state replicated on every device), and prints the reports'
+statistics as one JSON line.
 """
 
 import json
@@ -29,9 +30,13 @@ def summary(state):
     return out
 
 
+def monitored():
+    return lrscope.optax.monitor(optax.adamw, learning_rate=optax.cosine_decay_schedule(1e-2, 10),
+                                 weight_decay=1e-2)
+
+
 def train(params):
-    tx = lrscope.optax.monitor(optax.adamw, learning_rate=optax.cosine_decay_schedule(1e-2, 10),
-                               weight_decay=1e-2)
+    tx = monitored()
     state = tx.init(params)
     rng = np.random.default_rng(0)
 
@@ -47,6 +52,25 @@ def train(params):
     return state
 
 
+def train_pmap(params):
+    """``train`` under jax.pmap: params and state replicated, the same gradients averaged."""
+    tx = monitored()
+    n = jax.local_device_count()
+    replicated = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), tree)  # noqa: E731
+    rng = np.random.default_rng(0)
+
+    def step(params, state, grads):
+        updates, state = tx.update(jax.lax.pmean(grads, "devices"), state, params)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.pmap(step, axis_name="devices")
+    params, state = replicated(params), replicated(tx.init(params))
+    for _ in range(3):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape[1:]), p.dtype), params)
+        params, state = step(params, state, replicated(grads))
+    return state
+
+
 def main():
     rng = np.random.default_rng(1)
     host = {"kernel": rng.normal(size=(64, 32)).astype(np.float32),
@@ -57,9 +81,12 @@ def main():
     plain = jax.tree.map(lambda a: jax.device_put(a, jax.devices()[0]), host)
     sharded_state = train(sharded)
     is_sharded = len(sharded_state.inner[0].nu["kernel"].sharding.device_set) == 4
+    pmap_state = train_pmap(host)
     print(json.dumps({"devices": len(jax.devices()), "sharded": is_sharded,
                       "sharded_report": summary(sharded_state),
-                      "unsharded_report": summary(train(plain))}))
+                      "unsharded_report": summary(train(plain)),
+                      "pmap_report": summary(pmap_state),
+                      "pmap_notes": lrscope.inspect(pmap_state).notes}))
 
 
 if __name__ == "__main__":

@@ -529,7 +529,7 @@ def test_not_a_monitored_state_is_refused():
         lrscope.inspect(tx.init({"w": jnp.ones(2)}))
 
 
-def test_sharded_statistics_equal_unsharded():
+def test_sharded_and_pmapped_statistics_equal_unsharded():
     script = Path(__file__).with_name("_optax_sharded.py")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu"}
@@ -544,6 +544,13 @@ def test_sharded_statistics_equal_unsharded():
     rounded = {"mean", "update_norm", "param_norm"}
     for name in ("kernel", "bias"):
         for key, value in sharded[name].items():
+            expected = unsharded[name][key]
+            assert value == (pytest.approx(expected, rel=1e-5) if key in rounded else expected), key
+    # Under jax.pmap every leaf has a device axis: replica 0 is reported, and said.
+    pmapped = result["pmap_report"]
+    assert any("replicated over 4 devices" in note for note in result["pmap_notes"])
+    for name in ("kernel", "bias"):
+        for key, value in pmapped[name].items():
             expected = unsharded[name][key]
             assert value == (pytest.approx(expected, rel=1e-5) if key in rounded else expected), key
     assert sharded["lr"] == unsharded["lr"] and sharded["step_size"] == unsharded["step_size"]

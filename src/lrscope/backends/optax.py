@@ -336,17 +336,23 @@ def accepts(obj: Any) -> bool:
         return True  # inspect() will raise the explanation
 
 
-def _host(state: LrscopeState) -> tuple[int, dict[str, dict[str, float]], dict[str, Any], int]:
+def _host(state: LrscopeState) -> tuple[int, dict[str, dict[str, float]], dict[str, Any], int, int]:
     """One device-to-host transfer of the scalars and statistics (wrappers such as nnx
-    Variables are looked through: the leaves are read in the plan's known order)."""
+    Variables are looked through: the leaves are read in the plan's known order), and the
+    number of replicas: a state replicated by ``jax.pmap`` has a leading device axis on every
+    leaf, of which replica 0 is read."""
     template = (state.steps, {g.name: dict.fromkeys(g.scalar_names, 0) for g in state.plan.groups},
                 {g.name: empty_stats(state.plan.stats_count(g)) for g in state.plan.groups},
                 state.stats_step)
     leaves = jax.tree_util.tree_leaves((state.steps, state.scalars, state.stats, state.stats_step))
     host = jax.device_get(leaves)
+    replicas = 1
+    if np.ndim(host[0]):  # the step counter is a scalar unless pmap added a device axis
+        replicas = len(host[0])
+        host = [np.asarray(leaf)[0] for leaf in host]
     steps, scalars, stats, stats_step = jax.tree_util.tree_unflatten(
         jax.tree_util.tree_structure(template), host)
-    return int(steps), scalars, stats, int(stats_step)
+    return int(steps), scalars, stats, int(stats_step), replicas
 
 
 def inspect(obj: Any) -> StepReport:
@@ -355,12 +361,15 @@ def inspect(obj: Any) -> StepReport:
     if state is None:
         raise TypeError("no lrscope statistics in this optax state: build the optimizer with "
                         "lrscope.optax.monitor(optax.adamw, learning_rate=...)")
-    t, scalars, stats, stats_step = _host(state)
+    t, scalars, stats, stats_step, replicas = _host(state)
     if t == 0:
         raise ValueError("no optimizer step has been taken yet (count == 0): inspect the state "
                          "returned by update()")
     fresh = stats_step == t
     groups, notes = [], []
+    if replicas > 1:
+        notes.append(f"a state replicated over {replicas} devices (jax.pmap): the report of "
+                     "replica 0 (replicas agree when the gradients are averaged, e.g. by pmean)")
     for g in state.plan.groups:
         values = {k: float(v) for k, v in scalars[g.name].items()}
         rows = unstack_stats(stats[g.name])
