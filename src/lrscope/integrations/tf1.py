@@ -182,6 +182,7 @@ class TF1Monitor(Monitor):
             report.notes = [n for n in report.notes if not n.startswith("t unknown")]
             report.notes.append("t counted by the monitor's step() calls")
         self._emit(report)
+        self._reported_t = self._calls  # the schedule counts step() calls, one per train step
         return report
 
 
