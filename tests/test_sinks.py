@@ -81,6 +81,29 @@ def test_jsonl_is_strict_json(tmp_path):
     assert record["groups"][1]["lr"] is None
 
 
+def test_jsonl_without_tensor_sketches(tmp_path):
+    """tensor_sketches=False: every tensor keeps its summary, only the groups keep sketches,
+    and lrscope plot reads the file the same."""
+    from lrscope import plot
+    from lrscope.report import Distribution
+
+    report, _ = make_report(1)
+    for name, tensor_sketches in (("all", True), ("groups", False)):
+        sink = JsonlSink(tmp_path / name / "lrscope.jsonl", tensor_sketches=tensor_sketches)
+        sink.write(report)
+        sink.close()
+    full, lean = (next(read_jsonl(tmp_path / name / "lrscope.jsonl")) for name in ("all", "groups"))
+    assert len(json.dumps(lean)) < len(json.dumps(full))
+    for group, a, b in zip(report.groups, full["groups"], lean["groups"]):
+        assert a["effective_lr"] == b["effective_lr"]  # the group's sketch stays
+        assert Distribution.from_dict(b["effective_lr"]).quantile(0.5) == group.effective_lr.quantile(0.5)
+        assert a["params"].keys() == b["params"].keys()
+        for tensor, entry in a["params"].items():
+            summary = {k: v for k, v in entry["effective_lr"].items() if k != "sketch"}
+            assert b["params"][tensor]["effective_lr"] == summary
+    assert plot.load(tmp_path / "all").groups.keys() == plot.load(tmp_path / "groups").groups.keys()
+
+
 _WRITER = textwrap.dedent("""
     import sys
     import numpy as np
