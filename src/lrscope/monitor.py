@@ -57,10 +57,13 @@ class Monitor:
         """
         if self._failed:
             return False
+        return (t - 1) // self.every > (self.previous_t(t) - 1) // self.every
+
+    def previous_t(self, t: int) -> int:
+        """t of the previous report, or ``t - 1`` when unknown or not below ``t`` (a
+        checkpoint took t back)."""
         previous = self._reported_t
-        if previous is None or previous >= t:  # unknown, or a checkpoint took t back
-            previous = t - 1
-        return (t - 1) // self.every > (previous - 1) // self.every
+        return t - 1 if previous is None or previous >= t else previous
 
     def guarded(self, work: Callable[[bool], T], distributions: bool) -> T:
         """``work(distributions)``; if that raises while measuring distributions, one

@@ -81,8 +81,7 @@ class KerasMonitor(Monitor):
         elif not moved:
             report = None
         else:
-            previous = t - 1 if self._reported_t is None else self._reported_t
-            wanted, covered = self.wants_distributions(t), t - previous
+            wanted, covered = self.wants_distributions(t), t - self.previous_t(t)
             # One report for several steps (fit's steps_per_execution): Adadelta's history was
             # recorded before the first of them, not before the last.
             stale = covered > 1 and self.reader.family == "adadelta"
