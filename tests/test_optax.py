@@ -527,6 +527,13 @@ def test_not_a_monitored_state_is_refused():
     with pytest.raises(ValueError, match="no optimizer step"):
         tx = lrscope.optax.monitor(optax.adam, learning_rate=1e-3)
         lrscope.inspect(tx.init({"w": jnp.ones(2)}))
+    # lrscope.inspect/watch on near misses say what to pass instead.
+    with pytest.raises(TypeError, match="this Optax state carries no lrscope statistics"):
+        lrscope.inspect(state)
+    with pytest.raises(TypeError, match="this Optax state carries no lrscope statistics"):
+        lrscope.watch(state[0])  # a bare ScaleByAdamState
+    with pytest.raises(TypeError, match="the Optax optimizer itself.*pass its state"):
+        lrscope.watch(optax.adam(1e-3))
 
 
 def test_sharded_and_pmapped_statistics_equal_unsharded():

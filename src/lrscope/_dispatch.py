@@ -20,14 +20,20 @@ _BACKENDS = (
 
 
 def backend_for(obj: Any) -> Any:
-    """The backend module whose ``accepts(obj)`` is true, or a TypeError saying what is supported."""
+    """The backend module whose ``accepts(obj)`` is true, or a TypeError saying what is
+    supported, and what to do where a backend recognises a near miss (its ``hint(obj)``)."""
+    hints = []
     for framework, module_name in _BACKENDS:
         if framework in sys.modules:
             backend = importlib.import_module(module_name)
             if backend.accepts(obj):
                 return backend
+            hint = getattr(backend, "hint", None)
+            if hint is not None and hint(obj):
+                hints.append(hint(obj))
     raise TypeError(
         f"lrscope does not know how to read {type(obj).__module__}.{type(obj).__qualname__}: "
-        "pass a torch.optim.Optimizer, a Keras 3 optimizer, a tf.compat.v1.train optimizer "
-        "(with session=) or an optax state from lrscope.optax.monitor"
+        + (" ".join(hints) if hints else
+           "pass a torch.optim.Optimizer, a Keras 3 optimizer, a tf.compat.v1.train optimizer "
+           "(with session=) or an optax state from lrscope.optax.monitor")
     )

@@ -328,6 +328,23 @@ def find_state(obj: Any) -> LrscopeState | None:
     return found[0] if found else None
 
 
+def hint(obj: Any) -> str | None:
+    """What to do with an Optax object lrscope cannot read, or None for anything else."""
+    if isinstance(obj, optax.GradientTransformation):
+        return ("this is the Optax optimizer itself: build it with lrscope.optax.monitor(...) and "
+                "pass its state (tx.init(params), or the opt_state that update() returns)")
+    leaves = jax.tree_util.tree_leaves(obj, is_leaf=lambda x: x is not obj and _is_optax_state(x))
+    if _is_optax_state(obj) or any(_is_optax_state(x) for x in leaves):
+        return ("this Optax state carries no lrscope statistics: build the optimizer with "
+                "lrscope.optax.monitor(optax.adamw, learning_rate=...) (its updates are bitwise "
+                "the optimizer's) and pass that state")
+    return None
+
+
+def _is_optax_state(x: Any) -> bool:
+    return type(x).__module__.startswith("optax.") and isinstance(x, tuple)
+
+
 def accepts(obj: Any) -> bool:
     """Whether ``obj`` holds the state of ``lrscope.optax.monitor`` (for ``lrscope.inspect``)."""
     try:
