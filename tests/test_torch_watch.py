@@ -327,6 +327,12 @@ def test_a_second_monitor_on_one_optimizer_is_said():
         lrscope.watch(optimizer, sinks=[]).close()
 
 
+def test_a_model_in_place_of_the_optimizer_says_what_to_pass():
+    model = make_model()
+    with pytest.raises(TypeError, match="this is the model: pass its optimizer"):
+        lrscope.watch(model)
+
+
 def test_update_ratio_of_a_zero_tensor():
     """A warmup from lr 0 leaves a zero-initialised bias at zero on step 1: nothing moved,
     so its update_to_param is 0 (not 0/0 read as inf); a zero tensor that did move has an

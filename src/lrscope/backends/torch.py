@@ -65,6 +65,14 @@ def accepts(obj: Any) -> bool:
     return isinstance(unwrap(obj), torch.optim.Optimizer)
 
 
+def hint(obj: Any) -> str | None:
+    """What to do with a torch object lrscope cannot read, or None for anything else."""
+    if isinstance(obj, torch.nn.Module):
+        return ("this is the model: pass its optimizer, and the model as model= for the tensors' "
+                "names (lrscope.watch(optimizer, model=model))")
+    return None
+
+
 def family_of(optimizer: torch.optim.Optimizer) -> str | None:
     """The family modelled exactly, or None (unknown class, or a subclass overriding step)."""
     cls = type(optimizer)
