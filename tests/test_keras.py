@@ -235,6 +235,8 @@ def test_unsupported_optimizer_is_named_not_guessed() -> None:
     with pytest.warns(RuntimeWarning, match="Ftrl") as record:
         lrscope.watch(optimizer).close()
     assert record[0].filename == __file__  # the user's line, not lrscope's
+    with pytest.raises(TypeError, match="this is the model: pass model.optimizer"):
+        lrscope.watch(_model(0))
 
 
 def test_adadelta_inspect_notes_missing_history() -> None:

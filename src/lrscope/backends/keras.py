@@ -96,6 +96,14 @@ def accepts(obj: Any) -> bool:
     return isinstance(unwrap(obj), _OPT.Optimizer)
 
 
+def hint(obj: Any) -> str | None:
+    """What to do with a Keras object lrscope cannot read, or None for anything else."""
+    if isinstance(obj, keras.Model):
+        return ("this is the model: pass model.optimizer, or give "
+                "lrscope.keras.EffectiveLRCallback() to model.fit(callbacks=[...])")
+    return None
+
+
 def family_of(optimizer: Any) -> str | None:
     """The family modelled exactly, or None (another class, or one overriding update_step)."""
     cls = type(optimizer)

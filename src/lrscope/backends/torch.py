@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
@@ -67,7 +68,8 @@ def accepts(obj: Any) -> bool:
 
 def hint(obj: Any) -> str | None:
     """What to do with a torch object lrscope cannot read, or None for anything else."""
-    if isinstance(obj, torch.nn.Module):
+    keras = sys.modules.get("keras")
+    if isinstance(obj, torch.nn.Module) and not (keras and isinstance(obj, keras.Model)):  # Keras' own
         return ("this is the model: pass its optimizer, and the model as model= for the tensors' "
                 "names (lrscope.watch(optimizer, model=model))")
     return None
