@@ -306,6 +306,25 @@ def test_a_failing_measurement_warns_once_and_training_goes_on(monkeypatch) -> N
     assert len(record) == 1
 
 
+def test_monitor_attached_mid_run_keeps_its_schedule() -> None:
+    """Attached after 3 unwatched steps, with every=2: distributions on its 1st and 3rd
+    step() calls, while t is the optimizer's own (4 to 7)."""
+    with tf.Graph().as_default():
+        optimizer, train_op, _, _, x = _build(lambda: V1.train.AdamOptimizer(0.01))
+        with V1.Session() as sess:
+            sess.run(V1.global_variables_initializer())
+            for batch in INPUTS[:3]:
+                sess.run(train_op, {x: batch})
+            monitor = lrscope.watch(optimizer, session=sess, sinks=[CollectSink()], every=2)
+            reports = []
+            for batch in np.concatenate([INPUTS, INPUTS])[3:7]:
+                sess.run(train_op, {x: batch})
+                reports.append(monitor.step())
+            monitor.close()
+    assert [r.t for r in reports] == [4, 5, 6, 7]
+    assert [r.groups[0].effective_lr is not None for r in reports] == [True, False, True, False]
+
+
 def test_unsupported_optimizer_says_so() -> None:
     with tf.Graph().as_default():
         w = V1.get_variable("w", initializer=np.ones(2))
