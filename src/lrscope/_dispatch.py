@@ -28,9 +28,9 @@ def backend_for(obj: Any) -> Any:
             backend = importlib.import_module(module_name)
             if backend.accepts(obj):
                 return backend
-            hint = getattr(backend, "hint", None)
-            if hint is not None and hint(obj):
-                hints.append(hint(obj))
+            hint = getattr(backend, "hint", lambda obj: None)(obj)
+            if hint:
+                hints.append(hint)
     raise TypeError(
         f"lrscope does not know how to read {type(obj).__module__}.{type(obj).__qualname__}: "
         + (" ".join(hints) if hints else
