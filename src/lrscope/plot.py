@@ -51,6 +51,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from lrscope._optional import require
+from lrscope.report import tag_prefix
 from lrscope.sinks.jsonl import FILE_NAME as JSONL_FILE_NAME
 from lrscope.sinks.jsonl import read_jsonl
 
@@ -110,7 +111,7 @@ def _jsonl_points(path: Path) -> Iterator[Point]:
         if record.get("skipped"):
             continue
         t = int(record["t"])
-        prefix = f"lr-{record.get('name') or record['optimizer']}"
+        prefix = tag_prefix(record["optimizer"], record.get("name"))
         for group in record["groups"]:
             key = f"{prefix}/{group['name']}"
             for metric in ("lr", "step_size", "weight_decay_rate", "update_to_param"):

@@ -228,6 +228,16 @@ class GroupReport(ParamReport):
         return group
 
 
+def tag_prefix(optimizer: str, name: str | None = None) -> str:
+    """Lightning's ``LearningRateMonitor`` naming: ``lr-<OptimizerClass>``, or ``lr-<name>``
+    for a monitor given a name (``StepReport.optimizer`` and ``.name``, or a JSONL record's).
+
+    >>> tag_prefix("AdamW"), tag_prefix("AdamW", "generator")
+    ('lr-AdamW', 'lr-generator')
+    """
+    return f"lr-{name or optimizer}"
+
+
 @dataclass(eq=False)
 class StepReport:
     """Everything lrscope knows about the step just taken.
@@ -250,9 +260,8 @@ class StepReport:
 
     @property
     def default_prefix(self) -> str:
-        """Lightning's ``LearningRateMonitor`` naming: ``lr-<OptimizerClass>``, or
-        ``lr-<name>`` for a monitor given a name."""
-        return f"lr-{self.name or self.optimizer}"
+        """The tags' prefix (``tag_prefix``)."""
+        return tag_prefix(self.optimizer, self.name)
 
     def scalars(self, prefix: str | None = None, params: bool = False) -> dict[str, float]:
         """Flat ``{"<prefix>/<group>/<metric>": float}``; per-tensor metrics with ``params``."""
