@@ -182,6 +182,74 @@ def test_wrapped_optimizer_and_compiled_model():
     assert monitor.last.groups[0].effective_lr.min == monitor.last.groups[0].effective_lr.max == 0.1
 
 
+class DelegatingOptimizer(torch.optim.Optimizer):
+    """Shaped like accelerate's AcceleratedOptimizer: an Optimizer subclass that skips
+    Optimizer.__init__ and shares the inner optimizer's param groups and state."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none)
+
+
+class LookaheadLike(DelegatingOptimizer):
+    """Shaped like torch_optimizer's Lookahead: skips Optimizer.__init__ too, but keeps slow
+    weights of its own and pulls the parameters towards them after the inner step."""
+
+    def __init__(self, optimizer):
+        super().__init__(optimizer)
+        self.slow_state = {}
+
+    @property
+    def state(self):
+        return self.slow_state
+
+    def step(self, closure=None):
+        loss = self.optimizer.step(closure)
+        with torch.no_grad():
+            for p in self.param_groups[0]["params"]:
+                slow = self.slow_state.setdefault(p, {"slow_param": p.detach().clone()})["slow_param"]
+                p.mul_(0.5).add_(slow, alpha=0.5)
+                slow.copy_(p)
+        return loss
+
+
+def test_optimizer_subclass_that_delegates_is_unwrapped():
+    model = make_model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with lrscope.watch(DelegatingOptimizer(inner), model=model, every=2) as monitor:
+        for seed in range(3):
+            train_step(model, DelegatingOptimizer(inner), seed)
+    assert monitor.last.optimizer == "AdamW" and monitor.last.t == 3
+    etas = dict(lrscope.torch.elementwise(inner, model))
+    assert monitor.last.groups[0].params["0.weight"].effective_lr.max == pytest.approx(
+        etas["0.weight"].eta.max().item())
+
+
+def test_optimizer_subclass_without_hooks_is_refused_before_any_log(tmp_path):
+    model = make_model()
+    lookahead = LookaheadLike(torch.optim.Adam(model.parameters(), lr=1e-2))
+    with pytest.raises(TypeError, match=r"LookaheadLike subclasses torch.optim.Optimizer without "
+                       r"calling Optimizer.__init__.*lrscope.watch\(optimizer.optimizer\)"):
+        lrscope.watch(lookahead, log_dir=tmp_path / "logs")
+    assert not (tmp_path / "logs").exists()
+    train_step(model, lookahead, 0)
+    report = lrscope.inspect(lookahead)  # after each step instead: the lr, and a note
+    assert report.groups[0].lr == 1e-2 and "LookaheadLike is not a torch.optim optimizer" in report.notes[0]
+
+
 def test_compiled_optimizer_step():
     """torch.compile of a function calling optimizer.step(): lrscope's hooks run untraced,
     so the distributions are measured (no warning) and training is as without lrscope."""

@@ -53,13 +53,34 @@ _NEUTRAL_KEYS = {
 
 
 def unwrap(optimizer: Any) -> Any:
-    """The torch.optim.Optimizer inside wrappers that expose ``.optimizer`` (Lightning, HF)."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer, seen = optimizer.optimizer, seen + 1
-        if seen > 8:
+    """The torch.optim.Optimizer inside wrappers that expose ``.optimizer``: plain wrappers
+    (Lightning's ``LightningOptimizer``) and Optimizer subclasses that only delegate to it,
+    sharing its param groups and state (accelerate's ``AcceleratedOptimizer``).  An optimizer
+    with state of its own around an inner one (Lookahead) is kept: its step is not the inner
+    one's.
+
+    >>> inner = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    >>> class Wrapper:
+    ...     optimizer = inner
+    >>> unwrap(Wrapper()) is inner
+    True
+    """
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) and not hasattr(inner, "optimizer"):
             break
+        if isinstance(optimizer, torch.optim.Optimizer) and not _delegates(optimizer, inner):
+            break
+        optimizer = inner
     return optimizer
+
+
+def _delegates(outer: torch.optim.Optimizer, inner: Any) -> bool:
+    """Whether ``outer``'s param groups and state are ``inner``'s own objects."""
+    try:
+        return outer.param_groups is inner.param_groups and outer.state is inner.state
+    except AttributeError:
+        return False
 
 
 def accepts(obj: Any) -> bool:
@@ -338,8 +359,11 @@ class TorchMonitor(Monitor):
     def __init__(self, optimizer: Any, *, model: Any = None, every: int = 1,
                  log_dir: str | os.PathLike | None = None, sinks: Iterable[Sink] | None = None,
                  empirical: bool = False, grad_scaler: Any = None, name: str | None = None):
+        reader = TorchReader(optimizer, model=model, empirical=empirical)  # before any log is opened
+        if not hasattr(reader.optimizer, "_optimizer_step_pre_hooks"):
+            raise TypeError(_without_hooks(reader.optimizer))
         super().__init__(every=every, log_dir=log_dir, sinks=sinks, name=name)
-        self.reader = TorchReader(optimizer, model=model, empirical=empirical)
+        self.reader = reader
         if self.reader.notes:
             warn("lrscope: " + self.reader.notes[0])
         self._pending: _Pending | None = None
@@ -410,6 +434,20 @@ class TorchMonitor(Monitor):
         _ATTACHED.get(self.reader.optimizer, set()).discard(self)
         if self._scaler is not None:
             self._scaler.update = self._scaler_update
+
+
+def _without_hooks(optimizer: torch.optim.Optimizer) -> str:
+    """What to do with an Optimizer subclass whose ``__init__`` skipped ``Optimizer.__init__``
+    (torch_optimizer's Lookahead): its ``step()`` runs no step hooks, so it cannot be watched."""
+    what = type(optimizer).__name__
+    inner = getattr(optimizer, "optimizer", None)
+    todo = (f"watch the optimizer it wraps, lrscope.watch(optimizer.optimizer) (its {what} updates "
+            "on top of that are then not in the reports), or " if isinstance(inner, torch.optim.Optimizer)
+            else "")
+    return (f"{what} subclasses torch.optim.Optimizer without calling Optimizer.__init__, so its "
+            f"step() runs no step hooks and lrscope.watch cannot follow it: {todo}call "
+            "lrscope.inspect(optimizer) after each step() (scheduled lr only for an optimizer "
+            "lrscope does not model)")
 
 
 def inspect(optimizer: Any, *, model: Any = None, distributions: bool = True) -> StepReport:
