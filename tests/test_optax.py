@@ -617,6 +617,35 @@ def test_multisteps_and_apply_if_finite_count_real_steps_only(x64):
     assert lrscope.inspect(history[-1][3]).t == 2
 
 
+def test_logging_every_mini_step_of_multisteps(tmp_path):
+    """mon.log on every mini-step of gradient accumulation: nothing before the first real
+    step (it used to raise there and stop training), then one record per real step."""
+    accumulate = optax.MultiSteps(lrscope.optax.monitor(optax.adam, learning_rate=SCHEDULE),
+                                  every_k_schedule=2)
+    states = [state for *_, state in _run(accumulate, _grads(5))]
+    mon = lrscope.watch(states[-1], log_dir=tmp_path)
+    logged = [mon.log(state) for state in states]
+    mon.close()
+    assert logged[0] is None
+
+    class Collect:  # any sink
+        reports: list = []
+
+        def write(self, report):
+            self.reports.append(report.t)
+
+        def close(self):
+            pass
+
+    assert [lrscope.optax.log(state, [Collect()]) is None for state in states[:2]] == [True, False]
+    assert Collect.reports == [1]
+    assert [r.t for r in logged[1:]] == [1, 1, 2, 2]
+    records = [json.loads(line) for line in (tmp_path / "lrscope.jsonl").read_text().splitlines()]
+    assert [r["t"] for r in records] == [1, 2]
+    with pytest.raises(ValueError, match="no optimizer step has been taken yet"):
+        lrscope.inspect(states[0])
+
+
 def test_bfloat16_parameters_pass_the_model_check():
     params = {"w": jnp.asarray(np.random.default_rng(6).normal(size=(8, 8)), jnp.bfloat16)}
     tx = lrscope.optax.monitor(optax.adamw, check=True, learning_rate=1e-2, weight_decay=1e-2)

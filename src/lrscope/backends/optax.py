@@ -374,14 +374,23 @@ def _host(state: LrscopeState) -> tuple[int, dict[str, dict[str, float]], dict[s
 
 def inspect(obj: Any) -> StepReport:
     """StepReport of the step just taken, from the state of ``lrscope.optax.monitor``."""
+    report = _report(obj)
+    if report is None:
+        raise ValueError("no optimizer step has been taken yet (count == 0): inspect the state "
+                         "returned by update()")
+    return report
+
+
+def _report(obj: Any) -> StepReport | None:
+    """``inspect``'s report, or None before the first step (count == 0: the state of
+    ``init``, or of ``optax.MultiSteps`` still accumulating its first gradients)."""
     state = find_state(obj)
     if state is None:
         raise TypeError("no lrscope statistics in this optax state: build the optimizer with "
                         "lrscope.optax.monitor(optax.adamw, learning_rate=...)")
     t, scalars, stats, stats_step, replicas = _host(state)
     if t == 0:
-        raise ValueError("no optimizer step has been taken yet (count == 0): inspect the state "
-                         "returned by update()")
+        return None
     fresh = stats_step == t
     groups, notes = [], []
     if replicas > 1:
@@ -424,9 +433,13 @@ def inspect(obj: Any) -> StepReport:
 class OptaxMonitor(Monitor):
     """Writes the report held in an optax state to sinks: call ``log(opt_state)`` per step."""
 
-    def log(self, opt_state: Any) -> StepReport:
-        """Build the report of ``opt_state`` and write it (once per step) to the sinks."""
-        report = self._named(inspect(opt_state))
+    def log(self, opt_state: Any) -> StepReport | None:
+        """Build the report of ``opt_state`` and write it (once per step) to the sinks; None,
+        writing nothing, before the first step (e.g. ``optax.MultiSteps`` accumulating)."""
+        report = _report(opt_state)
+        if report is None:
+            return None
+        report = self._named(report)
         if self.last is None or self.last.t != report.t:
             self._emit(report)
         return report
@@ -446,14 +459,16 @@ def watch(obj: Any, *, every: int = 1, log_dir: str | os.PathLike | None = None,
     return OptaxMonitor(every=state.plan.every, log_dir=log_dir, sinks=sinks, name=name)
 
 
-def log(opt_state: Any, to: OptaxMonitor | Sink | Iterable[Sink]) -> StepReport:
-    """Write the report of ``opt_state`` to a monitor, a sink or several sinks; return it."""
+def log(opt_state: Any, to: OptaxMonitor | Sink | Iterable[Sink]) -> StepReport | None:
+    """Write the report of ``opt_state`` to a monitor, a sink or several sinks; return it
+    (None, writing nothing, before the first step)."""
     if isinstance(to, (str, os.PathLike)):
         raise TypeError("to log into a directory, create the monitor once: "
                         "mon = lrscope.watch(opt_state, log_dir=...), then mon.log(opt_state) "
                         "every step")
     if isinstance(to, OptaxMonitor):
         return to.log(opt_state)
-    report = inspect(opt_state)
-    SinkGroup([to] if isinstance(to, Sink) else list(to)).write(report)
+    report = _report(opt_state)
+    if report is not None:
+        SinkGroup([to] if isinstance(to, Sink) else list(to)).write(report)
     return report
