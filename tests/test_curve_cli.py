@@ -94,6 +94,13 @@ def test_curve_command_frameworks_side_by_side(tmp_path, capsys):
     (["curve", "adam", "--schedule", "linear"], "invalid choice: 'linear' (choose from"),
     (["curve", "adam", "--framework", "mxnet"], "choose from torch, keras, tf1, optax"),
     (["curve", "lion", "--framework", "torch"], "'lion' does not exist in torch"),
+    (["curve", "adam", "--lr=-1e-3"], "lr must be finite and >= 0, got -0.001"),
+    (["curve", "adam", "--lr", "nan"], "lr must be finite and >= 0, got nan"),
+    (["curve", "adam", "--eps=-1"], "eps must be finite and >= 0, got -1.0"),
+    (["curve", "adam", "--schedule", "step", "--every", "0"], "--every must be >= 1, got 0"),
+    (["curve", "adam", "--schedule", "warmup", "--warmup=-3"], "--warmup must be >= 0, got -3"),
+    (["curve", "adam", "--schedule", "step", "--gamma", "0"], "--gamma must be finite and > 0"),
+    (["curve", "adam", "--schedule", "cosine", "--min-lr=-1"], "--min-lr must be finite and >= 0"),
 ])
 def test_bad_input_one_line_exit_2(args, message, capsys):
     assert main(args) == 2
@@ -104,3 +111,13 @@ def test_bad_input_one_line_exit_2(args, message, capsys):
 def test_console_script_exits_2_without_traceback():
     result = subprocess.run([sys.executable, "-m", "lrscope.cli", "curve", "nope"], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "choose one of" in result.stderr
+
+
+@pytest.mark.parametrize("call", [
+    lambda: lrscope.step_size("adam", 1, lr=-1e-3),
+    lambda: lrscope.step_size_curve("adam", 3, eps=float("nan")),
+    lambda: lrscope.step_size_curve("sgd", 3, lr=float("inf")),
+])
+def test_offline_step_sizes_refuse_a_negative_or_non_finite_lr_or_eps(call):
+    with pytest.raises(ValueError, match=r"(lr|eps) must be finite and >= 0"):
+        call()

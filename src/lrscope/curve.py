@@ -39,7 +39,7 @@ def step_size_curve(
     if lr is not None:
         # A schedule's values replace this placeholder below.
         hyper["lr"] = 1.0 if callable(lr) else lr
-    h = formulas.hyperparameters(name, convention, **hyper)
+    h = formulas.checked(formulas.hyperparameters(name, convention, **hyper))
     t = np.arange(1, int(steps) + 1)
     if callable(lr):
         h["lr"] = schedules.evaluate(lr, t - 1)
@@ -47,3 +47,4 @@ def step_size_curve(
     if term not in values:
         raise ValueError(f"{name!r} has no term {term!r}; choose one of {sorted(values)}")
     return np.broadcast_to(np.asarray(values[term], dtype=np.float64), t.shape).copy()
+

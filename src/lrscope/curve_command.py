@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,18 @@ def _parse_value(text: str) -> Any:
         return float(text)
 
 
+def _check_schedule_options(args: argparse.Namespace) -> None:
+    """One-line errors for schedule options no schedule can use."""
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.every < 1:
+        raise ValueError(f"--every must be >= 1, got {args.every}")
+    if not 0 < args.gamma < math.inf:
+        raise ValueError(f"--gamma must be finite and > 0, got {args.gamma}")
+    if not 0 <= args.min_lr < math.inf:
+        raise ValueError(f"--min-lr must be finite and >= 0, got {args.min_lr}")
+
+
 def _schedule(args: argparse.Namespace, lr: float) -> schedules.Schedule:
     name = args.schedule
     if name == "constant":
@@ -77,6 +90,7 @@ def compute(args: argparse.Namespace) -> list[Curve]:
     """One Curve per requested framework (each with its own default lr unless --lr)."""
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    _check_schedule_options(args)
     frameworks = [f.strip() for f in args.framework.split(",") if f.strip()]
     unknown = [f for f in frameworks if f not in CONVENTIONS]
     if unknown or not frameworks:
@@ -93,7 +107,7 @@ def compute(args: argparse.Namespace) -> list[Curve]:
     curves = []
     for framework in frameworks:
         given = {**hyper, **({"lr": args.lr} if args.lr is not None else {})}
-        h = formulas.hyperparameters(args.optimizer, framework, **given)
+        h = formulas.checked(formulas.hyperparameters(args.optimizer, framework, **given))
         h["lr"] = schedules.evaluate(_schedule(args, float(h["lr"])), t - 1)
         terms = module.step_sizes(np, t, h, framework)
         curves.append(Curve(framework, h["lr"],

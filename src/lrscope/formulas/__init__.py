@@ -15,6 +15,8 @@ True
 
 from __future__ import annotations
 
+import math
+
 from types import ModuleType
 from typing import Any
 
@@ -80,10 +82,28 @@ def hyperparameters(name: str, convention: str | None = None, **hyper: Any) -> d
     return h
 
 
+def checked(h: dict[str, Any]) -> dict[str, Any]:
+    """``h``, after checking that its lr and eps (where given as numbers) are finite and
+    >= 0, as every framework's optimizer requires: for the offline step sizes and curves,
+    where such a value is a typo (a training run with a NaN lr is reported, not refused).
+
+    >>> checked({"lr": -1e-3})
+    Traceback (most recent call last):
+    ...
+    ValueError: lr must be finite and >= 0, got -0.001
+    """
+    for name in ("lr", "eps"):
+        value = h.get(name)
+        if isinstance(value, (int, float)) and not 0 <= value < math.inf:
+            raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return h
+
+
 def step_sizes(name: str, t: Any, convention: str | None = None, **hyper: Any) -> dict[str, Any]:
     """All data-independent scalars of step ``t`` (int or numpy array of ints)."""
     convention = convention or default_convention(name)
-    h = hyperparameters(name, convention, **hyper)
+    h = checked(hyperparameters(name, convention, **hyper))
+
     return family(name).step_sizes(np, t, h, convention)
 
 
@@ -102,4 +122,4 @@ def step_size(name: str, t: int, *, convention: str | None = None, term: str = "
 
 
 __all__ = ["CONVENTIONS", "Elementwise", "FAMILIES", "chunkable", "family", "default_convention",
-           "is_zero", "hyperparameters", "step_size", "step_sizes"]
+           "is_zero", "hyperparameters", "checked", "step_size", "step_sizes"]
