@@ -117,6 +117,33 @@ def test_unknown_optimizer_reports_lr_and_empirical_update(make):
     monitor.close()
 
 
+def test_empirical_update_of_a_closure_optimizer_from_its_first_step():
+    """LBFGS computes the gradients inside step(closure): there are none when the pre-hook
+    snapshots the parameters, and the first step's update used to be missing."""
+    model = make_model()
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=2)
+    x, y = torch.randn(16, 6, generator=torch.Generator().manual_seed(0)), torch.zeros(16, 2)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monitor = lrscope.watch(optimizer, model=model, empirical=True)
+    for _ in range(2):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer.step(closure)
+        params = monitor.last.groups[0].params
+        assert sorted(params) == sorted(before)
+        for name, p in model.named_parameters():
+            assert params[name].update_norm == pytest.approx(torch.linalg.norm(p.detach() - before[name]).item())
+            assert params[name].update_norm > 0
+    monitor.close()
+
+
 def test_unsupported_option_is_reported_not_mis_modelled():
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

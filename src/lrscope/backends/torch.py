@@ -203,13 +203,13 @@ class TorchReader:
             return pending
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if self.family in RECORD_BEFORE:
+                if self.family is None:
+                    # Every trainable one: LBFGS-style step(closure) computes the grads inside.
+                    if p.requires_grad or p.grad is not None:
+                        pending.snapshot[id(p)] = local(p.detach()).clone()
+                elif p.grad is not None:
                     pending.recorded[id(p)] = record_before(self.family, self.optimizer.state.get(p),
                                                              p, group)
-                if self.family is None:
-                    pending.snapshot[id(p)] = local(p.detach()).clone()
         return pending
 
     def report(self, pending: _Pending | None, distributions: bool, t: int | None = None) -> StepReport:
