@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -113,3 +115,47 @@ def test_logs_without_distributions_or_measured_empirically(tmp_path):
     assert "effective_lr/p50" not in run.groups["lr-Muon/pg0"]
     assert main(["plot", str(tmp_path)]) == 0
     _check_png(tmp_path / "lrscope.png")
+
+
+def test_a_run_again_in_the_same_log_dir_replaces_the_earlier_steps(tmp_path, capsys):
+    """Running a script again with the same log_dir, then resuming from a checkpoint of its
+    step 3: both loaders keep, for each t, the record written last (TensorBoard's rule for a
+    step counter that goes back), and lrscope plot says so."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("tensorboardX")
+    import lrscope
+
+    def train(lr, steps, checkpoint=None):
+        """``steps`` watched steps; returns a checkpoint taken after the third, if any."""
+        saved = None
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint[0])
+            optimizer.load_state_dict(checkpoint[1])
+            optimizer.param_groups[0]["lr"] = lr
+        with lrscope.watch(optimizer, model=model, log_dir=tmp_path):
+            for step in range(steps):
+                optimizer.zero_grad()
+                model(torch.randn(8, 4)).square().mean().backward()
+                optimizer.step()
+                if step == 2:
+                    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+        return saved
+
+    train(1e-3, 5)
+    checkpoint = train(1e-2, 5)  # run again
+    train(5e-3, 2, checkpoint)  # then resumed from its step 3, with another lr
+    expected = [1e-2, 1e-2, 1e-2, 5e-3, 5e-3]
+    events = tmp_path / "events"
+    events.mkdir()
+    for path in tmp_path.glob("*tfevents*"):
+        path.rename(events / path.name)
+    for source in (tmp_path, events):
+        run = plot.load(source)
+        lr = run.groups["lr-Adam/pg0"]["lr"]
+        assert lr.steps.tolist() == [1, 2, 3, 4, 5] and np.allclose(lr.values, expected), source
+        assert len(run.notes) == 2 and "t went back from 5 to 1" in run.notes[0]
+    assert main(["plot", str(tmp_path)]) == 0
+    assert "note: lr-Adam: t went back from 5 to 1" in capsys.readouterr().err

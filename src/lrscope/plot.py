@@ -81,6 +81,7 @@ class Run:
     source: str
     groups: dict[str, dict[str, Series]] = field(default_factory=dict)
     params: dict[str, dict[str, dict[str, Series]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def _collect(points: Iterable[Point], source: str) -> Run:
@@ -106,12 +107,40 @@ def _collect(points: Iterable[Point], source: str) -> Run:
     return run
 
 
-def _jsonl_points(path: Path) -> Iterator[Point]:
-    for record in read_jsonl(path):
+def latest_records(records: Iterable[dict[str, Any]], notes: list[str]) -> list[tuple[str, int, dict]]:
+    """``(series prefix, t, record)`` of the steps taken (GradScaler's skipped ones left out),
+    with TensorBoard's rule for a step counter that goes back: when t of a series returns to
+    a t it already logged (the script run again with the same log_dir, or resumed from an
+    earlier checkpoint), the later records replace the earlier ones from that t on.  Each
+    such restart is described in ``notes``.
+
+    >>> notes = []
+    >>> kept = latest_records([{"t": t, "optimizer": "Adam"} for t in (1, 2, 3, 1, 2)], notes)
+    >>> [t for _, t, _ in kept], notes
+    ([1, 2], ['lr-Adam: t went back from 3 to 1 (a new run in the same log_dir, or one resumed from an earlier checkpoint): the later records replace the earlier ones from t = 1 on'])
+    """
+    kept: list[tuple[str, int, dict]] = []
+    last: dict[str, int] = {}
+    for record in records:
         if record.get("skipped"):
             continue
-        t = int(record["t"])
-        prefix = tag_prefix(record["optimizer"], record.get("name"))
+        prefix, t = tag_prefix(record["optimizer"], record.get("name")), int(record["t"])
+        if prefix in last and t <= last[prefix]:
+            notes.append(_restart_note(prefix, last[prefix], t))
+            kept = [item for item in kept if item[0] != prefix or item[1] < t]
+        last[prefix] = t
+        kept.append((prefix, t, record))
+    return kept
+
+
+def _restart_note(prefix: str, last: int, t: int) -> str:
+    return (f"{prefix}: t went back from {last} to {t} (a new run in the same log_dir, or one "
+            f"resumed from an earlier checkpoint): the later records replace the earlier ones "
+            f"from t = {t} on")
+
+
+def _jsonl_points(path: Path, notes: list[str]) -> Iterator[Point]:
+    for prefix, t, record in latest_records(read_jsonl(path), notes):
         for group in record["groups"]:
             key = f"{prefix}/{group['name']}"
             for metric in ("lr", "step_size", "weight_decay_rate", "update_to_param"):
@@ -147,7 +176,27 @@ def _split_tag(tag: str) -> tuple[str, str | None, str] | None:
     return key, param, "/".join(rest[-metric_length:])
 
 
-def _event_points(directory: Path) -> Iterator[Point]:
+def _event_points(directory: Path, notes: list[str]) -> list[Point]:
+    """The lrscope scalars of the event files in ``directory``, one file (one process) after
+    the other in the order they were created, with ``latest_records``' rule: a file whose
+    steps of a series start at or below steps already read replaces them from there on."""
+    kept: list[Point] = []
+    for path in sorted(directory.glob("*tfevents*")):  # the names start with the creation time
+        points = list(_file_points(path))
+        first: dict[str, int] = {}
+        for key, _, _, step, _ in points:
+            prefix = key.split("/", 1)[0]
+            first[prefix] = min(first.get(prefix, step), step)
+        for prefix, t in first.items():
+            earlier = [step for key, _, _, step, _ in kept if key.split("/", 1)[0] == prefix]
+            if earlier and t <= max(earlier):
+                notes.append(_restart_note(prefix, max(earlier), t))
+                kept = [p for p in kept if p[0].split("/", 1)[0] != prefix or p[3] < t]
+        kept += points
+    return kept
+
+
+def _file_points(path: Path) -> Iterator[Point]:
     require("tensorboard", "tensorboard")
     if "tensorflow" not in sys.modules:
         # TensorBoard would import all of TensorFlow (seconds, and log noise) just to read
@@ -155,7 +204,7 @@ def _event_points(directory: Path) -> Iterator[Point]:
         sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(directory), size_guidance={"scalars": 0}).Reload()
+    events = EventAccumulator(str(path), size_guidance={"scalars": 0}).Reload()
     for tag in events.Tags().get("scalars", []):
         parsed = _split_tag(tag)
         if parsed is not None:
@@ -174,12 +223,16 @@ def load(log_dir: str | os.PathLike) -> Run:
     candidates = [path] if path.is_file() else [path / JSONL_FILE_NAME, *sorted(path.glob("*.jsonl"))]
     for candidate in candidates:
         if candidate.is_file() and candidate.suffix == ".jsonl":
-            run = _collect(_jsonl_points(candidate), str(candidate))
+            notes: list[str] = []
+            run = _collect(_jsonl_points(candidate, notes), str(candidate))
             if run.groups:
+                run.notes = notes
                 return run
     if path.is_dir() and any(path.glob("*tfevents*")):
-        run = _collect(_event_points(path), f"{path} (TensorBoard)")
+        notes = []
+        run = _collect(_event_points(path, notes), f"{path} (TensorBoard)")
         if run.groups:
+            run.notes = notes
             return run
     raise ValueError(
         f"no lrscope data in {path}: expected {JSONL_FILE_NAME} or TensorBoard event files with "
@@ -334,6 +387,8 @@ def run(args: argparse.Namespace) -> int:
         draw(data, png)
     except OSError as error:
         raise ValueError(f"cannot write {png}: {error.strerror or error}") from None
+    for note in data.notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote {png}")
     return 0
 
