@@ -107,17 +107,21 @@ def _collect(points: Iterable[Point], source: str) -> Run:
     return run
 
 
-def latest_records(records: Iterable[dict[str, Any]], notes: list[str]) -> list[tuple[str, int, dict]]:
+#: (series prefix ``lr-<Optimizer or name>``, the last t logged, the lower t that followed it)
+Restart = tuple[str, int, int]
+
+
+def latest_records(records: Iterable[dict[str, Any]], restarts: list[Restart]) -> list[tuple[str, int, dict]]:
     """``(series prefix, t, record)`` of the steps taken (GradScaler's skipped ones left out),
     with TensorBoard's rule for a step counter that goes back: when t of a series returns to
     a t it already logged (the script run again with the same log_dir, or resumed from an
     earlier checkpoint), the later records replace the earlier ones from that t on.  Each
-    such restart is described in ``notes``.
+    such restart is appended to ``restarts``.
 
-    >>> notes = []
-    >>> kept = latest_records([{"t": t, "optimizer": "Adam"} for t in (1, 2, 3, 1, 2)], notes)
-    >>> [t for _, t, _ in kept], notes
-    ([1, 2], ['lr-Adam: t went back from 3 to 1 (a new run in the same log_dir, or one resumed from an earlier checkpoint): the later records replace the earlier ones from t = 1 on'])
+    >>> restarts = []
+    >>> kept = latest_records([{"t": t, "optimizer": "Adam"} for t in (1, 2, 3, 1, 2)], restarts)
+    >>> [t for _, t, _ in kept], restarts
+    ([1, 2], [('lr-Adam', 3, 1)])
     """
     kept: list[tuple[str, int, dict]] = []
     last: dict[str, int] = {}
@@ -126,21 +130,34 @@ def latest_records(records: Iterable[dict[str, Any]], notes: list[str]) -> list[
             continue
         prefix, t = tag_prefix(record["optimizer"], record.get("name")), int(record["t"])
         if prefix in last and t <= last[prefix]:
-            notes.append(_restart_note(prefix, last[prefix], t))
+            restarts.append((prefix, last[prefix], t))
             kept = [item for item in kept if item[0] != prefix or item[1] < t]
         last[prefix] = t
         kept.append((prefix, t, record))
     return kept
 
 
-def _restart_note(prefix: str, last: int, t: int) -> str:
-    return (f"{prefix}: t went back from {last} to {t} (a new run in the same log_dir, or one "
-            f"resumed from an earlier checkpoint): the later records replace the earlier ones "
-            f"from t = {t} on")
+def restart_notes(restarts: list[Restart]) -> list[str]:
+    """One note per series that went back (however often: processes writing to one log_dir
+    at once would otherwise give one per step).
+
+    >>> restart_notes([("lr-Adam", 5, 1), ("lr-Adam", 5, 4)])
+    ['lr-Adam: t went back 2 times, first from 5 to 1 (a new run in the same log_dir, or one resumed from an earlier checkpoint): the records written later replace the earlier ones from that t on']
+    """
+    by_series: dict[str, list[Restart]] = defaultdict(list)
+    for restart in restarts:
+        by_series[restart[0]].append(restart)
+    notes = []
+    for prefix, [(_, last, t), *more] in by_series.items():
+        times = f" {len(more) + 1} times, first" if more else ""
+        notes.append(f"{prefix}: t went back{times} from {last} to {t} (a new run in the same "
+                     "log_dir, or one resumed from an earlier checkpoint): the records written "
+                     "later replace the earlier ones from that t on")
+    return notes
 
 
-def _jsonl_points(path: Path, notes: list[str]) -> Iterator[Point]:
-    for prefix, t, record in latest_records(read_jsonl(path), notes):
+def _jsonl_points(path: Path, restarts: list[Restart]) -> Iterator[Point]:
+    for prefix, t, record in latest_records(read_jsonl(path), restarts):
         for group in record["groups"]:
             key = f"{prefix}/{group['name']}"
             for metric in ("lr", "step_size", "weight_decay_rate", "update_to_param"):
@@ -176,7 +193,7 @@ def _split_tag(tag: str) -> tuple[str, str | None, str] | None:
     return key, param, "/".join(rest[-metric_length:])
 
 
-def _event_points(directory: Path, notes: list[str]) -> list[Point]:
+def _event_points(directory: Path, restarts: list[Restart]) -> list[Point]:
     """The lrscope scalars of the event files in ``directory``, one file (one process) after
     the other in the order they were created, with ``latest_records``' rule: a file whose
     steps of a series start at or below steps already read replaces them from there on."""
@@ -190,7 +207,7 @@ def _event_points(directory: Path, notes: list[str]) -> list[Point]:
         for prefix, t in first.items():
             earlier = [step for key, _, _, step, _ in kept if key.split("/", 1)[0] == prefix]
             if earlier and t <= max(earlier):
-                notes.append(_restart_note(prefix, max(earlier), t))
+                restarts.append((prefix, max(earlier), t))
                 kept = [p for p in kept if p[0].split("/", 1)[0] != prefix or p[3] < t]
         kept += points
     return kept
@@ -223,16 +240,16 @@ def load(log_dir: str | os.PathLike) -> Run:
     candidates = [path] if path.is_file() else [path / JSONL_FILE_NAME, *sorted(path.glob("*.jsonl"))]
     for candidate in candidates:
         if candidate.is_file() and candidate.suffix == ".jsonl":
-            notes: list[str] = []
-            run = _collect(_jsonl_points(candidate, notes), str(candidate))
+            restarts: list[Restart] = []
+            run = _collect(_jsonl_points(candidate, restarts), str(candidate))
             if run.groups:
-                run.notes = notes
+                run.notes = restart_notes(restarts)
                 return run
     if path.is_dir() and any(path.glob("*tfevents*")):
-        notes = []
-        run = _collect(_event_points(path, notes), f"{path} (TensorBoard)")
+        restarts = []
+        run = _collect(_event_points(path, restarts), f"{path} (TensorBoard)")
         if run.groups:
-            run.notes = notes
+            run.notes = restart_notes(restarts)
             return run
     raise ValueError(
         f"no lrscope data in {path}: expected {JSONL_FILE_NAME} or TensorBoard event files with "
