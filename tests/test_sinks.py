@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -360,6 +361,40 @@ def test_watch_logs_a_real_torch_run(tmp_path):
     assert np.allclose([e.value for e in series], [r["groups"][0]["step_size"] for r in records],
                        rtol=1e-6)
     assert [e.step for e in events.Scalars("lr-AdamW/pg0/effective_lr/p50")] == [1, 6]
+
+
+def test_log_dir_and_sinks_together_write_to_both(tmp_path):
+    """log_dir= was silently dropped when sinks= was given too."""
+    torch = pytest.importorskip("torch")
+    import lrscope
+
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    collect = Collect()
+    with lrscope.watch(optimizer, log_dir=tmp_path, sinks=[collect]):
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.ones(4, 3)).sum().backward()
+            optimizer.step()
+    assert collect.steps == [1, 2] and collect.closed
+    assert [r["t"] for r in read_jsonl(tmp_path / "lrscope.jsonl")] == [1, 2]
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("options,error,message", [
+    ({"every": 2.5}, ValueError, "every must be a positive whole number of steps, got 2.5"),
+    ({"every": "10"}, ValueError, "every must be a positive whole number of steps, got '10'"),
+    ({"every": 0}, ValueError, "every must be a positive whole number of steps, got 0"),
+    ({"sinks": "console"}, TypeError, "sinks= takes a list of sinks"),
+    ({"sinks": ["runs/x"]}, TypeError, "got 'runs/x' (for a directory, pass log_dir=)"),
+])
+def test_bad_watch_options_are_clear_errors(options, error, message):
+    torch = pytest.importorskip("torch")
+    import lrscope
+
+    optimizer = torch.optim.Adam(torch.nn.Linear(3, 1).parameters())
+    with pytest.raises(error, match=re.escape(message)):
+        lrscope.watch(optimizer, **options)
 
 
 def test_watch_with_an_unusable_log_dir_still_trains(tmp_path):

@@ -11,6 +11,7 @@ reports scalars only from then on.  ``lrscope.inspect`` still raises, with the t
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Callable, Iterable, TypeVar
 
@@ -21,13 +22,25 @@ from lrscope.sinks import Sink, resolve
 T = TypeVar("T")
 
 
+def checked_every(every: int) -> int:
+    """``every`` as an int, if it is a whole number of steps >= 1 (numpy ints included).
+
+    >>> checked_every(2.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: every must be a positive whole number of steps, got 2.5
+    """
+    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+        raise ValueError(f"every must be a positive whole number of steps, got {every!r}")
+    return int(every)
+
+
 class Monitor:
     """Holds the sinks and the latest report; subclasses attach to an optimizer."""
 
     def __init__(self, *, every: int = 1, log_dir: str | os.PathLike | None = None,
                  sinks: Iterable[Sink] | None = None, name: str | None = None):
-        if int(every) < 1:
-            raise ValueError(f"every must be a positive number of steps, got {every}")
+        every = checked_every(every)
         if name is not None and (not isinstance(name, str) or not name or "/" in name):
             raise ValueError(f"name must be a non-empty string without '/' (it becomes the tag "
                              f"prefix lr-<name>), got {name!r}")

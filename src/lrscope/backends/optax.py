@@ -32,7 +32,7 @@ from lrscope.backends.optax_stats import (
     LeafStats, by_blocks, empty_stats, leaf_stats, merge_stats, param_report, stack_stats,
     stat_dtype, unstack_stats,
 )
-from lrscope.monitor import Monitor
+from lrscope.monitor import Monitor, checked_every
 from lrscope.report import GroupReport, StepReport
 from lrscope.sinks import Sink, SinkGroup
 
@@ -260,9 +260,7 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per
             groups: dict[str, dict[str, Any]] | None = None,
             **hyperparams: Any) -> optax.GradientTransformationExtraArgs:
     """``optimizer`` whose state also carries lrscope's statistics (see ``lrscope.optax``)."""
-    if int(every) < 1:
-        raise ValueError(f"every must be a positive number of steps, got {every}")
-    every = int(every)
+    every = checked_every(every)
     tx, spec = _spec(optimizer, family, dict(groups or {}), hyperparams)
     tx = optax.with_extra_args_support(tx)
     if check is None:

@@ -191,13 +191,30 @@ class SinkGroup:
 
 
 def resolve(log_dir: str | os.PathLike | None = None, sinks: Iterable[Sink] | None = None) -> SinkGroup:
-    """The sinks a monitor writes to: ``sinks`` as given, else the defaults for ``log_dir``."""
+    """The sinks a monitor writes to: the defaults for ``log_dir`` (TensorBoard and JSONL),
+    if given, and then ``sinks``.
+
+    >>> resolve(sinks="console")
+    Traceback (most recent call last):
+    ...
+    TypeError: sinks= takes a list of sinks (objects with write(report) and close()), e.g. [lrscope.sinks.ConsoleSink()]; got 'console' (for a directory, pass log_dir=)
+    """
+    if isinstance(sinks, (str, os.PathLike)) or (sinks is not None and not isinstance(sinks, Iterable)):
+        raise TypeError(_not_sinks(sinks))
     chosen = list(sinks or [])
-    if log_dir is not None and not chosen:
+    for sink in chosen:
+        if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
+            raise TypeError(_not_sinks(sink))
+    if log_dir is not None:
         from lrscope.sinks.defaults import default_sinks
 
-        chosen = default_sinks(log_dir)
+        chosen = [*default_sinks(log_dir), *chosen]
     return SinkGroup(chosen)
+
+
+def _not_sinks(given: object) -> str:
+    return ("sinks= takes a list of sinks (objects with write(report) and close()), e.g. "
+            f"[lrscope.sinks.ConsoleSink()]; got {given!r} (for a directory, pass log_dir=)")
 
 
 # The sinks themselves (none of them imports its library before it is used).
