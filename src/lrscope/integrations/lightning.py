@@ -1,0 +1,109 @@
+"""``EffectiveLRMonitor``: a Lightning callback watching every optimizer of the trainer.
+
+Lightning's own ``LearningRateMonitor`` logs the scheduled lr; this callback logs, under the
+same ``lr-<Optimizer>`` names (``lr-Adam-1`` for a second Adam), what the steps really took:
+alpha_t every step and the effective-lr distributions every ``every`` steps, to the
+trainer's loggers (TensorBoard, CSV, W&B, MLflow: whatever the trainer has), at the
+optimizer's step t.  It attaches ``lrscope.watch`` to each optimizer when training starts,
+on the global-zero process only, and closes the monitors when training ends.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any, Iterable
+
+from lrscope._optional import require
+from lrscope.backends.torch import TorchMonitor, unwrap
+from lrscope.report import StepReport
+from lrscope.sinks import Sink
+
+
+def _lightning() -> Any:
+    """``lightning.pytorch``, or the older ``pytorch_lightning`` package."""
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        pl = require("pytorch_lightning", "lightning")
+    return pl
+
+
+class LoggerSink:
+    """Writes each report's scalars (``report.scalars()``) to a trainer's loggers at step t."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    def write(self, report: StepReport) -> None:
+        if report.skipped:  # GradScaler skipped it: t did not advance
+            return
+        for logger in self.trainer.loggers:
+            logger.log_metrics(report.scalars(), step=report.t)
+
+    def close(self) -> None:
+        """The trainer owns its loggers and closes them itself."""
+
+
+class _Shared:
+    """A sink that the monitors of several optimizers write to; its owner closes it once."""
+
+    def __init__(self, sink: Sink):
+        self.sink = sink
+        self.background = getattr(sink, "background", False)
+
+    def write(self, report: StepReport) -> None:
+        self.sink.write(report)
+
+    def close(self) -> None:
+        """Closed by ``EffectiveLRMonitor`` once every monitor has closed."""
+
+
+class EffectiveLRMonitor(_lightning().Callback):
+    """``Trainer(callbacks=[EffectiveLRMonitor(every=50)])``.
+
+    ``every``: steps between distributions (scalars are logged every step); ``log_dir`` and
+    ``sinks``: lrscope's own sinks besides the trainer's loggers (``loggers=False`` leaves
+    those out), shared by the optimizers and closed when training ends; ``empirical``: see
+    ``lrscope.watch``.  ``monitors`` holds one TorchMonitor per optimizer while training
+    runs (their ``last`` is each one's latest StepReport).
+    """
+
+    def __init__(self, every: int = 50, *, log_dir: str | os.PathLike | None = None,
+                 sinks: Iterable[Sink] | None = None, loggers: bool = True, empirical: bool = False):
+        super().__init__()
+        self.every = every
+        self.log_dir = log_dir
+        self.sinks = list(sinks or [])
+        self.loggers = loggers
+        self.empirical = empirical
+        self.monitors: list[TorchMonitor] = []
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._close()
+        if not trainer.is_global_zero:  # every rank holds the same state under DDP
+            return
+        seen: Counter[str] = Counter()
+        for optimizer in trainer.optimizers:
+            cls = type(unwrap(optimizer)).__name__
+            name = f"{cls}-{seen[cls]}" if seen[cls] else None  # Lightning's lr-Adam, lr-Adam-1
+            seen[cls] += 1
+            sinks = [*([LoggerSink(trainer)] if self.loggers else []), *map(_Shared, self.sinks)]
+            self.monitors.append(TorchMonitor(optimizer, model=pl_module, every=self.every,
+                                              log_dir=self.log_dir, sinks=sinks, name=name,
+                                              empirical=self.empirical))
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._close()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if not self.monitors:
+            return
+        for monitor in self.monitors:
+            monitor.close()
+        self.monitors = []
+        for sink in self.sinks:
+            sink.close()

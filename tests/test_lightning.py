@@ -1,0 +1,104 @@
+"""``lrscope.lightning.EffectiveLRMonitor`` in real Lightning training runs, logged through the
+trainer's own loggers (read back from CSVLogger's metrics.csv)."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lightning")
+import lightning  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+
+import lrscope.lightning  # noqa: E402
+from lrscope.sinks import JsonlSink  # noqa: E402
+from lrscope.sinks.jsonl import read_jsonl  # noqa: E402
+
+STEPS = 6
+
+
+def _data() -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)),
+                                       batch_size=8)
+
+
+class Regression(lightning.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    def training_step(self, batch, index):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 / (1 + k))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class TwoOptimizers(Regression):
+    """GAN-like manual optimization: two Adams, stepped alternately."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, index):
+        for optimizer in self.optimizers():
+            loss = super().training_step(batch, index)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+
+    def configure_optimizers(self):
+        return (torch.optim.Adam(self.net[0].parameters(), lr=1e-3),
+                torch.optim.Adam(self.net[2].parameters(), lr=2e-3))
+
+
+def _fit(module, tmp_path, callback) -> list[dict]:
+    trainer = lightning.Trainer(max_steps=STEPS, callbacks=[callback], logger=CSVLogger(tmp_path),
+                                accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(module, _data())
+    with open(trainer.logger.log_dir + "/metrics.csv") as f:
+        return [row for row in csv.DictReader(f) if any(k.startswith("lr-") and v for k, v in row.items())]
+
+
+def test_trainer_loggers_receive_the_step_really_taken(tmp_path):
+    module = Regression()
+    callback = lrscope.lightning.EffectiveLRMonitor(every=5, sinks=[JsonlSink(tmp_path / "own.jsonl")])
+    rows = _fit(module, tmp_path, callback)
+    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
+    for t, row in enumerate(rows, start=1):
+        lr = 1e-2 / t  # the LambdaLR value the t-th step used
+        assert float(row["lr-AdamW/pg0/lr"]) == pytest.approx(lr)
+        assert float(row["lr-AdamW/pg0/step_size"]) == pytest.approx(lr * math.sqrt(1 - 0.999**t) / (1 - 0.9**t))
+        assert float(row["lr-AdamW/pg0/weight_decay_rate"]) == pytest.approx(lr * 0.1)
+        assert bool(row["lr-AdamW/pg0/effective_lr/p50"]) == (t in (1, 6))
+    # eta of the last step, from the optimizer's state after training.
+    optimizer = module.trainer.optimizers[0]
+    eta = np.concatenate([(1e-2 / STEPS / ((s["exp_avg_sq"] / (1 - 0.999**STEPS)).sqrt() + 1e-8)).numpy().ravel()
+                          for s in optimizer.state.values()])
+    assert float(rows[-1]["lr-AdamW/pg0/effective_lr/p50"]) == pytest.approx(np.quantile(eta, 0.5), rel=0.01)
+    assert float(rows[-1]["lr-AdamW/pg0/effective_lr/max"]) == pytest.approx(eta.max(), rel=1e-6)
+    # The callback's own sink got the same steps, and it is closed once training ended.
+    assert [r["t"] for r in read_jsonl(tmp_path / "own.jsonl")] == list(range(1, STEPS + 1))
+    assert callback.monitors == []
+
+
+def test_two_optimizers_are_named_like_learning_rate_monitor(tmp_path):
+    rows = _fit(TwoOptimizers(), tmp_path, lrscope.lightning.EffectiveLRMonitor(every=1))
+    for name, lr in (("lr-Adam", 1e-3), ("lr-Adam-1", 2e-3)):
+        logged = {int(r["step"]): r for r in rows if r[f"{name}/pg0/step_size"]}
+        assert sorted(logged) == [1, 2, 3]  # six optimizer steps: three each
+        for t, row in logged.items():
+            assert float(row[f"{name}/pg0/step_size"]) == pytest.approx(lr * math.sqrt(1 - 0.999**t) / (1 - 0.9**t))
+            assert row[f"{name}/pg0/effective_lr/p50"]

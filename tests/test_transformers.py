@@ -1,0 +1,75 @@
+"""``lrscope.transformers.EffectiveLRCallback`` in a real Hugging Face ``Trainer`` run (a small
+model defined here: nothing is downloaded)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import lrscope.transformers  # noqa: E402
+from lrscope.sinks.jsonl import read_jsonl  # noqa: E402
+
+STEPS = 6
+
+
+class Regression(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    def forward(self, x, labels=None):
+        out = self.net(x)
+        return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(64, 5, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.x[i].sum(0, keepdim=True)}
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_trainer_run_is_watched_through_accelerate(tmp_path, accumulate):
+    """The Trainer's AdamW (inside accelerate's AcceleratedOptimizer) with its linear schedule:
+    one report per real optimizer step, gradient accumulation included."""
+    model = Regression()
+    callback = lrscope.transformers.EffectiveLRCallback(every=5)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=8, learning_rate=1e-2,
+        weight_decay=0.1, gradient_accumulation_steps=accumulate, lr_scheduler_type="linear",
+        report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback])
+    trainer.train()
+    records = list(read_jsonl(tmp_path / "lrscope" / "lrscope.jsonl"))
+    assert [r["t"] for r in records] == list(range(1, STEPS + 1))
+    assert records[0]["optimizer"] == "AdamW" and not records[0]["notes"]
+    for record in records:
+        t, group = record["t"], record["groups"][0]
+        lr = 1e-2 * (1 - (t - 1) / STEPS)  # the linear schedule's value the t-th step used
+        assert group["lr"] == pytest.approx(lr)
+        assert group["step_size"] == pytest.approx(lr * math.sqrt(1 - 0.999**t) / (1 - 0.9**t))
+        assert (group["effective_lr"] is not None) == (t in (1, 6))
+    names = {name for group in records[-1]["groups"] for name in group["params"]}
+    assert "net.0.weight" in names
+    optimizer = trainer.optimizer.optimizer
+    eta = np.concatenate([(records[-1]["groups"][g]["lr"] / ((optimizer.state[p]["exp_avg_sq"] / (1 - 0.999**STEPS)).sqrt()
+                                                           + 1e-8)).numpy().ravel()
+                          for g, group in enumerate(optimizer.param_groups) for p in group["params"]])
+    merged = lrscope.report.Distribution.union(
+        [lrscope.report.Distribution.from_dict(g["effective_lr"]) for g in records[-1]["groups"]])
+    assert merged.quantile(0.5) == pytest.approx(np.quantile(eta, 0.5), rel=0.01)
+    assert callback.monitor is None and callback.last.t == STEPS
+    assert list((tmp_path / "lrscope").glob("events.out.tfevents.*"))
