@@ -25,7 +25,10 @@ def _lightning() -> Any:
     try:
         import lightning.pytorch as pl
     except ImportError:
-        pl = require("pytorch_lightning", "lightning")
+        try:
+            import pytorch_lightning as pl
+        except ImportError:
+            pl = require("lightning.pytorch", "lightning")  # raises, naming the extra
     return pl
 
 
