@@ -73,3 +73,16 @@ def test_trainer_run_is_watched_through_accelerate(tmp_path, accumulate):
     assert merged.quantile(0.5) == pytest.approx(np.quantile(eta, 0.5), rel=0.01)
     assert callback.monitor is None and callback.last.t == STEPS
     assert list((tmp_path / "lrscope").glob("events.out.tfevents.*"))
+
+
+def test_an_optimizer_lrscope_does_not_model_is_named_with_its_module(tmp_path):
+    """The Trainer's own Adafactor (not torch.optim.Adafactor): the lr, and a warning that
+    says which Adafactor."""
+    callback = lrscope.transformers.EffectiveLRCallback(every=1)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, learning_rate=1e-2,
+        optim="adafactor", report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = transformers.Trainer(model=Regression(), args=args, train_dataset=Data(), callbacks=[callback])
+    with pytest.warns(RuntimeWarning, match=r"transformers\.optimization\.Adafactor is not a torch\.optim"):
+        trainer.train()
+    assert callback.last.groups[0].lr == pytest.approx(1e-2 / 2) and callback.last.groups[0].effective_lr is None

@@ -176,7 +176,9 @@ class TorchReader:
         self.names = _parameter_names(model, self.optimizer)
         self.notes: list[str] = []
         if self.family is None:
-            what = (f"{type(self.optimizer).__name__} is not a torch.optim optimizer lrscope models "
+            cls = type(self.optimizer)
+            where = "" if cls.__module__.startswith("torch.optim") else f"{cls.__module__}."
+            what = (f"{where}{cls.__qualname__} is not a torch.optim optimizer lrscope models "
                     "exactly (or it overrides step())")
             self.notes.append(
                 f"{what}: only the scheduled lr is reported"
