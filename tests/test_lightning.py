@@ -102,3 +102,8 @@ def test_two_optimizers_are_named_like_learning_rate_monitor(tmp_path):
         for t, row in logged.items():
             assert float(row[f"{name}/pg0/step_size"]) == pytest.approx(lr * math.sqrt(1 - 0.999**t) / (1 - 0.9**t))
             assert row[f"{name}/pg0/effective_lr/p50"]
+
+
+def test_a_bad_every_fails_when_the_callback_is_made():
+    with pytest.raises(ValueError, match="every must be a positive whole number of steps"):
+        lrscope.lightning.EffectiveLRMonitor(every=0)

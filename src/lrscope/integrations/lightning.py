@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 from lrscope._optional import require
 from lrscope.backends.torch import TorchMonitor, unwrap
+from lrscope.monitor import checked_every
 from lrscope.report import StepReport
 from lrscope.sinks import Sink
 
@@ -75,7 +76,7 @@ class EffectiveLRMonitor(_lightning().Callback):
     def __init__(self, every: int = 50, *, log_dir: str | os.PathLike | None = None,
                  sinks: Iterable[Sink] | None = None, loggers: bool = True, empirical: bool = False):
         super().__init__()
-        self.every = every
+        self.every = checked_every(every)  # an error now, not when training starts
         self.log_dir = log_dir
         self.sinks = list(sinks or [])
         self.loggers = loggers

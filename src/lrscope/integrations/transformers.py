@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 from lrscope._optional import require
 from lrscope.backends.torch import TorchMonitor
+from lrscope.monitor import checked_every
 from lrscope.sinks import Sink
 
 _transformers = require("transformers", "transformers")
@@ -29,7 +30,7 @@ class EffectiveLRCallback(_transformers.TrainerCallback):
 
     def __init__(self, every: int = 50, *, log_dir: str | os.PathLike | None = None,
                  sinks: Iterable[Sink] | None = None, empirical: bool = False):
-        self.every = every
+        self.every = checked_every(every)  # an error now, not when training starts
         self.log_dir = log_dir
         self.sinks = list(sinks or [])
         self.empirical = empirical
