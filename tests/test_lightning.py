@@ -107,3 +107,8 @@ def test_two_optimizers_are_named_like_learning_rate_monitor(tmp_path):
 def test_a_bad_every_fails_when_the_callback_is_made():
     with pytest.raises(ValueError, match="every must be a positive whole number of steps"):
         lrscope.lightning.EffectiveLRMonitor(every=0)
+
+
+def test_sinks_that_are_not_sinks_fail_when_the_callback_is_made():
+    with pytest.raises(TypeError, match="sinks= takes a list of sinks"):
+        lrscope.lightning.EffectiveLRMonitor(sinks="runs/x")

@@ -18,7 +18,7 @@ from lrscope._optional import require
 from lrscope.backends.torch import TorchMonitor, unwrap
 from lrscope.monitor import checked_every
 from lrscope.report import StepReport
-from lrscope.sinks import Sink
+from lrscope.sinks import Sink, checked
 
 
 def _lightning() -> Any:
@@ -78,7 +78,7 @@ class EffectiveLRMonitor(_lightning().Callback):
         super().__init__()
         self.every = checked_every(every)  # an error now, not when training starts
         self.log_dir = log_dir
-        self.sinks = list(sinks or [])
+        self.sinks = checked(sinks)
         self.loggers = loggers
         self.empirical = empirical
         self.monitors: list[TorchMonitor] = []

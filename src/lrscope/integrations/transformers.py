@@ -15,7 +15,7 @@ from typing import Any, Iterable
 from lrscope._optional import require
 from lrscope.backends.torch import TorchMonitor
 from lrscope.monitor import checked_every
-from lrscope.sinks import Sink
+from lrscope.sinks import Sink, checked
 
 _transformers = require("transformers", "transformers")
 
@@ -32,7 +32,7 @@ class EffectiveLRCallback(_transformers.TrainerCallback):
                  sinks: Iterable[Sink] | None = None, empirical: bool = False):
         self.every = checked_every(every)  # an error now, not when training starts
         self.log_dir = log_dir
-        self.sinks = list(sinks or [])
+        self.sinks = checked(sinks)
         self.empirical = empirical
         self.monitor: TorchMonitor | None = None
         self.last = None

@@ -194,7 +194,19 @@ def resolve(log_dir: str | os.PathLike | None = None, sinks: Iterable[Sink] | No
     """The sinks a monitor writes to: the defaults for ``log_dir`` (TensorBoard and JSONL),
     if given, and then ``sinks``.
 
-    >>> resolve(sinks="console")
+    """
+    chosen = checked(sinks)
+    if log_dir is not None:
+        from lrscope.sinks.defaults import default_sinks
+
+        chosen = [*default_sinks(log_dir), *chosen]
+    return SinkGroup(chosen)
+
+
+def checked(sinks: Iterable[Sink] | None) -> list[Sink]:
+    """``sinks`` as a list, after checking that each is a sink.
+
+    >>> checked(sinks="console")
     Traceback (most recent call last):
     ...
     TypeError: sinks= takes a list of sinks (objects with write(report) and close()), e.g. [lrscope.sinks.ConsoleSink()]; got 'console' (for a directory, pass log_dir=)
@@ -205,11 +217,7 @@ def resolve(log_dir: str | os.PathLike | None = None, sinks: Iterable[Sink] | No
     for sink in chosen:
         if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
             raise TypeError(_not_sinks(sink))
-    if log_dir is not None:
-        from lrscope.sinks.defaults import default_sinks
-
-        chosen = [*default_sinks(log_dir), *chosen]
-    return SinkGroup(chosen)
+    return chosen
 
 
 def _not_sinks(given: object) -> str:
@@ -223,4 +231,4 @@ from lrscope.sinks.csv import CsvSink  # noqa: E402
 from lrscope.sinks.jsonl import JsonlSink  # noqa: E402
 from lrscope.sinks.tensorboard import TensorBoardSink  # noqa: E402
 
-__all__ = ["ConsoleSink", "CsvSink", "JsonlSink", "Sink", "SinkGroup", "TensorBoardSink", "resolve"]
+__all__ = ["ConsoleSink", "CsvSink", "JsonlSink", "Sink", "SinkGroup", "TensorBoardSink", "checked", "resolve"]
