@@ -52,6 +52,10 @@ QUEUE_SIZE = 1024
 STALL_S = 5.0
 #: Seconds ``close()`` waits for the background sinks to drain before giving up.
 CLOSE_TIMEOUT_S = 30.0
+#: The writer thread wakes at most this often and writes what has queued up since: woken
+#: for every report of a fast training loop, it competed with PyTorch's threads (a 0.65 ms
+#: step with log_dir took 1.42-1.52 x the unwatched one, 1.22-1.29 x batched; one-off runs).
+BATCH_S = 0.05
 _STOP = object()
 
 
@@ -85,18 +89,35 @@ class _Worker:
 
     def _run(self) -> None:
         while True:
-            item = self.queue.get()
+            batch = [self.queue.get()]
+            if batch[0] is not _STOP:
+                time.sleep(BATCH_S)
+                batch += self._queued()
             try:
-                if item is _STOP:
-                    return
-                for sink in list(self.sinks):
-                    try:
-                        sink.write(item)
-                    except Exception as error:  # noqa: BLE001 - a sink must never stop training
-                        self.sinks.remove(sink)
-                        _warn(sink, error)
+                for item in batch:
+                    if item is _STOP:
+                        return
+                    self._write(item)
             finally:
-                self.queue.task_done()
+                for _ in batch:
+                    self.queue.task_done()
+
+    def _queued(self) -> list[StepReport]:
+        """Everything in the queue now, without waiting."""
+        items = []
+        while True:
+            try:
+                items.append(self.queue.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _write(self, report: StepReport) -> None:
+        for sink in list(self.sinks):
+            try:
+                sink.write(report)
+            except Exception as error:  # noqa: BLE001 - a sink must never stop training
+                self.sinks.remove(sink)
+                _warn(sink, error)
 
     def put(self, report: StepReport) -> None:
         """Queue ``report``; wait a little when the sinks lag, drop it when they seem stuck."""
