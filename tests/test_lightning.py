@@ -112,3 +112,18 @@ def test_a_bad_every_fails_when_the_callback_is_made():
 def test_sinks_that_are_not_sinks_fail_when_the_callback_is_made():
     with pytest.raises(TypeError, match="sinks= takes a list of sinks"):
         lrscope.lightning.EffectiveLRMonitor(sinks="runs/x")
+
+
+def test_lrscope_plot_reads_a_tensorboard_logger(tmp_path):
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lrscope import plot
+
+    trainer = lightning.Trainer(max_steps=STEPS, callbacks=[lrscope.lightning.EffectiveLRMonitor(every=5)],
+                                logger=TensorBoardLogger(tmp_path), accelerator="cpu", enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Regression(), _data())
+    run = plot.load(trainer.logger.log_dir)
+    assert run.groups["lr-AdamW/pg0"]["step_size"].steps.tolist() == list(range(1, STEPS + 1))
+    assert run.groups["lr-AdamW/pg0"]["effective_lr/p50"].steps.tolist() == [1, 6]
