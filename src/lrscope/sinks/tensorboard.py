@@ -147,13 +147,28 @@ class TensorBoardSink:
         if not self._layout_written:
             self.writer.add_custom_scalars(layout(report))
             self._layout_written = True
-        for tag, value in report.scalars(params=self.params).items():
-            if not tag.endswith("/count"):
+        scalars = {tag: value for tag, value in report.scalars(params=self.params).items()
+                   if not tag.endswith("/count")}
+        if self._owns_writer:
+            self._add_scalars(scalars, report.t)
+        else:
+            for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, global_step=report.t)
         if self._histogram_due(report):
             self._last_histogram = report.t
             for group in report.groups:
                 self._histograms(report, group)
+
+    def _add_scalars(self, scalars: dict[str, float], step: int) -> None:
+        """Every scalar of a step as one event of lrscope's own tensorboardX writer: it queues
+        (through a ``multiprocessing.Queue``) and checksums each event on its own: for 24
+        groups (72 tags) a write took 2.4-2.9 ms with one event per tag, 0.46-0.50 ms with one
+        event built by tensorboardX's ``summary.scalar``, 0.15 ms with the values built here."""
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        if scalars:
+            values = [Summary.Value(tag=tag, simple_value=value) for tag, value in scalars.items()]
+            self.writer._get_file_writer().add_summary(Summary(value=values), step)
 
     def _check_log_dir(self) -> None:
         """Fail here, in lrscope's thread, rather than in the writer's own thread.
