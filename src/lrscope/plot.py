@@ -123,18 +123,18 @@ def latest_records(records: Iterable[dict[str, Any]], restarts: list[Restart]) -
     >>> [t for _, t, _ in kept], restarts
     ([1, 2], [('lr-Adam', 3, 1)])
     """
-    kept: list[tuple[str, int, dict]] = []
-    last: dict[str, int] = {}
+    series: dict[str, list[tuple[str, int, dict]]] = defaultdict(list)  # each in increasing t
     for record in records:
         if record.get("skipped"):
             continue
         prefix, t = tag_prefix(record["optimizer"], record.get("name")), int(record["t"])
-        if prefix in last and t <= last[prefix]:
-            restarts.append((prefix, last[prefix], t))
-            kept = [item for item in kept if item[0] != prefix or item[1] < t]
-        last[prefix] = t
+        kept = series[prefix]
+        if kept and t <= kept[-1][1]:
+            restarts.append((prefix, kept[-1][1], t))
+            while kept and kept[-1][1] >= t:
+                kept.pop()
         kept.append((prefix, t, record))
-    return kept
+    return [item for kept in series.values() for item in kept]
 
 
 def restart_notes(restarts: list[Restart]) -> list[str]:
