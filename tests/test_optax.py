@@ -381,6 +381,22 @@ def test_inject_hyperparams_alias_with_weight_decay(x64):
     assert group.weight_decay_rate == pytest.approx(float(SCHEDULE(2)) * 1e-1)
 
 
+@pytest.mark.parametrize("alias, kwargs", [(optax.adamw, {}), (optax.adamaxw, {"family": "adamax"}),
+                                           (optax.lion, {}), (optax.lamb, {"family": "lamb"})],
+                         ids=["adamw", "adamaxw", "lion", "lamb"])
+def test_injected_weight_decay_is_read_from_the_state(x64, alias, kwargs):
+    """monitor(optax.inject_hyperparams(optax.adamw)(..., weight_decay=...)): the idiom for
+    logging a schedule injects the weight decay too; it was assumed 0 (a model-check note,
+    weight_decay_rate 0).  (Adamax and Lamb keep Adam's state: family= tells them apart.)"""
+    tx = optax.inject_hyperparams(alias)(learning_rate=SCHEDULE, weight_decay=1e-1)
+    history = _run(lrscope.optax.monitor(tx, keep_arrays=True, **kwargs), _grads(3))
+    _assert_identity(history)
+    report = lrscope.inspect(history[-1][3])
+    group = report.groups[0]
+    assert group.extra["model_error"] < 1e-9 and not report.notes
+    assert group.weight_decay_rate == pytest.approx(float(SCHEDULE(2)) * 1e-1)
+
+
 @pytest.mark.parametrize("transforms, kwargs, family", [
     ([optax.trace(decay=0.9)], {"momentum": 0.9}, "sgd"),
     ([optax.scale_by_rms(decay=0.8)], {"decay": 0.8}, "rmsprop"),

@@ -49,6 +49,9 @@ _NEUTRAL = {"mu_dtype", "accumulator_dtype", "dtype_momentum"}
 #: Hyperparameters an inject_hyperparams state may provide as traced values (the formulas
 #: only use them in arithmetic, never in Python conditions).
 _TRACEABLE = {"lr", "beta1", "beta2", "eps", "eps_root"}
+#: Families whose optax formula also uses the weight decay in arithmetic only, so that an
+#: injected one is read too (``inject_hyperparams(optax.adamw)`` injects it).
+_TRACEABLE_DECAY = {"adam", "adamw", "nadam", "amsgrad", "adamax", "lion", "lamb"}
 #: Internal switches of the formulas, not optax hyperparameters.
 _FLAGS = {"lr", "amsgrad", "decoupled_weight_decay"}
 #: How the fraction of theta removed per step relates to the weight decay: "lr" (lr * wd,
@@ -263,10 +266,10 @@ def build_groups(inner_state: Any, spec: dict[str, Any]) -> list[GroupModel]:
             family_name, h, lr, notes = spec["family"], spec["h"], spec["lr"], list(spec["notes"])
         else:
             given = set(_translate(group_kwargs(spec, label)))
-            injected = tuple((_RENAME.get(k, k), k) for k in (inject.hyperparams if inject else ())
-                             if _RENAME.get(k, k) in _TRACEABLE and _RENAME.get(k, k) not in given)
-            family_name, h, lr, notes = _chain_family(readers, spec, label,
-                                                      {n for n, _ in injected}, len(labels) > 1)
+            offered = {_RENAME.get(k, k): k for k in (inject.hyperparams if inject else ())
+                       if _RENAME.get(k, k) not in given}
+            family_name, h, lr, notes, injected = _chain_family(readers, spec, label, offered,
+                                                                len(labels) > 1)
         module = formulas.family(family_name) if h is not None else None
         decay_scale = DECAY_SCALE.get(family_name or "", "lr")
         out.append(GroupModel(label, module, family_name, h or {}, lr, decay_scale, readers,
@@ -275,13 +278,15 @@ def build_groups(inner_state: Any, spec: dict[str, Any]) -> list[GroupModel]:
 
 
 def _chain_family(readers: tuple[type, ...], spec: dict[str, Any], label: str,
-                  injected: set[str],
-                  shared: bool) -> tuple[str | None, dict[str, Any] | None, Any, list[str]]:
-    """Family, hyperparameters, lr and notes of a user-built chain, from its state nodes.
+                  offered: dict[str, str], shared: bool
+                  ) -> tuple[str | None, dict[str, Any] | None, Any, list[str], tuple[tuple[str, str], ...]]:
+    """Family, hyperparameters, lr and notes of a user-built chain, from its state nodes, and
+    the injected hyperparameters to read from its state, as ``(formula name, optax name)``.
 
-    ``injected`` names the hyperparameters an ``inject_hyperparams`` state provides;
-    with ``shared`` (several groups) the common hyperparameters apply to the groups
-    whose family has them, ``groups[label]`` ones always.
+    ``offered`` maps the formula names of the hyperparameters an ``inject_hyperparams``
+    state provides (those monitor() was not given) to their optax names; with ``shared``
+    (several groups) the common hyperparameters apply to the groups whose family has
+    them, ``groups[label]`` ones always.
     """
     signalled = [_READERS[t][0] for t in readers if _READERS[t][0] is not None]
     primary = next((f for f in signalled if f != "sgd"), "sgd" if signalled else None)
@@ -291,22 +296,24 @@ def _chain_family(readers: tuple[type, ...], spec: dict[str, Any], label: str,
     lr = own.pop("lr", common.pop("lr", None))
     if family_name is None:
         return None, None, lr, [f"group {label}: no optimizer state lrscope can read was found "
-                                "in this transformation: empirical statistics only"]
+                                "in this transformation: empirical statistics only"], ()
     if family_name not in VERIFIED:
         return family_name, None, lr, [f"group {label}: lrscope has no verified optax model of "
-                                       f"{family_name}: empirical statistics only"]
+                                       f"{family_name}: empirical statistics only"], ()
+    traceable = _TRACEABLE | ({"weight_decay"} if family_name in _TRACEABLE_DECAY else set())
+    injected = {k: v for k, v in offered.items() if k in traceable}
     known = formulas.family(family_name).DEFAULTS["optax"]
     args = {**{k: v for k, v in common.items() if not shared or k in known or k == "mask"}, **own}
     if "sgd" in signalled and family_name in ("sgd", "rmsprop") and "momentum" not in args:
         return family_name, None, lr, [
             f"group {label}: a trace (momentum) state was found but its decay is unknown: pass "
-            "momentum= to lrscope.optax.monitor; empirical statistics only"]
+            "momentum= to lrscope.optax.monitor; empirical statistics only"], ()
     if family_name == "rmsprop" and any(t in readers for t in (optax.ScaleByRStdDevState,
                                                                 _T.ScaleByRStdDevWithCountState)):
         args.setdefault("centered", True)
     h, notes = _family_hyper(family_name, args, {}, f"this {family_name} chain")
     if h is None:
-        return family_name, None, lr, notes
+        return family_name, None, lr, notes, ()
     optax_names = {"beta1": "b1", "beta2": "b2"}
     assumed = [f"{optax_names.get(k, k)}={v!r}" for k, v in sorted(h.items())
                if k not in args and k not in injected and k not in _FLAGS]
@@ -319,7 +326,7 @@ def _chain_family(readers: tuple[type, ...], spec: dict[str, Any], label: str,
         notes.append(f"group {label}: the learning rate is neither injected "
                      "(optax.inject_hyperparams) nor given: pass learning_rate= to "
                      "lrscope.optax.monitor; lr and effective learning rates are NaN")
-    return family_name, h, lr, notes
+    return family_name, h, lr, notes, tuple(injected.items())
 
 
 def readers_for(model: GroupModel) -> list[Callable[[Any, Any], dict[str, Any]]]:
