@@ -105,7 +105,7 @@ class EffectiveLRCallback(keras.callbacks.Callback):
     """Report the effective learning rate of ``model.optimizer`` after each train batch.
 
     ``log_dir`` writes lrscope's default sinks there (TensorBoard event files, JSONL);
-    ``sinks=[...]`` picks sinks explicitly.  The sinks are flushed and closed at the end
+    ``sinks=[...]`` adds sinks of your own (the only ones without ``log_dir``).  The sinks are flushed and closed at the end
     of ``fit`` (a later ``fit`` opens them again).
 
     >>> import numpy as np, keras, lrscope.keras
