@@ -505,3 +505,13 @@ def test_device_path_run_on_the_cpu(monkeypatch):
         assert b.effective_lr.mean == pytest.approx(a.effective_lr.mean, rel=1e-6)
         assert b.update_norm == pytest.approx(a.update_norm, rel=1e-6)
         assert b.param_norm == pytest.approx(a.param_norm, rel=1e-6)
+
+
+def test_inspect_before_the_first_step_says_so():
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = lrscope.inspect(optimizer)
+    assert before.t == 0 and any("no optimizer step has been taken yet" in n for n in before.notes)
+    train_step(model, optimizer, 0)
+    after = lrscope.inspect(optimizer)
+    assert after.t == 1 and not any("no optimizer step" in n for n in after.notes)

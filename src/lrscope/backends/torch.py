@@ -240,6 +240,9 @@ class TorchReader:
         if not t and self.stepless:
             notes.append(f"{type(self.optimizer).__name__} keeps no step counter: t is unknown to "
                          "inspect() and reported as 0 (watch() counts the steps)")
+        elif not t and self.family is not None and not any(self.optimizer.state.values()):
+            notes.append("no optimizer step has been taken yet (t = 0): inspect after "
+                         "optimizer.step()")
         groups = [self._finish(part, host, counters.get(index) or t) for index, part in enumerate(parts)]
         return StepReport(t=t, optimizer=type(self.optimizer).__name__, framework="torch",
                           family=self.family, groups=groups, empirical=self.family is None and self.empirical,
