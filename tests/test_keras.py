@@ -239,6 +239,18 @@ def test_unsupported_optimizer_is_named_not_guessed() -> None:
         lrscope.watch(_model(0))
 
 
+def test_inspect_before_the_first_step_says_so() -> None:
+    rng = np.random.default_rng(7)
+    trained = list(_variables(rng).values())
+    optimizer = _O.Adam(1e-3)
+    optimizer.build(trained)
+    before = lrscope.inspect(optimizer)
+    assert before.t == 0 and any("no optimizer step has been taken yet" in n for n in before.notes)
+    optimizer.apply(_grads(rng, trained), trained)
+    after = lrscope.inspect(optimizer)
+    assert after.t == 1 and not any("no optimizer step" in n for n in after.notes)
+
+
 def test_adadelta_inspect_notes_missing_history() -> None:
     rng = np.random.default_rng(6)
     trained = list(_variables(rng).values())

@@ -295,6 +295,9 @@ class KerasReader:
         notes = list(self.notes)
         _, t, _ = self.position()
         lr = self.learning_rate(t) if t else math.nan
+        if not t:
+            notes.append("no optimizer step has been taken yet (t = 0): inspect after "
+                         "optimizer.apply()")
         group: dict[str, Any] = {"name": "pg0", "lr": lr, "step_size": lr}
         params: dict[str, ParamReport] = {}
         if self.family is not None and t:
