@@ -397,6 +397,20 @@ def test_injected_weight_decay_is_read_from_the_state(x64, alias, kwargs):
     assert group.weight_decay_rate == pytest.approx(float(SCHEDULE(2)) * 1e-1)
 
 
+def test_an_injected_momentum_is_named_and_can_be_passed(x64):
+    """SGD's momentum is injected too, but its formula branches on it, so lrscope cannot read
+    it as a traced value: the note says it was injected and how to pass it."""
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=SCHEDULE, momentum=0.9)
+    with pytest.warns(RuntimeWarning, match="its decay is injected"):  # at init
+        report = lrscope.inspect(_run(lrscope.optax.monitor(tx), _grads(2))[-1][3])
+    assert report.empirical
+    (note,) = report.notes
+    assert "its decay is injected" in note and "pass momentum= to lrscope.optax.monitor" in note
+    history = _run(lrscope.optax.monitor(tx, momentum=0.9, keep_arrays=True), _grads(3))
+    _assert_identity(history)
+    assert lrscope.inspect(history[-1][3]).groups[0].extra["model_error"] < 1e-9
+
+
 @pytest.mark.parametrize("transforms, kwargs, family", [
     ([optax.trace(decay=0.9)], {"momentum": 0.9}, "sgd"),
     ([optax.scale_by_rms(decay=0.8)], {"decay": 0.8}, "rmsprop"),

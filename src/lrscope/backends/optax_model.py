@@ -49,6 +49,10 @@ _NEUTRAL = {"mu_dtype", "accumulator_dtype", "dtype_momentum"}
 #: Hyperparameters an inject_hyperparams state may provide as traced values (the formulas
 #: only use them in arithmetic, never in Python conditions).
 _TRACEABLE = {"lr", "beta1", "beta2", "eps", "eps_root"}
+#: Why an injected hyperparameter outside those is not read from the state.
+_UNREAD = ("lrscope reads only lr, b1, b2, eps, eps_root and, for some families, the weight "
+           "decay from an inject_hyperparams state, as traced values its formulas use in "
+           "arithmetic only")
 #: Families whose optax formula also uses the weight decay in arithmetic only, so that an
 #: injected one is read too (``inject_hyperparams(optax.adamw)`` injects it).
 _TRACEABLE_DECAY = {"adam", "adamw", "nadam", "amsgrad", "adamax", "lion", "lamb"}
@@ -305,8 +309,9 @@ def _chain_family(readers: tuple[type, ...], spec: dict[str, Any], label: str,
     known = formulas.family(family_name).DEFAULTS["optax"]
     args = {**{k: v for k, v in common.items() if not shared or k in known or k == "mask"}, **own}
     if "sgd" in signalled and family_name in ("sgd", "rmsprop") and "momentum" not in args:
+        why = (f"is injected ({_UNREAD}), " if "momentum" in offered else "is unknown: ")
         return family_name, None, lr, [
-            f"group {label}: a trace (momentum) state was found but its decay is unknown: pass "
+            f"group {label}: a trace (momentum) state was found but its decay {why}pass "
             "momentum= to lrscope.optax.monitor; empirical statistics only"], ()
     if family_name == "rmsprop" and any(t in readers for t in (optax.ScaleByRStdDevState,
                                                                 _T.ScaleByRStdDevWithCountState)):
@@ -315,13 +320,20 @@ def _chain_family(readers: tuple[type, ...], spec: dict[str, Any], label: str,
     if h is None:
         return family_name, None, lr, notes, ()
     optax_names = {"beta1": "b1", "beta2": "b2"}
-    assumed = [f"{optax_names.get(k, k)}={v!r}" for k, v in sorted(h.items())
-               if k not in args and k not in injected and k not in _FLAGS]
-    if assumed:
+    assumed = {k: f"{optax_names.get(k, k)}={v!r}" for k, v in sorted(h.items())
+               if k not in args and k not in injected and k not in _FLAGS}
+    unread = [text for k, text in assumed.items() if k in offered]
+    if len(unread) < len(assumed):
         notes.append(f"group {label}: lrscope found the {family_name} state by the chain's "
-                     f"structure and assumed optax's defaults {', '.join(assumed)} (not given "
+                     f"structure and assumed optax's defaults "
+                     f"{', '.join(text for k, text in assumed.items() if k not in offered)} (not given "
                      "to monitor() nor injected; the model check 'model_error' tells whether "
                      "they reproduce the real update)")
+    if unread:
+        notes.append(f"group {label}: {', '.join(name.split('=')[0] for name in unread)} "
+                     f"injected ({_UNREAD}): optax's defaults {', '.join(unread)} assumed; pass "
+                     "the values to lrscope.optax.monitor (the model check 'model_error' tells "
+                     "whether the defaults reproduce the real update)")
     if lr is None and "lr" not in injected:
         notes.append(f"group {label}: the learning rate is neither injected "
                      "(optax.inject_hyperparams) nor given: pass learning_rate= to "
