@@ -325,6 +325,28 @@ def test_monitor_attached_mid_run_keeps_its_schedule() -> None:
     assert [r.groups[0].effective_lr is not None for r in reports] == [True, False, True, False]
 
 
+def test_monitored_training_session_finalizes_the_graph() -> None:
+    """MonitoredTrainingSession finalizes the graph: without report_ops first, a clear error
+    (it was TensorFlow's bare "Graph is finalized"); with it, watch reuses the ops."""
+    for prepared in (False, True):
+        with tf.Graph().as_default():
+            optimizer, train_op, _, _, x = _build(lambda: V1.train.AdamOptimizer(0.01))
+            if prepared:
+                lrscope.tf1.report_ops(optimizer)
+            with V1.train.MonitoredTrainingSession(checkpoint_dir=None) as sess:
+                if not prepared:
+                    with pytest.raises(RuntimeError, match=r"call lrscope\.tf1\.report_ops\(optimizer\)"):
+                        lrscope.watch(optimizer, session=sess, sinks=[CollectSink()])
+                    continue
+                monitor = lrscope.watch(optimizer, session=sess, sinks=[CollectSink()])
+                for batch in INPUTS[:3]:
+                    sess.run(train_op, {x: batch})
+                    report = monitor.step()
+                monitor.close()
+    assert report.t == 3 and report.groups[0].step_size == pytest.approx(_alpha(0.01, 3), rel=1e-6)
+    assert report.groups[0].effective_lr.count > 0
+
+
 def test_unsupported_optimizer_says_so() -> None:
     with tf.Graph().as_default():
         w = V1.get_variable("w", initializer=np.ones(2))

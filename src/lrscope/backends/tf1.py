@@ -289,6 +289,13 @@ def _fetches(
     variables = trained_variables(optimizer, var_list)
     key = (graph, tuple(id(v) for v in variables), id(acc_delta_before))
     per_optimizer = _cache.setdefault(optimizer, {})
+    if key not in per_optimizer and graph.finalized:
+        raise RuntimeError(
+            "lrscope builds its ops in the graph on first use, and this graph is finalized "
+            "(MonitoredTrainingSession finalizes it): call lrscope.tf1.report_ops(optimizer) "
+            "after minimize()/apply_gradients() and before creating the session (the same "
+            "var_list as watch/inspect get, if any); lrscope.watch(optimizer, session=sess) then "
+            "reuses those ops")
     if key not in per_optimizer:
         family = family_of(optimizer)
         with_update = _has_direction(optimizer, family)
