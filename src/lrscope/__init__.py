@@ -47,7 +47,8 @@ def watch(
     """Attach a Monitor reporting every step (distributions every ``every`` steps).
 
     ``log_dir`` writes TensorBoard event files and JSONL there; ``sinks=[...]`` adds sinks
-    of your own (the only ones without ``log_dir``).  ``mon.last`` is the latest StepReport; ``mon.close()`` detaches.
+    of your own (the only ones without ``log_dir``).  ``mon.last`` is the latest StepReport;
+    ``mon.close()`` detaches.
     """
     return backend_for(optimizer).watch(optimizer, every=every, log_dir=log_dir, sinks=sinks,
                                         **options)

@@ -47,4 +47,3 @@ def step_size_curve(
     if term not in values:
         raise ValueError(f"{name!r} has no term {term!r}; choose one of {sorted(values)}")
     return np.broadcast_to(np.asarray(values[term], dtype=np.float64), t.shape).copy()
-

@@ -44,7 +44,7 @@ class Monitor:
         if name is not None and (not isinstance(name, str) or not name or "/" in name):
             raise ValueError(f"name must be a non-empty string without '/' (it becomes the tag "
                              f"prefix lr-<name>), got {name!r}")
-        self.every = int(every)
+        self.every = every
         self.name = name
         self._last: StepReport | None = None
         self._sinks = resolve(log_dir, sinks)

@@ -16,7 +16,6 @@ True
 from __future__ import annotations
 
 import math
-
 from types import ModuleType
 from typing import Any
 
@@ -103,7 +102,6 @@ def step_sizes(name: str, t: Any, convention: str | None = None, **hyper: Any) -
     """All data-independent scalars of step ``t`` (int or numpy array of ints)."""
     convention = convention or default_convention(name)
     h = checked(hyperparameters(name, convention, **hyper))
-
     return family(name).step_sizes(np, t, h, convention)
 
 

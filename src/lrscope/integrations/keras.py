@@ -105,8 +105,8 @@ class EffectiveLRCallback(keras.callbacks.Callback):
     """Report the effective learning rate of ``model.optimizer`` after each train batch.
 
     ``log_dir`` writes lrscope's default sinks there (TensorBoard event files, JSONL);
-    ``sinks=[...]`` adds sinks of your own (the only ones without ``log_dir``).  The sinks are flushed and closed at the end
-    of ``fit`` (a later ``fit`` opens them again).
+    ``sinks=[...]`` adds sinks of your own (the only ones without ``log_dir``).  The sinks
+    are flushed and closed at the end of ``fit`` (a later ``fit`` opens them again).
 
     >>> import numpy as np, keras, lrscope.keras
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])

@@ -213,9 +213,7 @@ class SinkGroup:
 
 def resolve(log_dir: str | os.PathLike | None = None, sinks: Iterable[Sink] | None = None) -> SinkGroup:
     """The sinks a monitor writes to: the defaults for ``log_dir`` (TensorBoard and JSONL),
-    if given, and then ``sinks``.
-
-    """
+    if given, and then ``sinks``."""
     chosen = checked(sinks)
     if log_dir is not None:
         from lrscope.sinks.defaults import default_sinks
