@@ -320,18 +320,20 @@ def _chain_family(readers: tuple[type, ...], spec: dict[str, Any], label: str,
     if h is None:
         return family_name, None, lr, notes, ()
     optax_names = {"beta1": "b1", "beta2": "b2"}
-    assumed = {k: f"{optax_names.get(k, k)}={v!r}" for k, v in sorted(h.items())
-               if k not in args and k not in injected and k not in _FLAGS}
-    unread = [text for k, text in assumed.items() if k in offered]
-    if len(unread) < len(assumed):
+    assumed = [k for k in sorted(h) if k not in args and k not in injected and k not in _FLAGS]
+    absent, unread = [k for k in assumed if k not in offered], [k for k in assumed if k in offered]
+
+    def defaults(names: list[str]) -> str:
+        return ", ".join(f"{optax_names.get(k, k)}={h[k]!r}" for k in names)
+
+    if absent:
         notes.append(f"group {label}: lrscope found the {family_name} state by the chain's "
-                     f"structure and assumed optax's defaults "
-                     f"{', '.join(text for k, text in assumed.items() if k not in offered)} (not given "
+                     f"structure and assumed optax's defaults {defaults(absent)} (not given "
                      "to monitor() nor injected; the model check 'model_error' tells whether "
                      "they reproduce the real update)")
     if unread:
-        notes.append(f"group {label}: {', '.join(name.split('=')[0] for name in unread)} "
-                     f"injected ({_UNREAD}): optax's defaults {', '.join(unread)} assumed; pass "
+        notes.append(f"group {label}: {', '.join(optax_names.get(k, k) for k in unread)} "
+                     f"injected ({_UNREAD}): optax's defaults {defaults(unread)} assumed; pass "
                      "the values to lrscope.optax.monitor (the model check 'model_error' tells "
                      "whether the defaults reproduce the real update)")
     if lr is None and "lr" not in injected:
