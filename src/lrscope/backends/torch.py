@@ -375,6 +375,7 @@ class TorchMonitor(Monitor):
         self._lazy: tuple[_Pending | None, int] | None = None
         self._t = self._reported_t = self.reader._step_count()
         self._stepped = False
+        self._warned_capture = False
         opt = self.reader.optimizer
         # A compiled optimizer.step() (torch.compile) runs the hooks as they are, untraced.
         self._handles = [opt.register_step_pre_hook(torch.compiler.disable(self._before)),
@@ -392,10 +393,22 @@ class TorchMonitor(Monitor):
             grad_scaler.update = self._scaler_updated  # restored by close()
 
     def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if _capturing():
+            return
         t_next = self._t + 1
         self._pending = self.guarded(partial(self.reader.begin, t_next), self.wants_distributions(t_next))
 
     def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if _capturing():
+            # Measuring here would put a host read into the graph (capture fails), and
+            # the graph's replays run no hooks: nothing to count either.
+            if not self._warned_capture:
+                self._warned_capture = True
+                warn("lrscope: optimizer.step() is being captured into a CUDA graph; the graph's "
+                     "replays run no Python hooks, so this monitor does not see them. Call "
+                     "lrscope.inspect(optimizer) after a replay: it reads the state the replays "
+                     "left (t included)")
+            return
         self._t += 1
         distributions = self.wants_distributions(self._t)
         self._stepped = True
@@ -439,6 +452,11 @@ class TorchMonitor(Monitor):
         _ATTACHED.get(self.reader.optimizer, set()).discard(self)
         if self._scaler is not None:
             self._scaler.update = self._scaler_update
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (never without CUDA in use)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def _without_hooks(optimizer: torch.optim.Optimizer) -> str:
