@@ -8,6 +8,7 @@ on the CPU.)
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -16,9 +17,13 @@ from tests.conftest import require
 
 torch = require("torch")
 import lrscope  # noqa: E402
+from lrscope.sinks import JsonlSink  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 OPTIONS = [{"fused": True}, {"capturable": True}, {"foreach": True}]
+# What "warn" mode says per synchronising call (its first use also warns that the mode is
+# a prototype, which is not a synchronisation).
+SYNC_WARNING = "called a synchronizing CUDA operation"
 
 
 def _model_and_optimizer(options):
@@ -30,31 +35,87 @@ def _model_and_optimizer(options):
     return model, optimizer
 
 
-@pytest.mark.parametrize("options", OPTIONS)
-def test_synchronisations_per_step(options):
+def _syncs(caught) -> int:
+    return sum(SYNC_WARNING in str(w.message) for w in caught)
+
+
+def _step_counting_syncs(optimizer, debug_mode: str, monitor) -> tuple[int, object]:
+    """``optimizer.step()`` and a read of ``monitor.last`` under ``debug_mode``; the number
+    of synchronising calls they made, and the report."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode(debug_mode)
+        try:
+            optimizer.step()
+            report = monitor.last
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return _syncs(caught), report
+
+
+@pytest.mark.parametrize("sinks", [False, True], ids=["no sinks", "jsonl sink"])
+@pytest.mark.parametrize("options", OPTIONS, ids=["fused", "capturable", "foreach"])
+def test_synchronisations_per_step(options, sinks, tmp_path):
     """No synchronising call on steps without distributions (the report read included: it
-    is built on access and reads nothing on the device): there the sync debug mode is
-    "error", so any synchronisation raises.  Exactly one on measured steps, counted in
-    "warn" mode: both groups' statistics and, where they live on the GPU (fused,
-    capturable), their step counters reach the host in one copy."""
+    is built on access and reads nothing on the device; with a sink it is built and
+    written every step from what the host knows): there the sync debug mode is "error",
+    so any synchronisation raises.  Exactly one on measured steps, counted in "warn" mode:
+    both groups' statistics and, where they live on the GPU (fused, capturable), their
+    step counters reach the host in one copy.  The statistics are those of eta computed
+    here from the optimizer's state."""
     model, optimizer = _model_and_optimizer(options)
     x = torch.randn(32, 64, device="cuda")
-    with lrscope.watch(optimizer, model=model, every=3) as monitor:
+    log = [JsonlSink(tmp_path / "lrscope.jsonl")] if sinks else None
+    with lrscope.watch(optimizer, model=model, every=3, sinks=log) as monitor:
         for step in range(1, 8):
             optimizer.zero_grad(set_to_none=True)
             model(x).square().mean().backward()
             torch.cuda.synchronize()
             measured = (step - 1) % 3 == 0
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn" if measured else "error")
-                try:
-                    optimizer.step()
-                    report = monitor.last
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
-            syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-            assert len(syncs) == (1 if measured else 0), syncs
+            syncs, report = _step_counting_syncs(optimizer, "warn" if measured else "error", monitor)
+            assert syncs == (1 if measured else 0)
             assert report.t == step
             assert (report.groups[1].effective_lr is not None) == measured
     assert report.groups[0].step_size == pytest.approx(lrscope.step_size("adamw", 7, lr=1e-3))
+    eta = torch.cat([(1e-3 / ((optimizer.state[p]["exp_avg_sq"] / (1 - 0.999**7)).sqrt() + 1e-8)).reshape(-1)
+                     for p in model[2].parameters()])
+    # (fused and capturable steps, and lrscope with them, take 1 - beta2**t in float32 on the
+    # device: about 1e-5 from this float64 value at t = 7)
+    rel = 1e-6 if "foreach" in options else 5e-5
+    dist = report.groups[1].effective_lr
+    assert (dist.min, dist.max) == pytest.approx((eta.min().item(), eta.max().item()), rel=rel)
+    assert dist.mean == pytest.approx(eta.double().mean().item(), rel=rel)
+    assert dist.count == eta.numel()
+    if sinks:
+        assert [json.loads(line)["t"] for line in (tmp_path / "lrscope.jsonl").read_text().splitlines()] \
+            == list(range(1, 8))
+
+
+def test_step_captured_in_a_cuda_graph():
+    """A capturable step captured into a CUDA graph: lrscope stays out of the capture (a
+    measurement would read the device on the host, which capture forbids), says that the
+    replays are invisible to hooks, and ``inspect`` after replays reads the state they left."""
+    model = torch.nn.Linear(64, 64).cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+    x = torch.randn(32, 64, device="cuda")
+    with lrscope.watch(optimizer, model=model) as monitor:
+        side = torch.cuda.Stream()  # warm-up steps on a side stream, as torch's docs do
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                optimizer.zero_grad(set_to_none=True)
+                model(x).square().mean().backward()
+                optimizer.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=True)
+        with pytest.warns(RuntimeWarning, match="captured into a CUDA graph"), torch.cuda.graph(graph):
+            model(x).square().mean().backward()
+            optimizer.step()
+        for _ in range(4):
+            graph.replay()
+        assert monitor.last.t == 3
+    report = lrscope.inspect(optimizer, model=model)
+    assert report.t == 7 == optimizer.state[model.weight]["step"].item()
+    assert report.groups[0].step_size == pytest.approx(lrscope.step_size("adam", 7, lr=1e-3))
+    assert report.groups[0].effective_lr.count == 64 * 64 + 64

@@ -66,7 +66,16 @@ CASES = [
 DTYPES = [torch.float64, torch.float32]
 
 
-def make_params(dtype: torch.dtype, with_complex: bool) -> dict[str, torch.nn.Parameter]:
+def device_for(options: dict) -> str:
+    """Capturable optimizers step on a GPU (skipped without one); the others on the CPU."""
+    if not options.get("capturable"):
+        return "cpu"
+    if not torch.cuda.is_available():
+        pytest.skip("capturable optimizers need a GPU")
+    return "cuda"
+
+
+def make_params(dtype: torch.dtype, with_complex: bool, device: str = "cpu") -> dict[str, torch.nn.Parameter]:
     g = torch.Generator().manual_seed(0)
     shapes = {"scalar": (), "vector": (5,), "matrix": (4, 3)}
     params = {name: torch.nn.Parameter(torch.randn(shape, generator=g, dtype=dtype))
@@ -75,7 +84,8 @@ def make_params(dtype: torch.dtype, with_complex: bool) -> dict[str, torch.nn.Pa
     if with_complex:
         cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
         params["complex"] = torch.nn.Parameter(torch.randn(3, generator=g, dtype=cdtype))
-    return params
+    return {name: torch.nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
+            for name, p in params.items()}
 
 
 def make_optimizer(cls, options, params):
@@ -96,7 +106,7 @@ def set_grads(params, step: int) -> None:
         real = torch.randn(p.shape, generator=g, dtype=torch.float64) * (1 + step % 3)
         if p.is_complex():
             real = torch.complex(real, torch.randn(p.shape, generator=g, dtype=torch.float64))
-        p.grad = real.to(p.dtype)
+        p.grad = real.to(p.device, p.dtype)
 
 
 def recorded_before(optimizer):
@@ -111,9 +121,7 @@ def real(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("case_id,cls,options,with_complex", CASES, ids=[c[0] for c in CASES])
 def test_identity_against_real_step(case_id, cls, options, with_complex, dtype):
-    if options.get("capturable") and not torch.cuda.is_available():
-        pytest.skip("capturable optimizers need a GPU")
-    params = make_params(dtype, with_complex)
+    params = make_params(dtype, with_complex, device_for(options))
     optimizer = make_optimizer(cls, options, params)
     scheduler = O.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
     monitor = lrscope.watch(optimizer, model=None)
@@ -122,8 +130,10 @@ def test_identity_against_real_step(case_id, cls, options, with_complex, dtype):
     # Rounding of theta_after - theta_before (a few ulps of theta) plus a relative error
     # of the step itself (torch computes it in the parameter's dtype).
     ulp, relative = torch.finfo(dtype).eps, (1e-12 if dtype == torch.float64 else 1e-5)
-    if isinstance(options.get("lr"), torch.Tensor):
-        relative = 1e-6  # a float32 Tensor lr makes torch compute the scalar factors in float32
+    if isinstance(options.get("lr"), torch.Tensor) or options.get("capturable"):
+        # A float32 Tensor lr, or a capturable step's float32 step counter on the device,
+        # makes torch compute the scalar factors (bias corrections, step size) in float32.
+        relative = 1e-6
     for step in range(1, STEPS + 1):
         set_grads(params, step)
         before = {n: p.detach().clone() for n, p in params.items()}
@@ -149,7 +159,7 @@ def test_identity_against_real_step(case_id, cls, options, with_complex, dtype):
             )
             moved += 1
             # The monitor's distribution describes the same eta (quantiles within 1 %).
-            eta = np.broadcast_to(torch.as_tensor(el.eta).double().numpy(), delta.shape).ravel()
+            eta = np.broadcast_to(torch.as_tensor(el.eta).double().cpu().numpy(), delta.shape).ravel()
             dist = report.groups[0].params[f"param{list(params).index(name)}"].effective_lr
             assert dist.count == eta.size
             assert dist.min == pytest.approx(eta.min(), rel=1e-6)
@@ -168,10 +178,9 @@ def test_identity_against_real_step(case_id, cls, options, with_complex, dtype):
 @pytest.mark.parametrize("case_id,cls,options,with_complex", CASES, ids=[c[0] for c in CASES])
 def test_watch_does_not_change_training(case_id, cls, options, with_complex):
     results = []
-    if options.get("capturable") and not torch.cuda.is_available():
-        pytest.skip("capturable optimizers need a GPU")
+    device = device_for(options)
     for watched in (False, True):
-        params = make_params(torch.float32, with_complex)
+        params = make_params(torch.float32, with_complex, device)
         optimizer = make_optimizer(cls, options, params)
         monitor = lrscope.watch(optimizer, every=3) if watched else None
         for step in range(1, 51):

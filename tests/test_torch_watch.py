@@ -360,7 +360,7 @@ def test_two_optimizers_of_one_class_in_one_log_dir(tmp_path):
     models = {"generator": make_model(), "discriminator": make_model()}
     lrs = {"generator": 1e-3, "discriminator": 4e-3}
     optimizers = {k: torch.optim.Adam(m.parameters(), lr=lrs[k]) for k, m in models.items()}
-    from tensorboardX import SummaryWriter
+    SummaryWriter = require("tensorboardX").SummaryWriter
 
     own = SummaryWriter(str(tmp_path))  # the user's writer, started in the same second
     monitors = [lrscope.watch(optimizers[k], log_dir=tmp_path, name=k) for k in models]
