@@ -1,17 +1,20 @@
 """How much does watching cost?  Ratios measured in one run on this machine.
 
-    python benchmarks/overhead.py            # ~2 minutes on 2 CPU cores
+    python benchmarks/overhead.py            # ~5 minutes on 2 CPU cores
     python benchmarks/overhead.py --quick    # smaller model, for a smoke run
+    python benchmarks/overhead.py --device cuda   # sections 1-4 on a GPU (~2 minutes)
 
-Prints, for PyTorch (CPU):
+Prints, for PyTorch (CPU, or the GPU that ``--device`` names):
 
 1. full distributions (every SPEC statistic) for Adam over ~50M parameters in
    transformer-like shapes, as a ratio to the optimizer step itself, to one read pass
    over exp_avg_sq, and to a naive monitor (per-tensor log10 + histc + .item());
 2. scalars only, every step, as a fraction of a small model's whole training step;
 3. extra peak memory while computing distributions (measured in a fresh process,
-   from the kernel's peak-RSS counter reset just before);
-4. and 5. the same ratios for Optax (jitted) and Keras 3 (TensorFlow backend).
+   from the kernel's peak-RSS counter reset just before; on a GPU, the caching
+   allocator's peak counter);
+4. and 5. the same ratios for Optax (jitted, on jax's default device) and Keras 3 (its
+   three backends); on a GPU, first the device-to-host synchronisations per step.
 """
 
 from __future__ import annotations
@@ -35,15 +38,25 @@ from lrscope.backends import torch_fused, torch_small, torch_stats
 from lrscope.sinks import JsonlSink
 
 
+def wait() -> None:
+    """Wait for the GPU's queued work (a no-op without CUDA): timings include it."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Wall time of one call, the GPU work it queued included."""
+    wait()
+    start = time.perf_counter()
+    fn()
+    wait()
+    return time.perf_counter() - start
+
+
 def best_of(fn: Callable[[], object], repeat: int) -> float:
     """Median wall time of ``repeat`` calls after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn) for _ in range(repeat))
 
 
 def interleaved_rounds(work: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
@@ -54,9 +67,7 @@ def interleaved_rounds(work: dict[str, Callable[[], object]], repeat: int) -> di
     rounds: dict[str, list[float]] = {name: [] for name in work}
     for _ in range(repeat):
         for name, fn in work.items():
-            start = time.perf_counter()
-            fn()
-            rounds[name].append(time.perf_counter() - start)
+            rounds[name].append(timed(fn))
     return rounds
 
 
@@ -70,10 +81,10 @@ def transformer_shapes(scale: float) -> list[tuple[int, ...]]:
     return shapes
 
 
-def adam_with_state(shapes: list[tuple[int, ...]], **options: Any) -> tuple[torch.optim.Adam,
-                                                                          list[torch.nn.Parameter]]:
+def adam_with_state(shapes: list[tuple[int, ...]], device: str = "cpu",
+                    **options: Any) -> tuple[torch.optim.Adam, list[torch.nn.Parameter]]:
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
     optimizer = torch.optim.Adam(params, lr=1e-3, **(options or {"foreach": True}))
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
@@ -94,10 +105,10 @@ def naive_monitor(optimizer: torch.optim.Adam) -> None:
         _ = (eta.min().item(), eta.max().item(), eta.mean().item(), (eta > group["lr"] / eps / 2).sum().item())
 
 
-def distributions(scale: float, repeat: int) -> dict[str, Any]:
+def distributions(scale: float, repeat: int, device: str) -> dict[str, Any]:
     """Per-round times of the Adam step, one read of exp_avg_sq and lrscope's distributions
     (fused, then eager), interleaved so that a slow spell of the machine hits them alike."""
-    optimizer, params = adam_with_state(transformer_shapes(scale))
+    optimizer, params = adam_with_state(transformer_shapes(scale), device)
     start = time.perf_counter()
     lrscope.inspect(optimizer)  # compiles the fused pass (or loads it from Inductor's cache)
     first = time.perf_counter() - start
@@ -109,16 +120,18 @@ def distributions(scale: float, repeat: int) -> dict[str, Any]:
         finally:
             del os.environ["LRSCOPE_FUSED"]
 
-    fused_adam, _ = adam_with_state(transformer_shapes(scale), fused=True)
+    fused_adam, _ = adam_with_state(transformer_shapes(scale), device, fused=True)
     work = {"adam_step": optimizer.step, "fused_adam_step": fused_adam.step,
             "read_once": lambda: [optimizer.state[p]["exp_avg_sq"].sum() for p in params],
             "lrscope": lambda: lrscope.inspect(optimizer), "eager": eager}
+    if device != "cpu":
+        del work["eager"]  # the compiled pass is for the CPU: on a GPU lrscope is eager
     rounds = interleaved_rounds(work, repeat)  # its warm-up also compiles the fused pass
     return {"parameters": sum(p.numel() for p in params), "first_s": first, "rounds": rounds,
             "naive_s": best_of(lambda: naive_monitor(optimizer), max(1, repeat // 2))}
 
 
-def scalars_only(repeat: int) -> dict[str, float]:
+def scalars_only(repeat: int, device: str) -> dict[str, float]:
     """A small MLP's training step, and what watching adds to each step (scalars only).
 
     The monitor's work happens inside ``optimizer.step()`` (its hooks), so its cost is
@@ -128,9 +141,9 @@ def scalars_only(repeat: int) -> dict[str, float]:
     """
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
-                                torch.nn.ReLU(), torch.nn.Linear(256, 10))
+                                torch.nn.ReLU(), torch.nn.Linear(256, 10)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
+    x, y = torch.randn(128, 64, device=device), torch.randint(0, 10, (128,), device=device)
 
     def train_steps() -> None:
         for _ in range(200):
@@ -188,10 +201,52 @@ print(json.dumps({"extra_peak_kib": sorted(extra)}))
 """
 
 
-def memory(scale: float) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(scale)], capture_output=True,
-                         text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def memory(scale: float, device: str) -> dict[str, float]:
+    """Extra peak memory of 5 measurements, in KiB, sorted: RSS in a fresh process on the
+    CPU, the caching allocator's peak counter on a GPU."""
+    if device == "cpu":
+        out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(scale)], capture_output=True,
+                             text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    optimizer, _ = adam_with_state(transformer_shapes(scale), device)
+    lrscope.inspect(optimizer)
+    extra = []
+    for _ in range(5):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        lrscope.inspect(optimizer)
+        extra.append((torch.cuda.max_memory_allocated() - before) // 1024)
+    return {"extra_peak_kib": sorted(extra)}
+
+
+def synchronisations(steps: int, every: int) -> dict[bool, list[int]]:
+    """Device-to-host synchronisations per training step of a watched GPU model writing
+    to a JSONL sink, on steps with distributions (True) and without (False), counted by
+    ``torch.cuda.set_sync_debug_mode("warn")``."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).cuda()
+    x, y = torch.randn(128, 64, device="cuda"), torch.randint(0, 10, (128,), device="cuda")
+    counts: dict[bool, list[int]] = {True: [], False: []}
+    for options in ({"foreach": True}, {"fused": True}, {"capturable": True}):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, **options)
+        with tempfile.TemporaryDirectory() as tmp, lrscope.watch(
+                optimizer, model=model, every=every, sinks=[JsonlSink(os.path.join(tmp, "l.jsonl"))]):
+            for t in range(1, steps + 1):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                torch.cuda.synchronize()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        optimizer.step()
+                    finally:
+                        torch.cuda.set_sync_debug_mode(0)
+                counts[(t - 1) % every == 0].append(
+                    sum("called a synchronizing CUDA operation" in str(w.message) for w in caught))
+    return counts
 
 
 def optax_ratios(tensors: int, repeat: int) -> dict[str, tuple[float, int]]:
@@ -277,12 +332,14 @@ def keras_on(backend: str, tensors: int, repeat: int) -> dict[str, float]:
 def print_other_frameworks(tensors: int, repeat: int) -> None:
     n = tensors * 250_000 / 1e6
     try:
+        import jax
+
         o = optax_ratios(tensors, repeat)
     except ImportError as error:
         print(f"\n4. Optax: skipped ({error})")
     else:
         (plain, plain_temp), (donated, _) = o.pop("plain optax.adam"), o.pop("plain optax.adam, donated")
-        print(f"\n4. Optax (jitted, CPU), Adam over {n:.0f}M parameters: plain step {plain * 1e3:.1f} ms "
+        print(f"\n4. Optax (jitted, {jax.default_backend()}), Adam over {n:.0f}M parameters: plain step {plain * 1e3:.1f} ms "
               f"({donated * 1e3:.1f} ms with params and state donated); XLA temporary buffer per step "
               f"{plain_temp / 2**20:.1f} MiB")
         for name, (seconds, temp) in o.items():
@@ -303,12 +360,16 @@ def print_other_frameworks(tensors: int, repeat: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small model, for a smoke run")
+    parser.add_argument("--device", default="cpu", help="where PyTorch's tensors live: cpu (default) or cuda")
+    parser.add_argument("--scale", type=float, help="model width (1: 49.8M parameters; default 1, 0.1 with --quick)")
     args = parser.parse_args()
     scale, repeat = (0.1, 3) if args.quick else (1.0, 9)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"chunks = {torch_stats.CHUNK_ELEMENTS:,} elements (eager), {torch_fused.CHUNK_SIZES} (compiled)")
+    scale, device = args.scale or scale, args.device
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, chunks = {torch_stats.CHUNK_ELEMENTS:,} elements (eager), "
+          f"{torch_fused.CHUNK_SIZES} (compiled, CPU)")
 
-    d = distributions(scale, repeat)
+    d = distributions(scale, repeat, device)
     r = d["rounds"]
     step = statistics.median(r["adam_step"])
     per_round = {name: [a / b for a, b in zip(r[name], r["adam_step"])] for name in r}
@@ -317,9 +378,10 @@ def main() -> None:
     print(f"   Adam step                  {step * 1e3:8.1f} ms")
     for name, label in (("fused_adam_step", "Adam step with fused=True"), ("read_once", "one read of exp_avg_sq"),
                         ("lrscope", "lrscope distributions"), ("eager", "... eager (LRSCOPE_FUSED=0)")):
-        ratios = per_round[name]
-        print(f"   {label:27s}{statistics.median(r[name]) * 1e3:8.1f} ms  "
-              f"{statistics.median(ratios):5.2f} x the step  (rounds {min(ratios):.2f}-{max(ratios):.2f})")
+        if name in r:
+            ratios = per_round[name]
+            print(f"   {label:27s}{statistics.median(r[name]) * 1e3:8.1f} ms  "
+                  f"{statistics.median(ratios):5.2f} x the step  (rounds {min(ratios):.2f}-{max(ratios):.2f})")
     lrscope_s = statistics.median(r["lrscope"])
     print(f"   ratio to the Adam step     {statistics.median(per_round['lrscope']):8.2f} x   (goal <= 0.3)")
     print(f"   ratio to one read pass     {lrscope_s / statistics.median(r['read_once']):8.2f} x")
@@ -328,21 +390,28 @@ def main() -> None:
     print(f"   first call, which compiles the fused pass (or loads it from Inductor's cache): "
           f"{d['first_s']:.1f} s")
 
-    s = scalars_only(repeat)
+    s = scalars_only(repeat, device)
     print("\n2. Scalars only, every step, small MLP (batch 128)")
     print(f"   training step                {s['train_step_s'] * 1e6:8.0f} us")
     print(f"   added by watch (in step())   {s['added_s'] * 1e6:8.1f} us")
     print(f"   overhead                     {s['added_s'] / s['train_step_s'] * 100:8.2f} %   (goal <= 1 %)")
     print(f"   ... writing every step to JSONL {(s['jsonl_step_s'] / s['train_step_s'] - 1) * 100:5.1f} %"
-          "   (whole steps; the sink's thread competes for the 2 cores)")
+          "   (whole steps; the sink's thread competes for the cores)")
 
-    print("\n3. Extra peak memory (RSS) while computing distributions, 5 calls")
+    what = "RSS" if device == "cpu" else "GPU memory"
+    print(f"\n3. Extra peak memory ({what}) while computing distributions, 5 calls")
     for label, s in (("this model", scale), ("a quarter of it", scale / 4)):
-        kib = memory(s)["extra_peak_kib"]
+        kib = memory(s, device)["extra_peak_kib"]
         print(f"   {label:16s} median {kib[2] / 1024:6.1f} MiB, max {kib[-1] / 1024:6.1f} MiB")
-    print(f"   (fused chunks of up to {max(torch_fused.CHUNK_SIZES):,} elements = "
-          f"{max(torch_fused.CHUNK_SIZES) * 4 >> 20} MiB in float32, small tensors in batches of up to "
-          f"{torch_small.BATCH_ELEMENTS:,} elements; the rest is the C allocator's heap growth)")
+    if device == "cpu":
+        print(f"   (fused chunks of up to {max(torch_fused.CHUNK_SIZES):,} elements = "
+              f"{max(torch_fused.CHUNK_SIZES) * 4 >> 20} MiB in float32, small tensors in batches of up to "
+              f"{torch_small.BATCH_ELEMENTS:,} elements; the rest is the C allocator's heap growth)")
+    else:
+        counts = synchronisations(steps=30, every=10)
+        print("\n   Synchronisations per optimizer step (JSONL sink, every=10; foreach, fused, capturable "
+              f"AdamW):\n   with distributions {sorted(set(counts[True]))}, "
+              f"without {sorted(set(counts[False]))} (over {len(counts[False])} steps)")
 
     print_other_frameworks(4 if args.quick else 40, repeat)
 
