@@ -194,6 +194,36 @@ def test_grad_scaler_skipped_step_is_reported_as_skipped():
     assert scaler.update.__self__ is scaler  # close() restored the scaler
 
 
+@pytest.mark.parametrize("device_path", [False, True], ids=["host flag", "flag in the device transfer"])
+def test_fused_step_skipped_by_its_own_inf_flag(device_path, monkeypatch):
+    """A fused optimizer runs its step under GradScaler even with inf gradients and skips
+    inside the kernel (torch hands it the ``found_inf`` flag): the skipped step is reported
+    as skipped with t unchanged, whether or not the monitor was given the scaler.  On the
+    CPU the flag is read at once; on a device (the path run here on the CPU by treating it
+    as one) it travels with a measured step's statistics, and steps without distributions
+    read nothing, so they count the skipped step until the next measured one."""
+    if device_path:
+        from lrscope.backends import torch_small, torch_stats
+
+        monkeypatch.setattr(torch_stats, "on_host", lambda device: False)
+        monkeypatch.setattr(torch_small, "SMALL_ELEMENTS", 0)
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    reports = []
+    with lrscope.watch(optimizer, every=1) as monitor:
+        for seed in range(4):
+            optimizer.zero_grad()
+            loss = model(torch.randn(4, 6)).sum() * (float("inf") if seed == 1 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            state_t = int(optimizer.state[model[0].weight]["step"])
+            reports.append((monitor.last.t, monitor.last.skipped, state_t))
+    assert reports == [(1, False, 1), (1, True, 1), (2, False, 2), (3, False, 3)]
+    assert monitor.last.groups[0].step_size == pytest.approx(lrscope.step_size("adam", 3, lr=1e-3))
+
+
 def test_wrapped_optimizer_and_compiled_model():
     model = make_model()
     compiled = torch.compile(model, backend="eager")

@@ -33,6 +33,8 @@ from lrscope.sinks import Sink
 _OPTIM = torch.optim
 #: Said in the report when parameters are DTensors: statistics are per rank, read without
 #: communication (a monitor on one rank alone must not wait for the others).
+SKIPPED_NOTE = ("GradScaler skipped this step (inf/NaN gradients): parameters did not move and "
+                "t did not advance")
 SHARDED_NOTE = ("sharded parameters (DTensor, e.g. FSDP2): the distributions and norms are those "
                 "of this rank's shards; each rank reports its own")
 #: The monitors attached to each optimizer: a notebook cell run again attaches one more.
@@ -214,11 +216,15 @@ class TorchReader:
                                                              p, group)
         return pending
 
-    def report(self, pending: _Pending | None, distributions: bool, t: int | None = None) -> StepReport:
+    def report(self, pending: _Pending | None, distributions: bool, t: int | None = None,
+               found_inf: torch.Tensor | None = None) -> StepReport:
         """StepReport of the last step; ``t`` is the caller's count (None: read the counters).
 
         On a measured step the statistics of every group and the groups' step counters
-        that live on a device reach the host in one transfer per device (``torch_stats.collect``).
+        that live on a device reach the host in one transfer per device (``torch_stats.collect``),
+        with ``found_inf``, GradScaler's flag on which a fused or capturable step skips itself
+        (a skipped step is then marked as such; its distributions describe the state it left
+        unchanged).
         """
         notes = list(self.notes)
         if pending is None:
@@ -232,9 +238,13 @@ class TorchReader:
             if pending is not None and pending.groups:
                 lr, group = pending.lrs[index], {**pending.groups[index], "params": group["params"]}
             parts.append(self._group(index, group, lr, pending, distributions, notes))
+        counters: dict[Any, Any] = {index: part.counter for index, part in enumerate(parts)
+                                    if part.counter is not None}
+        if distributions and found_inf is not None:
+            counters["found_inf"] = found_inf
         host, counters = torch_stats.collect(
-            {name: measure for part in parts for name, measure in part.stats.items()},
-            {index: part.counter for index, part in enumerate(parts) if part.counter is not None})
+            {name: measure for part in parts for name, measure in part.stats.items()}, counters)
+        skipped = bool(counters.pop("found_inf", 0))
         # A measured step re-syncs with the state's counters (they move with load_state_dict).
         t = max(counters.values(), default=0) or t or 0
         if not t and self.stepless:
@@ -244,9 +254,11 @@ class TorchReader:
             notes.append("no optimizer step has been taken yet (t = 0): inspect after "
                          "optimizer.step()")
         groups = [self._finish(part, host, counters.get(index) or t) for index, part in enumerate(parts)]
+        if skipped:
+            notes.append(SKIPPED_NOTE)
         return StepReport(t=t, optimizer=type(self.optimizer).__name__, framework="torch",
                           family=self.family, groups=groups, empirical=self.family is None and self.empirical,
-                          notes=notes)
+                          notes=notes, skipped=skipped)
 
     def _group(self, index: int, group: dict[str, Any], lr: Any, pending: _Pending | None,
                distributions: bool, notes: list[str]) -> _GroupParts:
@@ -409,12 +421,20 @@ class TorchMonitor(Monitor):
                      "lrscope.inspect(optimizer) after a replay: it reads the state the replays "
                      "left (t included)")
             return
-        self._t += 1
-        distributions = self.wants_distributions(self._t)
         self._stepped = True
         pending, self._pending = self._pending, None
+        found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler for fused/capturable steps
+        if isinstance(found_inf, torch.Tensor) and torch_stats.on_host(found_inf.device):
+            if found_inf.item():  # the step skipped itself; read for free on the CPU
+                self._emit_skipped(pending)
+                return
+            found_inf = None
+        self._t += 1
+        distributions = self.wants_distributions(self._t)
         if distributions or self.has_sinks:
-            report = self.guarded(partial(self.reader.report, pending, t=self._t), distributions)
+            # (A device flag is read only with the statistics, in their one transfer.)
+            report = self.guarded(partial(self.reader.report, pending, t=self._t, found_inf=found_inf),
+                                  distributions)
             self._t = report.t  # a measured step re-syncs with the state's counters
             self._emit(report)
         else:
@@ -437,14 +457,16 @@ class TorchMonitor(Monitor):
     def _scaler_updated(self, *args: Any, **kwargs: Any) -> Any:
         if not self._stepped:
             # GradScaler found inf/NaN gradients and skipped optimizer.step().
-            lrs = [g["lr"] for g in self.reader.optimizer.param_groups]
-            report = self.reader.report(_Pending(lrs=lrs), distributions=False, t=self._t)
-            report.skipped = True
-            report.notes.append("GradScaler skipped this step (inf/NaN gradients): "
-                                "parameters did not move and t did not advance")
-            self._emit(report)
+            self._emit_skipped(_Pending(lrs=[g["lr"] for g in self.reader.optimizer.param_groups]))
         self._stepped = False
         return self._scaler_update(*args, **kwargs)
+
+    def _emit_skipped(self, pending: _Pending | None) -> None:
+        """Report a step GradScaler skipped: scalars only, t unchanged."""
+        report = self.reader.report(pending, distributions=False, t=self._t)
+        report.skipped = True
+        report.notes.append(SKIPPED_NOTE)
+        self._emit(report)
 
     def _detach(self) -> None:
         for handle in self._handles:
