@@ -16,9 +16,9 @@ import keras
 
 from lrscope._warnings import warn
 from lrscope.backends.keras import KerasReader
-from lrscope.monitor import Monitor
+from lrscope.monitor import Monitor, checked_every
 from lrscope.report import StepReport
-from lrscope.sinks import Sink
+from lrscope.sinks import Sink, checked
 
 
 class KerasMonitor(Monitor):
@@ -126,10 +126,10 @@ class EffectiveLRCallback(keras.callbacks.Callback):
         name: str | None = None,
     ):
         super().__init__()
-        self._options: dict[str, Any] = {
+        self._options: dict[str, Any] = {  # checked now: an error here, not when fit starts
             "log_dir": log_dir,
-            "sinks": list(sinks or []) or None,
-            "every": every,
+            "sinks": checked(sinks) or None,
+            "every": checked_every(every),
             "name": name,
         }
         self.monitor: KerasMonitor | None = None
