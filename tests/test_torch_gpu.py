@@ -119,3 +119,26 @@ def test_step_captured_in_a_cuda_graph():
     assert report.t == 7 == optimizer.state[model.weight]["step"].item()
     assert report.groups[0].step_size == pytest.approx(lrscope.step_size("adam", 7, lr=1e-3))
     assert report.groups[0].effective_lr.count == 64 * 64 + 64
+
+
+def test_fused_step_skipped_on_the_device_by_grad_scaler():
+    """GradScaler hands a fused step its inf flag on the GPU (for other steps it reads the
+    flag itself and does not call ``step()``), and the step skips itself there: the flag reaches the host in the measured step's one transfer, so
+    that step is reported as skipped with t unchanged; steps without distributions read
+    nothing (the monitor counts a skipped step there until the next measured one)."""
+    model, optimizer = _model_and_optimizer({"fused": True})
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(32, 64, device="cuda")
+    seen = []
+    with lrscope.watch(optimizer, model=model, every=2) as monitor:
+        for step in range(1, 6):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = model(x).float().square().mean()
+            scaler.scale(loss * (float("inf") if step == 3 else 1.0)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            seen.append((monitor.last.t, monitor.last.skipped))
+    # Step 3 is measured (every=2) and skipped itself: the transfer sets the monitor's
+    # count back to 2, so the next steps are t=3 (measured) and t=4.
+    assert seen == [(1, False), (2, False), (2, True), (3, False), (4, False)]
