@@ -514,6 +514,7 @@ def test_device_path_run_on_the_cpu(monkeypatch):
             if device_path:
                 patch.setattr(torch_stats, "on_host", lambda device: False)
                 patch.setattr(torch_small, "SMALL_ELEMENTS", 0)  # no numpy batching
+                patch.setattr(torch_stats, "LANES_MIN_ELEMENTS", 10)  # weights: counts in 32 copies
                 real = torch_stats.to_host
                 patch.setattr(torch_stats, "to_host", lambda *a: calls.append(a) or real(*a))
             with lrscope.watch(optimizer, model=model, every=2) as monitor:

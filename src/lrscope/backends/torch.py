@@ -31,10 +31,10 @@ from lrscope.report import GroupReport, ParamReport, StepReport
 from lrscope.sinks import Sink
 
 _OPTIM = torch.optim
-#: Said in the report when parameters are DTensors: statistics are per rank, read without
-#: communication (a monitor on one rank alone must not wait for the others).
 SKIPPED_NOTE = ("GradScaler skipped this step (inf/NaN gradients): parameters did not move and "
                 "t did not advance")
+#: Said in the report when parameters are DTensors: statistics are per rank, read without
+#: communication (a monitor on one rank alone must not wait for the others).
 SHARDED_NOTE = ("sharded parameters (DTensor, e.g. FSDP2): the distributions and norms are those "
                 "of this rank's shards; each rank reports its own")
 #: The monitors attached to each optimizer: a notebook cell run again attaches one more.
@@ -222,7 +222,7 @@ class TorchReader:
 
         On a measured step the statistics of every group and the groups' step counters
         that live on a device reach the host in one transfer per device (``torch_stats.collect``),
-        with ``found_inf``, GradScaler's flag on which a fused or capturable step skips itself
+        with ``found_inf``, GradScaler's flag on which a fused step skips itself
         (a skipped step is then marked as such; its distributions describe the state it left
         unchanged).
         """
@@ -423,7 +423,7 @@ class TorchMonitor(Monitor):
             return
         self._stepped = True
         pending, self._pending = self._pending, None
-        found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler for fused/capturable steps
+        found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler for fused steps
         if isinstance(found_inf, torch.Tensor) and torch_stats.on_host(found_inf.device):
             if found_inf.item():  # the step skipped itself; read for free on the CPU
                 self._emit_skipped(pending)

@@ -31,10 +31,12 @@ DEVICE_CHUNK_ELEMENTS = 1 << 22
 #: CPU chunks up to this size are reduced in numpy (see ``Accumulator``).
 NUMPY_ELEMENTS = 1 << 14
 _MASK = mapping.FLOAT32_BUCKETS - 1
-#: Copies of the bucket counts on a device, summed once per tensor: a tensor's values fall
-#: in a few buckets, and a GPU's atomic adds to one address serialise (4M values of eta on
-#: an H100: 0.86 ms into one copy, 0.21 ms into 32).
+#: Copies of the bucket counts on a device for a tensor of at least LANES_MIN_ELEMENTS,
+#: summed once per tensor: a tensor's values fall in a few buckets, and a GPU's atomic adds
+#: to one address serialise (4M values of eta on an H100: 0.86 ms into one copy, 0.21 ms
+#: into 32).  A smaller tensor keeps one copy (256 KiB), not 32 to clear and sum (8 MiB).
 LANES = 32
+LANES_MIN_ELEMENTS = 1 << 20
 _LANE_OFFSETS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -46,11 +48,13 @@ def on_host(device: torch.device) -> bool:
 
 def _add_bucket_counts(counts: torch.Tensor, values: torch.Tensor, weight: int) -> None:
     """Add ``weight`` per value of ``values`` to its float32 bit bucket (``mapping``) in
-    ``counts``, which holds ``LANES`` copies of the buckets: value i goes to copy i % LANES.
-    (Not ``torch.bincount``: on CUDA it reads the keys' min and max on the host to size its
-    output, two synchronisations per call.)"""
+    ``counts``, which holds one copy of the buckets or ``LANES``: then value i goes to copy
+    i % LANES.  (Not ``torch.bincount``: on CUDA it reads the keys' min and max on the host
+    to size its output, two synchronisations per call.)"""
     bits = values.to(torch.float32).reshape(-1).view(torch.int32)
-    keys = ((bits >> mapping.FLOAT32_SHIFT) & _MASK) + _lane_offsets(counts.device, bits.numel())
+    keys = (bits >> mapping.FLOAT32_SHIFT) & _MASK
+    if counts.numel() > mapping.FLOAT32_BUCKETS:
+        keys = keys + _lane_offsets(counts.device, bits.numel())
     counts.index_add_(0, keys, counts.new_full((), weight).expand(keys.shape))
 
 
@@ -151,12 +155,13 @@ class Accumulator:
     norms) are reduced in numpy.
     """
 
-    def __init__(self, device: torch.device, finite_only: bool = False):
+    def __init__(self, device: torch.device, finite_only: bool = False, elements: int = 0):
         self.device = device
         self.finite_only = finite_only
         self.cpu_counts = BucketCounts() if on_host(device) else None
+        self.lanes = LANES if elements >= LANES_MIN_ELEMENTS else 1
         self.counts = None if self.cpu_counts else torch.zeros(
-            LANES * mapping.FLOAT32_BUCKETS, dtype=torch.int64, device=device)
+            self.lanes * mapping.FLOAT32_BUCKETS, dtype=torch.int64, device=device)
         self.rows: list[Any] = []  # torch tensors on a device, numpy arrays on the CPU
         self.has_eps = False
 
@@ -214,7 +219,7 @@ class Accumulator:
             totals = _totals(self.rows)
             if not self.has_eps:
                 mark_eps_absent(totals)
-            return torch.cat([self.counts.view(LANES, -1).sum(0).double(), totals])
+            return torch.cat([self.counts.view(self.lanes, -1).sum(0).double(), totals])
         table = np.stack(self.rows)
         totals = np.array([table[:, 0].min(), table[:, 1].max(), *table[:, 2:].sum(axis=0)])
         if not self.has_eps:
@@ -239,7 +244,7 @@ def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite_
 
     ``compute(chunk)`` returns the Elementwise of the flat slice ``chunk``.
     """
-    acc = Accumulator(param.device, finite_only)
+    acc = Accumulator(param.device, finite_only, param.numel())
     flat_param = param.detach().reshape(-1)
     for chunk in chunks(param):
         acc.add_chunk(compute, flat_param, chunk)
@@ -248,7 +253,7 @@ def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite_
 
 def realized(param: torch.Tensor, before: torch.Tensor, finite_only: bool = False) -> Any:
     """Statistics (``Accumulator.result``) of |delta theta| (empirical mode)."""
-    acc = Accumulator(param.device, finite_only)
+    acc = Accumulator(param.device, finite_only, param.numel())
     after = param.detach().reshape(-1)
     before = before.reshape(-1)
     for chunk in chunks(param):
