@@ -101,6 +101,8 @@ def eta_tensor(el: Elementwise, device: torch.device | None = None) -> torch.Ten
 def _totals(rows: list[torch.Tensor]) -> torch.Tensor:
     """One row from the per-chunk rows (min, max, sum, sum of squares, eps-dominated count,
     update and parameter squared norms), in float64."""
+    if len(rows) == 1:  # a tensor of one chunk (most, on a GPU): nothing to combine
+        return rows[0].double()
     table = torch.stack([r.double() for r in rows]) if len({r.dtype for r in rows}) > 1 \
         else torch.stack(rows).double()
     return torch.cat([table[:, 0].amin().reshape(1), table[:, 1].amax().reshape(1), table[:, 2:].sum(0)])
