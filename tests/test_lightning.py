@@ -104,16 +104,6 @@ def test_two_optimizers_are_named_like_learning_rate_monitor(tmp_path):
             assert row[f"{name}/pg0/effective_lr/p50"]
 
 
-def test_a_bad_every_fails_when_the_callback_is_made():
-    with pytest.raises(ValueError, match="every must be a positive whole number of steps"):
-        lrscope.lightning.EffectiveLRMonitor(every=0)
-
-
-def test_sinks_that_are_not_sinks_fail_when_the_callback_is_made():
-    with pytest.raises(TypeError, match="sinks= takes a list of sinks"):
-        lrscope.lightning.EffectiveLRMonitor(sinks="runs/x")
-
-
 def test_lrscope_plot_reads_a_tensorboard_logger(tmp_path):
     pytest.importorskip("tensorboard")
     from lightning.pytorch.loggers import TensorBoardLogger

@@ -35,10 +35,6 @@ def _model_and_optimizer(options):
     return model, optimizer
 
 
-def _syncs(caught) -> int:
-    return sum(SYNC_WARNING in str(w.message) for w in caught)
-
-
 def _step_counting_syncs(optimizer, debug_mode: str, monitor) -> tuple[int, object]:
     """``optimizer.step()`` and a read of ``monitor.last`` under ``debug_mode``; the number
     of synchronising calls they made, and the report."""
@@ -50,7 +46,7 @@ def _step_counting_syncs(optimizer, debug_mode: str, monitor) -> tuple[int, obje
             report = monitor.last
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return _syncs(caught), report
+    return sum(SYNC_WARNING in str(w.message) for w in caught), report
 
 
 @pytest.mark.parametrize("sinks", [False, True], ids=["no sinks", "jsonl sink"])
@@ -123,9 +119,10 @@ def test_step_captured_in_a_cuda_graph():
 
 def test_fused_step_skipped_on_the_device_by_grad_scaler():
     """GradScaler hands a fused step its inf flag on the GPU (for other steps it reads the
-    flag itself and does not call ``step()``), and the step skips itself there: the flag reaches the host in the measured step's one transfer, so
-    that step is reported as skipped with t unchanged; steps without distributions read
-    nothing (the monitor counts a skipped step there until the next measured one)."""
+    flag itself and does not call ``step()``), and the step skips itself there: the flag
+    reaches the host in the measured step's one transfer, so that step is reported as
+    skipped with t unchanged; steps without distributions read nothing (the monitor counts
+    a skipped step there until the next measured one)."""
     model, optimizer = _model_and_optimizer({"fused": True})
     scaler = torch.amp.GradScaler("cuda")
     x = torch.randn(32, 64, device="cuda")

@@ -86,13 +86,3 @@ def test_an_optimizer_lrscope_does_not_model_is_named_with_its_module(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"transformers\.optimization\.Adafactor is not a torch\.optim"):
         trainer.train()
     assert callback.last.groups[0].lr == pytest.approx(1e-2 / 2) and callback.last.groups[0].effective_lr is None
-
-
-def test_a_bad_every_fails_when_the_callback_is_made():
-    with pytest.raises(ValueError, match="every must be a positive whole number of steps"):
-        lrscope.transformers.EffectiveLRCallback(every=2.5)
-
-
-def test_sinks_that_are_not_sinks_fail_when_the_callback_is_made():
-    with pytest.raises(TypeError, match="sinks= takes a list of sinks"):
-        lrscope.transformers.EffectiveLRCallback(sinks="runs/x")
