@@ -34,7 +34,7 @@ import torch
 
 import lrscope
 import lrscope.torch
-from lrscope.backends import torch_fused, torch_small, torch_stats
+from lrscope.backends import torch_fused, torch_kernel, torch_small, torch_stats
 from lrscope.sinks import JsonlSink
 
 
@@ -110,7 +110,7 @@ def distributions(scale: float, repeat: int, device: str) -> dict[str, Any]:
     (fused, then eager), interleaved so that a slow spell of the machine hits them alike."""
     optimizer, params = adam_with_state(transformer_shapes(scale), device)
     start = time.perf_counter()
-    lrscope.inspect(optimizer)  # compiles the fused pass (or loads it from Inductor's cache)
+    lrscope.inspect(optimizer)  # compiles the fused kernel
     first = time.perf_counter() - start
 
     def eager() -> None:
@@ -125,8 +125,8 @@ def distributions(scale: float, repeat: int, device: str) -> dict[str, Any]:
             "read_once": lambda: [optimizer.state[p]["exp_avg_sq"].sum() for p in params],
             "lrscope": lambda: lrscope.inspect(optimizer), "eager": eager}
     if device != "cpu":
-        del work["eager"]  # the compiled pass is for the CPU: on a GPU lrscope is eager
-    rounds = interleaved_rounds(work, repeat)  # its warm-up also compiles the fused pass
+        del work["eager"]  # the compiled kernel is for the CPU: on a GPU lrscope is eager
+    rounds = interleaved_rounds(work, repeat)
     return {"parameters": sum(p.numel() for p in params), "first_s": first, "rounds": rounds,
             "naive_s": best_of(lambda: naive_monitor(optimizer), max(1, repeat // 2))}
 
@@ -367,7 +367,7 @@ def main() -> None:
     scale, device = args.scale or scale, args.device
     where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, chunks = {torch_stats.CHUNK_ELEMENTS:,} elements (eager), "
-          f"{torch_fused.CHUNK_SIZES} (compiled, CPU)")
+          f"parts of {torch_fused.PART_ELEMENTS:,} (compiled kernel, CPU)")
 
     d = distributions(scale, repeat, device)
     r = d["rounds"]
@@ -387,8 +387,7 @@ def main() -> None:
     print(f"   ratio to one read pass     {lrscope_s / statistics.median(r['read_once']):8.2f} x")
     print(f"   ratio to the naive monitor {lrscope_s / d['naive_s']:8.2f} x   (naive: {d['naive_s'] * 1e3:.0f} ms)")
     print(f"   ratio to the fused=True Adam step {lrscope_s / statistics.median(r['fused_adam_step']):.2f} x")
-    print(f"   first call, which compiles the fused pass (or loads it from Inductor's cache): "
-          f"{d['first_s']:.1f} s")
+    print(f"   first call, which compiles the fused kernel: {d['first_s']:.1f} s")
 
     s = scalars_only(repeat, device)
     print("\n2. Scalars only, every step, small MLP (batch 128)")
@@ -404,9 +403,10 @@ def main() -> None:
         kib = memory(s, device)["extra_peak_kib"]
         print(f"   {label:16s} median {kib[2] / 1024:6.1f} MiB, max {kib[-1] / 1024:6.1f} MiB")
     if device == "cpu":
-        print(f"   (fused chunks of up to {max(torch_fused.CHUNK_SIZES):,} elements = "
-              f"{max(torch_fused.CHUNK_SIZES) * 4 >> 20} MiB in float32, small tensors in batches of up to "
-              f"{torch_small.BATCH_ELEMENTS:,} elements; the rest is the C allocator's heap growth)")
+        print(f"   (a block of {torch_kernel.BLOCK:,} elements and 128 KiB of bucket counts per worker thread,"
+              f" half-precision parts copied in float32 ({torch_fused.PART_ELEMENTS * 4 >> 20} MiB per tensor), "
+              f"small tensors in batches of up to {torch_small.BATCH_ELEMENTS:,} elements; the rest is the C "
+              "allocator's heap growth)")
     else:
         counts = synchronisations(steps=30, every=10)
         print("\n   Synchronisations per optimizer step (JSONL sink, every=10; foreach, fused, capturable "

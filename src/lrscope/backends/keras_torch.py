@@ -2,10 +2,9 @@
 
 On the torch backend a Keras variable and its optimizer's slots are torch tensors, so
 they take the path ``torch.optim`` optimizers take: small tensors batched into one
-formula call (``torch_small``), large CPU tensors through one compiled pass per chunk
-(``torch_fused``), bucket counts by ``stats.bit_histogram``, a tensor holding NaN/Inf
-redone with masking (``torch_stats.collect``).  Op by op with ``keras.ops`` the same
-statistics cost 2.3 times Keras' own ``optimizer.apply`` for 40 variables of 250K.  The
+formula call (``torch_small``), large CPU tensors through one compiled kernel that also
+counts the buckets (``torch_fused``), a tensor holding NaN/Inf redone with masking
+(``torch_stats.collect``).  Op by op with ``keras.ops`` the same statistics cost 2.3 times Keras' own ``optimizer.apply`` for 40 variables of 250K.  The
 formula is the family's, with the Keras convention (``formulas/``).
 
 Lamb and Adafactor stay op by op (``keras_stats``): their formula needs whole tensors,
@@ -39,7 +38,7 @@ def apply_keras(family: str, view: dict[str, Any], t: Any, h: dict[str, Any],
 def _with_decay_input(h: dict[str, Any]) -> dict[str, Any]:
     """``h`` with a nonzero weight decay as a 0-d tensor: Keras on torch rounds ``1 - wd * lr``
     through float32, so the modelled decay changes with lr (``KerasReader.weight_decay``),
-    and as a number it would be compiled into ``torch_fused``'s pass, again every step."""
+    and as a number it would be compiled into ``torch_fused``'s kernel, again every step."""
     if formulas.is_zero(h["weight_decay"]):
         return h
     return {**h, "weight_decay": torch.tensor(h["weight_decay"], dtype=torch.float64)}

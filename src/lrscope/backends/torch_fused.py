@@ -1,62 +1,59 @@
-"""One fused pass per chunk for the statistics of large CPU tensors.
+"""One fused pass for the statistics of large CPU tensors.
 
 Eager PyTorch runs one kernel, so one pass over memory, per operation: the family's
-formula, then min/max, sums, norms and the eps-dominated count, a dozen passes per
-chunk.  Here ``torch.compile`` (Inductor, a C++ compiler at run time) traces the same
-family formula (``formulas/``: there is no second copy of it) together with every
-reduction into one C++ kernel that reads each state tensor once and writes eta as
-float32 (Inductor splits it into three vectorised loops over the chunk: eta and the
-eps-dominated count; the extremes, sums and update norm; the parameter norm); the bucket
-counts of eta are then taken by ``stats.bit_histogram``.  Per-step scalars (t, lr, beta
-powers) are 0-d inputs, so a new step compiles nothing.
+formula, then min/max, sums, norms, the eps-dominated count and the bucket counts, a dozen
+passes per chunk.  Here ``torch_kernel`` turns the family's formula (``formulas/``: there
+is no second copy of it) into one numba loop that computes eta and every statistic with it,
+bucket counts included, reading each state tensor once; the range of a tensor is split
+over PyTorch's number of threads (the calling thread and a pool), each counting into its
+own row.  Per-step scalars (t, lr, beta powers) are arguments, so a new step compiles
+nothing; a family, option set or dtype compiles once (about a second).
 
-Used for tensors of at least ``FUSED_MIN_ELEMENTS`` on the CPU: the first compilation
-takes seconds, which pays off only on large models.  Chunks of ``CHUNK_SIZES`` go through
-loops compiled for their static size; the rest of a tensor (all of it below the smallest
-size) through one loop compiled for any size, about twice slower per element but still
-several times faster than eager kernels, which allocate a fresh temporary per operation
-(the C allocator may hand each one out as fresh pages from the kernel: 40 tensors of 250K
-page-faulted 43,000 times per measurement in some processes, 71 ms eager against 10 ms).
-GPU tensors keep the eager path (their kernels already run at memory speed).  Set
-``LRSCOPE_FUSED=0`` to switch it off;
-if compilation fails (no C++ compiler), lrscope warns once and stays eager.  Dynamo keeps
-at most ``torch._dynamo.config.recompile_limit`` variants (family, options, dtype, chunk
-size) of the compiled pass; beyond them it runs the pass eagerly, with the same results.
+Used for tensors of at least ``FUSED_MIN_ELEMENTS`` on the CPU, with numba installed (it
+comes with ``lrscope[torch]``).  GPU tensors keep the eager path (their kernels already run
+at memory speed).  Set ``LRSCOPE_FUSED=0`` to switch it off; if a formula cannot be
+compiled, lrscope warns once and measures it eagerly.
 
-The statistics are those of ``torch_stats.reduce`` up to float32 rounding: Inductor may
-reorder a division into a multiplication by the reciprocal (1 ulp on eta), far inside
-the sketch's 1 % quantile accuracy.  For bfloat16/float16 state, Inductor computes in
-float32 without rounding every intermediate to the state's dtype as eager kernels do, so
-min/max/eta may differ from the eager values by about one unit of that dtype (0.4 % in
-bfloat16).  ``lrscope.torch.elementwise`` stays eager and exact.
+The statistics are those of ``torch_stats.reduce`` up to the order of the sums: eta is
+computed operation by operation in the dtype torch computes it in.  bfloat16/float16 state
+is computed in float32 copies (numba has no bfloat16), without rounding every
+intermediate to the state's dtype as eager kernels do, so min/max/eta may differ from the
+eager values by about one unit of that dtype (0.4 % in bfloat16).
+``lrscope.torch.elementwise`` stays eager and exact.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from lrscope._warnings import warn
-from lrscope.backends import fast_statistics, torch_stats
+from lrscope.backends import fast_statistics, torch_kernel, torch_stats
 from lrscope.formulas import Elementwise
+from lrscope.stats import mapping
 
 #: Tensors smaller than this (at most 65,536 elements, 256 KiB in float32) use the eager
 #: path: they are cheap, and a model made only of them (a test, the demo) never waits for a
 #: compilation.
 FUSED_MIN_ELEMENTS = (1 << 16) + 1
-#: Chunk sizes of the compiled pass, largest first (the temporary memory is a few
-#: buffers of the largest: 4 MiB each in float32).
-CHUNK_SIZES = (4 * torch_stats.CHUNK_ELEMENTS, torch_stats.CHUNK_ELEMENTS)
+#: Elements per kernel call, each a task for the worker threads (a large tensor is
+#: several); half-precision state is converted to float32 copies of this size (4 MiB).
+PART_ELEMENTS = 1 << 20
 
-#: Families left eager: RAdam picks its regime with a Python branch on t, so a compiled
-#: pass would compile again for every new t (measured: 3.5x slower than eager).
+#: Families left eager: RAdam picks its regime with a Python branch on t, which a
+#: kernel would have to compile for every new t.
 EAGER_FAMILIES = {"radam"}
 
-_compiled: dict[bool, Callable[..., Any]] = {}  # by whether compiled for any size
-_failed = False
+_kernels: dict[tuple[Any, ...], "torch_kernel.Kernel | None"] = {}
 
 
 @dataclass
@@ -82,97 +79,149 @@ class ChunkedFormula:
                 if isinstance(v, torch.Tensor) and v.numel() == numel and numel > 1}
         return flat, {k: v for k, v in self.view.items() if k not in flat}
 
-    def sliced(self, chunk: slice, rest: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The view over the flat slice ``chunk``, with ``rest`` in place of its scalars."""
-        flat, own_rest = self.parts
-        return {**(own_rest if rest is None else rest), **{k: v[chunk] for k, v in flat.items()}}
-
     def __call__(self, chunk: slice) -> Elementwise:
-        return self.apply(self.family, self.sliced(chunk), self.t, self.h, self.dtype)
-
-
-def _chunk_statistics(apply: Callable[..., Elementwise], family: str, view: dict[str, Any], t: Any,
-                      h: dict[str, Any], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """eta (float32, or 0-d when one eta serves the whole chunk), the ``torch_stats`` row
-    (min, max, sum, sum of squares, eps-dominated count, update and parameter squared
-    norms) in float64, and whether the family has an eps term."""
-    el = apply(family, view, t, h, dtype)
-    theta = view["param"]
-    eta = torch_stats.eta_tensor(el)
-    # (Broadcasting a full-size eta would split Inductor's loop in two.)
-    wide = eta.double() if eta.dim() else eta.double().expand(theta.shape)
-    update = el.update(theta).double()
-    eps = el.eps_dominated
-    row = torch.stack([wide.amin(), wide.amax(), wide.sum(), (wide * wide).sum(),
-                       eps.double().sum() if eps is not None else wide.new_zeros(()),
-                       (update * update).sum(), theta.double().square().sum()])
-    return eta.float(), row, eps is not None
+        """The Elementwise of the flat slice ``chunk`` (eagerly)."""
+        flat, rest = self.parts
+        return self.apply(self.family, {**rest, **{k: v[chunk] for k, v in flat.items()}},
+                          self.t, self.h, self.dtype)
 
 
 def applies(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite_only: bool) -> bool:
     """Whether ``param``'s statistics take the fused path."""
     return (isinstance(compute, ChunkedFormula) and compute.family not in EAGER_FAMILIES
-            and not _failed and not finite_only and param.device.type == "cpu"
-            and param.numel() >= FUSED_MIN_ELEMENTS and fast_statistics()
-            and not torch.compiler.is_compiling())
+            and not finite_only and param.device.type == "cpu" and param.numel() >= FUSED_MIN_ELEMENTS
+            and fast_statistics() and _numba_installed() and not torch.compiler.is_compiling())
 
 
-def _compile(dynamic: bool) -> Callable[..., Any]:
-    """The compiled pass: for static shapes (each chunk size its own loop) or for any size;
-    per-step scalars are 0-d inputs either way."""
-    if dynamic not in _compiled:
-        _compiled[dynamic] = torch.compile(_chunk_statistics, dynamic=dynamic)
-    return _compiled[dynamic]
+@functools.cache
+def _numba_installed() -> bool:
+    return importlib.util.find_spec("numba") is not None
 
 
 def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite_only: bool = False) -> Any:
     """``torch_stats.reduce``, fused when ``compute`` is a ChunkedFormula and ``applies``."""
-    global _failed
     if applies(compute, param, finite_only):
-        try:
-            return _fused(compute, param)
-        except Exception as error:  # noqa: BLE001 - any compiler failure: stay correct, go eager
-            _failed = True
-            warn(f"lrscope: torch.compile failed ({type(error).__name__}: {error}); "
-                 "computing statistics eagerly from now on (slower, same results)")
+        kernel, scalars = _kernel(compute)
+        if kernel is not None:
+            return _fused(compute, kernel, scalars, param)
     return torch_stats.reduce(compute, param, finite_only)
 
 
-def _as_input(value: Any) -> Any:
-    """A per-step scalar (t, lr, Adam's beta powers, NAdam's mu_product) as a 0-d float64
-    tensor: the compiled pass takes it as an input, rather than baking in its value and
-    compiling again (seconds) when it changes."""
-    return torch.tensor(value, dtype=torch.float64) if isinstance(value, (int, float)) \
-        and not isinstance(value, bool) else value
+def _inputs(formula: ChunkedFormula) -> tuple[dict[str, Any], dict[str, Any], tuple[Any, ...]]:
+    """The formula's per-step values as kernel arguments (t, lr, the state's scalars such as
+    Adam's beta powers, tensor hyperparameters: 0-d tensors when traced), its constants
+    (the other hyperparameters, baked into the kernel), and the key of its kernel."""
+    flat, rest = formula.parts
+    scalars, constants = {}, {}
+    named = {"t": formula.t, **{f"h.{k}": v for k, v in formula.h.items()},
+             **{f"view.{k}": v for k, v in rest.items()}}
+    for name, value in named.items():
+        per_step = name in ("t", "h.lr") or name.startswith("view.")
+        if isinstance(value, torch.Tensor) and value.dim() == 0 or (
+                per_step and isinstance(value, (int, float)) and not isinstance(value, bool)):
+            scalars[name] = value
+        else:
+            constants[name] = value
+    key = (formula.apply, formula.family, formula.dtype,
+           tuple((k, v.dtype) for k, v in flat.items()),
+           tuple((k, v.dtype if isinstance(v, torch.Tensor) else float) for k, v in scalars.items()),
+           repr(sorted(constants.items())))
+    return scalars, constants, key
 
 
-def _fused(formula: ChunkedFormula, param: torch.Tensor) -> Any:
-    """Chunks of ``CHUNK_SIZES`` through the static compiled passes, the rest through the
-    pass for any size.
+def _kernel(formula: ChunkedFormula) -> tuple[torch_kernel.Kernel | None, dict[str, Any]]:
+    """The compiled kernel of ``formula`` (built on first use of its key: about a second)
+    and its scalar arguments; None if it cannot be built (warned once per key)."""
+    scalars, constants, key = _inputs(formula)
+    if key not in _kernels:
+        _kernels[key] = _build(formula, scalars, constants)
+    arguments = {name: _argument(value) for name, value in scalars.items()}
+    return _kernels[key], arguments
 
-    Each chunk size is its own static compiled loop: one compiled for any size is about
-    twice slower (Inductor's dynamic-shape loops), and a call costs tens of microseconds of
-    guards and wrappers, so large tensors go in the larger chunks.
-    """
-    static, any_size = _compile(False), _compile(True)
-    acc = torch_stats.Accumulator(param.device)
-    rest = {k: _as_input(v) for k, v in formula.parts[1].items()}
-    t, h = _as_input(formula.t), {**formula.h, "lr": _as_input(formula.h["lr"])}
 
-    def measure(statistics: Callable[..., Any], start: int, stop: int) -> None:
-        view = formula.sliced(slice(start, stop), rest)
-        eta, row, has_eps = statistics(formula.apply, formula.family, view, t, h, formula.dtype)
-        acc.add_row(eta, row, has_eps, stop - start)
+def _build(formula: ChunkedFormula, scalars: dict[str, Any], constants: dict[str, Any]) -> torch_kernel.Kernel | None:
+    flat = formula.parts[0]
+    # Examples of a few elements; half precision is computed in float32 (``_part``).
+    arrays = {k: torch.ones(4, dtype=_computed_in(v.dtype)) for k, v in flat.items()}
 
-    start, n = 0, param.numel()
-    # Each (family, options, dtype, chunk size) is one compiled variant: more than dynamo's
-    # default of 8 (e.g. AdamW groups with and without decay, in two dtypes) would send
-    # the rest to an eager run of the same function, slower than torch_stats.
-    with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
-        for size in CHUNK_SIZES:
-            while n - start >= size:
-                measure(static, start, start + size)
-                start += size
-        if start < n:
-            measure(any_size, start, n)
-    return acc.result()
+    def traced(view: dict[str, torch.Tensor]) -> tuple[Any, Any, Any]:
+        given = {**constants, **view}
+        state = {k.removeprefix("view."): v for k, v in given.items() if k.startswith("view.")}
+        state.update({k: v for k, v in view.items() if k in arrays})
+        h = {k.removeprefix("h."): v for k, v in given.items() if k.startswith("h.")}
+        el = formula.apply(formula.family, state, given["t"], h, formula.dtype)
+        return torch_stats.eta_tensor(el), el.eps_dominated, el.update(view["param"])
+
+    examples = {name: value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float64)
+                for name, value in scalars.items()}
+    try:
+        return torch_kernel.Kernel.build(traced, arrays, examples)
+    except Exception as error:  # noqa: BLE001 - any tracing or compiler failure: stay correct, go eager
+        warn(f"lrscope: the compiled statistics of {formula.family} failed ({type(error).__name__}: "
+             f"{error}); computing them eagerly (slower, same results)")
+        return None
+
+
+def _computed_in(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision state (numba has no bfloat16), else the dtype itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _argument(value: Any) -> Any:
+    """A scalar as the numpy scalar the kernel was compiled for (a Python number is float64)."""
+    if isinstance(value, torch.Tensor):
+        return np.dtype(str(value.dtype).removeprefix("torch.")).type(value.item())
+    return np.float64(value)
+
+
+def _fused(formula: ChunkedFormula, kernel: torch_kernel.Kernel, scalars: dict[str, Any],
+           param: torch.Tensor) -> torch_stats.Pending:
+    """The statistics of ``param``, its parts queued on the worker threads."""
+    flat = formula.parts[0]
+    n = param.numel()
+    tasks = [functools.partial(_part, kernel, flat, scalars, start, min(start + PART_ELEMENTS, n))
+             for start in range(0, n, PART_ELEMENTS)]
+
+    def combine(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Any:
+        acc = torch_stats.Accumulator(param.device)
+        for row, indices, counts in parts:
+            acc.add_counted(row, indices, counts, kernel.has_eps)
+        return acc.result()
+
+    return torch_stats.Pending(tasks, combine, _pool().submit)
+
+
+def _part(kernel: torch_kernel.Kernel, flat: dict[str, torch.Tensor], scalars: dict[str, Any],
+          start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """On a worker thread: the ``torch_stats`` row of the flat range ``start:stop`` and the
+    indices and counts of its nonzero buckets.  The thread's int32 row of bucket counts is
+    kept at zero between parts: only the buckets between the part's extremes are read and
+    cleared (a few hundred of 32,768), where they bound it."""
+    counts = getattr(_thread, "counts", None)
+    if counts is None:
+        counts = _thread.counts = np.zeros(mapping.FLOAT32_BUCKETS, np.int32)
+    arrays = {k: v[start:stop].to(_computed_in(v.dtype)).numpy() for k, v in flat.items()}
+    row = np.empty(len(torch_kernel.STATISTICS))
+    kernel.run(arrays, scalars, counts, row)
+    first, last = 0, mapping.FLOAT32_BUCKETS - 1
+    if 0 < row[0] and row[1] < math.inf:  # (NaN fails both: then every bucket is read)
+        first, last = (int(np.float32(x).view(np.uint32)) >> mapping.FLOAT32_SHIFT for x in row[:2])
+    window = counts[first:last + 1]
+    indices = np.flatnonzero(window)
+    found = window[indices].astype(np.int64)
+    window[indices] = 0
+    return row, indices + first, found
+
+
+_thread = threading.local()
+
+
+@functools.cache
+def _pool_of(threads: int, process: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, "lrscope")
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Worker threads, as many as PyTorch's intra-op threads, of this process (a forked
+    child has none of its parent's threads)."""
+    return _pool_of(max(1, torch.get_num_threads()), os.getpid())

@@ -87,8 +87,7 @@ def host_scalars(family: str, view: dict[str, Any], t: Any,
     reads it on the host: always on the CPU, and for some families even when capturable.
 
     The powers beta**t (Adam, Adamax, NAdam) and NAdam's two coefficients are computed
-    here once, as torch.optim does, rather than inside the formula: in a compiled loop
-    (``torch_fused``) Inductor would call ``pow`` once per vector of elements.
+    here once, in float64 as torch.optim does, rather than inside the formula.
     """
     # As torch.optim does unless capturable: bias corrections in Python floats.  A float
     # is left alone: converting it again would make a compiled caller specialise on it.

@@ -10,6 +10,8 @@ tensors of a step in one transfer.
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -206,6 +208,13 @@ class Accumulator:
         self._keep(row)
         self.has_eps = self.has_eps or has_eps
 
+    def add_counted(self, row: np.ndarray, indices: np.ndarray, counts: np.ndarray, has_eps: bool) -> None:
+        """A range whose row and nonzero bucket counts were computed elsewhere
+        (``torch_fused``, on the CPU)."""
+        self.cpu_counts.add_counts(indices, counts)
+        self.rows.append(row)
+        self.has_eps = self.has_eps or has_eps
+
     def add_chunk(self, compute: Callable[[slice], Elementwise], flat_param: torch.Tensor,
                   chunk: slice) -> None:
         """The statistics of eta over the flat slice ``chunk`` (``compute(chunk)``)."""
@@ -306,12 +315,37 @@ def to_host(stats: dict[str, Any], counters: dict[Any, Any] | None = None
     return {name: out[name] for name in stats}, steps
 
 
+@dataclass
+class Pending:
+    """Statistics computed by ``tasks`` on worker threads (``torch_fused``), then ``combine``
+    of their results.  ``collect`` starts them only once every other measurement of the step
+    is done: PyTorch's own parallel kernels slow down many times while the workers keep its
+    threads' cores busy."""
+
+    tasks: list[Callable[[], Any]]
+    combine: Callable[[list[Any]], Any]
+    submit: Callable[[Callable[[], Any]], Future]
+    futures: list[Future] | None = None
+
+    def start(self) -> None:
+        self.futures = [self.submit(task) for task in self.tasks]
+
+    def result(self) -> Any:
+        return self.combine([future.result() for future in self.futures])
+
+
 def collect(measure: dict[str, Callable[[bool], Any]], counters: dict[Any, Any] | None = None
             ) -> tuple[dict[str, tuple[Distribution, float | None, float]], dict[Any, int]]:
-    """Run every ``measure(finite_only)`` (an ``Accumulator.result``) on the fast path, move
-    the device results and ``counters`` (see ``to_host``) in one transfer per device, and
-    redo (with ``finite_only=True``) only the tensors that turned out to hold NaN/Inf."""
-    out, steps = to_host({name: fn(False) for name, fn in measure.items()}, counters)
+    """Run every ``measure(finite_only)`` (an ``Accumulator.result``, or a ``Pending`` one,
+    started once the others are done) on the fast path, move the device results and
+    ``counters`` (see ``to_host``) in one transfer per device, and redo (with
+    ``finite_only=True``) only the tensors that turned out to hold NaN/Inf."""
+    measured = {name: fn(False) for name, fn in measure.items()}
+    pending = [value for value in measured.values() if isinstance(value, Pending)]
+    for value in pending:
+        value.start()
+    out, steps = to_host({name: value.result() if isinstance(value, Pending) else value
+                          for name, value in measured.items()}, counters)
     redo = {name for name, (dist, _, _) in out.items() if needs_masked_redo(dist)}
     if redo:
         out.update(to_host({name: measure[name](True) for name in redo})[0])

@@ -59,7 +59,8 @@ class BucketCounts:
         self._row: np.ndarray | None = None  # int32 counts, made on first use
         self._in_row = 0
         self._total: np.ndarray | None = None  # int64 counts folded from the row
-        self._few: list[tuple[np.ndarray, int]] = []  # keys of small adds, with their weight
+        # Keys of small adds with their weight, and buckets counted elsewhere with their counts.
+        self._few: list[tuple[np.ndarray, int | np.ndarray]] = []
 
     def add(self, values: np.ndarray, weight: int = 1) -> None:
         """Count a float32 array (any shape), each value ``weight`` times."""
@@ -75,6 +76,10 @@ class BucketCounts:
             self._fold()
         self._count(self._row, bits)
         self._in_row += bits.size
+
+    def add_counts(self, indices: np.ndarray, counts: np.ndarray) -> None:
+        """Add buckets counted elsewhere: their indices (unique) and counts."""
+        self._few.append((indices, counts))
 
     def _fold(self) -> None:
         if self._row is not None and self._in_row:
@@ -110,10 +115,12 @@ class BucketCounts:
         indices, counts = self._dense(within)
         if not self._few:  # the dense counts alone: already sorted and unique
             return indices, counts
+        if not indices.size and len(self._few) == 1 and not isinstance(self._few[0][1], int):
+            return self._few[0]  # one set of buckets counted elsewhere: already sorted and unique
         keys = [indices] + [k for k, _ in self._few]
-        weights = [counts] + [np.full(k.size, w, np.int64) for k, w in self._few]
-        if len(keys) == 2 and not indices.size and self._few[0][1] == 1:  # one small array: one sort
-            unique, total = np.unique(keys[1], return_counts=True)
+        weights = [counts] + [np.broadcast_to(np.asarray(w, np.int64), k.shape) for k, w in self._few]
+        if len(keys) == 2 and not indices.size and isinstance(self._few[0][1], int) and self._few[0][1] == 1:
+            unique, total = np.unique(keys[1], return_counts=True)  # one small array: one sort
             return unique, total.astype(np.int64)
         unique, inverse = np.unique(np.concatenate(keys), return_inverse=True)
         total = np.bincount(inverse, weights=np.concatenate(weights), minlength=unique.size)

@@ -1,0 +1,298 @@
+"""A family's formula and every statistic of its eta in one compiled loop (CPU).
+
+The formula is the family's own (``formulas/``, the one place it is written): PyTorch's
+tracer (``make_fx``) records it on a few example elements as a graph of aten operations,
+and each operation becomes one line of a numba function.  That function walks a flat
+range of the state in blocks of ``BLOCK`` elements; per element it computes eta, the
+update and the eps-dominated flag in the dtypes torch would use, and adds them to the
+sums (min, max, sum, sum of squares, eps-dominated count, update and parameter squared
+norms); per block it counts eta's float32 bit buckets (``stats.mapping``) from the block
+it kept in L1.  So each state tensor is read from memory once, and nothing per element is
+written back.
+
+Per-step values (t, lr, beta powers) are arguments, the other hyperparameters constants:
+a new step or lr compiles nothing, a new family, option set or dtype compiles once (about
+a second).  The elementwise arithmetic is the formula's, operation by operation in the
+dtype torch computes it in; the reductions are reordered (``fastmath`` reassociation, so
+that they vectorise) and accumulated in float64.
+
+>>> import torch
+>>> def formula(view):   # eta = lr / (sqrt(v) + eps), no update
+...     return view["lr"] / (view["v"].sqrt() + 1e-8), None, view["v"] * 0
+>>> kernel = Kernel.build(formula, {"v": torch.full((4,), 4.0), "param": torch.ones(4)},
+...                       {"lr": torch.tensor(0.1, dtype=torch.float64)})
+>>> counts, out = np.zeros(mapping.FLOAT32_BUCKETS, np.int32), np.zeros(len(STATISTICS))
+>>> kernel.run({"v": np.full(5, 4.0, np.float32), "param": np.ones(5, np.float32)},
+...            {"lr": 0.1}, counts, out)
+>>> out.round(6).tolist()   # min, max, sum, sum of squares, eps count, |update|^2, |theta|^2
+[0.05, 0.05, 0.25, 0.0125, 0.0, 0.0, 5.0]
+>>> int(counts.sum())
+5
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from lrscope.stats import mapping
+
+#: Elements per block: one block of eta (8 KiB in float32) stays in L1 between the loop
+#: that computes it and the loops that take its extremes and bucket counts.
+BLOCK = 2048
+#: The row of ``out`` filled by a kernel.
+STATISTICS = ("min", "max", "sum", "sum_of_squares", "eps_dominated", "update_squared", "param_squared")
+
+_aten = torch.ops.aten
+_NUMPY_TYPE = {torch.float32: "np.float32", torch.float64: "np.float64", torch.bool: "np.bool_",
+               torch.int64: "np.int64", torch.int32: "np.int32"}
+_BINARY = {_aten.add: "+", _aten.sub: "-", _aten.mul: "*", _aten.div: "/", _aten.lt: "<",
+           _aten.le: "<=", _aten.gt: ">", _aten.ge: ">=", _aten.eq: "==", _aten.ne: "!=",
+           _aten.logical_and: "and", _aten.logical_or: "or", _aten.bitwise_and: "&",
+           _aten.bitwise_or: "|"}
+_UNARY = {_aten.sqrt: "np.sqrt({})", _aten.abs: "np.abs({})", _aten.neg: "-{}",
+          _aten.sign: "np.sign({})", _aten.reciprocal: "1 / {}", _aten.rsqrt: "1 / np.sqrt({})",
+          _aten.logical_not: "not {}", _aten.exp: "np.exp({})", _aten.log: "np.log({})"}
+_SAME = {_aten.clone, _aten.alias, _aten.detach, _aten.lift_fresh_copy, _aten._to_copy}
+#: torch's CPU ``pow(tensor, scalar)`` takes these exponents as the named operations.
+_POWERS = {2: "{0} * {0}", 3: "{0} * {0} * {0}", 0.5: "np.sqrt({0})", -0.5: "1 / np.sqrt({0})",
+           -1: "1 / {0}", -2: "1 / ({0} * {0})", 1: "{0}"}
+
+_KERNEL_TEMPLATE = '''
+def kernel({arguments}, counts, out):
+{prelude}
+    low = {key_max}
+    high = {key_min}
+    total = 0.0
+    squares = 0.0
+    eps_count = 0
+    update_squared = 0.0
+    param_squared = 0.0
+    block = np.empty(BLOCK, {eta_type})
+    bits = block.view({int_type})
+{keys_setup}
+    for begin in range(0, a0.size, BLOCK):
+        end = min(begin + BLOCK, a0.size)
+{slices}
+        block_eps = np.int32(0)
+        for i in range(a0_block.size):
+{body}
+            block[i] = eta
+            total += np.float64(eta)
+            squares += np.float64(eta) * np.float64(eta)
+            block_eps += np.int32(eps)
+            update_squared += np.float64(update) * np.float64(update)
+            param_squared += np.float64(theta) * np.float64(theta)
+        eps_count += block_eps
+        for i in range(a0_block.size):  # extremes of the float bits read as ordered integers
+            b = bits[i]
+            key = b ^ ((b >> {sign_shift}) & {key_max})
+            low = key if key < low else low
+            high = key if key > high else high
+{keys_fill}
+        for i in range(a0_block.size):
+            counts[keys[i] >> SHIFT] += 1
+    extremes = np.empty(2, {int_type})
+    extremes[0] = low ^ ((low >> {sign_shift}) & {key_max})
+    extremes[1] = high ^ ((high >> {sign_shift}) & {key_max})
+    values = extremes.view({eta_type})
+    out[0] = values[0]
+    out[1] = values[1]
+    out[2] = total
+    out[3] = squares
+    out[4] = eps_count
+    out[5] = update_squared
+    out[6] = param_squared
+'''
+
+
+class Unsupported(Exception):
+    """The traced formula holds an operation this module does not translate."""
+
+
+def _literal(value: Any, dtype: torch.dtype) -> str:
+    """A Python constant as numba source in ``dtype``."""
+    if isinstance(value, bool) or dtype == torch.bool:
+        return repr(bool(value))
+    return f"{_NUMPY_TYPE[dtype]}({float(value)!r})" if dtype.is_floating_point else f"{_NUMPY_TYPE[dtype]}({int(value)})"
+
+
+def _value_of(arg: Any) -> Any:
+    """What torch's type promotion sees of a node argument: its example value or the
+    Python number."""
+    return arg.meta["val"] if isinstance(arg, torch.fx.Node) else arg
+
+
+class _Translation:
+    """Numba source lines of a traced graph: 0-d nodes once before the loop (``prelude``),
+    the others once per element (``body``)."""
+
+    def __init__(self, graph: torch.fx.Graph, arrays: list[str], scalars: list[str]):
+        self.names: dict[torch.fx.Node, str] = {}
+        self.elementwise: set[torch.fx.Node] = set()
+        self.prelude: list[str] = []
+        self.body: list[str] = []
+        self.arrays: list[str] = []  # the per-element inputs the graph uses, in argument order
+        self.scalar_names: list[str] = []  # the kernel's names of the 0-d inputs, in order
+        placeholders = iter([*(("a", name) for name in arrays), *(("s", name) for name in scalars)])
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                kind, name = next(placeholders)
+                self._placeholder(node, kind, name)
+            elif node.op == "call_function":
+                self._call(node)
+            elif node.op == "get_attr":
+                raise Unsupported(f"a tensor constant ({node.target}) in the formula")
+            elif node.op == "output":
+                self.outputs = node.args[0]
+
+    def _placeholder(self, node: torch.fx.Node, kind: str, name: str) -> None:
+        index = len(self.names)
+        if kind == "a":
+            self.names[node] = f"x{index}"
+            self.elementwise.add(node)
+            if node.users:
+                self.arrays.append(name)
+                self.body.append(f"x{index} = a{len(self.arrays) - 1}_block[i]")
+        else:
+            self.names[node] = f"s{index}"
+            self.scalar_names.append(f"s{index}")
+
+    def operand(self, arg: Any, dtype: torch.dtype) -> str:
+        """``arg`` converted to the dtype the operation computes in."""
+        if isinstance(arg, torch.fx.Node):
+            value = self.names[arg]
+            return value if arg.meta["val"].dtype == dtype else f"{_NUMPY_TYPE[dtype]}({value})"
+        return _literal(arg, dtype)
+
+    def _call(self, node: torch.fx.Node) -> None:
+        packet = node.target.overloadpacket
+        result = node.meta["val"].dtype
+        if result not in _NUMPY_TYPE or any(k not in ("dtype", "alpha") for k in node.kwargs):
+            raise Unsupported(f"{node.target} with {result} {dict(node.kwargs)}")
+        values = [_value_of(a) for a in node.args]
+        if packet in _BINARY:
+            dtype = torch.result_type(*values[:2])
+            a, b = (self.operand(x, dtype) for x in node.args[:2])
+            if "alpha" in node.kwargs:
+                b = f"{b} * {_literal(node.kwargs['alpha'], dtype)}"
+            expression = f"({a} {_BINARY[packet]} {b})"
+        elif packet is _aten.rsub:
+            dtype = torch.result_type(*values[:2])
+            expression = f"({self.operand(node.args[1], dtype)} - {self.operand(node.args[0], dtype)})"
+        elif packet in _UNARY:
+            expression = _UNARY[packet].format(f"({self.operand(node.args[0], result)})")
+        elif packet in _SAME:
+            expression = self.operand(node.args[0], result)
+        elif packet is _aten.where:
+            dtype = torch.result_type(*values[1:3])
+            a, b = (self.operand(x, dtype) for x in node.args[1:3])
+            expression = f"({a} if {self.operand(node.args[0], torch.bool)} else {b})"
+        elif packet in (_aten.maximum, _aten.minimum):
+            dtype = torch.result_type(*values[:2])
+            a, b = (self.operand(x, dtype) for x in node.args[:2])
+            expression = f"np.{packet.__name__}({a}, {b})"
+        elif packet is _aten.pow and not isinstance(node.args[1], torch.fx.Node):
+            base = f"({self.operand(node.args[0], result)})"
+            exponent = node.args[1]
+            template = _POWERS.get(exponent, "{0} ** " + _literal(exponent, result))
+            expression = template.format(base)
+        elif packet is _aten.pow and not isinstance(node.args[0], torch.fx.Node):
+            expression = f"({_literal(node.args[0], result)} ** {self.operand(node.args[1], result)})"
+        else:
+            raise Unsupported(str(node.target))
+        name = f"v{len(self.names)}"
+        self.names[node] = name
+        line = f"{name} = {_NUMPY_TYPE[result]}({expression})"
+        if any(isinstance(a, torch.fx.Node) and a in self.elementwise for a in node.args):
+            self.elementwise.add(node)
+            self.body.append(line)
+        else:
+            self.prelude.append(line)
+
+    def per_element(self, output: Any, name: str, dtype: torch.dtype, default: str) -> None:
+        """Bind ``name`` to a graph output (or ``default``) inside the loop."""
+        if output is None:
+            self.body.append(f"{name} = {default}")
+        else:
+            self.body.append(f"{name} = {self.operand(output, dtype)}")
+
+
+@dataclass
+class Kernel:
+    """One compiled loop: ``run`` fills ``counts`` (float32 bit buckets of eta, int32) and
+    ``out`` (``STATISTICS``, float64)."""
+
+    function: Callable[..., None]
+    source: str  # of ``function``, for reading
+    arrays: list[str]
+    scalars: list[str]
+    has_eps: bool
+
+    @classmethod
+    def build(cls, formula: Callable[[dict[str, torch.Tensor]], tuple[Any, Any, Any]],
+              arrays: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor]) -> "Kernel":
+        """Trace ``formula(view) -> (eta, eps_dominated or None, update)`` with ``arrays``
+        (flat per-element examples, ``param`` among them) and ``scalars`` (0-d tensors:
+        arguments of the kernel) as its view, and compile it.  Fake tensors: a formula that
+        branches on a value raises (``torch.fx`` data-dependent error) instead of
+        compiling the branch of the example."""
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        names = [*arrays, *scalars]
+
+        def traced(*values: torch.Tensor) -> tuple[Any, ...]:
+            view = dict(zip(names, values))
+            eta, eps, update = formula(view)
+            return (eta, update, view["param"]) if eps is None else (eta, update, view["param"], eps)
+
+        with torch.no_grad():
+            graph = make_fx(traced, tracing_mode="fake")(*arrays.values(), *scalars.values()).graph
+        translation = _Translation(graph, list(arrays), list(scalars))
+        eta, update, theta, *eps = translation.outputs
+        eta_dtype = eta.meta["val"].dtype
+        if eta_dtype not in (torch.float32, torch.float64):
+            raise Unsupported(f"eta in {eta_dtype}")
+        translation.per_element(eta, "eta", eta_dtype, "")
+        translation.per_element(update, "update", update.meta["val"].dtype, "0.0")
+        translation.per_element(theta, "theta", theta.meta["val"].dtype, "0.0")
+        translation.per_element(eps[0] if eps else None, "eps", torch.bool, "False")
+        source = _source(translation, eta_dtype)
+        return cls(_compile(source), source, translation.arrays, list(scalars), bool(eps))
+
+    def run(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any], counts: np.ndarray,
+            out: np.ndarray) -> None:
+        """Add the bucket counts of the flat ``arrays`` (of equal size) to ``counts`` and write
+        their ``out`` row; releases the GIL while it runs."""
+        self.function(*(arrays[name] for name in self.arrays), *(scalars[name] for name in self.scalars),
+                      counts, out)
+
+
+def _source(translation: _Translation, eta_dtype: torch.dtype) -> str:
+    """``_KERNEL_TEMPLATE`` around the translated formula."""
+    wide = eta_dtype == torch.float64  # then the buckets come from a float32 copy of the block
+    return _KERNEL_TEMPLATE.format(
+        arguments=", ".join([f"a{i}" for i in range(len(translation.arrays))] + translation.scalar_names),
+        prelude="\n".join("    " + line for line in translation.prelude) or "    pass",
+        key_max="np.int64(0x7FFFFFFFFFFFFFFF)" if wide else "np.int32(0x7FFFFFFF)",
+        key_min="np.int64(-0x8000000000000000)" if wide else "np.int32(-0x80000000)",
+        sign_shift=63 if wide else 31, eta_type=_NUMPY_TYPE[eta_dtype],
+        int_type="np.int64" if wide else "np.int32",
+        keys_setup=("    narrow = np.empty(BLOCK, np.float32)\n    keys = narrow.view(np.uint32)" if wide
+                    else "    keys = block.view(np.uint32)"),
+        slices="\n".join(f"        a{i}_block = a{i}[begin:end]" for i in range(len(translation.arrays))),
+        body="\n".join(" " * 12 + line for line in translation.body),
+        keys_fill=("        for i in range(a0_block.size):\n            narrow[i] = np.float32(block[i])"
+                   if wide else ""),
+    )
+
+
+def _compile(source: str) -> Callable[..., None]:
+    import numba
+
+    namespace: dict[str, Any] = {"np": np, "BLOCK": BLOCK, "SHIFT": mapping.FLOAT32_SHIFT}
+    exec(compile(source, "<lrscope kernel>", "exec"), namespace)  # noqa: S102 - generated above
+    return numba.njit(nogil=True, error_model="numpy", fastmath={"reassoc", "nsz", "arcp", "contract"})(namespace["kernel"])
