@@ -36,6 +36,7 @@ import lrscope
 import lrscope.torch
 from lrscope.backends import torch_fused, torch_kernel, torch_small, torch_stats
 from lrscope.sinks import JsonlSink
+from lrscope.stats import mapping
 
 
 def wait() -> None:
@@ -403,7 +404,8 @@ def main() -> None:
         kib = memory(s, device)["extra_peak_kib"]
         print(f"   {label:16s} median {kib[2] / 1024:6.1f} MiB, max {kib[-1] / 1024:6.1f} MiB")
     if device == "cpu":
-        print(f"   (a block of {torch_kernel.BLOCK:,} elements and 128 KiB of bucket counts per worker thread,"
+        print(f"   (a block of {torch_kernel.BLOCK:,} elements and {mapping.FLOAT32_BUCKETS * 4 >> 10} KiB of "
+              "bucket counts per worker thread,"
               f" half-precision parts copied in float32 ({torch_fused.PART_ELEMENTS * 4 >> 20} MiB per tensor), "
               f"small tensors in batches of up to {torch_small.BATCH_ELEMENTS:,} elements; the rest is the C "
               "allocator's heap growth)")

@@ -4,8 +4,8 @@ Eager PyTorch runs one kernel, so one pass over memory, per operation: the famil
 formula, then min/max, sums, norms, the eps-dominated count and the bucket counts, a dozen
 passes per chunk.  Here ``torch_kernel`` turns the family's formula (``formulas/``: there
 is no second copy of it) into one numba loop that computes eta and every statistic with it,
-bucket counts included, reading each state tensor once; the range of a tensor is split
-over PyTorch's number of threads (the calling thread and a pool), each counting into its
+bucket counts included, reading each state tensor once; tensors are cut into parts that
+worker threads (as many as PyTorch's intra-op threads) take in turn, each counting into its
 own row.  Per-step scalars (t, lr, beta powers) are arguments, so a new step compiles
 nothing; a family, option set or dtype compiles once (about a second).
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -169,9 +168,7 @@ def _computed_in(dtype: torch.dtype) -> torch.dtype:
 
 def _argument(value: Any) -> Any:
     """A scalar as the numpy scalar the kernel was compiled for (a Python number is float64)."""
-    if isinstance(value, torch.Tensor):
-        return np.dtype(str(value.dtype).removeprefix("torch.")).type(value.item())
-    return np.float64(value)
+    return value.detach().numpy()[()] if isinstance(value, torch.Tensor) else np.float64(value)
 
 
 def _fused(formula: ChunkedFormula, kernel: torch_kernel.Kernel, scalars: dict[str, Any],
@@ -203,9 +200,7 @@ def _part(kernel: torch_kernel.Kernel, flat: dict[str, torch.Tensor], scalars: d
     arrays = {k: v[start:stop].to(_computed_in(v.dtype)).numpy() for k, v in flat.items()}
     row = np.empty(len(torch_kernel.STATISTICS))
     kernel.run(arrays, scalars, counts, row)
-    first, last = 0, mapping.FLOAT32_BUCKETS - 1
-    if 0 < row[0] and row[1] < math.inf:  # (NaN fails both: then every bucket is read)
-        first, last = (int(np.float32(x).view(np.uint32)) >> mapping.FLOAT32_SHIFT for x in row[:2])
+    first, last = mapping.float32_bucket_span(row[0], row[1])
     window = counts[first:last + 1]
     indices = np.flatnonzero(window)
     found = window[indices].astype(np.int64)

@@ -213,12 +213,9 @@ class _Translation:
         else:
             self.prelude.append(line)
 
-    def per_element(self, output: Any, name: str, dtype: torch.dtype, default: str) -> None:
-        """Bind ``name`` to a graph output (or ``default``) inside the loop."""
-        if output is None:
-            self.body.append(f"{name} = {default}")
-        else:
-            self.body.append(f"{name} = {self.operand(output, dtype)}")
+    def per_element(self, name: str, output: Any, dtype: torch.dtype) -> None:
+        """Bind ``name`` to a graph output, as ``dtype``, inside the loop."""
+        self.body.append(f"{name} = {self.operand(output, dtype)}")
 
 
 @dataclass
@@ -256,10 +253,10 @@ class Kernel:
         eta_dtype = eta.meta["val"].dtype
         if eta_dtype not in (torch.float32, torch.float64):
             raise Unsupported(f"eta in {eta_dtype}")
-        translation.per_element(eta, "eta", eta_dtype, "")
-        translation.per_element(update, "update", update.meta["val"].dtype, "0.0")
-        translation.per_element(theta, "theta", theta.meta["val"].dtype, "0.0")
-        translation.per_element(eps[0] if eps else None, "eps", torch.bool, "False")
+        translation.per_element("eta", eta, eta_dtype)
+        translation.per_element("update", update, update.meta["val"].dtype)
+        translation.per_element("theta", theta, theta.meta["val"].dtype)
+        translation.per_element("eps", eps[0] if eps else False, torch.bool)
         source = _source(translation, eta_dtype)
         return cls(_compile(source), source, translation.arrays, list(scalars), bool(eps))
 

@@ -201,13 +201,6 @@ class Accumulator:
     def _keep(self, row: torch.Tensor) -> None:
         self.rows.append(row.double().numpy() if self.cpu_counts is not None else row)
 
-    def add_row(self, values: torch.Tensor, row: torch.Tensor, has_eps: bool, n: int) -> None:
-        """A chunk of ``n`` elements whose row was computed elsewhere (``torch_fused``);
-        ``values`` is eta, or one 0-d eta for all ``n``."""
-        self._count(values, n)
-        self._keep(row)
-        self.has_eps = self.has_eps or has_eps
-
     def add_counted(self, row: np.ndarray, indices: np.ndarray, counts: np.ndarray, has_eps: bool) -> None:
         """A range whose row and nonzero bucket counts were computed elsewhere
         (``torch_fused``, on the CPU)."""

@@ -91,10 +91,8 @@ class BucketCounts:
     def _dense(self, within: tuple[float, float] | None) -> tuple[np.ndarray, np.ndarray]:
         """The nonzero buckets of the dense counts (row and folded total) and their counts,
         scanning only the buckets of ``within`` when given."""
-        start, stop = 0, mapping.FLOAT32_BUCKETS
-        if within is not None:
-            start, stop = (int(np.float32(x).view(np.uint32)) >> _SHIFT for x in within)
-            stop += 1
+        start, last = mapping.float32_bucket_span(*within) if within else (0, mapping.FLOAT32_BUCKETS - 1)
+        stop = last + 1
         total = None if self._total is None else self._total[start:stop]
         if self._row is not None and self._in_row:
             part = self._row[start:stop].astype(np.int64)

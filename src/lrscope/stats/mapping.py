@@ -57,6 +57,19 @@ def key_to_lower_bound(key: np.ndarray) -> np.ndarray:
     return np.ldexp(1.0 + fraction / SUBBUCKETS, exponent)
 
 
+def float32_bucket_span(low: float, high: float) -> tuple[int, int]:
+    """The first and last float32 bit bucket of every value in ``[low, high]`` when both are
+    positive and finite; all buckets otherwise (NaN bounds too).
+
+    >>> float32_bucket_span(1.0, 3.0), float32_bucket_span(-1.0, 3.0)
+    ((8128, 8224), (0, 32767))
+    """
+    if not (0 < low and high < np.inf):
+        return 0, FLOAT32_BUCKETS - 1
+    first, last = (int(np.float32(x).view(np.uint32)) >> FLOAT32_SHIFT for x in (low, high))
+    return first, last
+
+
 def float32_bits_to_key(shifted: np.ndarray) -> np.ndarray:
     """Keys of buckets indexed by ``abs_float32_bits >> FLOAT32_SHIFT`` (sign bit cleared)."""
     return np.asarray(shifted, dtype=np.int64) - _FLOAT32_BIAS
