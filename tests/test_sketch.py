@@ -76,6 +76,16 @@ def test_merge_equals_sketch_of_union_and_roundtrips(data, cut):
             abs(exact), abs(np.quantile(data, q, method="higher"))) + 1e-323
 
 
+@pytest.mark.parametrize("low, high", [(1e-3, 1e3), (1e-300, 1e300)], ids=["dense row", "sort"])
+def test_union_of_many_is_the_sketch_of_all_their_data(low, high):
+    """Both ways of merging stores: a dense row over a narrow span of keys, a sort otherwise."""
+    rng = np.random.default_rng(0)
+    parts = [np.exp(rng.uniform(np.log(low), np.log(high), rng.integers(0, 200))) * rng.choice([-1, 1])
+             for _ in range(30)]
+    union = LogSketch.union([LogSketch.from_array(part) for part in parts])
+    assert union == LogSketch.from_array(np.concatenate(parts))
+
+
 @settings(max_examples=200, deadline=None)
 @given(hnp.arrays(np.float32, st.integers(1, 300),
                   elements=st.floats(-3.0000000054977558e+38, 3.0000000054977558e+38, width=32,

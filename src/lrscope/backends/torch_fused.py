@@ -174,7 +174,8 @@ def _argument(value: Any) -> Any:
 def _fused(formula: ChunkedFormula, kernel: torch_kernel.Kernel, scalars: dict[str, Any],
            param: torch.Tensor) -> torch_stats.Pending:
     """The statistics of ``param``, its parts queued on the worker threads."""
-    flat = formula.parts[0]
+    # numpy views of the whole tensors, sliced per part; half precision converted per part.
+    flat = {k: v.numpy() if v.dtype == _computed_in(v.dtype) else v for k, v in formula.parts[0].items()}
     n = param.numel()
     tasks = [functools.partial(_part, kernel, flat, scalars, start, min(start + PART_ELEMENTS, n))
              for start in range(0, n, PART_ELEMENTS)]
@@ -188,7 +189,7 @@ def _fused(formula: ChunkedFormula, kernel: torch_kernel.Kernel, scalars: dict[s
     return torch_stats.Pending(tasks, combine, _pool().submit)
 
 
-def _part(kernel: torch_kernel.Kernel, flat: dict[str, torch.Tensor], scalars: dict[str, Any],
+def _part(kernel: torch_kernel.Kernel, flat: dict[str, np.ndarray | torch.Tensor], scalars: dict[str, Any],
           start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """On a worker thread: the ``torch_stats`` row of the flat range ``start:stop`` and the
     indices and counts of its nonzero buckets.  The thread's int32 row of bucket counts is
@@ -197,7 +198,8 @@ def _part(kernel: torch_kernel.Kernel, flat: dict[str, torch.Tensor], scalars: d
     counts = getattr(_thread, "counts", None)
     if counts is None:
         counts = _thread.counts = np.zeros(mapping.FLOAT32_BUCKETS, np.int32)
-    arrays = {k: v[start:stop].to(_computed_in(v.dtype)).numpy() for k, v in flat.items()}
+    arrays = {k: v[start:stop] if isinstance(v, np.ndarray) else v[start:stop].float().numpy()
+              for k, v in flat.items()}
     row = np.empty(len(torch_kernel.STATISTICS))
     kernel.run(arrays, scalars, counts, row)
     first, last = mapping.float32_bucket_span(row[0], row[1])
