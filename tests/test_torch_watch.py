@@ -333,15 +333,25 @@ def test_compiled_optimizer_step():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-def test_nonfinite_state_is_counted_and_training_untouched():
+@pytest.mark.parametrize("device_path", [False, True], ids=["CPU path", "device path, tensors batched"])
+def test_nonfinite_state_is_counted_and_training_untouched(device_path, monkeypatch):
+    """NaN in one tensor's state: that tensor is redone with masks (alone), the others,
+    measured in the same batch on the device path, keep their finite statistics."""
+    from lrscope.backends import torch_stats
+
+    if device_path:
+        monkeypatch.setattr(torch_stats, "on_host", lambda device: False)
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     train_step(model, optimizer, 0)
     optimizer.state[model[0].weight]["exp_avg_sq"][0, :3] = float("nan")
     with lrscope.watch(optimizer, model=model) as monitor:
         train_step(model, optimizer, 1)
-    dist = monitor.last.groups[0].params["0.weight"].effective_lr
+    params = monitor.last.groups[0].params
+    dist = params["0.weight"].effective_lr
     assert dist.nonfinite == 3 and np.isfinite(dist.min) and np.isfinite(dist.quantile(0.5))
+    for name in ("0.bias", "2.weight", "2.bias"):
+        assert params[name].effective_lr.nonfinite == 0 and np.isfinite(params[name].effective_lr.mean)
 
 
 def test_inspect_notes_what_it_cannot_know():
@@ -497,11 +507,13 @@ def test_scalar_steps_report_what_the_step_used_after_the_scheduler_moved():
             assert (group.effective_lr is not None) == (t in (1, 8))
 
 
-def test_device_path_run_on_the_cpu(monkeypatch):
+@pytest.mark.parametrize("batched", [True, False], ids=["tensors batched", "tensor by tensor"])
+def test_device_path_run_on_the_cpu(batched, monkeypatch):
     """The GPU code path, run on the CPU by treating it as a device: counts added with
     ``index_add_``, statistics packed on the device and moved, with the groups' step
     counters, by one ``to_host`` per measured step for all groups (none on the others);
-    the same distributions as the CPU path."""
+    the same distributions as the CPU path, parameter by parameter, whether a group's
+    tensors are measured together (``torch_stats.segment_results``) or one by one."""
     from lrscope.backends import torch_small, torch_stats
 
     def train(device_path):
@@ -513,7 +525,8 @@ def test_device_path_run_on_the_cpu(monkeypatch):
         with monkeypatch.context() as patch:
             if device_path:
                 patch.setattr(torch_stats, "on_host", lambda device: False)
-                patch.setattr(torch_small, "SMALL_ELEMENTS", 0)  # no numpy batching
+                if not batched:
+                    patch.setattr(torch_small, "DEVICE_BATCH_ELEMENTS", 0)
                 patch.setattr(torch_stats, "LANES_MIN_ELEMENTS", 10)  # weights: counts in 32 copies
                 real = torch_stats.to_host
                 patch.setattr(torch_stats, "to_host", lambda *a: calls.append(a) or real(*a))
@@ -528,14 +541,17 @@ def test_device_path_run_on_the_cpu(monkeypatch):
     device, calls = train(True)
     assert len(calls) == 2 and device.t == cpu.t == 3
     assert set(calls[-1][1]) == {0, 1}  # both groups' step counters (tensors) moved along
-    for a, b in zip(cpu.groups, device.groups):
-        x, y = a.effective_lr.sketch, b.effective_lr.sketch  # the same bucket counts
-        assert b.step_size == a.step_size and y.count == x.count
-        assert all(np.array_equal(u, v) for u, v in zip(x.positive + x.negative, y.positive + y.negative))
-        assert (b.effective_lr.min, b.effective_lr.max) == (a.effective_lr.min, a.effective_lr.max)
-        assert b.effective_lr.mean == pytest.approx(a.effective_lr.mean, rel=1e-6)
-        assert b.update_norm == pytest.approx(a.update_norm, rel=1e-6)
-        assert b.param_norm == pytest.approx(a.param_norm, rel=1e-6)
+    for g, h in zip(cpu.groups, device.groups):
+        assert h.step_size == g.step_size and list(h.params) == list(g.params)
+        for a, b in [(g, h), *zip(g.params.values(), h.params.values())]:
+            x, y = a.effective_lr.sketch, b.effective_lr.sketch  # the same bucket counts
+            assert y.count == x.count
+            assert all(np.array_equal(u, v) for u, v in zip(x.positive + x.negative, y.positive + y.negative))
+            assert (b.effective_lr.min, b.effective_lr.max) == (a.effective_lr.min, a.effective_lr.max)
+            assert b.effective_lr.mean == pytest.approx(a.effective_lr.mean, rel=1e-6)
+            assert b.effective_lr.eps_dominated_count == a.effective_lr.eps_dominated_count
+            assert b.update_norm == pytest.approx(a.update_norm, rel=1e-6)
+            assert b.param_norm == pytest.approx(a.param_norm, rel=1e-6)
 
 
 def test_inspect_before_the_first_step_says_so():

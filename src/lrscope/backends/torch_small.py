@@ -1,12 +1,16 @@
-"""Statistics of many small CPU tensors (biases, norm weights) from one formula call.
+"""Statistics of many tensors from one formula call: small CPU tensors (biases, norm
+weights), and on a device (a GPU) every tensor of up to ``DEVICE_BATCH_ELEMENTS``.
 
 Each small tensor on its own costs a dozen eager torch calls of a few microseconds, far
-more than its arithmetic: on a small model lrscope would cost several optimizer steps.
-Here the state of every small tensor that shares a formula (same family, options, dtype
-and per-step scalars) is concatenated, the family's formula (``formulas/``) runs once
-over the concatenation, and numpy reduces each tensor's segment: the same elementwise
-arithmetic as tensor by tensor, so the same eta, and per-tensor results in the format of
-``torch_stats.Accumulator.result``.  Temporary memory is bounded by ``BATCH_ELEMENTS``.
+more than its arithmetic: on a small model lrscope would cost several optimizer steps; on
+a GPU each tensor measured alone costs some 35 kernel launches, which take longer than the
+kernels.  Here the state of every such tensor that shares a formula (same family, options,
+dtype, device and per-step scalars) is concatenated, the family's formula (``formulas/``)
+runs once over the concatenation, and each tensor's segment is reduced: in numpy on the
+CPU, on the device by a fixed number of kernels per batch (``torch_stats.segment_results``).
+The same elementwise arithmetic as tensor by tensor, so the same eta, and per-tensor
+results in the format of ``torch_stats.Accumulator.result``.  Temporary memory is bounded
+by ``BATCH_ELEMENTS`` (``DEVICE_BATCH_ELEMENTS`` on a device).
 
 A tensor whose statistics hold NaN/Inf is redone on its own (``torch_stats.collect``).
 """
@@ -24,6 +28,10 @@ from lrscope.stats import mapping
 
 #: Tensors of at most this many elements are batched.
 SMALL_ELEMENTS = torch_stats.NUMPY_ELEMENTS
+#: On a device (a GPU), tensors of at most this many elements are batched, in batches of up
+#: to this many, and reduced per tensor on the device (``torch_stats.segment_results``): the
+#: launches, not the arithmetic, take a GPU's time.
+DEVICE_BATCH_ELEMENTS = torch_stats.DEVICE_CHUNK_ELEMENTS
 #: Elements per batch: the concatenated state and its float64 copies (a few buffers of
 #: this size, about 1 MiB in all) stay in cache.  Measured on 2 cores, 82-tensor 0.5M
 #: model: 65,536 about 6 ms per measurement, 262,144 about 11 ms, 16,384 about 8.5 ms.
@@ -35,20 +43,20 @@ def _signature(formula: torch_fused.ChunkedFormula) -> tuple[Any, ...] | None:
     value is neither a number nor a 0-d tensor (then the tensor is measured alone)."""
     flat, rest = formula.parts
     scalars = []
-    for key, value in sorted(rest.items()):
-        if isinstance(value, torch.Tensor) and value.dim() == 0:
-            value = (value.dtype, value.device, value.item())
-        elif not isinstance(value, (int, float)):
+    for key, value in sorted({**rest, "t": formula.t}.items()):
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type == "cpu":
+            value = (value.dtype, value.item())
+        elif not isinstance(value, (int, float)):  # (reading a device scalar would synchronise)
             return None
         scalars.append((key, value))
-    t = formula.t.item() if isinstance(formula.t, torch.Tensor) and formula.t.dim() == 0 else formula.t
     # (The hyperparameters: one dict per parameter group, shared by its tensors.)
-    return formula.family, formula.dtype, tuple(sorted(flat)), tuple(scalars), t, id(formula.h)
+    return (formula.family, formula.dtype, flat["param"].device, tuple(sorted(flat)), tuple(scalars),
+            id(formula.h))
 
 
 def _batchable(compute: Any, param: torch.Tensor) -> bool:
-    return (isinstance(compute, torch_fused.ChunkedFormula) and param.device.type == "cpu"
-            and 1 < param.numel() <= SMALL_ELEMENTS)
+    limit = SMALL_ELEMENTS if torch_stats.on_host(param.device) else DEVICE_BATCH_ELEMENTS
+    return isinstance(compute, torch_fused.ChunkedFormula) and 1 < param.numel() <= limit
 
 
 def measures(items: dict[str, tuple[Callable[[slice], Any], torch.Tensor]]) -> dict[str, Callable[[bool], Any]]:
@@ -64,7 +72,8 @@ def measures(items: dict[str, tuple[Callable[[slice], Any], torch.Tensor]]) -> d
         else:
             batches.setdefault(signature, []).append(name)
     for names in batches.values():
-        for run in _runs(names, lambda name: items[name][1].numel(), BATCH_ELEMENTS):
+        limit = BATCH_ELEMENTS if torch_stats.on_host(items[names[0]][1].device) else DEVICE_BATCH_ELEMENTS
+        for run in _runs(names, lambda name: items[name][1].numel(), limit):
             out.update(_Batch({name: items[name] for name in run}).measures())
     return {name: out[name] for name in items}
 
@@ -106,9 +115,12 @@ class _Batch:
         flat = {key: torch.cat([f.parts[0][key] for f in formulas]) for key in first.parts[0]}
         theta = flat["param"]
         el = first.apply(first.family, {**first.parts[1], **flat}, first.t, first.h, first.dtype)
-        eta = torch_stats.eta_tensor(el).detach()
+        eta = torch_stats.eta_tensor(el, theta.device).detach()
         eta = eta.expand(theta.shape) if eta.dim() == 0 else eta
         sizes = np.array([param.numel() for _, param in self.items.values()])
+        if not torch_stats.on_host(theta.device):  # packed rows, moved later with the others
+            rows = torch_stats.segment_results(eta, el.eps_dominated, el.update(theta), theta, sizes.tolist())
+            return dict(zip(self.items, rows))
         rows = torch_stats.numpy_rows(eta, el.eps_dominated, el.update(theta), theta, segment_starts(sizes))
         if el.eps_dominated is None:
             mark_eps_absent(rows)
