@@ -527,6 +527,7 @@ def test_device_path_run_on_the_cpu(batched, monkeypatch):
                 patch.setattr(torch_stats, "on_host", lambda device: False)
                 if not batched:
                     patch.setattr(torch_small, "DEVICE_BATCH_ELEMENTS", 0)
+                patch.setattr(torch_stats, "PIECE_ELEMENTS", 5)  # segments of several uneven pieces
                 patch.setattr(torch_stats, "LANES_MIN_ELEMENTS", 10)  # weights: counts in 32 copies
                 real = torch_stats.to_host
                 patch.setattr(torch_stats, "to_host", lambda *a: calls.append(a) or real(*a))

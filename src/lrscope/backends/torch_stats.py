@@ -40,6 +40,10 @@ _MASK = mapping.FLOAT32_BUCKETS - 1
 LANES = 32
 LANES_MIN_ELEMENTS = 1 << 20
 _LANE_OFFSETS: dict[torch.device, torch.Tensor] = {}
+#: ``segment_results`` reduces in pieces of at most this many elements, then each segment's
+#: pieces: a segmented reduction gives each segment one thread block, so a batch of a few
+#: segments of a million elements would leave most of a GPU idle.
+PIECE_ELEMENTS = 1 << 15
 
 
 def on_host(device: torch.device) -> bool:
@@ -244,10 +248,14 @@ def segment_results(values: torch.Tensor, eps_dominated: Any, update: torch.Tens
     segments of the given ``sizes``), one row each, in a fixed number of kernels whatever
     the number of segments: a GPU's time goes to launching kernels, some 35 per tensor
     measured alone.  Segmented reductions, not atomic ones into one value per segment
-    (those serialise: 4M values took 290 ms on an H100); the sums in float64."""
+    (those serialise: 4M values took 290 ms on an H100), over pieces of at most
+    ``PIECE_ELEMENTS`` and then over each segment's pieces; the sums in float64."""
     device, n, k = values.device, param.numel(), len(sizes)
     flat = values.reshape(-1).expand(n) if values.dim() == 0 else values.reshape(-1)
-    lengths = _on_device(sizes, device)
+    pieces = [-(-size // PIECE_ELEMENTS) for size in sizes]
+    piece_sizes = [min(PIECE_ELEMENTS, size - start) for size in sizes for start in range(0, size, PIECE_ELEMENTS)]
+    lengths, per_segment, per_piece = _on_device(sizes + pieces + piece_sizes, device).split(
+        [k, k, len(piece_sizes)])
 
     def reduced(x: Any, how: str) -> torch.Tensor:
         """Per segment; None (absent): zeros.  (``unsafe``: no check that reads the lengths
@@ -257,7 +265,8 @@ def segment_results(values: torch.Tensor, eps_dominated: Any, update: torch.Tens
         x = torch.as_tensor(x, device=device).reshape(-1)
         x = x.expand(n) if x.numel() == 1 else x
         x = x.double() if how == "sum" else x
-        return torch.segment_reduce(x, how, lengths=lengths, unsafe=True).double()
+        within = torch.segment_reduce(x, how, lengths=per_piece, unsafe=True)
+        return torch.segment_reduce(within, how, lengths=per_segment, unsafe=True).double()
 
     exact = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()  # (half: exact in float32)
     wide = exact.double()
@@ -267,7 +276,8 @@ def segment_results(values: torch.Tensor, eps_dominated: Any, update: torch.Tens
         reduced(param.double().square(), "sum")], 1)
     if eps_dominated is None:
         mark_eps_absent(totals)
-    segment = torch.repeat_interleave(torch.arange(k, device=device), lengths, output_size=n)  # (no sync)
+    # int32 segment offsets (k * FLOAT32_BUCKETS < 2**31); output_size: no synchronisation.
+    segment = torch.repeat_interleave(torch.arange(k, dtype=torch.int32, device=device), lengths, output_size=n)
     counts = torch.zeros(k * mapping.FLOAT32_BUCKETS, dtype=torch.int64, device=device)
     _add_bucket_counts(counts, flat, 1, segment * mapping.FLOAT32_BUCKETS)
     return torch.cat([counts.view(k, -1).double(), totals], 1)
