@@ -40,7 +40,9 @@ BATCH_ELEMENTS = torch_stats.CHUNK_ELEMENTS // 4
 
 def _signature(formula: torch_fused.ChunkedFormula) -> tuple[Any, ...] | None:
     """What must be equal for two tensors to share one formula call; None if a per-step
-    value is neither a number nor a 0-d tensor (then the tensor is measured alone)."""
+    value (t among them) is neither a number nor a 0-d CPU tensor, such as the step
+    counter of a capturable optimizer, which lives on the GPU and would have to be read
+    there (then the tensor is measured alone)."""
     flat, rest = formula.parts
     scalars = []
     for key, value in sorted({**rest, "t": formula.t}.items()):
