@@ -241,17 +241,17 @@ class Accumulator:
         return decode_statistics(counts, totals, indices)
 
 
-def segment_results(values: torch.Tensor, eps_dominated: Any, update: torch.Tensor | None,
+def segment_results(values: torch.Tensor, eps_dominated: torch.Tensor | None, update: torch.Tensor | None,
                     param: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """``Accumulator.result`` on a device (bucket counts, then ``report.STATISTICS``) of each
-    consecutive segment of several tensors laid end to end (``values``: their eta; the
-    segments of the given ``sizes``), one row each, in a fixed number of kernels whatever
-    the number of segments: a GPU's time goes to launching kernels, some 35 per tensor
-    measured alone.  Segmented reductions, not atomic ones into one value per segment
+    consecutive segment of several tensors laid end to end (``values``: their eta, one per
+    element like the others; the segments of the given ``sizes``), one row each, in a fixed
+    number of kernels whatever the number of segments: a GPU's time goes to launching
+    kernels, some 35 per tensor measured alone.  Segmented reductions, not atomic ones into one value per segment
     (those serialise: 4M values took 290 ms on an H100), over pieces of at most
     ``PIECE_ELEMENTS`` and then over each segment's pieces; the sums in float64."""
-    device, n, k = values.device, param.numel(), len(sizes)
-    flat = values.reshape(-1).expand(n) if values.dim() == 0 else values.reshape(-1)
+    device, k = values.device, len(sizes)
+    flat = values.reshape(-1)
     pieces = [-(-size // PIECE_ELEMENTS) for size in sizes]
     piece_sizes = [min(PIECE_ELEMENTS, size - start) for size in sizes for start in range(0, size, PIECE_ELEMENTS)]
     lengths, per_segment, per_piece = _on_device(sizes + pieces + piece_sizes, device).split(
@@ -262,9 +262,7 @@ def segment_results(values: torch.Tensor, eps_dominated: Any, update: torch.Tens
         on the host.)"""
         if x is None:
             return torch.zeros(k, dtype=torch.float64, device=device)
-        x = torch.as_tensor(x, device=device).reshape(-1)
-        x = x.expand(n) if x.numel() == 1 else x
-        x = x.double() if how == "sum" else x
+        x = x.reshape(-1).double() if how == "sum" else x.reshape(-1)
         within = torch.segment_reduce(x, how, lengths=per_piece, unsafe=True)
         return torch.segment_reduce(within, how, lengths=per_segment, unsafe=True).double()
 
@@ -277,7 +275,8 @@ def segment_results(values: torch.Tensor, eps_dominated: Any, update: torch.Tens
     if eps_dominated is None:
         mark_eps_absent(totals)
     # int32 segment offsets (k * FLOAT32_BUCKETS < 2**31); output_size: no synchronisation.
-    segment = torch.repeat_interleave(torch.arange(k, dtype=torch.int32, device=device), lengths, output_size=n)
+    segment = torch.repeat_interleave(torch.arange(k, dtype=torch.int32, device=device), lengths,
+                                      output_size=flat.numel())
     counts = torch.zeros(k * mapping.FLOAT32_BUCKETS, dtype=torch.int64, device=device)
     _add_bucket_counts(counts, flat, 1, segment * mapping.FLOAT32_BUCKETS)
     return torch.cat([counts.view(k, -1).double(), totals], 1)
