@@ -367,8 +367,11 @@ def main() -> None:
     scale, repeat = (0.1, 3) if args.quick else (1.0, 9)
     scale, device = args.scale or scale, args.device
     where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, chunks = {torch_stats.CHUNK_ELEMENTS:,} elements (eager), "
-          f"parts of {torch_fused.PART_ELEMENTS:,} (compiled kernel, CPU)")
+    layout = (f"chunks and batches of {torch_small.DEVICE_BATCH_ELEMENTS:,} elements, segments reduced in "
+              f"pieces of {torch_stats.PIECE_ELEMENTS:,}" if device == "cuda" else
+              f"chunks = {torch_stats.CHUNK_ELEMENTS:,} elements (eager), parts of {torch_fused.PART_ELEMENTS:,} "
+              "(compiled kernel)")
+    print(f"torch {torch.__version__}, {where}, {layout}")
 
     d = distributions(scale, repeat, device)
     r = d["rounds"]
@@ -410,6 +413,8 @@ def main() -> None:
               f"small tensors in batches of up to {torch_small.BATCH_ELEMENTS:,} elements; the rest is the C "
               "allocator's heap growth)")
     else:
+        print(f"   (the temporaries of one chunk or batch of {torch_small.DEVICE_BATCH_ELEMENTS:,} elements, "
+              "and each tensor's packed counts until the step's one transfer)")
         counts = synchronisations(steps=30, every=10)
         print("\n   Synchronisations per optimizer step (JSONL sink, every=10; foreach, fused, capturable "
               f"AdamW):\n   with distributions {sorted(set(counts[True]))}, "
