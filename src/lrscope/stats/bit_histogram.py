@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from lrscope.stats import mapping
+from lrscope.stats.sketch import merge_stores
 
 _MASK = mapping.FLOAT32_BUCKETS - 1
 _SHIFT = mapping.FLOAT32_SHIFT
@@ -115,11 +116,5 @@ class BucketCounts:
             return indices, counts
         if not indices.size and len(self._few) == 1 and not isinstance(self._few[0][1], int):
             return self._few[0]  # one set of buckets counted elsewhere: already sorted and unique
-        keys = [indices] + [k for k, _ in self._few]
-        weights = [counts] + [np.broadcast_to(np.asarray(w, np.int64), k.shape) for k, w in self._few]
-        if len(keys) == 2 and not indices.size and isinstance(self._few[0][1], int) and self._few[0][1] == 1:
-            unique, total = np.unique(keys[1], return_counts=True)  # one small array: one sort
-            return unique, total.astype(np.int64)
-        unique, inverse = np.unique(np.concatenate(keys), return_inverse=True)
-        total = np.bincount(inverse, weights=np.concatenate(weights), minlength=unique.size)
-        return unique, total.astype(np.int64)
+        weighted = [(keys, np.broadcast_to(np.asarray(weight, np.int64), keys.shape)) for keys, weight in self._few]
+        return merge_stores([(indices, counts), *weighted])

@@ -37,9 +37,14 @@ _EMPTY_KEYS = np.zeros(0, dtype=np.int64)
 _DENSE_SPAN = 1 << 16
 
 
-def _merge_stores(stores: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """One (keys, counts) store from many (every count positive), however many are merged:
-    one dense row over the keys' span where it is narrow, else a single sort."""
+def merge_stores(stores: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """One (keys, counts) store, keys sorted and unique, from many (counts not negative),
+    however many are merged: one dense row over the keys' span where it is narrow (then a
+    key whose counts sum to 0 is left out), else a single sort.
+
+    >>> merge_stores([(np.array([3, 5]), np.array([1, 2])), (np.array([5, 9]), np.array([4, 1]))])
+    (array([3, 5, 9]), array([1, 6, 1]))
+    """
     keys = np.concatenate([keys for keys, _ in stores])
     if keys.size == 0:
         return _EMPTY_KEYS, _EMPTY_KEYS
@@ -150,8 +155,8 @@ class LogSketch:
             max=max(s.max for s in sketches),
             sum=math.fsum(s.sum for s in sketches),
             sum_squares=math.fsum(s.sum_squares for s in sketches),
-            positive=_merge_stores([s.positive for s in sketches]),
-            negative=_merge_stores([s.negative for s in sketches]),
+            positive=merge_stores([s.positive for s in sketches]),
+            negative=merge_stores([s.negative for s in sketches]),
         )
 
     # -- summaries --------------------------------------------------------------------
