@@ -198,7 +198,7 @@ def _part(kernel: torch_kernel.Kernel, flat: dict[str, np.ndarray | torch.Tensor
     counts = getattr(_thread, "counts", None)
     if counts is None:
         counts = _thread.counts = np.zeros(mapping.FLOAT32_BUCKETS, np.int32)
-    arrays = {k: v[start:stop] if isinstance(v, np.ndarray) else v[start:stop].float().numpy()
+    arrays = {k: v[start:stop] if isinstance(v, np.ndarray) else v[start:stop].to(_computed_in(v.dtype)).numpy()
               for k, v in flat.items()}
     row = np.empty(len(torch_kernel.STATISTICS))
     kernel.run(arrays, scalars, counts, row)
