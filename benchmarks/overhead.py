@@ -34,7 +34,7 @@ import torch
 
 import lrscope
 import lrscope.torch
-from lrscope.backends import torch_fused, torch_kernel, torch_small, torch_stats
+from lrscope.torch import fused as torch_fused, kernel as torch_kernel, small as torch_small, stats as torch_stats
 from lrscope.sinks import JsonlSink
 from lrscope.stats import mapping
 

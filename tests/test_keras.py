@@ -17,7 +17,7 @@ keras = pytest.importorskip("keras")
 
 import lrscope  # noqa: E402
 import lrscope.keras  # noqa: E402
-from lrscope.backends.keras import KerasReader  # noqa: E402
+from lrscope.keras.reader import KerasReader  # noqa: E402
 
 from keras import ops  # noqa: E402
 
@@ -465,7 +465,7 @@ def test_callback_log_dir_writes_tensorboard(tmp_path) -> None:
 @pytest.mark.parametrize("case", ["adam_amsgrad_wd", "rmsprop_centered_momentum", "lamb"])
 def test_chunked_statistics_equal_whole_tensor(case: str, fast: bool, monkeypatch) -> None:
     """Chunks (bounded memory) give the same statistics as one pass over each tensor."""
-    from lrscope.backends import keras_stats
+    from lrscope.keras import stats as keras_stats
 
     if fast and BACKEND != "tensorflow":
         pytest.skip("keras_jax measures whole variables; torch's chunks are test_torch_fused's")
@@ -534,9 +534,9 @@ def _fast_cases() -> list[str]:
     ``keras_stats`` alone."""
     import importlib
 
-    from lrscope.backends.keras import family_of, unwrap
+    from lrscope.keras.reader import family_of, unwrap
 
-    fast = importlib.import_module(f"lrscope.backends.keras_{BACKEND}")
+    fast = importlib.import_module(f"lrscope.keras.backend_{BACKEND}")
     skipped = {"adam_loss_scale"} if BACKEND == "jax" else set()
     return [c for c in sorted(CASES) if c not in skipped and fast.applies(family_of(unwrap(CASES[c]())))]
 
@@ -583,7 +583,7 @@ def test_statistics_compile_once_per_model(path: str, monkeypatch) -> None:
     """t, a scheduled lr, the weight decay and the state are inputs: later steps compile
     (on TensorFlow, trace) nothing, on the fast path and, on TensorFlow, in the op-by-op
     statistics graph (``keras_stats``: Lamb's, and every family's under LRSCOPE_FUSED=0)."""
-    from lrscope.backends import keras_jax, keras_stats, keras_tensorflow
+    from lrscope.keras import backend_jax as keras_jax, backend_tensorflow as keras_tensorflow, stats as keras_stats
 
     if path != "fast" and BACKEND != "tensorflow":
         pytest.skip("op by op, only the TensorFlow backend builds a graph")
@@ -614,7 +614,7 @@ def test_fused_pass_on_torch_equals_op_by_op(case: str, monkeypatch) -> None:
     """Large variables take torch_fused's compiled kernel (parts shrunk so that 5063
     elements make four parts of 1024 and a shorter one); a schedule changes lr, the weight
     decay as modelled and NAdam's mu_product every step, and nothing compiles again."""
-    from lrscope.backends import torch_fused, torch_kernel, torch_small
+    from lrscope.torch import fused as torch_fused, kernel as torch_kernel, small as torch_small
 
     monkeypatch.setattr(torch_small, "SMALL_ELEMENTS", 999)  # only the bias is batched
     monkeypatch.setattr(torch_fused, "FUSED_MIN_ELEMENTS", 1000)

@@ -243,7 +243,7 @@ def test_tensors_measured_in_a_loop_equal_those_measured_alone(x64, alias, kwarg
     (``optax_stats.by_blocks``; blocks of at most 5 elements here: [4], [12], [4, 1]);
     with ``keep_arrays`` (arrays of every shape) each is measured on its own, as on other
     platforms: the same statistics."""
-    from lrscope.backends import optax_stats
+    from lrscope.jax import stats as optax_stats
 
     monkeypatch.setattr(optax_stats, "BLOCK_ELEMENTS", 5)
     looped, alone = (lrscope.inspect(_run(lrscope.optax.monitor(
@@ -261,7 +261,7 @@ def test_a_step_holds_the_temporaries_of_one_block_of_tensors():
     them all at once (51 MiB)."""
     if jax.default_backend() != "cpu":
         pytest.skip("the loop is the CPU's")
-    from lrscope.backends import optax_stats
+    from lrscope.jax import stats as optax_stats
 
     tx = lrscope.optax.monitor(optax.adam, learning_rate=1e-3, every=10)
 

@@ -281,7 +281,7 @@ def test_monitor_does_not_change_training() -> None:
 def test_a_failing_measurement_warns_once_and_training_goes_on(monkeypatch) -> None:
     """If measuring the distributions raises (an error injected into the statistics), the
     monitor warns once and reports the scalars from then on."""
-    from lrscope.backends import tf1_stats
+    from lrscope.tf1 import stats as tf1_stats
 
     real = tf1_stats.param_reports
 

@@ -16,9 +16,9 @@ from tests.conftest import require
 
 torch = require("torch")
 import lrscope  # noqa: E402
-from lrscope.backends import torch as backend  # noqa: E402
-from lrscope.backends.torch_state import elementwise_of  # noqa: E402
-from lrscope.backends import torch_fused, torch_kernel, torch_small, torch_stats  # noqa: E402
+from lrscope.torch import reader as backend  # noqa: E402
+from lrscope.torch.state import elementwise_of  # noqa: E402
+from lrscope.torch import fused as torch_fused, kernel as torch_kernel, small as torch_small, stats as torch_stats  # noqa: E402
 from tests.test_torch_optimizers import CASES, make_optimizer, real, recorded_before  # noqa: E402
 
 #: One case per chunkable family (Adafactor and Lamb factor over whole tensors, and RAdam

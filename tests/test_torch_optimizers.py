@@ -16,8 +16,8 @@ from tests.conftest import require
 
 torch = require("torch")
 import lrscope  # noqa: E402
-from lrscope.backends import torch as backend  # noqa: E402
-from lrscope.backends.torch_state import elementwise_of  # noqa: E402
+from lrscope.torch import reader as backend  # noqa: E402
+from lrscope.torch.state import elementwise_of  # noqa: E402
 
 O = torch.optim
 STEPS = 8  # RAdam switches to the rectified regime at t = 6
@@ -238,7 +238,7 @@ def test_small_tensors_measured_together_as_alone(case_id, monkeypatch):
     """Small tensors sharing a formula go through one formula call (torch_small): each
     tensor's statistics match numpy on its exact eta and the tensor-by-tensor path, and a
     tensor holding NaN is redone alone without touching the others."""
-    from lrscope.backends import torch_small
+    from lrscope.torch import small as torch_small
 
     _, cls, options, _ = next(c for c in CASES if c[0] == case_id)
     g = torch.Generator().manual_seed(4)
@@ -281,7 +281,7 @@ def test_small_tensors_measured_together_as_alone(case_id, monkeypatch):
 
 @pytest.mark.parametrize("spread", [50, 1 << 15], ids=["narrow-bincount", "wide-sort"])
 def test_segment_counts_match_unique_per_segment(spread):
-    from lrscope.backends.torch_small import segment_counts
+    from lrscope.torch.small import segment_counts
 
     rng = np.random.default_rng(spread)
     sizes = rng.integers(1, 40, size=30)

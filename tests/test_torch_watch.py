@@ -204,7 +204,7 @@ def test_fused_step_skipped_by_its_own_inf_flag(device_path, monkeypatch):
     as one) it travels with a measured step's statistics, and steps without distributions
     read nothing, so they count the skipped step until the next measured one."""
     if device_path:
-        from lrscope.backends import torch_small, torch_stats
+        from lrscope.torch import small as torch_small, stats as torch_stats
 
         monkeypatch.setattr(torch_stats, "on_host", lambda device: False)
         monkeypatch.setattr(torch_small, "SMALL_ELEMENTS", 0)
@@ -338,7 +338,7 @@ def test_compiled_optimizer_step():
 def test_nonfinite_state_is_counted_and_training_untouched(device_path, monkeypatch):
     """NaN in one tensor's state: that tensor is redone with masks (alone), the others,
     measured in the same batch on the device path, keep their finite statistics."""
-    from lrscope.backends import torch_stats
+    from lrscope.torch import stats as torch_stats
 
     if device_path:
         monkeypatch.setattr(torch_stats, "on_host", lambda device: False)
@@ -368,7 +368,7 @@ def test_a_failing_measurement_warns_once_and_training_goes_on(monkeypatch):
     """If measuring the distributions raises (an error injected where the statistics are
     gathered, standing for a tensor type lrscope does not know), watch warns once and
     reports the scalars from then on; training is bitwise the same as unwatched."""
-    from lrscope.backends import torch_small
+    from lrscope.torch import small as torch_small
 
     def unforeseen(items):
         raise RuntimeError("unforeseen tensor type")
@@ -516,7 +516,7 @@ def test_device_path_run_on_the_cpu(batched, family, monkeypatch):
     counters, by one ``to_host`` per measured step for all groups (none on the others);
     the same distributions as the CPU path, parameter by parameter, whether a group's
     tensors are measured together (``torch_stats.segment_results``) or one by one."""
-    from lrscope.backends import torch_small, torch_stats
+    from lrscope.torch import small as torch_small, stats as torch_stats
 
     def train(device_path):
         model = make_model()

@@ -10,25 +10,25 @@ import importlib
 import sys
 from typing import Any
 
-# (framework module that must already be imported, lrscope backend module)
+# (framework module that must already be imported, lrscope's package for it)
 _BACKENDS = (
-    ("torch", "lrscope.backends.torch"),
-    ("keras", "lrscope.backends.keras"),
-    ("tensorflow", "lrscope.backends.tf1"),
-    ("optax", "lrscope.backends.optax"),
+    ("torch", "lrscope.torch"),
+    ("keras", "lrscope.keras"),
+    ("tensorflow", "lrscope.tf1"),
+    ("optax", "lrscope.optax"),
 )
 
 
 def backend_for(obj: Any) -> Any:
-    """The backend module whose ``accepts(obj)`` is true, or a TypeError saying what is
+    """The framework package (``lrscope.torch``, ...) whose ``accepts(obj)`` is true, or a TypeError saying what is
     supported, and what to do where a backend recognises a near miss (its ``hint(obj)``)."""
     hints = []
     for framework, module_name in _BACKENDS:
         if framework in sys.modules:
-            backend = importlib.import_module(module_name)
-            if backend.accepts(obj):
-                return backend
-            hint = getattr(backend, "hint", lambda obj: None)(obj)
+            reader = importlib.import_module(module_name + ".reader")
+            if reader.accepts(obj):
+                return importlib.import_module(module_name)
+            hint = getattr(reader, "hint", lambda obj: None)(obj)
             if hint:
                 hints.append(hint)
     raise TypeError(

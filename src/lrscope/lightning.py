@@ -7,6 +7,6 @@
 ...                             enable_model_summary=False)
 """
 
-from lrscope.integrations.lightning import EffectiveLRMonitor, LoggerSink
+from lrscope.torch.lightning import EffectiveLRMonitor, LoggerSink
 
 __all__ = ["EffectiveLRMonitor", "LoggerSink"]

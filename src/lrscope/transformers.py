@@ -6,6 +6,6 @@
 True
 """
 
-from lrscope.integrations.transformers import EffectiveLRCallback
+from lrscope.torch.transformers import EffectiveLRCallback
 
 __all__ = ["EffectiveLRCallback"]

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from lrscope import formulas
-from lrscope.backends import fast_statistics, torch_fused, torch_small, torch_stats
+from lrscope._fast import fast_statistics
+from lrscope.torch import fused as torch_fused, small as torch_small, stats as torch_stats
 from lrscope.formulas import Elementwise
 from lrscope.report import Distribution
 

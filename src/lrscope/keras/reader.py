@@ -20,16 +20,15 @@ from __future__ import annotations
 import importlib
 import math
 from functools import partial
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import keras
 import numpy as np
 from keras import ops
 
 from lrscope import formulas
-from lrscope.backends import keras_stats
+from lrscope.keras import stats as keras_stats
 from lrscope.formulas import Elementwise
-from lrscope.monitor import Monitor
 from lrscope.report import GroupReport, ParamReport, StepReport
 
 _OPT = keras.optimizers
@@ -368,7 +367,7 @@ class KerasReader:
         (``keras_torch``), formula and statistics in one graph per chunk on TensorFlow
         (``keras_tensorflow``), else op by op (``keras_stats``)."""
         if BACKEND in ("jax", "torch", "tensorflow"):
-            fast = importlib.import_module(f"lrscope.backends.keras_{BACKEND}")
+            fast = importlib.import_module(f"lrscope.keras.backend_{BACKEND}")
             if fast.applies(self.family):
                 inputs = [self.formula_inputs(i, t, h, grads.get(i), recorded.get(i)) for i in indices]
                 return fast.collect(self.family, [s for s, _ in inputs], [hh for _, hh in inputs],
@@ -384,65 +383,3 @@ class KerasReader:
             param = ops.convert_to_tensor(self.variables()[index])
             measures.append(partial(keras_stats.reduce, compute, param, with_update, dtype, chunkable))
         return keras_stats.collect(measures)
-
-
-def inspect(
-    optimizer: Any,
-    *,
-    grads: Sequence[Any] | None = None,
-    variables: Sequence[Any] | None = None,
-    distributions: bool = True,
-) -> StepReport:
-    """StepReport of the last step from the optimizer's variables (see lrscope.inspect).
-
-    ``grads`` (with ``variables``, default the optimizer's) are the gradients passed to
-    ``apply``: they give the update norms of families whose direction needs g.
-
-    >>> import numpy as np, keras
-    >>> w = keras.Variable(np.array([1.0, -2.0]))
-    >>> optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
-    >>> for _ in range(2):
-    ...     optimizer.apply([keras.ops.convert_to_tensor(np.array([1.0, 1.0]))], [w])
-    >>> report = inspect(optimizer)
-    >>> report.t, report.groups[0].lr, round(report.groups[0].update_norm, 4)
-    (2, 0.1, 0.2687)
-    """
-    return KerasReader(optimizer).report(
-        distributions=distributions, grads=grads, variables=variables
-    )
-
-
-def watch(optimizer: Any, **options: Any) -> Monitor:
-    """KerasMonitor on ``optimizer`` (see lrscope.watch and KerasMonitor)."""
-    from lrscope.integrations.keras import KerasMonitor
-
-    return KerasMonitor(optimizer, **options)
-
-
-def elementwise(
-    optimizer: Any,
-    grads: Sequence[Any] | None = None,
-    variables: Sequence[Any] | None = None,
-    recorded: dict[int, dict[str, Any]] | None = None,
-) -> Iterator[tuple[str, Elementwise]]:
-    """``(variable path, Elementwise)`` of every variable of the last step (for tests).
-
-    >>> import numpy as np, keras
-    >>> w = keras.Variable(np.array([1.0, -2.0]), name="w")
-    >>> optimizer = keras.optimizers.Adagrad(0.1)
-    >>> grads = [keras.ops.convert_to_tensor(np.array([3.0, 4.0]))]
-    >>> optimizer.apply(grads, [w])
-    >>> [(name, np.round(keras.ops.convert_to_numpy(el.eta), 4).tolist())
-    ...  for name, el in elementwise(optimizer, grads=grads)]
-    [('w', [0.0331, 0.0249])]
-    """
-    reader = KerasReader(optimizer)
-    if reader.family is None or reader.unsupported:
-        raise TypeError(reader.notes[0])
-    _, t, _ = reader.position()
-    h = reader.hyperparameters(reader.learning_rate(t))
-    by_index = reader._grads(grads, variables)
-    for index, var in enumerate(reader.variables()):
-        yield var.path, reader.elementwise(
-            index, t, h, by_index.get(index), (recorded or {}).get(index)
-        )

@@ -1,34 +1,28 @@
-"""PyTorch backend: read ``torch.optim`` state, compute eta on the state's device.
+"""``TorchReader``: the StepReport of a ``torch.optim`` step, read from the optimizer's state.
 
-``watch`` attaches through the optimizer's step pre- and post-hooks: the pre-hook
-records what the step is about to use (each group's lr, Adadelta's accumulated
-deltas, ASGD's eta, or a parameter snapshot in empirical mode), the post-hook builds
-the StepReport of the step just taken.  ``inspect`` reads the current state alone and
-notes what it cannot know.
+Which family an optimizer is (``FAMILY_OF``), its hyperparameters in lrscope's
+canonical names, the parameters' names, and the report itself: scalars from the param
+groups, distributions computed on the state's device (``stats``, ``small``, ``fused``).
+``lrscope.torch.monitor`` calls it from the step hooks, ``inspect`` on its own.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sys
-import weakref
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from lrscope import formulas
-from lrscope._warnings import warn
-from lrscope.backends import torch_fused, torch_small, torch_stats
-from lrscope.backends.torch_state import (RECORD_BEFORE, apply_formula, as_float, canonical, elementwise_of,
-                                         host_scalars, is_sharded, local, record_before, state_view)
+from lrscope.torch import fused, small, stats
+from lrscope.torch.state import (RECORD_BEFORE, apply_formula, as_float, canonical, host_scalars,
+                                  is_sharded, local, record_before, state_view)
 from lrscope.formulas import Elementwise
-from lrscope.monitor import Monitor
 from lrscope.report import GroupReport, ParamReport, StepReport
-from lrscope.sinks import Sink
 
 _OPTIM = torch.optim
 SKIPPED_NOTE = ("GradScaler skipped this step (inf/NaN gradients): parameters did not move and "
@@ -37,8 +31,6 @@ SKIPPED_NOTE = ("GradScaler skipped this step (inf/NaN gradients): parameters di
 #: communication (a monitor on one rank alone must not wait for the others).
 SHARDED_NOTE = ("sharded parameters (DTensor, e.g. FSDP2): the distributions and norms are those "
                 "of this rank's shards; each rank reports its own")
-#: The monitors attached to each optimizer: a notebook cell run again attaches one more.
-_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: torch.optim classes lrscope models exactly, with their family.
 FAMILY_OF: dict[type, str] = {
     _OPTIM.SGD: "sgd", _OPTIM.Adam: "adam", _OPTIM.AdamW: "adamw", _OPTIM.Adamax: "adamax",
@@ -221,7 +213,7 @@ class TorchReader:
         """StepReport of the last step; ``t`` is the caller's count (None: read the counters).
 
         On a measured step the statistics of every group and the groups' step counters
-        that live on a device reach the host in one transfer per device (``torch_stats.collect``),
+        that live on a device reach the host in one transfer per device (``stats.collect``),
         with ``found_inf``, GradScaler's flag on which a fused step skips itself
         (a skipped step is then marked as such; its distributions describe the state it left
         unchanged).
@@ -242,7 +234,7 @@ class TorchReader:
                                     if part.counter is not None}
         if distributions and found_inf is not None:
             counters["found_inf"] = found_inf
-        host, counters = torch_stats.collect(
+        host, counters = stats.collect(
             {name: measure for part in parts for name, measure in part.stats.items()}, counters)
         skipped = bool(counters.pop("found_inf", 0))
         # A measured step re-syncs with the state's counters (they move with load_state_dict).
@@ -284,7 +276,7 @@ class TorchReader:
         if self.family is None:
             part.label = "update_magnitude"
             if self.empirical and pending is not None:
-                part.stats = {self.name_of(p): partial(torch_stats.realized, local(p), pending.snapshot[id(p)])
+                part.stats = {self.name_of(p): partial(stats.realized, local(p), pending.snapshot[id(p)])
                               for p in part.params if id(p) in pending.snapshot}
             return part
         if unsupported:
@@ -300,7 +292,7 @@ class TorchReader:
                              "not recorded (use watch()); distributions skipped")
                 break
             items[self.name_of(p)] = (self._per_chunk(state, p, part.h, recorded), canonical(p.detach()))
-        part.stats = torch_small.measures(items)
+        part.stats = small.measures(items)
         return part
 
     def _finish(self, part: _GroupParts, host: dict[str, Any], t: int) -> GroupReport:
@@ -324,7 +316,7 @@ class TorchReader:
         """The Elementwise of a flat chunk of ``p``, computed chunk by chunk where possible."""
         view, t = host_scalars(self.family, state_view(state, p, recorded), state.get("step", 0), h)
         if formulas.chunkable(self.family):
-            return torch_fused.ChunkedFormula(apply_formula, self.family, view, t, h, p.dtype)
+            return fused.ChunkedFormula(apply_formula, self.family, view, t, h, p.dtype)
         whole = apply_formula(self.family, view, t, h, p.dtype)
 
         def flat(value: Any, chunk: slice) -> Any:
@@ -368,156 +360,3 @@ class TorchReader:
                 report.update_norm, report.param_norm = update_norm, param_norm
             reports[name] = report
         return reports
-
-
-class TorchMonitor(Monitor):
-    """Monitor attached to a torch optimizer through step pre/post hooks."""
-
-    def __init__(self, optimizer: Any, *, model: Any = None, every: int = 1,
-                 log_dir: str | os.PathLike | None = None, sinks: Iterable[Sink] | None = None,
-                 empirical: bool = False, grad_scaler: Any = None, name: str | None = None):
-        reader = TorchReader(optimizer, model=model, empirical=empirical)  # before any log is opened
-        if not hasattr(reader.optimizer, "_optimizer_step_pre_hooks"):
-            raise TypeError(_without_hooks(reader.optimizer))
-        super().__init__(every=every, log_dir=log_dir, sinks=sinks, name=name)
-        self.reader = reader
-        if self.reader.notes:
-            warn("lrscope: " + self.reader.notes[0])
-        self._pending: _Pending | None = None
-        self._lazy: tuple[_Pending | None, int] | None = None
-        self._t = self._reported_t = self.reader._step_count()
-        self._stepped = False
-        self._warned_capture = False
-        opt = self.reader.optimizer
-        # A compiled optimizer.step() (torch.compile) runs the hooks as they are, untraced.
-        self._handles = [opt.register_step_pre_hook(torch.compiler.disable(self._before)),
-                         opt.register_step_post_hook(torch.compiler.disable(self._after))]
-        attached = _ATTACHED.setdefault(opt, weakref.WeakSet())
-        if attached:
-            warn(f"lrscope: this optimizer already has {len(attached)} monitor(s) attached (a notebook "
-                 "cell run again?): each reports and logs every step; close the ones you do not "
-                 "want with monitor.close()")
-        attached.add(self)
-        self._scaler = grad_scaler
-        self._scaler_update = None
-        if grad_scaler is not None:
-            self._scaler_update = grad_scaler.update
-            grad_scaler.update = self._scaler_updated  # restored by close()
-
-    def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if _capturing():
-            return
-        t_next = self._t + 1
-        self._pending = self.guarded(partial(self.reader.begin, t_next), self.wants_distributions(t_next))
-
-    def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if _capturing():
-            # Measuring here would put a host read into the graph (capture fails), and
-            # the graph's replays run no hooks: nothing to count either.
-            if not self._warned_capture:
-                self._warned_capture = True
-                warn("lrscope: optimizer.step() is being captured into a CUDA graph; the graph's "
-                     "replays run no Python hooks, so this monitor does not see them. Call "
-                     "lrscope.inspect(optimizer) after a replay: it reads the state the replays "
-                     "left (t included)")
-            return
-        self._stepped = True
-        pending, self._pending = self._pending, None
-        found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler for fused steps
-        if isinstance(found_inf, torch.Tensor) and torch_stats.on_host(found_inf.device):
-            if found_inf.item():  # the step skipped itself; read for free on the CPU
-                self._emit_skipped(pending)
-                return
-            found_inf = None
-        self._t += 1
-        distributions = self.wants_distributions(self._t)
-        if distributions or self.has_sinks:
-            # (A device flag is read only with the statistics, in their one transfer.)
-            report = self.guarded(partial(self.reader.report, pending, t=self._t, found_inf=found_inf),
-                                  distributions)
-            self._t = report.t  # a measured step re-syncs with the state's counters
-            self._emit(report)
-        else:
-            # Nobody reads this step's scalars yet: keep what they need (the lr and options
-            # the step used, recorded by the pre-hook) and build the report on access.
-            self._lazy = (pending, self._t)
-
-    def _emit(self, report: StepReport) -> None:
-        self._lazy = None
-        super()._emit(report)
-
-    @property
-    def last(self) -> StepReport | None:
-        if self._lazy is not None:
-            pending, t = self._lazy
-            self._lazy = None
-            self._last = self._named(self.reader.report(pending, False, t=t))
-        return self._last
-
-    def _scaler_updated(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._stepped:
-            # GradScaler found inf/NaN gradients and skipped optimizer.step().
-            self._emit_skipped(_Pending(lrs=[g["lr"] for g in self.reader.optimizer.param_groups]))
-        self._stepped = False
-        return self._scaler_update(*args, **kwargs)
-
-    def _emit_skipped(self, pending: _Pending | None) -> None:
-        """Report a step GradScaler skipped: scalars only, t unchanged."""
-        report = self.reader.report(pending, distributions=False, t=self._t)
-        report.skipped = True
-        report.notes.append(SKIPPED_NOTE)
-        self._emit(report)
-
-    def _detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        _ATTACHED.get(self.reader.optimizer, set()).discard(self)
-        if self._scaler is not None:
-            self._scaler.update = self._scaler_update
-
-
-def _capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph (never without CUDA in use)."""
-    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
-
-
-def _without_hooks(optimizer: torch.optim.Optimizer) -> str:
-    """What to do with an Optimizer subclass whose ``__init__`` skipped ``Optimizer.__init__``
-    (torch_optimizer's Lookahead): its ``step()`` runs no step hooks, so it cannot be watched."""
-    what = type(optimizer).__name__
-    inner = getattr(optimizer, "optimizer", None)
-    todo = (f"watch the optimizer it wraps, lrscope.watch(optimizer.optimizer) (its {what} updates "
-            "on top of that are then not in the reports), or " if isinstance(inner, torch.optim.Optimizer)
-            else "")
-    return (f"{what} subclasses torch.optim.Optimizer without calling Optimizer.__init__, so its "
-            f"step() runs no step hooks and lrscope.watch cannot follow it: {todo}call "
-            "lrscope.inspect(optimizer) after each step() (scheduled lr only for an optimizer "
-            "lrscope does not model)")
-
-
-def inspect(optimizer: Any, *, model: Any = None, distributions: bool = True) -> StepReport:
-    """StepReport of the last step from the optimizer's state alone (see lrscope.inspect)."""
-    return TorchReader(optimizer, model=model).report(None, distributions)
-
-
-def watch(optimizer: Any, **options: Any) -> TorchMonitor:
-    """TorchMonitor on ``optimizer`` (see lrscope.watch and TorchMonitor)."""
-    return TorchMonitor(optimizer, **options)
-
-
-def elementwise(optimizer: Any, model: Any = None) -> Iterator[tuple[str, Elementwise]]:
-    """``(name, Elementwise)`` of every parameter the last step moved (for debugging and tests).
-
-    Uses the lr currently in the param groups: call it right after ``step()``.
-    """
-    reader = TorchReader(optimizer, model=model)
-    if reader.family is None:
-        raise TypeError(reader.notes[0])
-    for group in reader.optimizer.param_groups:
-        h, unsupported = hyperparameters(reader.family, group, group["lr"])
-        if unsupported:
-            raise ValueError(f"option(s) {', '.join(unsupported)} are not modelled by lrscope")
-        for p in group["params"]:
-            state = reader.optimizer.state.get(p, {})
-            if p.grad is not None and (state or reader.family == "sgd"):
-                yield reader.name_of(p), elementwise_of(reader.family, state, p, h)

@@ -22,7 +22,8 @@ import numpy as np
 from keras import ops
 
 from lrscope import formulas
-from lrscope.backends import fast_statistics, keras_stats
+from lrscope._fast import fast_statistics
+from lrscope.keras import stats as keras_stats
 from lrscope.report import Distribution
 
 #: TensorFlow has float64: the statistics are reduced in it.

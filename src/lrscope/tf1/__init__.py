@@ -21,11 +21,15 @@ The classic question: ``print(sess.run(optimizer._lr_t))`` always shows the init
 
 from __future__ import annotations
 
-from lrscope.backends.tf1 import (
-    effective_lr, elementwise, inspect, learning_rate, next_step_size, report_ops, step_size,
-    trained_variables, watch,
+from lrscope._optional import require
+
+require("tensorflow", "tensorflow")
+
+from lrscope.tf1.monitor import TF1Monitor, summaries, watch  # noqa: E402
+from lrscope.tf1.reader import (  # noqa: E402
+    effective_lr, elementwise, inspect, learning_rate, next_step_size, report_ops,
+    step_size, trained_variables,
 )
-from lrscope.integrations.tf1 import TF1Monitor, summaries
 
 __all__ = ["TF1Monitor", "effective_lr", "elementwise", "inspect", "learning_rate",
            "next_step_size", "report_ops", "step_size", "summaries", "trained_variables", "watch"]

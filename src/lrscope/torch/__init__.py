@@ -12,6 +12,10 @@
 0.001
 """
 
-from lrscope.backends.torch import TorchMonitor, elementwise, inspect, watch
+from lrscope._optional import require
+
+require("torch", "torch")
+
+from lrscope.torch.monitor import TorchMonitor, elementwise, inspect, watch  # noqa: E402
 
 __all__ = ["TorchMonitor", "elementwise", "inspect", "watch"]

@@ -3,9 +3,9 @@
 Op by op, every ``keras.ops`` call on JAX is a small XLA computation dispatched from
 Python: the family's formula and the statistics of 40 variables of 250K cost 2.8 times
 Keras' own ``optimizer.apply``.  Here the formula (``formulas/``, Keras convention) and
-the statistics are traced together into one XLA computation: ``optax_stats.leaf_stats``,
+the statistics are traced together into one XLA computation: ``jax_stats.leaf_stats``,
 the code that measures Optax steps inside ``jit``, on the CPU one block of variables at a
-time (``optax_stats.by_blocks``: temporary memory bounded by the block, not the model).
+time (``jax_stats.by_blocks``: temporary memory bounded by the block, not the model).
 It compiles once per model (variable shapes and dtypes, family, hyperparameters other
 than lr); t, lr and the state (NAdam's ``mu_product`` included) are inputs, so neither a
 new step nor a schedule compiles again.  Its reductions leave NaN/Inf out in the one
@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from lrscope import formulas
-from lrscope.backends import fast_statistics, optax_stats
+from lrscope._fast import fast_statistics
+from lrscope.jax import stats as jax_stats
 from lrscope.report import Distribution
 
 #: Families whose formula needs a concrete value (a Python float of an array).
@@ -38,22 +39,22 @@ def applies(family: str) -> bool:
 
 @functools.partial(jax.jit, static_argnames=("family", "hypers"))
 def _statistics(states: list[dict[str, Any]], t: jax.Array, lr: jax.Array, family: str,
-                hypers: tuple[tuple[tuple[str, Any], ...], ...]) -> optax_stats.LeafStats:
+                hypers: tuple[tuple[tuple[str, Any], ...], ...]) -> jax_stats.LeafStats:
     """The LeafStats of every variable, stacked; ``states[i]`` holds its state in PyTorch
     names, ``param`` (after the step) and ``grad`` (None: not given), ``hypers[i]`` its
     hyperparameters but lr, as sorted items (static: a change compiles again)."""
     module = formulas.family(family)
 
-    def measure(state: dict[str, Any], hyper: tuple[tuple[str, Any], ...]) -> optax_stats.LeafStats:
+    def measure(state: dict[str, Any], hyper: tuple[tuple[str, Any], ...]) -> jax_stats.LeafStats:
         arrays = {k: v for k, v in state.items() if k not in ("param", "grad")}
         param = state["param"]
         # Without the gradient the formula still needs the key; eta does not depend on it.
         grad = jnp.zeros_like(param) if state["grad"] is None else state["grad"]
         h = {**dict(hyper), "lr": lr}
-        return optax_stats.leaf_stats(module, arrays, t, h, grad, None, param, False, "keras")[0]
+        return jax_stats.leaf_stats(module, arrays, t, h, grad, None, param, False, "keras")[0]
 
     measures = [functools.partial(measure, s, h) for s, h in zip(states, hypers)]
-    return optax_stats.by_blocks(measures, [s["param"].size for s in states])
+    return jax_stats.by_blocks(measures, [s["param"].size for s in states])
 
 
 def collect(family: str, states: list[dict[str, Any]], hypers: list[dict[str, Any]], t: int,
@@ -68,7 +69,7 @@ def collect(family: str, states: list[dict[str, Any]], hypers: list[dict[str, An
     static = tuple(tuple(sorted((k, v) for k, v in h.items() if k != "lr")) for h in hypers)
     stats = jax.device_get(_statistics(arrays, jnp.asarray(t), jnp.asarray(lr), family, static))
     out = []
-    for row in optax_stats.unstack_stats(stats):
-        dist, update_norm, param_norm = optax_stats.decode(row)
+    for row in jax_stats.unstack_stats(stats):
+        dist, update_norm, param_norm = jax_stats.decode(row)
         out.append((dist, update_norm if with_update else None, param_norm))
     return out

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import tensorflow as tf
 
-from lrscope.backends.tf1 import (
+from lrscope.tf1.reader import (
     _has_direction,
     _name,
     elementwise,
@@ -198,3 +198,10 @@ def _recorder(optimizer: Any, var_list: list[Any] | None) -> tuple[dict[str, Any
             before[_name(var)] = copy
             copies.append(copy.assign(slot))
     return before, tf.group(*copies)
+
+
+def watch(optimizer: Any, *, session: Any = None, **options: Any) -> TF1Monitor:
+    """TF1Monitor on ``optimizer`` (see lrscope.watch); needs ``session=``."""
+    if session is None:
+        raise TypeError("lrscope.watch on a tf.compat.v1.train optimizer needs session=sess")
+    return TF1Monitor(optimizer, session=session, **options)

@@ -13,7 +13,7 @@ import os
 from typing import Any, Iterable
 
 from lrscope._optional import require
-from lrscope.backends.torch import TorchMonitor
+from lrscope.torch.monitor import TorchMonitor
 from lrscope.monitor import checked_every
 from lrscope.sinks import Sink, checked
 

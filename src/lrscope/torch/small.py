@@ -7,12 +7,12 @@ a GPU each tensor measured alone costs some 35 kernel launches, which take longe
 kernels.  Here the state of every such tensor that shares a formula (same family, options,
 dtype, device and per-step scalars) is concatenated, the family's formula (``formulas/``)
 runs once over the concatenation, and each tensor's segment is reduced: in numpy on the
-CPU, on the device by a fixed number of kernels per batch (``torch_stats.segment_results``).
+CPU, on the device by a fixed number of kernels per batch (``stats.segment_results``).
 The same elementwise arithmetic as tensor by tensor, so the same eta, and per-tensor
-results in the format of ``torch_stats.Accumulator.result``.  Temporary memory is bounded
+results in the format of ``stats.Accumulator.result``.  Temporary memory is bounded
 by ``BATCH_ELEMENTS`` (``DEVICE_BATCH_ELEMENTS`` on a device).
 
-A tensor whose statistics hold NaN/Inf is redone on its own (``torch_stats.collect``).
+A tensor whose statistics hold NaN/Inf is redone on its own (``stats.collect``).
 """
 
 from __future__ import annotations
@@ -22,23 +22,23 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from lrscope.backends import torch_fused, torch_stats
+from lrscope.torch import fused, stats
 from lrscope.report import decode_statistics, mark_eps_absent
 from lrscope.stats import mapping
 
 #: Tensors of at most this many elements are batched.
-SMALL_ELEMENTS = torch_stats.NUMPY_ELEMENTS
+SMALL_ELEMENTS = stats.NUMPY_ELEMENTS
 #: On a device (a GPU), tensors of at most this many elements are batched, in batches of up
-#: to this many, and reduced per tensor on the device (``torch_stats.segment_results``): the
+#: to this many, and reduced per tensor on the device (``stats.segment_results``): the
 #: launches, not the arithmetic, take a GPU's time.
-DEVICE_BATCH_ELEMENTS = torch_stats.DEVICE_CHUNK_ELEMENTS
+DEVICE_BATCH_ELEMENTS = stats.DEVICE_CHUNK_ELEMENTS
 #: Elements per batch: the concatenated state and its float64 copies (a few buffers of
 #: this size, about 1 MiB in all) stay in cache.  Measured on 2 cores, 82-tensor 0.5M
 #: model: 65,536 about 6 ms per measurement, 262,144 about 11 ms, 16,384 about 8.5 ms.
-BATCH_ELEMENTS = torch_stats.CHUNK_ELEMENTS // 4
+BATCH_ELEMENTS = stats.CHUNK_ELEMENTS // 4
 
 
-def _signature(formula: torch_fused.ChunkedFormula) -> tuple[Any, ...] | None:
+def _signature(formula: fused.ChunkedFormula) -> tuple[Any, ...] | None:
     """What must be equal for two tensors to share one formula call; None if a per-step
     value (t among them) is neither a number nor a 0-d CPU tensor, such as the step
     counter of a capturable optimizer, which lives on the GPU and would have to be read
@@ -57,24 +57,24 @@ def _signature(formula: torch_fused.ChunkedFormula) -> tuple[Any, ...] | None:
 
 
 def _batchable(compute: Any, param: torch.Tensor) -> bool:
-    limit = SMALL_ELEMENTS if torch_stats.on_host(param.device) else DEVICE_BATCH_ELEMENTS
-    return isinstance(compute, torch_fused.ChunkedFormula) and 1 < param.numel() <= limit
+    limit = SMALL_ELEMENTS if stats.on_host(param.device) else DEVICE_BATCH_ELEMENTS
+    return isinstance(compute, fused.ChunkedFormula) and 1 < param.numel() <= limit
 
 
 def measures(items: dict[str, tuple[Callable[[slice], Any], torch.Tensor]]) -> dict[str, Callable[[bool], Any]]:
-    """``{name: measure(finite_only)}`` for ``torch_stats.collect`` from ``{name: (compute,
+    """``{name: measure(finite_only)}`` for ``stats.collect`` from ``{name: (compute,
     param)}``: small CPU tensors that share a formula are measured together, the others by
-    ``torch_fused.reduce``."""
+    ``fused.reduce``."""
     out: dict[str, Callable[[bool], Any]] = {}
     batches: dict[tuple[Any, ...], list[str]] = {}
     for name, (compute, param) in items.items():
         signature = _signature(compute) if _batchable(compute, param) else None
         if signature is None:
-            out[name] = lambda finite_only, c=compute, p=param: torch_fused.reduce(c, p, finite_only)
+            out[name] = lambda finite_only, c=compute, p=param: fused.reduce(c, p, finite_only)
         else:
             batches.setdefault(signature, []).append(name)
     for names in batches.values():
-        limit = BATCH_ELEMENTS if torch_stats.on_host(items[names[0]][1].device) else DEVICE_BATCH_ELEMENTS
+        limit = BATCH_ELEMENTS if stats.on_host(items[names[0]][1].device) else DEVICE_BATCH_ELEMENTS
         for run in _runs(names, lambda name: items[name][1].numel(), limit):
             out.update(_Batch({name: items[name] for name in run}).measures())
     return {name: out[name] for name in items}
@@ -97,7 +97,7 @@ def _runs(names: list[str], size: Callable[[str], int], limit: int) -> Iterator[
 class _Batch:
     """Small tensors sharing one formula call, measured once on first request."""
 
-    def __init__(self, items: dict[str, tuple[torch_fused.ChunkedFormula, torch.Tensor]]):
+    def __init__(self, items: dict[str, tuple[fused.ChunkedFormula, torch.Tensor]]):
         self.items = items
         self.results: dict[str, Any] | None = None
 
@@ -106,7 +106,7 @@ class _Batch:
 
     def measure(self, name: str, finite_only: bool) -> Any:
         if finite_only:  # the rare redo of a tensor holding NaN/Inf: on its own, masked
-            return torch_fused.reduce(*self.items[name], finite_only=True)
+            return fused.reduce(*self.items[name], finite_only=True)
         if self.results is None:
             self.results = self._compute()
         return self.results[name]
@@ -117,13 +117,13 @@ class _Batch:
         flat = {key: torch.cat([f.parts[0][key] for f in formulas]) for key in first.parts[0]}
         theta = flat["param"]
         el = first.apply(first.family, {**first.parts[1], **flat}, first.t, first.h, first.dtype)
-        eta = torch_stats.eta_tensor(el, theta.device).detach()
+        eta = stats.eta_tensor(el, theta.device).detach()
         eta = eta.expand(theta.shape) if eta.dim() == 0 else eta
         sizes = np.array([param.numel() for _, param in self.items.values()])
-        if not torch_stats.on_host(theta.device):  # packed rows, moved later with the others
-            rows = torch_stats.segment_results(eta, el.eps_dominated, el.update(theta), theta, sizes.tolist())
+        if not stats.on_host(theta.device):  # packed rows, moved later with the others
+            rows = stats.segment_results(eta, el.eps_dominated, el.update(theta), theta, sizes.tolist())
             return dict(zip(self.items, rows))
-        rows = torch_stats.numpy_rows(eta, el.eps_dominated, el.update(theta), theta, segment_starts(sizes))
+        rows = stats.numpy_rows(eta, el.eps_dominated, el.update(theta), theta, segment_starts(sizes))
         if el.eps_dominated is None:
             mark_eps_absent(rows)
         buckets = (eta.to(torch.float32).numpy().view(np.uint32) >> mapping.FLOAT32_SHIFT).astype(np.int64)

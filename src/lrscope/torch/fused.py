@@ -14,7 +14,7 @@ comes with ``lrscope[torch]``).  GPU tensors keep the eager path (their kernels 
 at memory speed).  Set ``LRSCOPE_FUSED=0`` to switch it off; if a formula cannot be
 compiled, lrscope warns once and measures it eagerly.
 
-The statistics are those of ``torch_stats.reduce`` up to the order of the sums: eta is
+The statistics are those of ``stats.reduce`` up to the order of the sums: eta is
 computed operation by operation in the dtype torch computes it in.  bfloat16/float16 state
 is computed in float32 copies (numba has no bfloat16), without rounding every
 intermediate to the state's dtype as eager kernels do, so min/max/eta may differ from the
@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from lrscope._warnings import warn
-from lrscope.backends import fast_statistics, torch_kernel, torch_stats
+from lrscope._fast import fast_statistics
+from lrscope.torch import stats
+from lrscope.torch.kernel import STATISTICS, Kernel
 from lrscope.formulas import Elementwise
 from lrscope.stats import mapping
 
@@ -52,7 +54,7 @@ PART_ELEMENTS = 1 << 20
 #: kernel would have to compile for every new t.
 EAGER_FAMILIES = {"radam"}
 
-_kernels: dict[tuple[Any, ...], "torch_kernel.Kernel | None"] = {}
+_kernels: dict[tuple[Any, ...], "Kernel | None"] = {}
 
 
 @dataclass
@@ -98,12 +100,12 @@ def _numba_installed() -> bool:
 
 
 def reduce(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite_only: bool = False) -> Any:
-    """``torch_stats.reduce``, fused when ``compute`` is a ChunkedFormula and ``applies``."""
+    """``stats.reduce``, fused when ``compute`` is a ChunkedFormula and ``applies``."""
     if applies(compute, param, finite_only):
         kernel, scalars = _kernel(compute)
         if kernel is not None:
             return _fused(compute, kernel, scalars, param)
-    return torch_stats.reduce(compute, param, finite_only)
+    return stats.reduce(compute, param, finite_only)
 
 
 def _inputs(formula: ChunkedFormula) -> tuple[dict[str, Any], dict[str, Any], tuple[Any, ...]]:
@@ -128,7 +130,7 @@ def _inputs(formula: ChunkedFormula) -> tuple[dict[str, Any], dict[str, Any], tu
     return scalars, constants, key
 
 
-def _kernel(formula: ChunkedFormula) -> tuple[torch_kernel.Kernel | None, dict[str, Any]]:
+def _kernel(formula: ChunkedFormula) -> tuple[Kernel | None, dict[str, Any]]:
     """The compiled kernel of ``formula`` (built on first use of its key: about a second)
     and its scalar arguments; None if it cannot be built (warned once per key)."""
     scalars, constants, key = _inputs(formula)
@@ -138,7 +140,7 @@ def _kernel(formula: ChunkedFormula) -> tuple[torch_kernel.Kernel | None, dict[s
     return _kernels[key], arguments
 
 
-def _build(formula: ChunkedFormula, scalars: dict[str, Any], constants: dict[str, Any]) -> torch_kernel.Kernel | None:
+def _build(formula: ChunkedFormula, scalars: dict[str, Any], constants: dict[str, Any]) -> Kernel | None:
     flat = formula.parts[0]
     # Examples of a few elements; half precision is computed in float32 (``_part``).
     arrays = {k: torch.ones(4, dtype=_computed_in(v.dtype)) for k, v in flat.items()}
@@ -149,12 +151,12 @@ def _build(formula: ChunkedFormula, scalars: dict[str, Any], constants: dict[str
         state.update({k: v for k, v in view.items() if k in arrays})
         h = {k.removeprefix("h."): v for k, v in given.items() if k.startswith("h.")}
         el = formula.apply(formula.family, state, given["t"], h, formula.dtype)
-        return torch_stats.eta_tensor(el), el.eps_dominated, el.update(view["param"])
+        return stats.eta_tensor(el), el.eps_dominated, el.update(view["param"])
 
     examples = {name: value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float64)
                 for name, value in scalars.items()}
     try:
-        return torch_kernel.Kernel.build(traced, arrays, examples)
+        return Kernel.build(traced, arrays, examples)
     except Exception as error:  # noqa: BLE001 - any tracing or compiler failure: stay correct, go eager
         warn(f"lrscope: the compiled statistics of {formula.family} failed ({type(error).__name__}: "
              f"{error}); computing them eagerly (slower, same results)")
@@ -171,8 +173,8 @@ def _argument(value: Any) -> Any:
     return value.detach().numpy()[()] if isinstance(value, torch.Tensor) else np.float64(value)
 
 
-def _fused(formula: ChunkedFormula, kernel: torch_kernel.Kernel, scalars: dict[str, Any],
-           param: torch.Tensor) -> torch_stats.Pending:
+def _fused(formula: ChunkedFormula, kernel: Kernel, scalars: dict[str, Any],
+           param: torch.Tensor) -> stats.Pending:
     """The statistics of ``param``, its parts queued on the worker threads."""
     # numpy views of the whole tensors, sliced per part; half precision converted per part.
     flat = {k: v.numpy() if v.dtype == _computed_in(v.dtype) else v for k, v in formula.parts[0].items()}
@@ -181,15 +183,15 @@ def _fused(formula: ChunkedFormula, kernel: torch_kernel.Kernel, scalars: dict[s
              for start in range(0, n, PART_ELEMENTS)]
 
     def combine(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Any:
-        acc = torch_stats.Accumulator(param.device)
+        acc = stats.Accumulator(param.device)
         for row, indices, counts in parts:
             acc.add_counted(row, indices, counts, kernel.has_eps)
         return acc.result()
 
-    return torch_stats.Pending(tasks, combine, _pool().submit)
+    return stats.Pending(tasks, combine, _pool().submit)
 
 
-def _part(kernel: torch_kernel.Kernel, flat: dict[str, np.ndarray | torch.Tensor], scalars: dict[str, Any],
+def _part(kernel: Kernel, flat: dict[str, np.ndarray | torch.Tensor], scalars: dict[str, Any],
           start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """On a worker thread: the ``torch_stats`` row of the flat range ``start:stop`` and the
     indices and counts of its nonzero buckets.  The thread's int32 row of bucket counts is
@@ -200,7 +202,7 @@ def _part(kernel: torch_kernel.Kernel, flat: dict[str, np.ndarray | torch.Tensor
         counts = _thread.counts = np.zeros(mapping.FLOAT32_BUCKETS, np.int32)
     arrays = {k: v[start:stop] if isinstance(v, np.ndarray) else v[start:stop].to(_computed_in(v.dtype)).numpy()
               for k, v in flat.items()}
-    row = np.empty(len(torch_kernel.STATISTICS))
+    row = np.empty(len(STATISTICS))
     kernel.run(arrays, scalars, counts, row)
     first, last = mapping.float32_bucket_span(row[0], row[1])
     window = counts[first:last + 1]

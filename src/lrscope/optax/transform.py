@@ -15,10 +15,8 @@ the StepReport.
 from __future__ import annotations
 
 import functools
-import math
-import os
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,14 +25,11 @@ import optax
 
 from lrscope import formulas
 from lrscope._warnings import warn
-from lrscope.backends import optax_model
-from lrscope.backends.optax_stats import (
-    LeafStats, by_blocks, empty_stats, leaf_stats, merge_stats, param_report, stack_stats,
-    stat_dtype, unstack_stats,
+from lrscope.optax import model as optax_model
+from lrscope.jax.stats import (
+    LeafStats, by_blocks, empty_stats, leaf_stats, merge_stats, stack_stats, stat_dtype,
 )
-from lrscope.monitor import Monitor, checked_every
-from lrscope.report import GroupReport, StepReport
-from lrscope.sinks import Sink, SinkGroup
+from lrscope.monitor import checked_every
 
 #: Relative mismatch between the modelled and the real update above which a report
 #: says lrscope's model does not describe this optimizer (float32 rounding is ~1e-6);
@@ -259,7 +254,41 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per
             keep_arrays: bool = False, family: str | None = None,
             groups: dict[str, dict[str, Any]] | None = None,
             **hyperparams: Any) -> optax.GradientTransformationExtraArgs:
-    """``optimizer`` whose state also carries lrscope's statistics (see ``lrscope.optax``)."""
+    """``optimizer`` (an optax alias, or a transformation) whose state carries lrscope's statistics.
+
+    * ``monitor(optax.adamw, learning_rate=schedule, weight_decay=1e-2)``: the alias is
+      called with ``hyperparams``; its family and every hyperparameter (defaults from
+      the alias's signature) are known, so eta is modelled exactly.
+    * ``monitor(tx)`` on a transformation you built (``optax.chain(...)``,
+      ``inject_hyperparams``, ``masked``, ``multi_transform``): the optimizer is found by
+      the type of its state (``ScaleByAdamState``, ...), one report group per
+      ``multi_transform`` label; the lr comes from ``inject_hyperparams`` or from
+      ``learning_rate=``; other hyperparameters (``b1``, ``b2``, ``eps``, ...; optax
+      names) may be passed and are otherwise assumed at optax's defaults, which the
+      report's notes say.  ``family="nadam"`` picks a family the state cannot tell;
+      ``groups={"head": {"learning_rate": 1e-2, "momentum": 0.9}}`` gives one
+      ``multi_transform`` label its own hyperparameters (over the common ones).
+
+    Every step the state records ``t``, the lr the step used (schedules are evaluated
+    at ``count - 1``, as optax does), the step size and the weight-decay rate; every
+    ``every`` steps (``jax.lax.cond``) the per-tensor eta distribution, the
+    eps-dominated count, the update and parameter norms and ``model_error``, the
+    relative mismatch between lrscope's ``-eta * d - decay * theta`` and the real
+    update (a built-in check that the model describes this optimizer).  By default
+    (``check=None``) the check runs for transformations you built, whose model rests on
+    assumed hyperparameters, and not for aliases, whose model is exact: without it the
+    real update need not be kept for the statistics (the norms come from the model),
+    which makes the steps between distributions nearly free.  ``check=True`` or
+    ``False`` forces it.  The state keeps 32768 bucket counts (128 KiB) per
+    tensor; ``per_param=False`` keeps one set per group instead (group distributions
+    only, no per-tensor ones), for models with very many tensors.
+    ``keep_arrays=True`` also keeps eta and d per tensor in the state (for debugging
+    and tests: two more copies of the parameters).
+
+    Options lrscope does not model (a non-default ``bias_correction_nu``, an alias
+    without a formula) switch to empirical statistics of the real update, with a
+    warning and a note.  See ``lrscope.optax`` for an example.
+    """
     every = checked_every(every)
     tx, spec = _spec(optimizer, family, dict(groups or {}), hyperparams)
     tx = optax.with_extra_args_support(tx)
@@ -314,159 +343,3 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per
 
 
 # -- reading the state on the host --------------------------------------------------------
-def find_state(obj: Any) -> LrscopeState | None:
-    """The LrscopeState in ``obj`` (a state, a chain's state, an nnx.Optimizer, a TrainState)."""
-    if isinstance(obj, LrscopeState):
-        return obj
-    obj = getattr(obj, "opt_state", obj)
-    is_state = lambda x: isinstance(x, LrscopeState)  # noqa: E731
-    found = [x for x in jax.tree_util.tree_leaves(obj, is_leaf=is_state) if is_state(x)]
-    if len(found) > 1:
-        raise ValueError("this optimizer state holds several lrscope monitors; inspect each one")
-    return found[0] if found else None
-
-
-def hint(obj: Any) -> str | None:
-    """What to do with an Optax object lrscope cannot read, or None for anything else."""
-    if isinstance(obj, optax.GradientTransformation):
-        return ("this is the Optax optimizer itself: build it with lrscope.optax.monitor(...) and "
-                "pass its state (tx.init(params), or the opt_state that update() returns)")
-    leaves = jax.tree_util.tree_leaves(obj, is_leaf=lambda x: x is not obj and _is_optax_state(x))
-    if _is_optax_state(obj) or any(_is_optax_state(x) for x in leaves):
-        return ("this Optax state carries no lrscope statistics: build the optimizer with "
-                "lrscope.optax.monitor(optax.adamw, learning_rate=...) (its updates are bitwise "
-                "the optimizer's) and pass that state")
-    return None
-
-
-def _is_optax_state(x: Any) -> bool:
-    return type(x).__module__.startswith("optax.") and isinstance(x, tuple)
-
-
-def accepts(obj: Any) -> bool:
-    """Whether ``obj`` holds the state of ``lrscope.optax.monitor`` (for ``lrscope.inspect``)."""
-    try:
-        return find_state(obj) is not None
-    except ValueError:
-        return True  # inspect() will raise the explanation
-
-
-def _host(state: LrscopeState) -> tuple[int, dict[str, dict[str, float]], dict[str, Any], int, int]:
-    """One device-to-host transfer of the scalars and statistics (wrappers such as nnx
-    Variables are looked through: the leaves are read in the plan's known order), and the
-    number of replicas: a state replicated by ``jax.pmap`` has a leading device axis on every
-    leaf, of which replica 0 is read."""
-    template = (state.steps, {g.name: dict.fromkeys(g.scalar_names, 0) for g in state.plan.groups},
-                {g.name: empty_stats(state.plan.stats_count(g)) for g in state.plan.groups},
-                state.stats_step)
-    leaves = jax.tree_util.tree_leaves((state.steps, state.scalars, state.stats, state.stats_step))
-    host = jax.device_get(leaves)
-    replicas = 1
-    if np.ndim(host[0]):  # the step counter is a scalar unless pmap added a device axis
-        replicas = len(host[0])
-        host = [np.asarray(leaf)[0] for leaf in host]
-    steps, scalars, stats, stats_step = jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(template), host)
-    return int(steps), scalars, stats, int(stats_step), replicas
-
-
-def inspect(obj: Any) -> StepReport:
-    """StepReport of the step just taken, from the state of ``lrscope.optax.monitor``."""
-    report = _report(obj)
-    if report is None:
-        raise ValueError("no optimizer step has been taken yet (count == 0): inspect the state "
-                         "returned by update()")
-    return report
-
-
-def _report(obj: Any) -> StepReport | None:
-    """``inspect``'s report, or None before the first step (count == 0: the state of
-    ``init``, or of ``optax.MultiSteps`` still accumulating its first gradients)."""
-    state = find_state(obj)
-    if state is None:
-        raise TypeError("no lrscope statistics in this optax state: build the optimizer with "
-                        "lrscope.optax.monitor(optax.adamw, learning_rate=...)")
-    t, scalars, stats, stats_step, replicas = _host(state)
-    if t == 0:
-        return None
-    fresh = stats_step == t
-    groups, notes = [], []
-    if replicas > 1:
-        notes.append(f"a state replicated over {replicas} devices (jax.pmap): the report of "
-                     "replica 0 (replicas agree when the gradients are averaged, e.g. by pmean)")
-    for g in state.plan.groups:
-        values = {k: float(v) for k, v in scalars[g.name].items()}
-        rows = unstack_stats(stats[g.name])
-        params = {}
-        if fresh and state.plan.per_param:
-            params = {n: param_report(n, shape, s, g.empirical)
-                      for n, shape, s in zip(g.leaves, g.shapes, rows)}
-        extra = {k: v for k, v in values.items()
-                 if k not in ("lr", "step_size", "weight_decay_rate")}
-        checked = fresh and not g.empirical and g.leaves and state.plan.check
-        if checked and not math.isnan(values["lr"]):  # an unknown lr has its own note
-            residual = max(float(s.model_residual) for s in rows)
-            scale = max(float(s.update_max) for s in rows)
-            extra["model_error"] = residual / scale if scale > 0 else float(residual > 0)
-            if not extra["model_error"] <= g.tolerance:
-                notes.append(f"group {g.name}: lrscope's {g.family} model does NOT reproduce the "
-                             f"real update (relative mismatch {extra['model_error']:.2g}): if "
-                             "you built this chain, pass its hyperparameters (and family=) to "
-                             "lrscope.optax.monitor; otherwise please report this lrscope bug")
-        group = GroupReport.combine(
-            params, name=g.name, lr=values["lr"], step_size=values.get("step_size", math.nan),
-            weight_decay_rate=values.get("weight_decay_rate", 0.0), extra=extra)
-        if fresh and not state.plan.per_param:  # the group's merged statistics
-            merged = param_report(g.name, (), rows[0], g.empirical)
-            for label in ("effective_lr", "update_magnitude", "update_norm", "param_norm"):
-                setattr(group, label, getattr(merged, label))
-        groups.append(group)
-        notes.extend(g.notes)
-    families = {g.family for g in state.plan.groups}
-    return StepReport(t=t, optimizer=state.plan.optimizer, framework="optax",
-                      family=families.pop() if len(families) == 1 else None, groups=groups,
-                      empirical=any(g.empirical for g in state.plan.groups), notes=notes)
-
-
-class OptaxMonitor(Monitor):
-    """Writes the report held in an optax state to sinks: call ``log(opt_state)`` per step."""
-
-    def log(self, opt_state: Any) -> StepReport | None:
-        """Build the report of ``opt_state`` and write it (once per step) to the sinks; None,
-        writing nothing, before the first step (e.g. ``optax.MultiSteps`` accumulating)."""
-        report = _report(opt_state)
-        if report is None:
-            return None
-        report = self._named(report)
-        if self.last is None or self.last.t != report.t:
-            self._emit(report)
-        return report
-
-
-def watch(obj: Any, *, every: int = 1, log_dir: str | os.PathLike | None = None,
-          sinks: Iterable[Sink] | None = None, name: str | None = None, **options: Any) -> OptaxMonitor:
-    """An OptaxMonitor for the monitored state ``obj`` (call ``mon.log(opt_state)`` each step)."""
-    if options:
-        raise TypeError(f"unknown option(s) {sorted(options)} for the optax backend")
-    state = find_state(obj)
-    if state is None:
-        raise TypeError("lrscope.watch needs the state of lrscope.optax.monitor(...)")
-    if every not in (1, state.plan.every):
-        raise ValueError("with optax the distributions are computed inside jit: pass every= to "
-                         "lrscope.optax.monitor(...), not to watch()")
-    return OptaxMonitor(every=state.plan.every, log_dir=log_dir, sinks=sinks, name=name)
-
-
-def log(opt_state: Any, to: OptaxMonitor | Sink | Iterable[Sink]) -> StepReport | None:
-    """Write the report of ``opt_state`` to a monitor, a sink or several sinks; return it
-    (None, writing nothing, before the first step)."""
-    if isinstance(to, (str, os.PathLike)):
-        raise TypeError("to log into a directory, create the monitor once: "
-                        "mon = lrscope.watch(opt_state, log_dir=...), then mon.log(opt_state) "
-                        "every step")
-    if isinstance(to, OptaxMonitor):
-        return to.log(opt_state)
-    report = _report(opt_state)
-    if report is not None:
-        SinkGroup([to] if isinstance(to, Sink) else list(to)).write(report)
-    return report

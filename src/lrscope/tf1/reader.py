@@ -25,9 +25,8 @@ from typing import Any, Iterable
 import tensorflow as tf
 
 from lrscope import formulas
-from lrscope.backends import tf1_stats
+from lrscope.tf1 import stats as tf1_stats
 from lrscope.formulas import Elementwise
-from lrscope.monitor import Monitor
 from lrscope.report import GroupReport, StepReport
 
 _TRAIN = tf.compat.v1.train
@@ -393,12 +392,3 @@ def inspect(
         groups=[group],
         notes=notes,
     )
-
-
-def watch(optimizer: Any, *, session: Any = None, **options: Any) -> Monitor:
-    """TF1Monitor on ``optimizer`` (see lrscope.watch); needs ``session=``."""
-    from lrscope.integrations.tf1 import TF1Monitor
-
-    if session is None:
-        raise TypeError("lrscope.watch on a tf.compat.v1.train optimizer needs session=sess")
-    return TF1Monitor(optimizer, session=session, **options)

@@ -15,7 +15,8 @@ from collections import Counter
 from typing import Any, Iterable
 
 from lrscope._optional import require
-from lrscope.backends.torch import TorchMonitor, unwrap
+from lrscope.torch.monitor import TorchMonitor
+from lrscope.torch.reader import unwrap
 from lrscope.monitor import checked_every
 from lrscope.report import StepReport
 from lrscope.sinks import Sink, checked

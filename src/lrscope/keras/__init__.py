@@ -13,7 +13,12 @@ Works on the tensorflow, jax and torch Keras backends.
 
 from __future__ import annotations
 
-from lrscope.backends.keras import elementwise, inspect, watch
-from lrscope.integrations.keras import EffectiveLRCallback, KerasMonitor
+from lrscope._optional import require
+
+require("keras", "keras")
+
+from lrscope.keras.monitor import (  # noqa: E402
+    EffectiveLRCallback, KerasMonitor, elementwise, inspect, watch,
+)
 
 __all__ = ["EffectiveLRCallback", "KerasMonitor", "elementwise", "inspect", "watch"]

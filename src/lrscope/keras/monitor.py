@@ -10,12 +10,13 @@ reading, as Keras documents for callbacks that read state.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import keras
 
 from lrscope._warnings import warn
-from lrscope.backends.keras import KerasReader
+from lrscope.formulas import Elementwise
+from lrscope.keras.reader import KerasReader
 from lrscope.monitor import Monitor, checked_every
 from lrscope.report import StepReport
 from lrscope.sinks import Sink, checked
@@ -163,3 +164,63 @@ class EffectiveLRCallback(keras.callbacks.Callback):
             self._last = self.monitor.last
             self.monitor.close()
             self.monitor = None
+
+
+def inspect(
+    optimizer: Any,
+    *,
+    grads: Sequence[Any] | None = None,
+    variables: Sequence[Any] | None = None,
+    distributions: bool = True,
+) -> StepReport:
+    """StepReport of the last step from the optimizer's variables (see lrscope.inspect).
+
+    ``grads`` (with ``variables``, default the optimizer's) are the gradients passed to
+    ``apply``: they give the update norms of families whose direction needs g.
+
+    >>> import numpy as np, keras
+    >>> w = keras.Variable(np.array([1.0, -2.0]))
+    >>> optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    >>> for _ in range(2):
+    ...     optimizer.apply([keras.ops.convert_to_tensor(np.array([1.0, 1.0]))], [w])
+    >>> report = inspect(optimizer)
+    >>> report.t, report.groups[0].lr, round(report.groups[0].update_norm, 4)
+    (2, 0.1, 0.2687)
+    """
+    return KerasReader(optimizer).report(
+        distributions=distributions, grads=grads, variables=variables
+    )
+
+
+def watch(optimizer: Any, **options: Any) -> Monitor:
+    """KerasMonitor on ``optimizer`` (see lrscope.watch and KerasMonitor)."""
+    return KerasMonitor(optimizer, **options)
+
+
+def elementwise(
+    optimizer: Any,
+    grads: Sequence[Any] | None = None,
+    variables: Sequence[Any] | None = None,
+    recorded: dict[int, dict[str, Any]] | None = None,
+) -> Iterator[tuple[str, Elementwise]]:
+    """``(variable path, Elementwise)`` of every variable of the last step (for tests).
+
+    >>> import numpy as np, keras
+    >>> w = keras.Variable(np.array([1.0, -2.0]), name="w")
+    >>> optimizer = keras.optimizers.Adagrad(0.1)
+    >>> grads = [keras.ops.convert_to_tensor(np.array([3.0, 4.0]))]
+    >>> optimizer.apply(grads, [w])
+    >>> [(name, np.round(keras.ops.convert_to_numpy(el.eta), 4).tolist())
+    ...  for name, el in elementwise(optimizer, grads=grads)]
+    [('w', [0.0331, 0.0249])]
+    """
+    reader = KerasReader(optimizer)
+    if reader.family is None or reader.unsupported:
+        raise TypeError(reader.notes[0])
+    _, t, _ = reader.position()
+    h = reader.hyperparameters(reader.learning_rate(t))
+    by_index = reader._grads(grads, variables)
+    for index, var in enumerate(reader.variables()):
+        yield var.path, reader.elementwise(
+            index, t, h, by_index.get(index), (recorded or {}).get(index)
+        )

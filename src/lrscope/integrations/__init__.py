@@ -1,1 +1,0 @@
-"""Hooks and callbacks that attach lrscope to training loops (Keras, Lightning, ...)."""

@@ -1,0 +1,181 @@
+"""``TorchMonitor``: lrscope attached to a torch optimizer through its step hooks.
+
+The pre-hook records what the step is about to use (each group's lr, Adadelta's
+accumulated deltas, ASGD's eta, or a parameter snapshot in empirical mode); the
+post-hook builds the StepReport of the step just taken with ``TorchReader``.
+``inspect`` reads the current state alone and notes what it cannot know.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from functools import partial
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from lrscope.formulas import Elementwise
+from lrscope.monitor import Monitor
+from lrscope.report import StepReport
+from lrscope.sinks import Sink
+from lrscope.torch import stats
+from lrscope.torch.reader import SKIPPED_NOTE, TorchReader, _Pending, hyperparameters
+from lrscope.torch.state import elementwise_of
+from lrscope._warnings import warn
+
+#: The monitors attached to each optimizer: a notebook cell run again attaches one more.
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class TorchMonitor(Monitor):
+    """Monitor attached to a torch optimizer through step pre/post hooks."""
+
+    def __init__(self, optimizer: Any, *, model: Any = None, every: int = 1,
+                 log_dir: str | os.PathLike | None = None, sinks: Iterable[Sink] | None = None,
+                 empirical: bool = False, grad_scaler: Any = None, name: str | None = None):
+        reader = TorchReader(optimizer, model=model, empirical=empirical)  # before any log is opened
+        if not hasattr(reader.optimizer, "_optimizer_step_pre_hooks"):
+            raise TypeError(_without_hooks(reader.optimizer))
+        super().__init__(every=every, log_dir=log_dir, sinks=sinks, name=name)
+        self.reader = reader
+        if self.reader.notes:
+            warn("lrscope: " + self.reader.notes[0])
+        self._pending: _Pending | None = None
+        self._lazy: tuple[_Pending | None, int] | None = None
+        self._t = self._reported_t = self.reader._step_count()
+        self._stepped = False
+        self._warned_capture = False
+        opt = self.reader.optimizer
+        # A compiled optimizer.step() (torch.compile) runs the hooks as they are, untraced.
+        self._handles = [opt.register_step_pre_hook(torch.compiler.disable(self._before)),
+                         opt.register_step_post_hook(torch.compiler.disable(self._after))]
+        attached = _ATTACHED.setdefault(opt, weakref.WeakSet())
+        if attached:
+            warn(f"lrscope: this optimizer already has {len(attached)} monitor(s) attached (a notebook "
+                 "cell run again?): each reports and logs every step; close the ones you do not "
+                 "want with monitor.close()")
+        attached.add(self)
+        self._scaler = grad_scaler
+        self._scaler_update = None
+        if grad_scaler is not None:
+            self._scaler_update = grad_scaler.update
+            grad_scaler.update = self._scaler_updated  # restored by close()
+
+    def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if _capturing():
+            return
+        t_next = self._t + 1
+        self._pending = self.guarded(partial(self.reader.begin, t_next), self.wants_distributions(t_next))
+
+    def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if _capturing():
+            # Measuring here would put a host read into the graph (capture fails), and
+            # the graph's replays run no hooks: nothing to count either.
+            if not self._warned_capture:
+                self._warned_capture = True
+                warn("lrscope: optimizer.step() is being captured into a CUDA graph; the graph's "
+                     "replays run no Python hooks, so this monitor does not see them. Call "
+                     "lrscope.inspect(optimizer) after a replay: it reads the state the replays "
+                     "left (t included)")
+            return
+        self._stepped = True
+        pending, self._pending = self._pending, None
+        found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler for fused steps
+        if isinstance(found_inf, torch.Tensor) and stats.on_host(found_inf.device):
+            if found_inf.item():  # the step skipped itself; read for free on the CPU
+                self._emit_skipped(pending)
+                return
+            found_inf = None
+        self._t += 1
+        distributions = self.wants_distributions(self._t)
+        if distributions or self.has_sinks:
+            # (A device flag is read only with the statistics, in their one transfer.)
+            report = self.guarded(partial(self.reader.report, pending, t=self._t, found_inf=found_inf),
+                                  distributions)
+            self._t = report.t  # a measured step re-syncs with the state's counters
+            self._emit(report)
+        else:
+            # Nobody reads this step's scalars yet: keep what they need (the lr and options
+            # the step used, recorded by the pre-hook) and build the report on access.
+            self._lazy = (pending, self._t)
+
+    def _emit(self, report: StepReport) -> None:
+        self._lazy = None
+        super()._emit(report)
+
+    @property
+    def last(self) -> StepReport | None:
+        if self._lazy is not None:
+            pending, t = self._lazy
+            self._lazy = None
+            self._last = self._named(self.reader.report(pending, False, t=t))
+        return self._last
+
+    def _scaler_updated(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._stepped:
+            # GradScaler found inf/NaN gradients and skipped optimizer.step().
+            self._emit_skipped(_Pending(lrs=[g["lr"] for g in self.reader.optimizer.param_groups]))
+        self._stepped = False
+        return self._scaler_update(*args, **kwargs)
+
+    def _emit_skipped(self, pending: _Pending | None) -> None:
+        """Report a step GradScaler skipped: scalars only, t unchanged."""
+        report = self.reader.report(pending, distributions=False, t=self._t)
+        report.skipped = True
+        report.notes.append(SKIPPED_NOTE)
+        self._emit(report)
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        _ATTACHED.get(self.reader.optimizer, set()).discard(self)
+        if self._scaler is not None:
+            self._scaler.update = self._scaler_update
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (never without CUDA in use)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def _without_hooks(optimizer: torch.optim.Optimizer) -> str:
+    """What to do with an Optimizer subclass whose ``__init__`` skipped ``Optimizer.__init__``
+    (torch_optimizer's Lookahead): its ``step()`` runs no step hooks, so it cannot be watched."""
+    what = type(optimizer).__name__
+    inner = getattr(optimizer, "optimizer", None)
+    todo = (f"watch the optimizer it wraps, lrscope.watch(optimizer.optimizer) (its {what} updates "
+            "on top of that are then not in the reports), or " if isinstance(inner, torch.optim.Optimizer)
+            else "")
+    return (f"{what} subclasses torch.optim.Optimizer without calling Optimizer.__init__, so its "
+            f"step() runs no step hooks and lrscope.watch cannot follow it: {todo}call "
+            "lrscope.inspect(optimizer) after each step() (scheduled lr only for an optimizer "
+            "lrscope does not model)")
+
+
+def inspect(optimizer: Any, *, model: Any = None, distributions: bool = True) -> StepReport:
+    """StepReport of the last step from the optimizer's state alone (see lrscope.inspect)."""
+    return TorchReader(optimizer, model=model).report(None, distributions)
+
+
+def watch(optimizer: Any, **options: Any) -> TorchMonitor:
+    """TorchMonitor on ``optimizer`` (see lrscope.watch and TorchMonitor)."""
+    return TorchMonitor(optimizer, **options)
+
+
+def elementwise(optimizer: Any, model: Any = None) -> Iterator[tuple[str, Elementwise]]:
+    """``(name, Elementwise)`` of every parameter the last step moved (for debugging and tests).
+
+    Uses the lr currently in the param groups: call it right after ``step()``.
+    """
+    reader = TorchReader(optimizer, model=model)
+    if reader.family is None:
+        raise TypeError(reader.notes[0])
+    for group in reader.optimizer.param_groups:
+        h, unsupported = hyperparameters(reader.family, group, group["lr"])
+        if unsupported:
+            raise ValueError(f"option(s) {', '.join(unsupported)} are not modelled by lrscope")
+        for p in group["params"]:
+            state = reader.optimizer.state.get(p, {})
+            if p.grad is not None and (state or reader.family == "sgd"):
+                yield reader.name_of(p), elementwise_of(reader.family, state, p, h)
