@@ -7,7 +7,7 @@ import math
 import pytest
 
 from lrscope.cli import main
-from lrscope.sinks.jsonl import read_jsonl
+from lrscope.logs import read_jsonl
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 import lrscope.lightning  # noqa: E402
 from lrscope.sinks import JsonlSink  # noqa: E402
-from lrscope.sinks.jsonl import read_jsonl  # noqa: E402
+from lrscope.logs import read_jsonl  # noqa: E402
 
 STEPS = 6
 

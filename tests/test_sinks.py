@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lrscope.logs import read_jsonl
 from lrscope.sinks import SinkGroup
 from lrscope.sinks.console import ConsoleSink
 from lrscope.sinks.csv import CsvSink
 from lrscope.sinks.defaults import default_sinks
-from lrscope.sinks.jsonl import JsonlSink, read_jsonl
+from lrscope.sinks.jsonl import JsonlSink
 from lrscope.sinks.tensorboard import TensorBoardSink
 from tests._sink_reports import WEIGHT_DECAY, Collect, lr_at, make_report, step_size_at
 

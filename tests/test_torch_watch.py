@@ -396,7 +396,7 @@ def test_two_optimizers_of_one_class_in_one_log_dir(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from lrscope import plot
-    from lrscope.sinks.jsonl import read_jsonl
+    from lrscope.logs import read_jsonl
 
     models = {"generator": make_model(), "discriminator": make_model()}
     lrs = {"generator": 1e-3, "discriminator": 4e-3}

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import lrscope.transformers  # noqa: E402
-from lrscope.sinks.jsonl import read_jsonl  # noqa: E402
+from lrscope.logs import read_jsonl  # noqa: E402
 
 STEPS = 6
 

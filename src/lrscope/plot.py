@@ -53,7 +53,7 @@ import numpy as np
 from lrscope._optional import require
 from lrscope.report import tag_prefix
 from lrscope.sinks.jsonl import FILE_NAME as JSONL_FILE_NAME
-from lrscope.sinks.jsonl import read_jsonl
+from lrscope.logs import read_jsonl
 
 #: Folklore healthy update:data ratio per step (see the README).
 HEALTHY_UPDATE_TO_PARAM = 1e-3

@@ -3,10 +3,11 @@
 Each line is ``report.to_dict()`` plus ``wall_time`` (Unix seconds).  The file is strict
 JSON: non-finite floats (the min of an empty distribution, an update ratio of a zero
 tensor) are written as ``null``.  A process killed at any moment leaves every complete
-line readable; ``read_jsonl`` skips a torn last line.
+line readable; ``lrscope.logs.read_jsonl`` skips a torn last line.
 
 >>> import tempfile, numpy as np
 >>> from pathlib import Path
+>>> from lrscope.logs import read_jsonl
 >>> from lrscope.report import Distribution, GroupReport, StepReport
 >>> path = Path(tempfile.mkdtemp()) / "lrscope.jsonl"
 >>> group = GroupReport(name="pg0", lr=1e-3, step_size=3.2e-4,
@@ -26,7 +27,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lrscope.report import StepReport
 from lrscope.sinks._files import AppendFile
@@ -58,18 +59,6 @@ def encode(report: StepReport, wall_time: float | None = None, tensor_sketches: 
                     if entry[label] is not None:
                         entry[label].pop("sketch")
     return json.dumps(_strict(record), allow_nan=False, separators=(",", ":")) + "\n"
-
-
-def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """The records of an lrscope JSONL file; an incomplete or corrupt line is skipped."""
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "t" in record and "groups" in record:
-                yield record
 
 
 class JsonlSink:
