@@ -1,0 +1,44 @@
+"""Run by test_optax_multiprocess.py: one of two JAX processes (``jax.distributed``, gloo on
+the CPU), each with 2 host devices, training the monitored AdamW of ``_optax_sharded`` on
+parameters sharded over all 4 devices of both processes.  Prints the report's statistics
+as one JSON line, as seen by this process.
+
+    python _optax_multiprocess.py PROCESS_ID PORT
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{sys.argv[2]}", num_processes=2,
+                           process_id=int(sys.argv[1]))
+
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _optax_sharded import summary, train  # noqa: E402
+
+
+def main():
+    rng = np.random.default_rng(1)
+    host = {"kernel": rng.normal(size=(64, 32)).astype(np.float32),
+            "bias": rng.normal(size=(32,)).astype(np.float32)}
+    mesh = Mesh(np.array(jax.devices()), ("x",))
+    sharding = NamedSharding(mesh, PartitionSpec("x"))
+    # Each process places its own rows: make_array_from_callback asks for the local shards.
+    params = {name: jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index])
+              for name, a in host.items()}
+    state = train(params)
+    print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
+                      "report": summary(state)}))
+
+
+if __name__ == "__main__":
+    main()
