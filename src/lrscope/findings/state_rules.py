@@ -1,0 +1,536 @@
+"""Rules over the measured statistics: eps, gradients that never arrive, NaN, update ratios.
+
+Each reads the distributions of the steps that carry them (every ``every`` steps), per
+tensor and per group.  The thresholds are the named constants below, each with its reason.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Iterable, Iterator
+
+from lrscope.findings.core import Rule, RuleLogic, Subject, Verdict, percent, subjects
+from lrscope.findings.observe import Stats, Step
+
+#: eps dominates the denominator of at least this share of a tensor's elements.  Reason:
+#: past half, the tensor as a whole takes SGD-like steps of lr/eps rather than Adam's
+#: normalised ones; a healthy run has a few percent at most (the demo: 4.7 % of its first
+#: layer, the weights of three pixels blank in every image).
+EPS_DOMINATED_MAX = 0.5
+#: The eps-dominated share grew by at least this much (absolute) since the subject's lowest
+#: share.  Reason: a quarter of the elements moving into the eps regime during training
+#: means the gradient scale is falling towards eps (a shrinking loss or loss scale).
+EPS_DOMINATED_GROWTH = 0.25
+#: Steps without any gradient before ``no_gradient`` holds.  Reason: a layer behind a
+#: zero-initialised one gets zero gradients for its first step or few, legitimately; twenty
+#: steps without a single nonzero gradient is no longer start-up.
+NO_GRADIENT_STEPS = 20
+#: Relative tolerance of "the update is the weight decay and nothing else" (the float32
+#: reconstruction of the update from theta after the step is exact to about 1e-6).
+DECAY_ONLY_TOLERANCE = 1e-3
+#: ||delta theta|| / ||theta|| above which a tensor is rewritten: a tenth of its norm per step
+#: replaces it in about ten steps.  Reason: the folklore healthy value is about 1e-3 (the
+#: demo's largest matrix ratio, in warmup at lr 2e-3, is 0.0075); 0.1 is a hundred times that.
+UPDATE_RATIO_MAX = 0.1
+#: A tensor is an outlier when its update ratio divided by its group's lr lies this factor
+#: above the median of the optimizer's tensors (at the same step).  Reason: dividing by lr
+#: allows groups with different lrs; tensors of one model differ by 10-60 x (LayerNorm gains,
+#: whose norm is large, move slower than weight matrices), not by 100 x.
+OUTLIER_HIGH = 100.0
+#: ... or this factor below it ("frozen in effect").  Reason: as above, with room for the
+#: 20-60 x that separate large-norm tensors (LayerNorm gains) from weight matrices.
+OUTLIER_LOW = 1000.0
+#: Tensors with fewer positive ratios at a step are not compared with each other.
+OUTLIER_MIN_TENSORS = 4
+#: A tensor whose first measured update ratio is at least this started from zero (a
+#: zero-initialised bias: ratio 1 after its first step, then about 1/t); ...
+ZERO_START_RATIO = 0.5
+#: ... its ratios say little until this many steps have given it a norm of its own.
+ZERO_START_STEPS = 100
+#: ||theta|| grew by this factor since the subject was first measured: divergence.  Reason:
+#: trained weights stay within a few times their initial norm (the demo's largest growth is
+#: 1.8 x); ten times is runaway growth (too high an lr, no normalisation, a loss that rewards
+#: large weights).
+DIVERGENCE_GROWTH = 10.0
+#: Decoupled decay removes more than the gradient update adds, held over this many steps.
+#: Reason: one step's balance is noise; over a hundred steps the tensor shrinks by a factor
+#: of about (1 - rate)**100 while its gradients cannot hold it.
+DECAY_EXCEEDS_STEPS = 100
+#: Tensors of at most this many dimensions are biases, norm gains and scales (by shape).
+VECTOR_NDIM = 1
+#: Names that mark biases and norm parameters where the logs carry no shapes (TensorBoard).
+NORM_OR_BIAS_NAMES = ("bias", "norm", "ln_", "ln.", "bn", "gamma", "beta", "scale")
+
+
+def v_is_zero(stats: Stats) -> bool:
+    """Every element is eps-dominated and the effective lr takes one value: the second
+    moment is the same everywhere and below eps, which in practice means v = 0 (eta = lr/eps
+    exactly).  Needs an eps-dominated share and at least two elements (where counted)."""
+    return (stats.eps_dominated is not None and stats.eps_dominated >= 1.0
+            and (stats.count is None or stats.count >= 2)
+            and stats.eta_min is not None and stats.eta_max is not None
+            and math.isfinite(stats.eta_max) and stats.eta_max > 0
+            and stats.eta_max - stats.eta_min <= 1e-6 * stats.eta_max)
+
+
+def ratio(stats: Stats) -> float | None:
+    """||delta theta|| / ||theta||, from the report or from the norms."""
+    if stats.update_to_param is not None:
+        return stats.update_to_param
+    if stats.update_norm is not None and stats.param_norm:
+        return stats.update_norm / stats.param_norm
+    return None
+
+
+def gradient_ratio(stats: Stats, decay_rate: float) -> float | None:
+    """The part of the update ratio that is not decoupled decay, assuming the two are
+    orthogonal: sqrt(u**2 - d**2), with d = rate / (1 - rate) the ratio decay alone gives
+    (the update removes rate * theta_before, the norm is that of theta after the step).
+    0 when the update is the decay and nothing else (within ``DECAY_ONLY_TOLERANCE``)."""
+    u = ratio(stats)
+    if u is None or not math.isfinite(u) or decay_rate >= 1:
+        return None
+    # An unknown (NaN) rate: only an update of exactly 0 is known to have no gradient part.
+    d = decay_rate / (1 - decay_rate) if decay_rate > 0 else 0.0
+    if u <= d * (1 + DECAY_ONLY_TOLERANCE):
+        return 0.0
+    return math.sqrt(u * u - d * d)
+
+
+class _Streaks:
+    """The step since which a per-subject condition has held at every judgement."""
+
+    def __init__(self) -> None:
+        self.since: dict[str, int] = {}
+
+    def update(self, subject: str, holds: bool, t: int) -> int | None:
+        if not holds:
+            self.since.pop(subject, None)
+            return None
+        return self.since.setdefault(subject, t)
+
+
+class _History:
+    """First measurements per subject: the first t, ratio and norm, the lowest eps share."""
+
+    def __init__(self) -> None:
+        self.first_t: dict[str, int] = {}
+        self.first_ratio: dict[str, float] = {}
+        self.first_norm: dict[str, float] = {}
+        self.lowest_eps: dict[str, tuple[float, int]] = {}
+
+    def see(self, s: Subject, t: int) -> None:
+        self.first_t.setdefault(s.name, t)
+        r = ratio(s.stats)
+        if r is not None and s.name not in self.first_ratio:
+            self.first_ratio[s.name] = r
+        if s.stats.param_norm is not None and math.isfinite(s.stats.param_norm) and s.stats.param_norm > 0:
+            self.first_norm.setdefault(s.name, s.stats.param_norm)
+        eps = s.stats.eps_dominated
+        if eps is not None and (s.name not in self.lowest_eps or eps < self.lowest_eps[s.name][0]):
+            self.lowest_eps[s.name] = (eps, t)
+
+    def young_from_zero(self, name: str, t: int) -> bool:
+        """Started from zero (first ratio >= ZERO_START_RATIO) and still in its first steps."""
+        first = self.first_ratio.get(name)
+        started_at_zero = first is not None and (first >= ZERO_START_RATIO or math.isinf(first))
+        return started_at_zero and t < self.first_t.get(name, t) + ZERO_START_STEPS
+
+    def started_at_zero(self, name: str) -> bool:
+        first = self.first_ratio.get(name)
+        return first is not None and (first >= ZERO_START_RATIO or math.isinf(first))
+
+
+def _moving(step: Step) -> Iterator[Subject]:
+    """The subjects of a measured step whose group used a positive lr (an lr of 0 moves
+    nothing and is the ``lr_zero`` rule's)."""
+    for s in subjects(step):
+        if s.group.lr > 0 or math.isnan(s.group.lr):
+            yield s
+
+
+EXPLAIN_EPS = (
+    "Adam-type optimizers divide by sqrt(v_hat) + eps. Where the gradient's scale is below eps, "
+    "eps dominates the denominator and the optimizer behaves like SGD with a learning rate of "
+    "about lr/eps there (1e5 x lr for eps = 1e-8), not like Adam: the per-parameter "
+    "normalisation is lost. Usual causes: an eps too large for the gradient scale (eps=1e-3 "
+    "copied from another recipe, or Keras' default 1e-7 with tiny gradients), a loss scaled "
+    "down (averaged over many tokens, multiplied by a small factor, unscaled gradients under "
+    "mixed precision), or gradients that vanish in early layers. Try a smaller eps (1e-8, or "
+    "1e-10 to 1e-15 for very small gradients), or check the loss and gradient scale; if the "
+    "share keeps growing, the gradients are shrinking during training.")
+
+
+class EpsDominated(RuleLogic):
+    rule = Rule(
+        id="eps_dominated", severity="warning",
+        title="eps dominates the denominator of most elements",
+        threshold=f"eps_dominated >= {EPS_DOMINATED_MAX:.0%} of a tensor's or group's elements "
+                  "(tensors whose v is exactly 0 are left to no_gradient / second_moment_underflow)",
+        reason="past half, the tensor as a whole takes SGD-like steps of lr/eps rather than "
+               "normalised ones; a healthy run has a few percent at most (the demo: 4.7% of its "
+               "first layer, the weights of pixels blank in every image)",
+        explanation=EXPLAIN_EPS,
+        needs="the eps_dominated share (families with an eps in the denominator)")
+
+    def observe(self, step: Step) -> Iterable[Verdict]:
+        for s in _moving(step):
+            share = self._share(s)
+            if share is not None:
+                holds = share >= EPS_DOMINATED_MAX
+                yield Verdict(s.name, f"{percent(share)} of the elements are eps-dominated "
+                                      f"(eta ~ lr/eps there)" if holds else None)
+
+    @staticmethod
+    def _share(s: Subject) -> float | None:
+        if s.stats.eps_dominated is None or v_is_zero(s.stats):
+            return None
+        if s.tensor is not None or not s.group.params:
+            return s.stats.eps_dominated
+        # A group: without the tensors whose v is 0 (their own rules say why).
+        kept = [p for p in s.group.params.values() if p.eps_dominated is not None and not v_is_zero(p)]
+        if not kept or any(p.count is None for p in kept):
+            return None if not kept else s.stats.eps_dominated
+        total = sum(p.count for p in kept)  # type: ignore[misc]
+        return sum(p.eps_dominated * p.count for p in kept) / total if total else None  # type: ignore[operator]
+
+
+class EpsDominatedGrowing(RuleLogic):
+    rule = Rule(
+        id="eps_dominated_growing", severity="warning",
+        title="the eps-dominated share is growing",
+        threshold=f"eps_dominated rose by >= {EPS_DOMINATED_GROWTH:.0%} of the elements "
+                  "(absolute) above the lowest share measured earlier for that tensor or group",
+        reason="a quarter of the elements moving into the eps regime during training means the "
+               "gradient scale is falling towards eps",
+        explanation=EXPLAIN_EPS,
+        needs="the eps_dominated share over the measured steps")
+
+    def __init__(self) -> None:
+        self.history = _History()
+
+    def observe(self, step: Step) -> Iterable[Verdict]:
+        for s in _moving(step):
+            eps = s.stats.eps_dominated
+            if eps is None or v_is_zero(s.stats):
+                continue
+            self.history.see(s, step.t)
+            lowest, when = self.history.lowest_eps[s.name]
+            holds = eps - lowest >= EPS_DOMINATED_GROWTH
+            yield Verdict(s.name, f"eps-dominated share grew from {percent(lowest)} (step {when}) "
+                                  f"to {percent(eps)}" if holds else None)
+
+
+class NoGradient(RuleLogic):
+    rule = Rule(
+        id="no_gradient", severity="warning",
+        title="a tensor that never moves: no gradient",
+        threshold=f"the update is exactly the weight decay (no gradient part: m = 0) at every "
+                  f"measured step over >= {NO_GRADIENT_STEPS} steps; or, with v = 0 everywhere "
+                  f"(all elements eps-dominated, one effective lr), at a step >= {NO_GRADIENT_STEPS}",
+        reason="a layer behind a zero-initialised one gets zero gradients for a step or a few, "
+               f"legitimately; {NO_GRADIENT_STEPS} steps without a single nonzero gradient is "
+               "no longer start-up (v = 0 at step t means every gradient so far was 0)",
+        explanation=(
+            "The optimizer holds this tensor but its gradient is zero: the tensor does not "
+            "train (with decoupled weight decay it only shrinks). Usual causes: the tensor is "
+            "not used in the forward pass (a dead branch, a module replaced after the optimizer "
+            "was built, tied weights where the copy is not the one used), the graph is cut "
+            "(.detach(), .data, torch.no_grad(), an integer cast), gradients are zeroed after "
+            "backward, or a dead activation (all-negative inputs to a ReLU). Check that "
+            "loss.backward() reaches it (param.grad nonzero) or remove it from the optimizer. "
+            "With torch, zero_grad(set_to_none=True) leaves such tensors without .grad, and "
+            "then the optimizer skips them: they do not appear in the reports at all."),
+        needs="update_norm and param_norm (modelled families, or empirical mode); the shares "
+              "of eps-dominated elements to see v = 0")
+
+    def __init__(self) -> None:
+        self.streaks = _Streaks()
+
+    def observe(self, step: Step) -> Iterable[Verdict]:
+        for s in _moving(step):
+            g = gradient_ratio(s.stats, s.group.weight_decay_rate)
+            if g is None:
+                continue
+            since = self.streaks.update(s.name, g == 0.0, step.t)
+            if since is None:
+                yield Verdict(s.name, None)
+                continue
+            v_zero = v_is_zero(s.stats)
+            start = 1 if v_zero else since
+            if step.t - start + (1 if v_zero else 0) < NO_GRADIENT_STEPS:
+                continue  # not judged yet: neither holds nor breaks the streak
+            decay = " apart from weight decay" if s.group.weight_decay_rate > 0 else ""
+            what = ("v = 0 everywhere: no gradient since the first step" if v_zero
+                    else f"zero gradient part at every measured step since step {since}")
+            yield Verdict(s.name, f"the update is zero{decay} ({what})", since=start)
+
+
+class SecondMomentUnderflow(RuleLogic):
+    rule = Rule(
+        id="second_moment_underflow", severity="warning",
+        title="v = 0 while m != 0: the squared gradient underflows",
+        threshold="every element eps-dominated with a single effective lr (v = 0 everywhere), "
+                  "at least two elements, while the tensor moves by more than its weight decay "
+                  "(m != 0)",
+        reason="a nonzero first moment with an exactly zero second moment is only possible "
+               "when g**2 rounds to 0 while g does not: any v > 0 would make the effective lrs "
+               "differ between elements",
+        explanation=(
+            "The second moment v is 0 while the first moment m is not: the squared gradient "
+            "underflowed (g**2 < 6e-8 in float16, or below the smallest bfloat16/float16 "
+            "subnormal), typically with optimizer states in half precision or tiny gradients "
+            "(|g| < 2.4e-4 in float16). Adam then divides m by eps alone and takes steps of "
+            "lr * m / eps: huge, unnormalised updates. Keep the optimizer states in float32 "
+            "(mixed precision with float32 master weights, or an optimizer that upcasts), "
+            "scale the loss up, or raise eps to the gradient scale."),
+        needs="the eps_dominated share, the effective lr's min and max, and the update norm")
+
+    def observe(self, step: Step) -> Iterable[Verdict]:
+        for s in _moving(step):
+            if s.tensor is None or s.stats.eps_dominated is None or math.isnan(s.group.weight_decay_rate):
+                continue  # (an unknown decay rate could be all the movement)
+            g = gradient_ratio(s.stats, s.group.weight_decay_rate)
+            if g is None:
+                continue
+            holds = v_is_zero(s.stats) and g > 0
+            yield Verdict(s.name, f"v = 0 in every element (eta = {s.stats.eta_max:.3g} = lr/eps) "
+                                  f"while the tensor moves: update/param {ratio(s.stats):.3g}"
+                          if holds else None)
+
+
+class Nonfinite(RuleLogic):
+    rule = Rule(
+        id="nonfinite", severity="warning",
+        title="NaN or Inf in the optimizer state or the update",
+        threshold="any NaN/Inf element in the effective lr (or |update|), or a NaN/Inf update "
+                  "or parameter norm",
+        reason="one NaN spreads to every later step of that tensor (Adam's moments keep it), and "
+               "from there to the loss",
+        explanation=(
+            "The optimizer state or the update holds NaN or Inf: a gradient was NaN/Inf "
+            "(overflow in float16, log(0), division by zero, an exploding loss) and the "
+            "moments kept it, or the parameters themselves diverged. Find the first step "
+            "where it appears (the steps listed here, at the resolution of every=); check the "
+            "loss and gradients there (torch.autograd.set_detect_anomaly, or a check of "
+            "torch.isfinite on the gradients before optimizer.step()). Under float16, use a "
+            "GradScaler (it skips such steps) or bfloat16; clip gradients; lower the lr."),
+        needs="the distribution's nonfinite count and the norms")
+
+    def observe(self, step: Step) -> Iterable[Verdict]:
+        for s in subjects(step):
+            bad = []
+            if s.stats.nonfinite:
+                count = f" of {s.stats.count}" if s.stats.count else ""
+                bad.append(f"{int(s.stats.nonfinite)}{count} elements NaN/Inf")
+            for label in ("update_norm", "param_norm"):
+                value = getattr(s.stats, label)
+                if value is not None and not math.isfinite(value):
+                    bad.append(f"{label} {value}")
+            yield Verdict(s.name, ", ".join(bad) if bad else None)
+
+
+EXPLAIN_RATIO = (
+    "||delta theta|| / ||theta|| is the fraction of a tensor's norm that one step changes; "
+    "about 1e-3 is the usual healthy value. Far above it, the tensor is rewritten every few "
+    "steps and keeps nothing it learned (too high an lr for it, a missing warmup, an "
+    "eps-dominated or underflowing denominator, a tensor that started at a tiny norm); far "
+    "below the run's other tensors, it is frozen in effect (vanishing gradients, an lr "
+    "multiplier gone wrong, a huge norm). Lower or raise that group's lr (or give the tensor "
+    "its own group), add or lengthen the warmup, check its initialisation and its gradients.")
+
+
+class UpdateRatioHigh(RuleLogic):
+    rule = Rule(
+        id="update_ratio_high", severity="warning",
+        title="update_to_param above the band: the tensor is rewritten every few steps",
+        threshold=f"update_to_param > {UPDATE_RATIO_MAX:g} (tensors that started from zero are "
+                  f"judged from {ZERO_START_STEPS} steps after their first measurement)",
+        reason="a tenth of the norm per step replaces the tensor in about ten steps; the folklore "
+               "healthy value is about 1e-3 and the demo's largest matrix ratio, in warmup, 0.0075",
+        explanation=EXPLAIN_RATIO,
+        needs="update_to_param (modelled families, or empirical mode)")
+
+    def __init__(self) -> None:
+        self.history = _History()
+
+    def observe(self, step: Step) -> Iterable[Verdict]:
+        for s in _moving(step):
+            r = ratio(s.stats)
+            if r is None or not math.isfinite(r):
+                continue
+            self.history.see(s, step.t)
+            if self.history.young_from_zero(s.name, step.t):
+                continue
+            yield Verdict(s.name, f"update_to_param {r:.3g} (band: <= {UPDATE_RATIO_MAX:g})"
+                          if r > UPDATE_RATIO_MAX else None)
+
+
+class UpdateRatioOutlier(RuleLogic):
+    rule = Rule(
+        id="update_ratio_outlier", severity="warning",
+        title="update_to_param far from the run's other tensors",
+        threshold=f"a tensor's update_to_param / lr is > {OUTLIER_HIGH:g} x or < 1/{OUTLIER_LOW:g} "
+                  f"of the median over the optimizer's tensors at that step (at least "
+                  f"{OUTLIER_MIN_TENSORS} tensors; zero-started ones judged after "
+                  f"{ZERO_START_STEPS} steps)",
+        reason="dividing by lr allows groups with different lrs; tensors of one model differ by "
+               "10-60 x (LayerNorm gains, with large norms, move slower than weight matrices), "
+               "not by a hundred or a thousand",
+        explanation=EXPLAIN_RATIO,
+        needs="per-tensor update_to_param (JSONL, or TensorBoard with params=True)")
+
+    def __init__(self) -> None:
+        self.history = _History()
+
+    def observe(self, step: Step) -> Iterable[Verdict]:
+        judged = []
+        for s in _moving(step):
+            if s.tensor is None:
+                continue
+            self.history.see(s, step.t)
+            r = ratio(s.stats)
+            if (r is None or not math.isfinite(r) or r <= 0 or not s.group.lr > 0
+                    or self.history.young_from_zero(s.name, step.t)):
+                continue
+            judged.append((s, r / s.group.lr))
+        if len(judged) < OUTLIER_MIN_TENSORS:
+            return
+        median = statistics.median(value for _, value in judged)
+        for s, value in judged:
+            factor = value / median
+            message = None
+            if factor > OUTLIER_HIGH:
+                message = f"update_to_param {ratio(s.stats):.3g}, {factor:.0f} x the run's median (per unit lr)"
+            elif factor < 1 / OUTLIER_LOW:
+                message = (f"update_to_param {ratio(s.stats):.3g}, 1/{1 / factor:.0f} of the run's "
+                           "median (per unit lr): frozen in effect")
+            yield Verdict(s.name, message)
+
+
+class Divergence(RuleLogic):
+    rule = Rule(
+        id="divergence", severity="warning",
+        title="parameter norm growing without bound",
+        threshold=f"||theta|| of a tensor or group >= {DIVERGENCE_GROWTH:g} x its first measured "
+                  "value (tensors that started from zero are left out)",
+        reason="trained weights stay within a few times their initial norm (the demo's largest "
+               "growth is 1.8 x); ten times is runaway growth",
+        explanation=(
+            "The parameters' norm keeps growing: training is diverging or about to. Usual "
+            "causes: an lr too high for this model or batch size (often visible as "
+            "update_ratio_high first), no or too short a warmup, no weight decay on a "
+            "scale-invariant tensor whose norm grows with every step, or an unstable loss. "
+            "Lower the lr, add warmup, clip gradients, add weight decay or normalisation."),
+        needs="param_norm over the measured steps")
+
+    def __init__(self) -> None:
+        self.history = _History()
+
+    def observe(self, step: Step) -> Iterable[Verdict]:
+        for s in subjects(step):
+            norm = s.stats.param_norm
+            if norm is None or not math.isfinite(norm):
+                continue
+            self.history.see(s, step.t)
+            first = self.history.first_norm.get(s.name)
+            if first is None or self.history.started_at_zero(s.name):
+                continue
+            growth = norm / first
+            yield Verdict(s.name, f"||theta|| grew {growth:.3g} x since step "
+                                  f"{self.history.first_t[s.name]} ({first:.3g} -> {norm:.3g})"
+                          if growth >= DIVERGENCE_GROWTH else None)
+
+
+def _is_vector(name: str, stats: Stats) -> tuple[bool, str]:
+    """Whether a tensor is a bias or a norm parameter, and how that was decided."""
+    if stats.shape is not None:
+        return len(stats.shape) <= VECTOR_NDIM, "shape"
+    lowered = name.lower()
+    return any(part in lowered for part in NORM_OR_BIAS_NAMES), "name"
+
+
+class DecayOnNormsAndBiases(RuleLogic):
+    rule = Rule(
+        id="decay_on_norms_and_biases", severity="warning",
+        title="decoupled weight decay on norms and biases",
+        threshold=f"a group with weight_decay_rate > 0 holds tensors of <= {VECTOR_NDIM} dimension "
+                  f"(by shape; by name where the logs have no shapes: {', '.join(NORM_OR_BIAS_NAMES)})",
+        reason="decay pulls a tensor towards 0; for a norm's gain that is not regularisation but a "
+               "shrinking layer output, and biases are too few parameters to overfit with",
+        explanation=(
+            "Decoupled weight decay (AdamW, Keras' weight_decay) shrinks every tensor of the "
+            "group towards zero by weight_decay_rate per step. On the gains and biases of "
+            "LayerNorm/BatchNorm/RMSNorm and on biases this is not useful regularisation: it "
+            "shrinks the normalised activations and fights what the layer learns. The usual "
+            "recipe (BERT, GPT-2, timm, Hugging Face's Trainer) uses two parameter groups: "
+            "weight matrices and embeddings with weight_decay, biases and norm parameters "
+            "(param.ndim <= 1) with weight_decay=0. torch's Adam(weight_decay=) is coupled L2 "
+            "instead (part of the gradient): it is not reported as a decay rate and not "
+            "checked here."),
+        needs="weight_decay_rate and the tensors' shapes (JSONL) or names (TensorBoard, params=True)")
+
+    def observe(self, step: Step) -> Iterable[Verdict]:
+        for group in step.groups:
+            if not group.params or not group.weight_decay_rate > 0:
+                if group.params:
+                    yield Verdict(f"{step.prefix}/{group.name}", None)
+                continue
+            decided = [(name, *_is_vector(name, stats)) for name, stats in group.params.items()]
+            vectors = [name for name, vector, _ in decided if vector]
+            how = "by name" if any(how == "name" for _, _, how in decided) else "by shape"
+            listed = ", ".join(vectors[:4]) + (f" and {len(vectors) - 4} more" if len(vectors) > 4 else "")
+            yield Verdict(f"{step.prefix}/{group.name}",
+                          f"weight_decay_rate {group.weight_decay_rate:.3g} per step on "
+                          f"{len(vectors)} bias/norm tensor(s) ({how}): {listed}" if vectors else None)
+
+
+class DecayExceedsUpdate(RuleLogic):
+    rule = Rule(
+        id="decay_exceeds_update", severity="warning",
+        title="weight decay removes more per step than the update adds",
+        threshold=f"the decay's share of the update ratio, rate / (1 - rate), exceeds the "
+                  f"gradient part sqrt(update_to_param**2 - that**2) at every measured step over "
+                  f">= {DECAY_EXCEEDS_STEPS} steps (a tensor with no gradient part at all is "
+                  "no_gradient's)",
+        reason="one step's balance is noise; over a hundred steps the tensor shrinks by about "
+               "(1 - rate)**100 while its gradients cannot hold it",
+        explanation=(
+            "Decoupled weight decay removes weight_decay_rate = lr * weight_decay of the "
+            "tensor every step; here that is more than the gradient update moves it, so the "
+            "tensor shrinks towards zero step after step and what it learns is decayed away. "
+            "Usual causes: weight_decay set for coupled L2 (1e-4-style values are tiny, "
+            "0.1-1 decoupled values are large, 10+ is almost always a mistake), or taken "
+            "from a recipe with a much smaller lr or a different decay convention (optax and "
+            "Keras multiply by lr, some implementations do not), or gradients that have become "
+            "tiny. Lower weight_decay (AdamW: typically 0.01-0.1), or check the gradients."),
+        needs="weight_decay_rate, update_to_param (update and parameter norms)")
+
+    def __init__(self) -> None:
+        self.streaks = _Streaks()
+        self.first_norm: dict[str, float] = {}
+
+    def observe(self, step: Step) -> Iterable[Verdict]:
+        for s in _moving(step):
+            rate = s.group.weight_decay_rate
+            g = gradient_ratio(s.stats, rate)
+            if g is None or not rate > 0:
+                continue
+            decay = rate / (1 - rate)
+            since = self.streaks.update(s.name, 0 < g < decay, step.t)
+            norm = s.stats.param_norm
+            if since is None or norm is None:
+                self.first_norm.pop(s.name, None)
+                yield Verdict(s.name, None)
+                continue
+            first = self.first_norm.setdefault(s.name, norm)
+            if step.t - since < DECAY_EXCEEDS_STEPS:
+                continue
+            yield Verdict(s.name, f"decay {decay:.3g} of the norm per step vs gradient part "
+                                  f"{g:.3g}; ||theta|| {first:.3g} -> {norm:.3g} since step {since}",
+                          since=since)
+
+
+RULES = [EpsDominated, EpsDominatedGrowing, NoGradient, SecondMomentUnderflow, Nonfinite,
+         UpdateRatioHigh, UpdateRatioOutlier, Divergence, DecayOnNormsAndBiases, DecayExceedsUpdate]
