@@ -106,3 +106,28 @@ def test_sgd_momentum_with_sparse_embedding_gradients(options):
         monitor.close()
     inspected = lrscope.inspect(optimizer, model=model).groups[0].params["embedding.weight"]
     assert inspected.effective_lr.count == 40 and np.isfinite(inspected.update_norm)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["tensors batched", "tensor by tensor"])
+def test_an_empty_parameter_on_the_device_path(batched, monkeypatch):
+    """The GPU code path (run on the CPU by treating it as a device) reduces an empty tensor
+    too: min/max of no element are not taken on the device (``aminmax`` refuses them)."""
+    from lrscope.torch import small as torch_small, stats as torch_stats
+
+    monkeypatch.setattr(torch_stats, "on_host", lambda device: False)
+    if not batched:
+        monkeypatch.setattr(torch_small, "DEVICE_BATCH_ELEMENTS", 0)
+    g = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(4, 3), (0, 3), (5,)]]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with lrscope.watch(optimizer) as monitor:
+            for _ in range(2):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=g)
+                optimizer.step()
+                report = monitor.last.groups[0]
+                assert [report.params[f"param{i}"].effective_lr.count for i in range(3)] == [12, 0, 5]
+                assert report.params["param1"].update_norm == 0.0
+                assert report.effective_lr.count == 17

@@ -74,10 +74,12 @@ class ChunkedFormula:
 
     @functools.cached_property
     def parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The view's per-element tensors, flattened, and the rest (scalars, 0-d tensors)."""
+        """The view's per-element tensors, flattened, and the rest (scalars, 0-d tensors).
+        A one-element parameter keeps its state whole (a 0-d scalar is not told apart from it);
+        an empty one flattens its empty state, shaped like the empty chunk it is sliced to."""
         numel = self.view["param"].numel()
         flat = {k: v.reshape(-1) for k, v in self.view.items()
-                if isinstance(v, torch.Tensor) and v.numel() == numel and numel > 1}
+                if isinstance(v, torch.Tensor) and v.numel() == numel and numel != 1}
         return flat, {k: v for k, v in self.view.items() if k not in flat}
 
     def __call__(self, chunk: slice) -> Elementwise:

@@ -60,7 +60,10 @@ def state_view(state: dict[str, Any], param: torch.Tensor,
                recorded: dict[str, Any] | None) -> dict[str, Any]:
     """The formula inputs of one parameter: its state (``step`` aside), ``param``, ``grad``
     and what the pre-hook ``recorded``."""
-    view = {k: canonical(v) for k, v in state.items() if k != "step"}
+    # SGD's momentum buffer of a sparse gradient is sparse (the rows seen so far), and the
+    # step adds all of it: dense, its duplicate entries summed as the step sums them.
+    view = {k: canonical(v.to_dense() if isinstance(v, torch.Tensor) and v.is_sparse else v)
+            for k, v in state.items() if k != "step"}
     grad = param.grad
     if grad is not None and grad.is_sparse:
         grad = grad.coalesce()

@@ -82,6 +82,9 @@ def _extremes(values: torch.Tensor, finite_only: bool) -> list[torch.Tensor]:
     redoes that tensor with ``finite_only`` (masking costs three more passes).
     """
     flat = values.reshape(-1)
+    if not flat.numel():  # an empty tensor: min and max of nothing (aminmax refuses it)
+        inf = flat.new_full((), math.inf)
+        return [inf, -inf, flat.new_zeros(()), flat.new_zeros(())]
     if not finite_only:
         low, high = torch.aminmax(flat)
         return [low, high, flat.sum(), torch.dot(flat, flat)]
