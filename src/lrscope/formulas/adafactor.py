@@ -14,6 +14,10 @@ factored or full second moment), clipped to ``U_hat = U / max(1, RMS(U) / d)``, 
   tensors of 2 or more dims, else ``variance``, clamped below at ``eps1**2``; the clip
   uses ``max(1, RMS(U) / d)``.  So ``d = g`` and
   ``eta = rho_t * max(eps2, RMS(theta_before)) / max(1, RMS(U) / d) / sqrt(V)``.
+  Without ``param_rms_before`` (no hook saw the step) the scale ``s`` is recovered from
+  theta after it, as for Keras: ``theta_before = (theta_after + s * rho_t * U_hat) / (1 -
+  lr * wd)`` and ``mean(theta_before**2) = s**2`` is a quadratic in s (exact up to
+  rounding; a root below eps2 means the scale was eps2).
 * keras: ``rho_t = min(lr, 1 / sqrt(t))`` (``relative_step`` does not change it in
   Keras 3), RMS of theta *after* the decay, ``V`` (``exp_avg_sq``) stored in full, eps1
   added to g**2.  theta after the step gives that RMS without a copy: with
@@ -96,8 +100,24 @@ def elementwise(
     rms_update = xp.sqrt((update * update).sum() / max(update.numel(), 1))
     clip = xp.maximum(rms_update / h["d"], 0 * rms_update + 1.0)
     rho = min(h["lr"], 1 / t**0.5)
-    alpha = max(eps2, float(state["param_rms_before"])) * rho
-    return Elementwise(eta=alpha / clip * inv_root, direction=grad, decay_rate=h["lr"] * h["weight_decay"])
+    decay_rate = h["lr"] * h["weight_decay"]
+    if "param_rms_before" in state:
+        scale = max(eps2, float(state["param_rms_before"]))
+    else:
+        scale = _scale_from_param_after(xp, state["param"], rho * update / clip, 1 - decay_rate, eps2)
+    return Elementwise(eta=scale * rho / clip * inv_root, direction=grad, decay_rate=decay_rate)
+
+
+def _scale_from_param_after(xp: Any, after: Any, step: Any, kept: float, eps2: float) -> Any:
+    """torch's ``max(eps2, RMS(theta_before))`` from theta after a step that subtracted
+    ``scale * step`` from ``kept * theta_before``: the root of
+    ``kept**2 * s**2 = mean((after + s * step)**2)``, at least eps2.  The root is unique
+    while ``kept**2 > mean(step**2)``; past that (rho_t * d near 1, with the clip active)
+    the scale is unknown: NaN."""
+    n = max(after.numel(), 1)
+    a = kept * kept - (step * step).sum() / n
+    root = positive_root(xp, a, (after * step).sum() / n, (after * after).sum() / n)
+    return xp.where(a > 0, xp.maximum(root, eps2 + 0 * root), root * float("nan"))
 
 
 def _keras_elementwise(

@@ -21,7 +21,7 @@ from lrscope.report import StepReport
 from lrscope.sinks import Sink
 from lrscope.torch import stats
 from lrscope.torch.reader import SKIPPED_NOTE, TorchReader, _Pending, hyperparameters
-from lrscope.torch.state import elementwise_of
+from lrscope.torch.state import RECORD_REQUIRED, elementwise_of
 from lrscope._warnings import warn
 
 #: The monitors attached to each optimizer: a notebook cell run again attaches one more.
@@ -166,11 +166,19 @@ def watch(optimizer: Any, **options: Any) -> TorchMonitor:
 def elementwise(optimizer: Any, model: Any = None) -> Iterator[tuple[str, Elementwise]]:
     """``(name, Elementwise)`` of every parameter the last step moved (for debugging and tests).
 
-    Uses the lr currently in the param groups: call it right after ``step()``.
+    Reads the state the step left and the lr now in the param groups: call it right after
+    ``step()``, before a scheduler steps.  Adafactor's scale, the RMS of theta *before* the
+    step, is recovered from theta after it (exact up to rounding; ``watch()`` records it).
+    Adadelta's eta reads state the step overwrote: ValueError (``watch()`` records it in its
+    pre-hook, and its reports carry the distributions).
     """
     reader = TorchReader(optimizer, model=model)
     if reader.family is None:
         raise TypeError(reader.notes[0])
+    if reader.family in RECORD_REQUIRED:
+        raise ValueError(f"{type(reader.optimizer).__name__}'s eta reads its state from before the step, "
+                         "which step() overwrote, so elementwise() cannot compute it afterwards; "
+                         "lrscope.watch(optimizer) records it in its pre-hook and reports the distributions")
     for group in reader.optimizer.param_groups:
         h, unsupported = hyperparameters(reader.family, group, group["lr"])
         if unsupported:

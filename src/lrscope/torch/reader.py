@@ -19,7 +19,7 @@ import torch
 
 from lrscope import formulas
 from lrscope.torch import fused, small, stats
-from lrscope.torch.state import (RECORD_BEFORE, apply_formula, as_float, canonical, host_scalars,
+from lrscope.torch.state import (RECORD_BEFORE, RECORD_REQUIRED, apply_formula, as_float, canonical, host_scalars,
                                   is_sharded, local, record_before, state_view)
 from lrscope.formulas import Elementwise
 from lrscope.report import GroupReport, ParamReport, StepReport
@@ -287,7 +287,7 @@ class TorchReader:
             if not state and self.family != "sgd":  # plain SGD keeps no state
                 continue
             recorded = pending.recorded.get(id(p)) if pending is not None else None
-            if self.family in RECORD_BEFORE and not recorded and self.family != "asgd":
+            if self.family in RECORD_REQUIRED and not recorded:
                 notes.append(f"{type(self.optimizer).__name__}: the state the step overwrote was "
                              "not recorded (use watch()); distributions skipped")
                 break

@@ -22,6 +22,9 @@ HOST_STEP = {"radam", "nadam", "asgd", "adagrad", "adafactor"}
 BETA_POWERS = {"adam", "adamw", "adamax", "nadam"}
 #: Families whose formula needs a value the step overwrites, recorded by the pre-hook.
 RECORD_BEFORE = {"adadelta", "asgd", "adafactor"}
+#: Of those, the families whose formula cannot do without it (ASGD falls back on the eta
+#: its state holds; Adafactor recovers RMS(theta before) from theta after the step).
+RECORD_REQUIRED = {"adadelta"}
 
 
 def as_float(value: Any) -> float:
