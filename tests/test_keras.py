@@ -643,3 +643,109 @@ def test_fused_pass_on_torch_equals_op_by_op(case: str, monkeypatch) -> None:
     assert len(calls) == 3  # the matrix, once per step
     # lr and the weight decay Keras rounds with it change every step: arguments, not constants
     assert len(builds) == 1
+
+
+# --- Empirical mode: the realized update where lrscope does not model the step -------------
+
+
+def _assert_realized(report, before: dict, after: dict, tol: float = 1e-6) -> None:
+    """Each variable's |delta theta| distribution and norms against numpy's."""
+    assert report.empirical
+    for path, param in report.groups[0].params.items():
+        delta = np.abs(after[path] - before[path]).ravel()
+        dist = param.update_magnitude
+        assert param.effective_lr is None and dist.count == delta.size
+        assert dist.max == pytest.approx(delta.max(), rel=tol)
+        assert dist.quantile(0.5) == pytest.approx(np.quantile(delta, 0.5), rel=0.01)
+        assert param.update_norm == pytest.approx(np.linalg.norm(delta), rel=tol)
+        assert param.param_norm == pytest.approx(np.linalg.norm(after[path]), rel=tol)
+    assert report.groups[0].update_magnitude.count == sum(a.size for a in after.values())
+
+
+@pytest.mark.parametrize("make", [lambda: _O.Ftrl(0.5), lambda: _O.Adam(1e-2, use_ema=True, ema_overwrite_frequency=2)],
+                         ids=["unmodelled-class", "unmodelled-option"])
+def test_empirical_mode_in_a_custom_loop(make) -> None:
+    """KerasMonitor(empirical=True): before_step() copies the variables on the steps with
+    distributions (the first, before the optimizer is built, given them), and the report
+    measures |delta theta| from the copy, as torch's empirical mode does."""
+    rng = np.random.default_rng(11)
+    trained = list(_variables(rng).values())
+    optimizer = make()
+    with pytest.warns(RuntimeWarning, match=r"measured instead .*one copy of the trainable variables.*"
+                                            r"empirical=False"):
+        monitor = lrscope.watch(optimizer, empirical=True, every=2)
+    for step in range(1, 6):
+        before = {v.path: np.asarray(ops.convert_to_numpy(v), np.float64) for v in trained}
+        monitor.before_step(trained if step == 1 else None)
+        assert (monitor._recorded is not None and bool(monitor._recorded)) == (step % 2 == 1)
+        optimizer.apply(_grads(rng, trained), trained)
+        report = monitor.step()
+        after = {v.path: np.asarray(ops.convert_to_numpy(v), np.float64) for v in trained}
+        if step % 2 == 1:
+            _assert_realized(report, before, after)
+        else:
+            assert report.groups[0].update_magnitude is None
+    optimizer.apply(_grads(rng, trained), trained)
+    monitor.step()
+    optimizer.apply(_grads(rng, trained), trained)  # step 7, measured, with no before_step: said
+    report = monitor.step()
+    assert report.t == 7 and report.groups[0].update_magnitude is None and any("before_step()" in n for n in report.notes)
+
+
+def test_without_empirical_mode_the_warning_says_how_and_what_it_costs() -> None:
+    with pytest.warns(RuntimeWarning, match=r"Ftrl.*pass empirical=True .*one copy of the trainable variables"):
+        monitor = lrscope.watch(_O.Ftrl(0.5))
+    assert not monitor.reader.measured
+    # A modelled optimizer needs no copy: empirical=True changes nothing there.
+    assert not lrscope.watch(_O.Adam(1e-3), empirical=True).reader.measured
+
+
+class _Realized(keras.callbacks.Callback):
+    """Each fit step's variables before and after, read independently of lrscope."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[tuple[dict, dict]] = []
+
+    def _weights(self) -> dict[str, np.ndarray]:
+        sync = getattr(self.model, "jax_state_sync", None)
+        if sync is not None:
+            sync()
+        return {v.path: np.asarray(ops.convert_to_numpy(v), np.float64) for v in self.model.trainable_variables}
+
+    def on_train_batch_begin(self, batch, logs=None) -> None:
+        self.before = self._weights()
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        self.steps.append((self.before, self._weights()))
+
+
+def test_callback_measures_an_unmodelled_optimizer_by_default() -> None:
+    """EffectiveLRCallback turns the measured mode on for an optimizer lrscope does not
+    model (one warning says so, what it costs and how to turn it off), from fit's first
+    step (on TensorFlow the optimizer is built inside it); training is unchanged."""
+    x, y = _data()
+    weights = []
+    for options in (None, {}, {"empirical": False}):
+        model = _model(3)
+        model.compile(optimizer=_O.Ftrl(0.5), loss="mse")
+        sink, realized = CollectSink(), _Realized()
+        callbacks = [] if options is None else [lrscope.keras.EffectiveLRCallback(sinks=[sink], every=2, **options),
+                                                realized]
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
+        weights.append([np.asarray(ops.convert_to_numpy(v)) for v in model.trainable_variables])
+        if options is None:
+            continue
+        said = [str(w.message) for w in record if "empirical=" in str(w.message)]
+        measured = options.get("empirical", True)
+        assert len(said) == 1 and ("empirical=False" if measured else "pass empirical=True") in said[0]
+        assert [r.t for r in sink.reports] == list(range(1, 9))
+        for report, (before, after) in zip(sink.reports, realized.steps):
+            if measured and report.t % 2 == 1:
+                _assert_realized(report, before, after)
+            else:
+                assert report.groups[0].update_magnitude is None
+    for unwatched, watched in zip(weights[0], weights[1]):
+        np.testing.assert_array_equal(unwatched, watched)

@@ -25,8 +25,11 @@ from lrscope.sinks import Sink, checked
 class KerasMonitor(Monitor):
     """Reports each real step of a Keras optimizer: call ``step()`` after ``apply``.
 
-    ``before_step()`` (optional, before ``apply``) records what the step overwrites
-    (Adadelta's accumulated delta).  Micro-batches of gradient accumulation are not
+    ``before_step()`` (before ``apply``) records what the step overwrites: Adadelta's
+    accumulated delta (optional) and, with ``empirical=True`` for an optimizer or option
+    lrscope does not model, a copy of the variables, from which the report measures the
+    realized update (|delta theta| distribution, update norms; one copy of the variables
+    on each step with distributions).  Micro-batches of gradient accumulation are not
     steps and produce no report; a LossScaleOptimizer step skipped for inf/NaN
     gradients produces a ``skipped`` report.
 
@@ -52,19 +55,32 @@ class KerasMonitor(Monitor):
         log_dir: str | os.PathLike | None = None,
         sinks: Iterable[Sink] | None = None,
         name: str | None = None,
+        empirical: bool = False,
     ):
         super().__init__(every=every, log_dir=log_dir, sinks=sinks, name=name)
-        self.reader = KerasReader(optimizer)
+        self.reader = KerasReader(optimizer, empirical=empirical)
         if self.reader.notes:
             warn("lrscope: " + self.reader.notes[0])
         self._recorded: dict[int, dict[str, Any]] | None = None
         self._last_raw: int | None = None
         self._reported_t = self.reader.position()[1]
 
-    def before_step(self) -> None:
-        """Record what the coming step overwrites, when its distributions are wanted."""
+    def records_before(self) -> bool:
+        """Whether ``before_step()`` has anything to record for the coming ``apply``: Adadelta's
+        history or the variables (empirical mode), when that call steps and its
+        distributions are wanted."""
+        if self.reader.family != "adadelta" and not self.reader.measured:
+            return False
+        raw, t, _ = self.reader.position()
+        k = self.reader.optimizer.gradient_accumulation_steps
+        return (not k or (raw + 1) % k == 0) and bool(self.wants_distributions(t + 1))
+
+    def before_step(self, variables: Sequence[Any] | None = None) -> None:
+        """Record what the coming step overwrites, when its distributions are wanted.
+        ``variables``: those the coming ``apply`` updates (default the optimizer's; pass them
+        before its first ``apply``, which builds it)."""
         _, t, _ = self.reader.position()
-        self._recorded = self.guarded(lambda wanted: self.reader.record_before() if wanted else None,
+        self._recorded = self.guarded(lambda wanted: self.reader.record_before(variables) if wanted else None,
                                       self.wants_distributions(t + 1))
 
     def step(
@@ -83,9 +99,9 @@ class KerasMonitor(Monitor):
             report = None
         else:
             wanted, covered = self.wants_distributions(t), t - self.previous_t(t)
-            # One report for several steps (fit's steps_per_execution): Adadelta's history was
-            # recorded before the first of them, not before the last.
-            stale = covered > 1 and self.reader.family == "adadelta"
+            # One report for several steps (fit's steps_per_execution): Adadelta's history, or
+            # the variables, were recorded before the first of them, not before the last.
+            stale = covered > 1 and (self.reader.family == "adadelta" or self.reader.measured)
             report = self.guarded(
                 lambda distributions: self.reader.report(
                     distributions=distributions, grads=grads, variables=variables,
@@ -93,9 +109,11 @@ class KerasMonitor(Monitor):
                 wanted and not stale,
             )
             if wanted and stale:
+                needs = ("the variables" if self.reader.measured else "eta needs the accumulated delta")
                 report.notes.append(
-                    f"Adadelta: this report covers {covered} steps (steps_per_execution) and eta "
-                    "needs the accumulated delta from just before the last one: distributions skipped")
+                    f"{type(self.reader.optimizer).__name__}: this report covers {covered} steps "
+                    f"(steps_per_execution) and {needs} from just before the last one: "
+                    "distributions skipped")
         self._last_raw, self._recorded = raw, None
         if report is not None:
             self._emit(report)
@@ -108,6 +126,9 @@ class EffectiveLRCallback(keras.callbacks.Callback):
     ``log_dir`` writes lrscope's default sinks there (TensorBoard event files, JSONL);
     ``sinks=[...]`` adds sinks of your own (the only ones without ``log_dir``).  The sinks
     are flushed and closed at the end of ``fit`` (a later ``fit`` opens them again).
+    ``empirical`` (on by default, unlike ``lrscope.watch``): for an optimizer or option
+    lrscope does not model, the realized update is measured on the steps with
+    distributions, at the cost of one copy of the trainable variables on each of them.
 
     >>> import numpy as np, keras, lrscope.keras
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
@@ -125,6 +146,7 @@ class EffectiveLRCallback(keras.callbacks.Callback):
         sinks: Iterable[Sink] | None = None,
         every: int = 1,
         name: str | None = None,
+        empirical: bool = True,
     ):
         super().__init__()
         self._options: dict[str, Any] = {  # checked now: an error here, not when fit starts
@@ -132,6 +154,7 @@ class EffectiveLRCallback(keras.callbacks.Callback):
             "sinks": checked(sinks) or None,
             "every": checked_every(every),
             "name": name,
+            "empirical": empirical,
         }
         self.monitor: KerasMonitor | None = None
         self._last: StepReport | None = None
@@ -150,9 +173,11 @@ class EffectiveLRCallback(keras.callbacks.Callback):
         self.monitor = KerasMonitor(self.model.optimizer, **self._options)
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        if self.monitor is not None and self.monitor.reader.family == "adadelta":
+        if self.monitor is not None and self.monitor.records_before():
             self._sync()
-            self.monitor.before_step()
+            # (On TensorFlow the optimizer is built inside the first step: the model's
+            # variables are the ones it will update, in its order.)
+            self.monitor.before_step(self.model.trainable_variables)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self.monitor is not None:

@@ -12,7 +12,8 @@ the step: families whose direction needs g (SGD without momentum or with Nestero
 RMSprop without momentum, Adagrad, Adadelta, Nadam, Lion) report exact eta and leave
 the update norms out unless ``grads=`` is passed.  Supported: Adam, AdamW, SGD, RMSprop,
 Adagrad, Adamax, Nadam, Adadelta, Lion, Lamb, Adafactor (eta needs ``grads=``); any
-other class: lr only, with a note.
+other class, or an option lrscope does not model: lr only, with a note, and in empirical
+mode the realized update, |delta theta| from a copy of the variables taken before the step.
 """
 
 from __future__ import annotations
@@ -121,6 +122,15 @@ def _needs_grad(family: str, h: dict[str, Any]) -> bool:
     return family not in ("adam", "adamw", "adamax", "lamb")
 
 
+def _measured_note(empirical: bool) -> str:
+    """What the note on a step lrscope does not model says about empirical mode."""
+    if empirical:
+        return ("; its realized update is measured instead (empirical=True: one copy of the "
+                "trainable variables on each measured step; empirical=False turns it off)")
+    return ("; pass empirical=True to measure the realized update (costs one copy of the "
+            "trainable variables per measured step)")
+
+
 def _float(value: Any) -> float:
     return float(ops.convert_to_numpy(value))
 
@@ -133,7 +143,7 @@ def _float_dtype() -> str:
 class KerasReader:
     """Turns a Keras optimizer's variables into StepReports."""
 
-    def __init__(self, optimizer: Any):
+    def __init__(self, optimizer: Any, empirical: bool = False):
         self.optimizer = unwrap(optimizer)
         if not isinstance(self.optimizer, _OPT.Optimizer):
             raise TypeError(f"expected a Keras 3 optimizer, got {type(optimizer).__name__}")
@@ -143,13 +153,16 @@ class KerasReader:
             self.notes.append(
                 f"{type(self.optimizer).__name__} is not a Keras optimizer lrscope "
                 "models exactly (or it overrides update_step): only lr is reported"
+                + _measured_note(empirical)
             )
         self.unsupported = self._unsupported()
         if self.unsupported:
             self.notes.append(
                 f"option(s) {', '.join(self.unsupported)} not modelled by lrscope; "
-                "distributions skipped rather than mis-modelled"
+                "distributions skipped rather than mis-modelled" + _measured_note(empirical)
             )
+        #: Empirical mode where lrscope does not model the step: the realized update.
+        self.measured = empirical and (self.family is None or bool(self.unsupported))
 
     def _unsupported(self) -> list[str]:
         if self.family is None:
@@ -222,8 +235,19 @@ class KerasReader:
             state["mu_product"] = _float(self.optimizer._u_product)
         return state
 
-    def record_before(self) -> dict[int, dict[str, Any]]:
-        """What the coming step overwrites and the formula needs (Adadelta's deltas)."""
+    def record_before(self, variables: Sequence[Any] | None = None) -> dict[int, dict[str, Any]]:
+        """What the coming step overwrites and the report needs, by variable index: Adadelta's
+        deltas; in empirical mode a copy of each variable (``param_before``).  ``variables``:
+        those the coming ``apply`` updates, in its order (an optimizer not yet built is built
+        with them); default the optimizer's."""
+        if self.measured:
+            if variables is None:
+                indexed = enumerate(self.variables())
+            elif self.optimizer.built:
+                indexed = ((self.optimizer._get_variable_index(v), v) for v in variables)
+            else:
+                indexed = enumerate(variables)
+            return {i: {"param_before": ops.copy(ops.convert_to_tensor(v))} for i, v in indexed}
         if self.family != "adadelta" or not self.optimizer.built:
             return {}
         return {
@@ -307,6 +331,8 @@ class KerasReader:
             group["weight_decay_rate"] = lr * h["weight_decay"]
             if distributions and not self.unsupported:
                 params = self._distributions(t, h, grads, variables, recorded, notes)
+        if self.measured and distributions and t:
+            params = self._realized(recorded or {}, notes)
         if not params:
             params = {
                 v.path: ParamReport(name=v.path, shape=tuple(v.shape)) for v in self.variables()
@@ -317,8 +343,28 @@ class KerasReader:
             framework="keras",
             family=self.family,
             groups=[GroupReport.combine(params, **group)],
+            empirical=self.measured,
             notes=notes,
         )
+
+    def _realized(self, recorded: dict[int, dict[str, Any]], notes: list[str]) -> dict[str, ParamReport]:
+        """Empirical mode: |delta theta| of each variable copied before the step."""
+        before = {i: r["param_before"] for i, r in recorded.items() if "param_before" in r}
+        if not before:
+            notes.append("empirical: no copy of the variables was taken before this step, so its "
+                         "realized update is not measured (call monitor.before_step() before "
+                         "optimizer.apply(); EffectiveLRCallback does)")
+            return {}
+        variables = self.variables()
+        dtype = _float_dtype()
+        measures = [partial(keras_stats.realized, ops.convert_to_tensor(variables[i]), copy, dtype)
+                    for i, copy in before.items()]
+        reports = {}
+        for i, (dist, update_norm, param_norm) in zip(before, keras_stats.collect(measures)):
+            var = variables[i]
+            reports[var.path] = ParamReport(name=var.path, shape=tuple(var.shape), update_magnitude=dist,
+                                            update_norm=update_norm, param_norm=param_norm)
+        return reports
 
     def _distributions(
         self,

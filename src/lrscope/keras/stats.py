@@ -155,6 +155,19 @@ def reduce(
                     for chunk in spans])
 
 
+def realized(param: Any, before: Any, dtype: str, finite_only: bool = False) -> tuple[Any, Any]:
+    """Statistics of |delta theta| over ``param`` (empirical mode), from its copy ``before``
+    the step, in ``reduce``'s format: the update is ``-|delta| * -sign(delta) = delta``
+    exactly, so the update norm is ||delta theta||; no eps term."""
+    flat_after, flat_before = ops.reshape(param, [-1]), ops.reshape(before, [-1])
+
+    def compute(chunk: slice | None) -> Elementwise:
+        delta = param - before if chunk is None else flat_after[chunk] - flat_before[chunk]
+        return Elementwise(ops.abs(delta), -ops.sign(delta))
+
+    return reduce(compute, param, True, dtype, True, finite_only)
+
+
 def combine(parts: list[tuple[Any, Any]]) -> tuple[Any, Any]:
     """The (bucket counts, packed scalars) of a variable from those of its chunks."""
     if len(parts) == 1:
