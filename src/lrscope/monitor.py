@@ -16,6 +16,8 @@ import os
 from typing import Callable, Iterable, TypeVar
 
 from lrscope._warnings import warn
+from lrscope.findings.core import Finding
+from lrscope.findings.live import LiveFindings
 from lrscope.report import StepReport
 from lrscope.sinks import Sink, resolve
 
@@ -39,7 +41,8 @@ class Monitor:
     """Holds the sinks and the latest report; subclasses attach to an optimizer."""
 
     def __init__(self, *, every: int = 1, log_dir: str | os.PathLike | None = None,
-                 sinks: Iterable[Sink] | None = None, name: str | None = None):
+                 sinks: Iterable[Sink] | None = None, name: str | None = None,
+                 findings: bool = True):
         every = checked_every(every)
         if name is not None and (not isinstance(name, str) or not name or "/" in name):
             raise ValueError(f"name must be a non-empty string without '/' (it becomes the tag "
@@ -48,6 +51,8 @@ class Monitor:
         self.name = name
         self._last: StepReport | None = None
         self._sinks = resolve(log_dir, sinks)
+        # What is wrong with the run, from each report (lrscope.findings); None: not checked.
+        self._findings = LiveFindings() if findings else None
         self._closed = False
         self._failed = False  # measuring distributions raised: scalars only from then on
         #: t of the latest report, or of the optimizer when the monitor attached (subclasses
@@ -97,6 +102,11 @@ class Monitor:
         return self._last
 
     @property
+    def findings(self) -> list[Finding]:
+        """Every finding so far (``lrscope.findings``): empty with ``findings=False``."""
+        return [] if self._findings is None else self._findings.findings
+
+    @property
     def has_sinks(self) -> bool:
         return bool(self._sinks.sinks)
 
@@ -109,6 +119,8 @@ class Monitor:
     def _emit(self, report: StepReport) -> None:
         self._last = self._named(report)
         self._reported_t = report.t
+        if self._findings is not None:
+            self._findings.feed(report)  # sets report.findings, for the sinks
         self._sinks.write(report)
 
     def _detach(self) -> None:
@@ -120,6 +132,8 @@ class Monitor:
             return
         self._closed = True
         self._detach()
+        if self._findings is not None:
+            self._findings.finish()
         self._sinks.close()
 
     def __enter__(self) -> Monitor:

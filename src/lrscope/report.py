@@ -257,6 +257,9 @@ class StepReport:
     #: The name given to ``lrscope.watch(..., name=)``, to tell apart two optimizers of one
     #: class (a GAN's generator and discriminator); None: the class name stands for it.
     name: str | None = None
+    #: Findings (``lrscope.findings.Finding``) that first held at this step, set by a monitor
+    #: watching with ``findings=True``; the sinks write them.
+    findings: list[Any] = field(default_factory=list)
 
     @property
     def default_prefix(self) -> str:
@@ -277,7 +280,8 @@ class StepReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready nested form, including the sketches (mergeable later)."""
+        """JSON-ready nested form, including the sketches (mergeable later), and
+        ``findings`` when some first held at this step."""
 
         def dist(d: Distribution | None) -> dict[str, Any] | None:
             return None if d is None else d.to_dict()
@@ -297,4 +301,5 @@ class StepReport:
                  **param(g), "params": {n: param(p) for n, p in g.params.items()}}
                 for g in self.groups
             ],
+            **({"findings": [f.to_dict() for f in self.findings]} if self.findings else {}),
         }

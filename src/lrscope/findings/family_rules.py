@@ -79,8 +79,10 @@ class MuonStepMismatch(RuleLogic):
             factor = muon / adam
             far = factor > MUON_RMS_FACTOR or factor < 1 / MUON_RMS_FACTOR
             for prefix, groups in self.muon_groups.items():
-                yield Verdict(prefix, f"Muon's median update RMS {muon:.3g} is {factor:.3g} x the "
-                                      f"Adam tensors' {adam:.3g}" if far else None)
+                for group in groups:
+                    yield Verdict(f"{prefix}/{group}", f"Muon's median update RMS {muon:.3g} is "
+                                                       f"{factor:.3g} x the Adam tensors' {adam:.3g}"
+                                  if far else None)
 
 
 class AdaptiveDStillGrowing(RuleLogic):

@@ -178,7 +178,7 @@ Point = tuple[str, "str | None", str, int, "float | None"]
 
 
 def from_points(points: Iterable[Point]) -> list[Step]:
-    """The Steps of TensorBoard scalars, in order of (prefix, t).  Nothing there says the
+    """The Steps of TensorBoard scalars, in order of (t, prefix).  Nothing there says the
     optimizer's family or the tensors' shapes or sizes: those stay None."""
     table: dict[tuple[str, int], dict[str, dict[str | None, dict[str, float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(dict)))
@@ -188,7 +188,7 @@ def from_points(points: Iterable[Point]) -> list[Step]:
         prefix, _, group = key.partition("/")
         table[(prefix, int(t))][group][param][metric] = float(value)
     steps = []
-    for (prefix, t), groups in sorted(table.items()):
+    for (prefix, t), groups in sorted(table.items(), key=lambda item: (item[0][1], item[0][0])):
         group_steps = []
         for name, entries in groups.items():
             own = entries.get(None, {})

@@ -70,6 +70,9 @@ class ConsoleSink:
                 self._notes_seen.add(note)
                 self.console.print(f"lrscope note: {note}", style="dim", markup=False,
                                    highlight=False)
+        for finding in report.findings:  # each once, at the step it first held
+            self.console.print(f"lrscope {finding.line()}", markup=False, highlight=False,
+                               style="bold" if finding.severity == "warning" else "dim")
         if (report.t - 1) % self.every and not report.skipped:
             return
         self.console.print(self._table(report))

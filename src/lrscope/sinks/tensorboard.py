@@ -8,6 +8,7 @@ shows lr and step_size on one chart, the p05-p50-p95 band of the effective lr, a
 eps_dominated and update_to_param series.  Every ``histogram_every`` steps, each tensor
 gets a histogram of log10(eta) under ``<prefix>/<group>/<tensor>/log10_effective_lr``
 (``log10_update_magnitude`` in empirical mode); values <= 0 are left out of it.
+New findings (``report.findings``) go to the *Text* tab under ``<prefix>/findings``.
 Skipped steps (``report.skipped``, e.g. GradScaler overflow) are not written: t did
 not advance; the JSONL log keeps them.
 
@@ -154,6 +155,10 @@ class TensorBoardSink:
         else:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, global_step=report.t)
+        if report.findings:  # each once, at the step it first held (lrscope.findings)
+            self.writer.add_text(f"{report.default_prefix}/findings", "\n\n".join(
+                f"**{f.severity} `{f.id}`** {f.subject} (steps {f.steps_text()}): {f.message}"
+                for f in report.findings), global_step=report.t)
         if self._histogram_due(report):
             self._last_histogram = report.t
             for group in report.groups:

@@ -15,13 +15,14 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from lrscope.findings.schedule_rules import SCHEDULER_BEFORE_OPTIMIZER
 from lrscope.formulas import Elementwise
 from lrscope.monitor import Monitor
-from lrscope.report import StepReport
+from lrscope.report import StepReport, tag_prefix
 from lrscope.sinks import Sink
 from lrscope.torch import stats
-from lrscope.torch.reader import SKIPPED_NOTE, TorchReader, _Pending, hyperparameters
-from lrscope.torch.state import RECORD_REQUIRED, elementwise_of
+from lrscope.torch.reader import SKIPPED_NOTE, TorchReader, _Pending, group_name, hyperparameters
+from lrscope.torch.state import RECORD_REQUIRED, as_float, elementwise_of
 from lrscope._warnings import warn
 
 #: The monitors attached to each optimizer: a notebook cell run again attaches one more.
@@ -33,11 +34,12 @@ class TorchMonitor(Monitor):
 
     def __init__(self, optimizer: Any, *, model: Any = None, every: int = 1,
                  log_dir: str | os.PathLike | None = None, sinks: Iterable[Sink] | None = None,
-                 empirical: bool = False, grad_scaler: Any = None, name: str | None = None):
+                 empirical: bool = False, grad_scaler: Any = None, name: str | None = None,
+                 findings: bool = True):
         reader = TorchReader(optimizer, model=model, empirical=empirical)  # before any log is opened
         if not hasattr(reader.optimizer, "_optimizer_step_pre_hooks"):
             raise TypeError(_without_hooks(reader.optimizer))
-        super().__init__(every=every, log_dir=log_dir, sinks=sinks, name=name)
+        super().__init__(every=every, log_dir=log_dir, sinks=sinks, name=name, findings=findings)
         self.reader = reader
         if self.reader.notes:
             warn("lrscope: " + self.reader.notes[0])
@@ -47,6 +49,8 @@ class TorchMonitor(Monitor):
         self._stepped = False
         self._warned_capture = False
         opt = self.reader.optimizer
+        # Each group's lr as its scheduler set it, judged at the first step (findings).
+        self._schedule_start = _schedule_start(opt) if self._t == 0 and findings else None
         # A compiled optimizer.step() (torch.compile) runs the hooks as they are, untraced.
         self._handles = [opt.register_step_pre_hook(torch.compiler.disable(self._before)),
                          opt.register_step_post_hook(torch.compiler.disable(self._after))]
@@ -66,7 +70,25 @@ class TorchMonitor(Monitor):
         if _capturing():
             return
         t_next = self._t + 1
+        if self._schedule_start is not None:
+            self._check_schedule_start(optimizer)
         self._pending = self.guarded(partial(self.reader.begin, t_next), self.wants_distributions(t_next))
+
+    def _check_schedule_start(self, optimizer: Any) -> None:
+        """The scheduler_stepped_before_optimizer finding: a group whose first step uses an
+        lr other than the one its scheduler set when it was created (lrscope.findings)."""
+        start, self._schedule_start = self._schedule_start, None
+        try:
+            prefix = tag_prefix(type(optimizer).__name__, self.name)
+            for index, (group, lr) in enumerate(zip(optimizer.param_groups, start or [])):
+                used = as_float(group["lr"])
+                if lr is not None and self._findings is not None and used != lr:
+                    self._findings.found(
+                        SCHEDULER_BEFORE_OPTIMIZER, f"{prefix}/{group_name(group, index)}", 1,
+                        f"step 1 used lr {used:.4g}, but the schedule starts at {lr:.4g} (the lr "
+                        "when watch() attached): its first value was skipped")
+        except Exception:  # noqa: BLE001 - a finding is never worth stopping training
+            pass
 
     def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if _capturing():
@@ -132,6 +154,15 @@ class TorchMonitor(Monitor):
         _ATTACHED.get(self.reader.optimizer, set()).discard(self)
         if self._scaler is not None:
             self._scaler.update = self._scaler_update
+
+
+def _schedule_start(optimizer: Any) -> list[float | None] | None:
+    """Each group's lr where a torch LR scheduler has set ``initial_lr`` (None elsewhere), if
+    the optimizer has not stepped yet (the scheduler's step wrapper sets ``_opt_called``)."""
+    if getattr(optimizer, "_opt_called", False):
+        return None
+    lrs = [as_float(g["lr"]) if "initial_lr" in g else None for g in optimizer.param_groups]
+    return lrs if any(lr is not None for lr in lrs) else None
 
 
 def _capturing() -> bool:
