@@ -56,8 +56,9 @@ class KerasMonitor(Monitor):
         sinks: Iterable[Sink] | None = None,
         name: str | None = None,
         empirical: bool = False,
+        findings: bool = True,
     ):
-        super().__init__(every=every, log_dir=log_dir, sinks=sinks, name=name)
+        super().__init__(every=every, log_dir=log_dir, sinks=sinks, name=name, findings=findings)
         self.reader = KerasReader(optimizer, empirical=empirical)
         if self.reader.notes:
             warn("lrscope: " + self.reader.notes[0])

@@ -151,7 +151,8 @@ class OptaxMonitor(Monitor):
 
 
 def watch(obj: Any, *, every: int = 1, log_dir: str | os.PathLike | None = None,
-          sinks: Iterable[Sink] | None = None, name: str | None = None, **options: Any) -> OptaxMonitor:
+          sinks: Iterable[Sink] | None = None, name: str | None = None, findings: bool = True,
+          **options: Any) -> OptaxMonitor:
     """An OptaxMonitor for the monitored state ``obj`` (call ``mon.log(opt_state)`` each step)."""
     if options:
         raise TypeError(f"unknown option(s) {sorted(options)} for the optax backend")
@@ -161,7 +162,8 @@ def watch(obj: Any, *, every: int = 1, log_dir: str | os.PathLike | None = None,
     if every not in (1, state.plan.every):
         raise ValueError("with optax the distributions are computed inside jit: pass every= to "
                          "lrscope.optax.monitor(...), not to watch()")
-    return OptaxMonitor(every=state.plan.every, log_dir=log_dir, sinks=sinks, name=name)
+    return OptaxMonitor(every=state.plan.every, log_dir=log_dir, sinks=sinks, name=name,
+                        findings=findings)
 
 
 def log(opt_state: Any, to: OptaxMonitor | Sink | Iterable[Sink]) -> StepReport | None:

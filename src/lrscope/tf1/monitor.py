@@ -153,8 +153,9 @@ class TF1Monitor(Monitor):
         sinks: Iterable[Sink] | None = None,
         var_list: Iterable[Any] | None = None,
         name: str | None = None,
+        findings: bool = True,
     ):
-        super().__init__(every=every, log_dir=log_dir, sinks=sinks, name=name)
+        super().__init__(every=every, log_dir=log_dir, sinks=sinks, name=name, findings=findings)
         self.optimizer, self.session = optimizer, session
         self.var_list = None if var_list is None else list(var_list)
         self._calls = 0
