@@ -19,6 +19,7 @@ from lrscope._dispatch import backend_for
 from lrscope.curve import step_size_curve
 from lrscope.formulas import step_size
 from lrscope.monitor import Monitor
+from lrscope.registry import register
 from lrscope.report import Distribution, GroupReport, ParamReport, StepReport
 from lrscope.sinks import Sink
 
@@ -56,5 +57,5 @@ def watch(
 
 __all__ = [
     "Distribution", "GroupReport", "Monitor", "ParamReport", "Sink", "StepReport",
-    "inspect", "step_size", "step_size_curve", "watch", "__version__",
+    "inspect", "register", "step_size", "step_size_curve", "watch", "__version__",
 ]

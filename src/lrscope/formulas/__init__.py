@@ -22,17 +22,34 @@ from typing import Any
 import numpy as np
 
 from lrscope.formulas import (
-    adabelief, adadelta, adafactor, adagrad, adam, adamax, asgd, lamb, lion, nadam, radam,
-    rmsprop, rprop, sgd, yogi,
+    adabelief, adadelta, adafactor, adagrad, adam, adamax, asgd, dadapt_adagrad, dadapt_adam,
+    dadapt_sgd, lamb, lion, muon, nadam, prodigy, radam, rmsprop, rprop, schedule_free, sgd, yogi,
 )
 from lrscope.formulas._common import CONVENTIONS, Elementwise, is_zero, resolve
 
 FAMILIES: dict[str, ModuleType] = {
     module.NAMES[0]: module
     for module in (adam, sgd, adamax, nadam, radam, adagrad, rmsprop, adadelta, adafactor,
-                   lion, rprop, asgd, adabelief, yogi, lamb)
+                   lion, rprop, asgd, adabelief, yogi, lamb, muon, prodigy, schedule_free, dadapt_adam,
+                   dadapt_sgd, dadapt_adagrad)
 }
-_BY_NAME = {name: module for module in FAMILIES.values() for name in module.NAMES}
+_BY_NAME: dict[str, Any] = {name: module for module in FAMILIES.values() for name in module.NAMES}
+
+
+def register_family(module: Any) -> str:
+    """Add a family (a module or any object with ``NAMES``, ``DEFAULTS``, ``step_sizes``
+    and ``elementwise``, as the modules here) under its ``NAMES``; returns its first name.
+    A name already taken by another family is refused.
+    """
+    missing = [a for a in ("NAMES", "DEFAULTS", "step_sizes", "elementwise") if not hasattr(module, a)]
+    if missing:
+        raise TypeError(f"a family needs {', '.join(missing)} (see lrscope.formulas._common)")
+    taken = [n for n in module.NAMES if _BY_NAME.get(n.lower(), module) is not module]
+    if taken:
+        raise ValueError(f"family name(s) {taken} are taken by another family")
+    FAMILIES[module.NAMES[0]] = module
+    _BY_NAME.update({name.lower(): module for name in module.NAMES})
+    return module.NAMES[0]
 
 
 def family(name: str) -> ModuleType:
@@ -120,4 +137,4 @@ def step_size(name: str, t: int, *, convention: str | None = None, term: str = "
 
 
 __all__ = ["CONVENTIONS", "Elementwise", "FAMILIES", "chunkable", "family", "default_convention",
-           "is_zero", "hyperparameters", "checked", "step_size", "step_sizes"]
+           "is_zero", "hyperparameters", "checked", "register_family", "step_size", "step_sizes"]

@@ -6,7 +6,22 @@ A family module (``adam.py``, ``sgd.py``, ...) states its update rule once and e
 * ``DEFAULTS``: ``{convention: {hyperparameter: default}}`` for each framework that has it,
 * ``step_sizes(xp, t, h, convention) -> dict[str, value]``: the data-independent scalars
   (always ``"step_size"``, plus family extras such as NAdam's ``"step_size_grad"``),
-* ``elementwise(xp, state, t, h, convention) -> Elementwise``: per-element eta and d.
+* ``elementwise(xp, state, t, h, convention) -> Elementwise``: per-element eta and d;
+
+and where it needs them
+
+* ``CHUNKABLE = False``: eta needs whole tensors (a norm, a matrix shape);
+* ``USES_STEP = False``: the formulas never read t;
+* ``STATELESS = True``: the optimizer may keep no state for a tensor it moved;
+* ``STEP_SCALARS``: hyperparameters that change every step (an adapted ``d``), which a
+  reader passes with the state (``per_step``) so that compiled loops take them as
+  arguments; ``PER_STEP``: the hyperparameters they are made of, which the formula then
+  does not read from ``h`` (a reader may leave them out of the compiled loop's constants);
+* ``decay_rate(h, step_size) -> float``: the fraction of theta decoupled decay removed
+  (default: ``lr * weight_decay`` where ``decoupled_weight_decay``);
+* ``unsupported(h) -> list[str]``: option values the formula does not model;
+* ``IDENTITY_STATE``: the state entry whose change is ``-eta * d - decay`` where it is
+  not the parameter's (schedule-free's ``"z"``).
 
 ``xp`` is the array namespace of the caller (``numpy``, ``torch``, ``tensorflow`` or
 ``jax.numpy``): formulas only use operators and ``xp.sqrt``/``xp.where``/``xp.sign``/
@@ -31,13 +46,17 @@ class Elementwise:
     """The per-element form of one step: ``delta_theta = -eta * direction - decay_rate * theta_old``.
 
     ``eps_dominated`` is a boolean array (True where eps dominates the denominator)
-    or None for families without an eps term in eta.
+    or None for families without an eps term in eta.  ``delta`` is the parameter's own
+    change where eta and d describe another sequence (schedule-free's z, while the
+    parameter holds an interpolation y); None where the parameter moves by
+    ``-eta * d - decay_rate * theta``.
     """
 
     eta: Any
     direction: Any
     decay_rate: Any = 0.0
     eps_dominated: Any = None
+    delta: Any = None
 
     def update(self, param_after: Any) -> Any:
         """delta_theta of the step, reconstructed from the state and theta after the step.
@@ -45,6 +64,8 @@ class Elementwise:
         theta_after = theta_before * (1 - decay_rate) - eta * d, so the parameters
         before the step never need to be copied.
         """
+        if self.delta is not None:
+            return self.delta
         step = self.eta * self.direction
         if is_zero(self.decay_rate):
             return -step
@@ -74,6 +95,17 @@ def power(state: Mapping[str, Any], h: Mapping[str, Any], name: str, t: Any) -> 
     """
     key = f"{name}_power"
     return state[key] if key in state else h[name] ** t
+
+
+def per_step(state: Mapping[str, Any], h: Mapping[str, Any], name: str) -> Any:
+    """``state[name]`` where the caller passes a per-step scalar with the state (as an
+    argument of a compiled loop, which bakes the hyperparameters in as constants), else
+    ``h[name]``.
+
+    >>> per_step({"d": 2.0}, {"d": 1.0}, "d"), per_step({}, {"d": 1.0}, "d")
+    (2.0, 1.0)
+    """
+    return state[name] if name in state else h[name]
 
 
 def coupled_direction(
