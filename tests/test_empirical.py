@@ -65,3 +65,92 @@ def test_elementwise_of_adadelta_says_what_it_needs():
     optimizer.step()
     with pytest.raises(ValueError, match=r"Adadelta.*before the step.*watch\("):
         dict(lrscope.torch.elementwise(optimizer))
+
+
+# --- The callbacks: measured mode where lrscope does not model the step -----------------
+
+
+def _hf_trainer(tmp_path, callback, optim="adafactor", steps=3):
+    transformers = pytest.importorskip("transformers")
+    from tests.test_transformers import Data, Regression
+
+    class Realized(transformers.TrainerCallback):
+        """||delta theta|| of every optimizer step, measured independently of lrscope."""
+
+        def __init__(self):
+            self.norms = []
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.norms.append({n: (p.detach() - self.before[n]).norm().item() for n, p in model.named_parameters()})
+
+    realized = Realized()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-2,
+        optim=optim, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = transformers.Trainer(model=Regression(), args=args, train_dataset=Data(),
+                                   callbacks=[callback, realized])
+    return trainer, realized
+
+
+def test_hf_callback_measures_an_optimizer_lrscope_does_not_model(tmp_path):
+    """optim="adafactor" is transformers' own Adafactor, which lrscope does not model: the
+    callback measures its realized update by default, and its one warning says so, what it
+    costs and how to turn it off."""
+    import lrscope.transformers
+
+    callback = lrscope.transformers.EffectiveLRCallback(every=1)
+    trainer, realized = _hf_trainer(tmp_path, callback)
+    with pytest.warns(RuntimeWarning, match=r"Adafactor is not .*measured .*one copy of the parameters.*"
+                                            r"empirical=False") as record:
+        trainer.train()
+    assert len([w for w in record if "lrscope" in str(w.message)]) == 1
+    records = list(lrscope.logs.read_jsonl(tmp_path / "lrscope" / "lrscope.jsonl"))
+    assert [r["t"] for r in records] == [1, 2, 3] and all(r["empirical"] for r in records)
+    for record, norms in zip(records, realized.norms):
+        params = {n: p for group in record["groups"] for n, p in group["params"].items()}  # (biases: no decay)
+        assert set(params) == set(norms)
+        for name, norm in norms.items():
+            assert params[name]["update_norm"] == pytest.approx(norm, rel=1e-5)
+            assert params[name]["update_magnitude"]["count"] > 0
+    assert all(group.update_magnitude is not None for group in callback.last.groups)
+
+
+def test_hf_callback_without_measured_mode_says_how_to_turn_it_on(tmp_path):
+    import lrscope.transformers
+
+    callback = lrscope.transformers.EffectiveLRCallback(every=1, empirical=False)
+    trainer, _ = _hf_trainer(tmp_path, callback, steps=1)
+    with pytest.warns(RuntimeWarning, match=r"pass empirical=True .*one copy of the parameters"):
+        trainer.train()
+    assert callback.last.groups[0].update_magnitude is None and not callback.last.empirical
+
+
+def test_lightning_callback_measures_an_optimizer_lrscope_does_not_model(tmp_path):
+    pytest.importorskip("lightning")
+    import lightning
+
+    import lrscope.lightning
+    from tests.conftest import CollectSink
+    from tests.test_lightning import Regression, _data
+
+    class Unmodelled(Regression):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=2)
+
+    for empirical, measured in ((None, True), (False, False), (True, True)):
+        sink = CollectSink()
+        options = {} if empirical is None else {"empirical": empirical}
+        callback = lrscope.lightning.EffectiveLRMonitor(every=1, sinks=[sink], loggers=False, **options)
+        trainer = lightning.Trainer(max_steps=2, callbacks=[callback], logger=False, accelerator="cpu",
+                                    enable_checkpointing=False, enable_progress_bar=False,
+                                    enable_model_summary=False)
+        with pytest.warns(RuntimeWarning, match="empirical=False" if measured else "pass empirical=True"):
+            trainer.fit(Unmodelled(), _data())
+        assert [r.t for r in sink.reports] == [1, 2]
+        group = sink.reports[-1].groups[0]
+        assert (group.update_magnitude is not None) == measured == sink.reports[-1].empirical
+        if measured:
+            assert group.update_magnitude.count == sum(p.numel() for p in Unmodelled().parameters())

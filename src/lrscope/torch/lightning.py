@@ -69,13 +69,16 @@ class EffectiveLRMonitor(_lightning().Callback):
 
     ``every``: steps between distributions (scalars are logged every step); ``log_dir`` and
     ``sinks``: lrscope's own sinks besides the trainer's loggers (``loggers=False`` leaves
-    those out), shared by the optimizers and closed when training ends; ``empirical``: see
-    ``lrscope.watch``.  ``monitors`` holds one TorchMonitor per optimizer while training
-    runs (their ``last`` is each one's latest StepReport).
+    those out), shared by the optimizers and closed when training ends; ``empirical`` (on
+    by default, unlike ``lrscope.watch``): for an optimizer lrscope does not model, the
+    realized update is measured on the steps with distributions, at the cost of one copy of
+    its parameters on each of those steps (a modelled optimizer's update comes from its
+    state, without a copy, either way).  ``monitors`` holds one TorchMonitor per optimizer
+    while training runs (their ``last`` is each one's latest StepReport).
     """
 
     def __init__(self, every: int = 50, *, log_dir: str | os.PathLike | None = None,
-                 sinks: Iterable[Sink] | None = None, loggers: bool = True, empirical: bool = False):
+                 sinks: Iterable[Sink] | None = None, loggers: bool = True, empirical: bool = True):
         super().__init__()
         self.every = checked_every(every)  # an error now, not when training starts
         self.log_dir = log_dir

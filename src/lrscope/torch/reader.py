@@ -176,7 +176,8 @@ class TorchReader:
                     "exactly (or it overrides step())")
             self.notes.append(
                 f"{what}: only the scheduled lr is reported"
-                + ("; the realized update is measured empirically" if empirical else
+                + ("; its realized update is measured instead (empirical=True: one copy of the "
+                   "parameters on each measured step; empirical=False turns it off)" if empirical else
                    "; pass empirical=True to measure the realized update (costs one copy of the "
                    "parameters per measured step)")
             )

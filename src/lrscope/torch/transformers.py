@@ -23,13 +23,17 @@ _transformers = require("transformers", "transformers")
 class EffectiveLRCallback(_transformers.TrainerCallback):
     """``Trainer(..., callbacks=[EffectiveLRCallback(every=50)])``.
 
-    ``every``: steps between distributions (scalars every step); ``log_dir``, ``sinks``,
-    ``empirical``: as in ``lrscope.watch``.  ``monitor`` is the TorchMonitor while training
-    runs (``monitor.last``: the latest StepReport); ``last`` stays readable after training.
+    ``every``: steps between distributions (scalars every step); ``log_dir``, ``sinks``:
+    as in ``lrscope.watch``.  ``empirical`` (on by default, unlike ``lrscope.watch``): for an
+    optimizer lrscope does not model (``optim="adafactor"`` is transformers' own Adafactor),
+    the realized update is measured on the steps with distributions, at the cost of one copy
+    of the parameters on each of those steps; a modelled optimizer's update comes from its
+    state, without a copy, either way.  ``monitor`` is the TorchMonitor while training runs
+    (``monitor.last``: the latest StepReport); ``last`` stays readable after training.
     """
 
     def __init__(self, every: int = 50, *, log_dir: str | os.PathLike | None = None,
-                 sinks: Iterable[Sink] | None = None, empirical: bool = False):
+                 sinks: Iterable[Sink] | None = None, empirical: bool = True):
         self.every = checked_every(every)  # an error now, not when training starts
         self.log_dir = log_dir
         self.sinks = checked(sinks)
