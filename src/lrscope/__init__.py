@@ -50,6 +50,12 @@ def watch(
     ``log_dir`` writes TensorBoard event files and JSONL there; ``sinks=[...]`` adds sinks
     of your own (the only ones without ``log_dir``).  ``mon.last`` is the latest StepReport;
     ``mon.close()`` detaches.
+
+    ``empirical=True`` (torch, Keras): for an optimizer lrscope does not model (in Keras also
+    one with an option it does not model), the realized update (``update_magnitude``, the
+    |delta theta| distribution, with ``update_norm`` and ``update_to_param``) is measured
+    from a copy of the parameters taken before each step with distributions: one copy of the
+    parameters on those steps.  Off here; the training-loop callbacks turn it on.
     """
     return backend_for(optimizer).watch(optimizer, every=every, log_dir=log_dir, sinks=sinks,
                                         **options)
