@@ -172,9 +172,26 @@ def _nan(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-#: (group key ``lr-<Optimizer>/<group>``, tensor name or None, metric, step, value), as
-#: ``lrscope.plot`` reads TensorBoard tags.
+#: (group key ``lr-<Optimizer>/<group>``, tensor name or None, metric, step, value): a
+#: TensorBoard scalar with its tag split by ``split_tag``.
 Point = tuple[str, "str | None", str, int, "float | None"]
+
+
+def split_tag(tag: str) -> tuple[str, str | None, str] | None:
+    """A TensorBoard tag as the TensorBoard sink writes it, split into (group key, tensor or
+    None, metric); None for a tag that is not lrscope's.  A tensor's name may hold slashes.
+
+    >>> split_tag("lr-Adam/pg0/dense/kernel/effective_lr/p50")
+    ('lr-Adam/pg0', 'dense/kernel', 'effective_lr/p50')
+    >>> split_tag("lr-NAdam/pg1/step_size_grad"), split_tag("loss")
+    (('lr-NAdam/pg1', None, 'step_size_grad'), None)
+    """
+    parts = tag.split("/")
+    if len(parts) < 3 or not parts[0].startswith("lr-"):
+        return None
+    rest = parts[2:]
+    metric_length = 2 if len(rest) >= 2 and rest[-2] in _DISTRIBUTIONS else 1
+    return "/".join(parts[:2]), "/".join(rest[:-metric_length]) or None, "/".join(rest[-metric_length:])
 
 
 def from_points(points: Iterable[Point]) -> list[Step]:

@@ -174,7 +174,7 @@ def _moving(step: Step) -> Iterator[Subject]:
 EXPLAIN_EPS = (
     "Adam-type optimizers divide by sqrt(v_hat) + eps. Where the gradient's scale is below eps, "
     "eps dominates the denominator and the optimizer behaves like SGD with a learning rate of "
-    "about lr/eps there (1e5 x lr for eps = 1e-8), not like Adam: the per-parameter "
+    "about lr/eps there (1e8 x lr for eps = 1e-8), not like Adam: the per-parameter "
     "normalisation is lost. Usual causes: an eps too large for the gradient scale (eps=1e-3 "
     "copied from another recipe, or Keras' default 1e-7 with tiny gradients), a loss scaled "
     "down (averaged over many tokens, multiplied by a small factor, unscaled gradients under "
