@@ -69,7 +69,10 @@ class Checker:
                 self.add(Finding.from_dict(recorded))
         self._last_t = max(self._last_t, step.t)
         if not step.skipped:
+            measured = step.measured
             for logic in self._logic:
+                if logic.measured_only and not measured:
+                    continue
                 for verdict in logic.observe(step):
                     self._apply(logic.rule, verdict, step.t)
         return self._take_new()

@@ -86,6 +86,8 @@ class RuleLogic:
     """Judges a stream of Steps for one Rule; one instance per Checker (it keeps history)."""
 
     rule: Rule
+    #: Judges distributions only: not called on steps without them (most steps, every=N).
+    measured_only = False
 
     def observe(self, step: Step) -> Iterable[Verdict]:
         return ()

@@ -35,6 +35,7 @@ def _is_adam(step: Step) -> bool:
 
 
 class MuonStepMismatch(RuleLogic):
+    measured_only = True
     rule = Rule(
         id="muon_step_mismatch", severity="info",
         title="Muon's update far from the Adam tensors' update",

@@ -6,6 +6,7 @@ tensor and per group.  The thresholds are the named constants below, each with i
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from typing import Iterable, Iterator
@@ -469,8 +470,13 @@ def _is_vector(name: str, stats: Stats) -> tuple[bool, str]:
     """Whether a tensor is a bias or a norm parameter, and how that was decided."""
     if stats.shape is not None:
         return len(stats.shape) <= VECTOR_NDIM, "shape"
+    return _named_like_vector(name), "name"
+
+
+@functools.lru_cache(maxsize=4096)
+def _named_like_vector(name: str) -> bool:
     lowered = name.lower()
-    return any(part in lowered for part in NORM_OR_BIAS_NAMES), "name"
+    return any(part in lowered for part in NORM_OR_BIAS_NAMES)
 
 
 class DecayOnNormsAndBiases(RuleLogic):
@@ -556,3 +562,5 @@ class DecayExceedsUpdate(RuleLogic):
 
 RULES = [EpsDominated, EpsDominatedGrowing, NoGradient, SecondMomentUnderflow, Nonfinite,
          UpdateRatioHigh, UpdateRatioOutlier, Divergence, DecayOnNormsAndBiases, DecayExceedsUpdate]
+for _rule in RULES:
+    _rule.measured_only = True  # every rule here reads the distributions
