@@ -56,6 +56,11 @@ def watch(
     |delta theta| distribution, with ``update_norm`` and ``update_to_param``) is measured
     from a copy of the parameters taken before each step with distributions: one copy of the
     parameters on those steps.  Off here; the training-loop callbacks turn it on.
+
+    ``findings=True`` (the default, every framework): each report is checked by the rules of
+    ``lrscope.findings`` (eps domination, tensors without gradients, NaN, update ratios, lr
+    schedule surprises, weight decay...); a rule that starts to hold raises one warning and
+    is written to the sinks; ``mon.findings`` lists them.  ``findings=False`` turns it off.
     """
     return backend_for(optimizer).watch(optimizer, every=every, log_dir=log_dir, sinks=sinks,
                                         **options)
