@@ -3,7 +3,8 @@
 A framework's monitor attaches to its optimizer, builds a StepReport for each step and
 hands it to ``_emit``; this base keeps the latest report in ``last``, checks it for
 findings (``lrscope.findings``: ``findings=True``, the default; they are in ``findings``
-and, where new, in ``report.findings``) and writes it to the sinks.  ``close()`` detaches and flushes; monitors are context managers.
+and, where new, in ``report.findings``) and writes it to the sinks.  ``close()`` detaches
+and flushes; monitors are context managers.
 
 A monitor must never stop training: if measuring the distributions raises (a tensor type
 or a framework release lrscope does not know), ``guarded`` warns once and the monitor
