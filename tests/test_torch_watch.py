@@ -92,8 +92,12 @@ class OverridesStep(torch.optim.SGD):
 
 @pytest.mark.parametrize("make", [lambda ps: OverridesStep(ps, lr=0.01),
                                   lambda ps: torch.optim.Muon([p for p in ps if p.dim() == 2], lr=0.02)],
-                         ids=["subclass-overriding-step", "muon"])
-def test_unknown_optimizer_reports_lr_and_empirical_update(make):
+                         ids=["subclass-overriding-step", "muon-unregistered"])
+def test_unknown_optimizer_reports_lr_and_empirical_update(make, monkeypatch):
+    from lrscope import registry
+
+    # Muon as lrscope leaves it where torch lacks the Newton-Schulz function it re-runs.
+    monkeypatch.delitem(registry._MODELS, getattr(torch.optim, "Muon", None), raising=False)
     model = make_model()
     optimizer = make(list(model.parameters()))
     with pytest.warns(RuntimeWarning, match="empirical=True") as record:

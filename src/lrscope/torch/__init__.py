@@ -17,5 +17,8 @@ from lrscope._optional import require
 require("torch", "torch")
 
 from lrscope.torch.monitor import TorchMonitor, elementwise, inspect, watch  # noqa: E402
+from lrscope.torch.models import register_builtin  # noqa: E402
+
+register_builtin()  # Muon and the third-party optimizers, through lrscope.register
 
 __all__ = ["TorchMonitor", "elementwise", "inspect", "watch"]

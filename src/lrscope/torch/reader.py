@@ -12,12 +12,12 @@ import math
 import sys
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from lrscope import formulas
+from lrscope import formulas, registry
 from lrscope.torch import fused, small, stats
 from lrscope.torch.state import (RECORD_BEFORE, RECORD_REQUIRED, apply_formula, as_float, canonical, host_scalars,
                                   is_sharded, local, record_before, state_view)
@@ -38,6 +38,10 @@ FAMILY_OF: dict[type, str] = {
     _OPTIM.RMSprop: "rmsprop", _OPTIM.Adadelta: "adadelta", _OPTIM.Rprop: "rprop",
     _OPTIM.ASGD: "asgd", _OPTIM.SparseAdam: "sparse_adam", _OPTIM.Adafactor: "adafactor",
 }
+# Registered like any other model (lrscope.register); lrscope.torch.models adds Muon and the
+# third-party optimizers the same way.
+for _cls, _family in FAMILY_OF.items():
+    registry.register(_cls, _family)
 #: Group keys that do not change the update's arithmetic (implementation choices,
 #: keys schedulers add) and so need no modelling.
 _NEUTRAL_KEYS = {
@@ -92,11 +96,8 @@ def hint(obj: Any) -> str | None:
 
 def family_of(optimizer: torch.optim.Optimizer) -> str | None:
     """The family modelled exactly, or None (unknown class, or a subclass overriding step)."""
-    cls = type(optimizer)
-    for base in cls.__mro__:
-        if base in FAMILY_OF:
-            return FAMILY_OF[base] if cls.step is base.step else None
-    return None
+    model = registry.model_for(type(optimizer))
+    return None if model is None else model.family
 
 
 def group_name(group: dict[str, Any], index: int) -> str:
@@ -104,16 +105,28 @@ def group_name(group: dict[str, Any], index: int) -> str:
     return str(group.get("name") or f"pg{index}")
 
 
-def hyperparameters(family: str, group: dict[str, Any], lr: Any) -> tuple[dict[str, Any], list[str]]:
-    """Canonical hyperparameters of a group, and the options lrscope does not model."""
-    known = formulas.family(family).DEFAULTS["torch"]
+def hyperparameters(family: str, group: dict[str, Any], lr: Any, *, model: registry.Model | None = None,
+                    step: registry.GroupStep | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Canonical hyperparameters of a group, and the options lrscope does not model.
+
+    A registered model's ``scalars`` hook, given ``step``, overrides what the group's keys
+    say (it may raise ``registry.Unknown``); its ``neutral`` keys need no modelling, and the
+    family's ``unsupported(h)`` names option values it does not model.
+    """
+    module = formulas.family(family)
+    known = module.DEFAULTS["torch"]
+    neutral = _NEUTRAL_KEYS | (model.neutral if model is not None else frozenset())
     given = {k: v for k, v in group.items() if k in known or k == "betas"}
     given["lr"] = lr
     unsupported = [
         f"{k}={v!r}" for k, v in group.items()
-        if k not in known and k not in _NEUTRAL_KEYS and k != "betas" and v not in (None, False, 0)
+        if k not in known and k not in neutral and k != "betas" and v not in (None, False, 0)
     ]
+    if model is not None and model.scalars is not None and step is not None:
+        given.update(model.scalars(step))
     h = formulas.hyperparameters(family, "torch", **given)
+    if hasattr(module, "unsupported"):
+        unsupported += module.unsupported(h)
     return h, unsupported
 
 
@@ -152,6 +165,7 @@ class _GroupParts:
     label: str = "effective_lr"
     counter: Any = None  # the step counter as the state holds it
     h: dict[str, Any] = field(default_factory=dict)  # canonical hyperparameters (modelled families)
+    unknown: str | None = None  # why the model's scalars are unknown at this step (registry.Unknown)
 
 
 class TorchReader:
@@ -161,7 +175,12 @@ class TorchReader:
         self.optimizer = unwrap(optimizer)
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.family = family_of(self.optimizer)
+        self.registration = registry.model_for(type(self.optimizer))
+        self.family = None if self.registration is None else self.registration.family
+        self._per_step_cache: tuple[Any, Any] = (None, None)
+        # Families whose optimizers may keep no state at all: a tensor without state moved.
+        self.stateless = self.family == "sgd" or getattr(
+            formulas.family(self.family) if self.family else None, "STATELESS", False)
         # A family whose formulas never read t (SGD: torch keeps no step counter for it).
         self.stepless = self.family is not None and not getattr(
             formulas.family(self.family), "USES_STEP", True)
@@ -259,14 +278,23 @@ class TorchReader:
         part = _GroupParts(group_name(group, index), as_float(lr))
         unsupported = []
         if self.family is not None:
-            part.h, unsupported = hyperparameters(self.family, group, lr)
+            try:
+                part.h, unsupported = hyperparameters(self.family, group, lr, model=self.registration,
+                                                      step=self._group_step(index, pending))
+            except registry.Unknown as unknown:
+                part.unknown = str(unknown)
+                notes.append(f"group {part.name}: {unknown}; its step size, decay rate and "
+                             "distributions are unknown (NaN) for the step")
+                return part
+            if self.registration is not None and self.registration.scalars is not None:
+                part.lr = as_float(part.h["lr"])  # the lr the step applied, where the model reads it
             if unsupported:
                 notes.append(f"group {part.name}: option(s) {', '.join(unsupported)} not modelled by "
                              "lrscope; distributions skipped rather than mis-modelled")
         if not distributions:  # scalars-only steps touch no parameter: O(1) per group
             return part
         part.params = [p for p in group["params"] if p.grad is not None]
-        part.counter = self._counter(part.params)
+        part.counter = self._counter(part.params, index)
         if any(is_sharded(p) for p in part.params):
             if SHARDED_NOTE not in notes:
                 notes.append(SHARDED_NOTE)
@@ -285,14 +313,15 @@ class TorchReader:
         items = {}
         for p in part.params:
             state = self.optimizer.state.get(p, {})
-            if not state and self.family != "sgd":  # plain SGD keeps no state
+            if not state and not self.stateless:  # (plain SGD keeps none: it always moves)
                 continue
             recorded = pending.recorded.get(id(p)) if pending is not None else None
             if self.family in RECORD_REQUIRED and not recorded:
                 notes.append(f"{type(self.optimizer).__name__}: the state the step overwrote was "
                              "not recorded (use watch()); distributions skipped")
                 break
-            items[self.name_of(p)] = (self._per_chunk(state, p, part.h, recorded), canonical(p.detach()))
+            items[self.name_of(p)] = (self._per_chunk(state, p, part.h, recorded, part.counter),
+                                      canonical(p.detach()))
         part.stats = small.measures(items)
         return part
 
@@ -301,6 +330,9 @@ class TorchReader:
         scalars: dict[str, Any] = {"name": part.name, "lr": part.lr}
         if self.family is None:
             return GroupReport.combine(self._param_reports(part, host), step_size=part.lr, **scalars)
+        if part.unknown is not None:
+            return GroupReport.combine(self._param_reports(part, {}), step_size=math.nan,
+                                       weight_decay_rate=math.nan, **scalars)
         h = part.h
         # t == 0: no step taken yet, or a stepless family read by inspect().
         known = bool(t) or self.stepless
@@ -312,10 +344,75 @@ class TorchReader:
         scalars["weight_decay_rate"] = self._decay_rate(h, scalars["step_size"])
         return GroupReport.combine(self._param_reports(part, host if known else {}), **scalars)
 
+    def elementwise(self, pending: _Pending | None = None) -> Iterator[tuple[str, Elementwise]]:
+        """``(name, Elementwise)`` of every parameter the last step moved, exactly as the
+        report computes them (the model's hooks included), whole tensors at once; with
+        ``pending`` (``begin``'s record before the step), from the lr and groups as the step
+        found them, else from the groups now.  Options not modelled raise ValueError,
+        unknown scalars ``registry.Unknown``."""
+        if self.family is None:
+            raise TypeError(self.notes[0])
+        for index, after in enumerate(self.optimizer.param_groups):
+            lr, group = after["lr"], after
+            if pending is not None and pending.groups:
+                lr, group = pending.lrs[index], {**pending.groups[index], "params": after["params"]}
+            h, unsupported = hyperparameters(self.family, group, lr, model=self.registration,
+                                             step=self._group_step(index, pending))
+            if unsupported:
+                raise ValueError(f"option(s) {', '.join(unsupported)} are not modelled by lrscope")
+            params = [p for p in after["params"] if p.grad is not None]
+            counter = self._counter(params, index)
+            for p in params:
+                state = self.optimizer.state.get(p, {})
+                if state or self.stateless:
+                    recorded = pending.recorded.get(id(p)) if pending is not None else None
+                    by_group = self.registration is not None and self.registration.counter is not None
+                    view, t = self.view(state, p, h, recorded, counter if by_group else None)
+                    yield self.name_of(p), apply_formula(self.family, view, t, h, p.dtype)
+
+    def _formula_hyperparameters(self, h: dict[str, Any]) -> dict[str, Any]:
+        """``h`` without the family's ``PER_STEP`` values (they travel with the state): a
+        compiled loop's constants, which would otherwise change at every step.  One dict
+        per group (the tensors of a group share it, and so share a batched formula call)."""
+        names = getattr(formulas.family(self.family), "PER_STEP", ())
+        if not names:
+            return h
+        if self._per_step_cache[0] is not h:
+            self._per_step_cache = (h, {k: v for k, v in h.items() if k not in names})
+        return self._per_step_cache[1]
+
+    def _group_step(self, index: int, pending: _Pending | None) -> registry.GroupStep:
+        """What a registered model's ``scalars`` hook sees of group ``index``."""
+        groups = self.optimizer.param_groups
+        before = pending.groups[index] if pending is not None and pending.groups else None
+        lrs = pending.lrs if pending is not None else [g["lr"] for g in groups]
+        counter = self.registration.counter if self.registration is not None else None
+        return registry.GroupStep(self.optimizer, index, groups[index], before, lrs,
+                                  groups[index].get(counter) if counter else None)
+
+    def view(self, state: dict[str, Any], p: torch.Tensor, h: dict[str, Any],
+             recorded: dict[str, Any] | None, t: Any = None) -> tuple[dict[str, Any], Any]:
+        """The formula's inputs of ``p`` (the model's ``state`` hook applied) and its step
+        counter as the formula takes it (``t``, else the state's); the family's
+        ``STEP_SCALARS``, computed here once as the optimizer computes them, travel with
+        the state (arguments of a compiled loop, not constants)."""
+        view = state_view(state, p, recorded)
+        if self.registration is not None and self.registration.state is not None:
+            view = self.registration.state(view, p, h)
+        view, t = host_scalars(self.family, view, state.get("step", 0) if t is None else t, h)
+        module = formulas.family(self.family)
+        names = getattr(module, "STEP_SCALARS", ())
+        if names:
+            values = {**h, **module.step_sizes(np, t, h, "torch")}
+            view.update({name: values[name] for name in names})
+        return view, t
+
     def _per_chunk(self, state: dict[str, Any], p: torch.Tensor, h: dict[str, Any],
-                   recorded: dict[str, Any] | None) -> Callable[[slice], Elementwise]:
+                   recorded: dict[str, Any] | None, counter: Any = None) -> Callable[[slice], Elementwise]:
         """The Elementwise of a flat chunk of ``p``, computed chunk by chunk where possible."""
-        view, t = host_scalars(self.family, state_view(state, p, recorded), state.get("step", 0), h)
+        by_group = self.registration is not None and self.registration.counter is not None
+        view, t = self.view(state, p, h, recorded, counter if by_group else None)
+        h = self._formula_hyperparameters(h)
         if formulas.chunkable(self.family):
             return fused.ChunkedFormula(apply_formula, self.family, view, t, h, p.dtype)
         whole = apply_formula(self.family, view, t, h, p.dtype)
@@ -324,11 +421,15 @@ class TorchReader:
             return value.reshape(-1)[chunk] if isinstance(value, torch.Tensor) and value.dim() else value
 
         return lambda chunk: Elementwise(flat(whole.eta, chunk), flat(whole.direction, chunk),
-                                         whole.decay_rate, flat(whole.eps_dominated, chunk))
+                                         whole.decay_rate, flat(whole.eps_dominated, chunk),
+                                         flat(whole.delta, chunk))
 
-    def _counter(self, params: list[torch.Tensor]) -> Any:
+    def _counter(self, params: list[torch.Tensor], index: int) -> Any:
         """Step counter of the group's first parameter that moved this step, as the state
-        holds it (a device tensor is not read here), or None."""
+        holds it (a device tensor is not read here), or the group's where the model says
+        the optimizer counts steps per group; None if none."""
+        if self.registration is not None and self.registration.counter is not None:
+            return self.optimizer.param_groups[index].get(self.registration.counter)
         for p in params:
             if p.grad is not None:
                 state = self.optimizer.state.get(p)
@@ -338,11 +439,14 @@ class TorchReader:
     def _step_count(self) -> int:
         """The largest step counter of the groups (0 when the state keeps none, as SGD's);
         a host read for counters on a device."""
-        counters = [self._counter(g["params"]) for g in self.optimizer.param_groups]
+        counters = [self._counter(g["params"], i) for i, g in enumerate(self.optimizer.param_groups)]
         return max((int(as_float(c)) for c in counters if c is not None), default=0)
 
     def _decay_rate(self, h: dict[str, Any], step_size: float) -> float:
         """Fraction of theta removed by decoupled decay this step (coupled L2 lives in d)."""
+        module = formulas.family(self.family)
+        if hasattr(module, "decay_rate"):
+            return as_float(module.decay_rate(h, step_size))
         if self.family == "asgd":
             return h["lambd"] * step_size  # theta *= 1 - lambd * eta_t
         decoupled = h.get("decoupled_weight_decay", False) or self.family == "adafactor"
