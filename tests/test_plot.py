@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -159,3 +163,326 @@ def test_a_run_again_in_the_same_log_dir_replaces_the_earlier_steps(tmp_path, ca
         assert run.notes == [plot.restart_notes([("lr-Adam", 5, 1), ("lr-Adam", 5, 4)])[0]]
     assert main(["plot", str(tmp_path)]) == 0
     assert "note: lr-Adam: t went back 2 times, first from 5 to 1" in capsys.readouterr().err
+
+
+# --- Malformed logs: bad lines are skipped and counted in one note, the rest is drawn ---------
+
+_BAD = "__BAD__"
+
+
+def _jsonl_lines(tmp_path, steps: int = STEPS) -> list[bytes]:
+    write_reports([JsonlSink(tmp_path / "lrscope.jsonl")], steps, every=4)
+    return (tmp_path / "lrscope.jsonl").read_bytes().splitlines(keepends=True)
+
+
+def _replace(line: bytes, path: tuple, raw: str | None) -> bytes:
+    """``line`` with the value at ``path`` (keys and indices) replaced by the raw JSON text
+    ``raw``, or deleted where ``raw`` is None."""
+    record = json.loads(line)
+    *parents, last = path
+    target = record
+    for key in parents:
+        target = target[key]
+    if raw is None:
+        del target[last]
+        return (json.dumps(record) + "\n").encode()
+    target[last] = _BAD
+    return (json.dumps(record).replace(json.dumps(_BAD), raw) + "\n").encode()
+
+
+_DEEP = "[" * 100_000 + "]" * 100_000
+_MALFORMED = {
+    "nested JSON bomb": lambda line: _replace(line, ("groups", 0, "extra"), _DEEP),
+    "t 1e400": lambda line: _replace(line, ("t",), "1e400"),
+    "t null": lambda line: _replace(line, ("t",), "null"),
+    "t a string": lambda line: _replace(line, ("t",), '"5"'),
+    "t negative": lambda line: _replace(line, ("t",), "-5"),
+    "t not whole": lambda line: _replace(line, ("t",), "5.5"),
+    "t true": lambda line: _replace(line, ("t",), "true"),
+    "t too large": lambda line: _replace(line, ("t",), str(10**30)),
+    "no t": lambda line: _replace(line, ("t",), None),
+    "no groups": lambda line: _replace(line, ("groups",), None),
+    "no optimizer": lambda line: _replace(line, ("optimizer",), None),
+    "a group without name": lambda line: _replace(line, ("groups", 0, "name"), None),
+    "groups an object": lambda line: _replace(line, ("groups",), "{}"),
+    "a group a string": lambda line: _replace(line, ("groups", 1), '"pg1"'),
+    "params a list": lambda line: _replace(line, ("groups", 0, "params"), "[1, 2]"),
+    "a tensor a number": lambda line: _replace(line, ("groups", 0, "params", "layer1.bias"), "3"),
+    "extra a list": lambda line: _replace(line, ("groups", 0, "extra"), "[]"),
+    "an extra value a string": lambda line: _replace(line, ("groups", 0, "extra"), '{"a": "b"}'),
+    "lr a string": lambda line: _replace(line, ("groups", 0, "lr"), '"1e-3"'),
+    "lr true": lambda line: _replace(line, ("groups", 0, "lr"), "true"),
+    "lr NaN": lambda line: _replace(line, ("groups", 0, "lr"), "NaN"),
+    "lr 1e400": lambda line: _replace(line, ("groups", 0, "lr"), "1e400"),
+    "effective_lr a list": lambda line: _replace(line, ("groups", 0, "effective_lr"), "[]"),
+    "a quantile a string": lambda line: _replace(line, ("groups", 0, "effective_lr", "p50"), '"x"'),
+    "a tensor's ratio an object": lambda line: _replace(
+        line, ("groups", 1, "params", "layer0.weight", "update_to_param"), "{}"),
+    "optimizer a number": lambda line: _replace(line, ("optimizer",), "7"),
+    "a list": lambda line: b"[1, 2, 3]\n",
+    "a number": lambda line: b"17\n",
+    "an empty object": lambda line: b"{}\n",
+    "one non-UTF-8 byte": lambda line: line[:40] + b"\xff" + line[40:],
+    "a truncated line": lambda line: line[: len(line) // 2] + b"\n",
+}
+
+
+@pytest.mark.parametrize("mutate", list(_MALFORMED.values()), ids=list(_MALFORMED))
+def test_a_malformed_line_is_skipped_and_counted(tmp_path, mutate):
+    lines = _jsonl_lines(tmp_path)
+    lines[4] = mutate(lines[4])  # the record of t = 5, with distributions
+    path = tmp_path / "lrscope.jsonl"
+    path.write_bytes(b"".join(lines))
+    run = plot.load(tmp_path)
+    assert run.notes == [f"skipped 1 malformed line in {path} (line 5)"]
+    assert run.groups["lr-Adam/pg0"]["step_size"].steps.tolist() == [1, 2, 3, 4, 6, 7, 8, 9]
+    assert run.groups["lr-Adam/pg0"]["effective_lr/p50"].steps.tolist() == [1, 9]
+
+
+def test_lrscope_plot_draws_the_rest_of_a_log_with_a_malformed_line(tmp_path, capsys):
+    lines = _jsonl_lines(tmp_path)
+    lines[4] = _MALFORMED["nested JSON bomb"](lines[4])
+    path = tmp_path / "lrscope.jsonl"
+    path.write_bytes(b"".join(lines))
+    assert main(["plot", str(tmp_path), "--png", str(tmp_path / "out.png")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == f"note: skipped 1 malformed line in {path} (line 5)\n"
+    assert captured.out == f"wrote {tmp_path / 'out.png'}\n"
+    _check_png(tmp_path / "out.png")
+
+
+def _mutations(line: bytes, rng: np.random.Generator) -> bytes:
+    """One random change that makes ``line`` malformed (never one that leaves it valid)."""
+    record = json.loads(line)
+    group = int(rng.integers(len(record["groups"])))
+    scalars = [("t",), ("groups", group, "lr"), ("groups", group, "step_size")]
+    if record["groups"][group]["effective_lr"] is not None:
+        scalars += [("groups", group, "effective_lr", "p50"), ("groups", group, "update_to_param"),
+                    ("groups", group, "params", "layer1.bias", "effective_lr", "p95")]
+    containers = [("groups",), ("groups", group), ("groups", group, "params"),
+                  ("groups", group, "extra")]
+    bad_values = ['"x"', "true", "[]", "{}", "1e400", "NaN", "-Infinity", "[" * 500 + "]" * 500, _DEEP]
+    kind = rng.integers(5)
+    if kind == 0:
+        at = int(rng.integers(1, len(line) - 1))
+        return line[:at] + bytes([int(rng.integers(0x80, 0x100))]) + line[at:]
+    if kind == 1:
+        return line[: int(rng.integers(0, len(line) - 2))] + b"\n"
+    if kind == 2:
+        path = scalars[int(rng.integers(len(scalars)))]
+        return _replace(line, path, bad_values[int(rng.integers(len(bad_values)))])
+    if kind == 3:
+        required = [("t",), ("optimizer",), ("groups",), ("groups", group, "name")]
+        return _replace(line, required[int(rng.integers(len(required)))], None)
+    path = containers[int(rng.integers(len(containers)))]
+    return _replace(line, path, ['"x"', "1", "[1]" if path[-1] != "groups" else "{}"][int(rng.integers(3))])
+
+
+def test_random_single_line_mutations_are_all_plotted_and_counted(tmp_path):
+    """100 seeded single-line mutations of a real log (a non-UTF-8 byte, a cut, a value of
+    the wrong type, out of range or nested 100,000 deep, a missing key, a container of the
+    wrong type): every one is read, with the bad line counted and every other step kept."""
+    steps = 12
+    lines = _jsonl_lines(tmp_path, steps)
+    rng = np.random.default_rng(12)
+    path = tmp_path / "lrscope.jsonl"
+    for _ in range(100):
+        index = int(rng.integers(len(lines)))
+        mutated = list(lines)
+        mutated[index] = _mutations(lines[index], rng)
+        path.write_bytes(b"".join(mutated))
+        run = plot.load(tmp_path)
+        assert run.notes == [f"skipped 1 malformed line in {path} (line {index + 1})"], mutated[index][:200]
+        kept = [t for t in range(1, steps + 1) if t != index + 1]
+        assert run.groups["lr-Adam/pg1"]["lr"].steps.tolist() == kept
+    plot.draw(run, tmp_path / "last.png")
+    _check_png(tmp_path / "last.png")
+
+
+def test_several_malformed_lines_make_one_note(tmp_path, capsys):
+    lines = _jsonl_lines(tmp_path)
+    lines[1], lines[6] = b"\x00\x01garbage\n", b'{"t": null}\n'
+    (tmp_path / "lrscope.jsonl").write_bytes(b"".join(lines))
+    assert main(["plot", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == (
+        f"note: skipped 2 malformed lines in {tmp_path / 'lrscope.jsonl'} (the first: line 2)\n")
+
+
+def test_only_malformed_lines_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "lrscope.jsonl").write_bytes(b'{"t": 1e400, "optimizer": "Adam", "groups": []}\n\xff\n')
+    assert main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no lrscope data" in err and "skipped 2 malformed lines" in err
+
+
+def _plot_subprocess(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``lrscope plot`` in a child process: a hang (a FIFO opened for reading) fails the test."""
+    return subprocess.run([sys.executable, "-m", "lrscope.cli", "plot", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _entries_named_like_event_files(directory) -> list[str]:
+    """A directory, a symlink loop, a dangling symlink and a FIFO, all named like event files."""
+    (directory / "events.out.tfevents.1.dir").mkdir()
+    os.symlink("events.out.tfevents.2.loop", directory / "events.out.tfevents.2.loop")
+    os.symlink("missing", directory / "events.out.tfevents.3.dangling")
+    os.mkfifo(directory / "events.out.tfevents.4.fifo")
+    return ["events.out.tfevents.1.dir", "events.out.tfevents.2.loop", "events.out.tfevents.3.dangling",
+            "events.out.tfevents.4.fifo"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs and symlinks")
+def test_event_file_names_that_are_not_regular_files_are_skipped(tmp_path):
+    pytest.importorskip("tensorboardX")
+    from lrscope.sinks.tensorboard import TensorBoardSink
+
+    raws = _log(tmp_path, [TensorBoardSink(tmp_path, params=True)])
+    names = _entries_named_like_event_files(tmp_path)
+    result = _plot_subprocess(str(tmp_path), "--png", str(tmp_path / "tb.png"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("note: skipped 4 entries named like event files that are not "
+                                     "regular files: ")
+    assert all(name in result.stderr for name in names)
+    _check_png(tmp_path / "tb.png")
+    _check_run(plot.load(tmp_path), raws)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs and symlinks")
+def test_only_event_file_names_that_are_not_files_is_a_one_line_error(tmp_path):
+    _entries_named_like_event_files(tmp_path)
+    result = _plot_subprocess(str(tmp_path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "no lrscope data" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_named_like_a_jsonl_log_is_not_opened(tmp_path):
+    os.mkfifo(tmp_path / "lrscope.jsonl")
+    for target in (tmp_path, tmp_path / "lrscope.jsonl"):
+        result = _plot_subprocess(str(target))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "not a regular file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_corrupt_or_truncated_event_file_keeps_what_it_can(tmp_path, capsys):
+    pytest.importorskip("tensorboardX")
+    from lrscope.sinks.tensorboard import TensorBoardSink
+
+    raws = _log(tmp_path, [TensorBoardSink(tmp_path, params=True)])
+    [events] = tmp_path.glob("*tfevents*")
+    (tmp_path / "events.out.tfevents.9.garbage").write_bytes(bytes(range(256)) * 40)
+    data = events.read_bytes()
+    events.write_bytes(data[: len(data) - 100])  # a writer killed mid-record
+    assert main(["plot", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "events.out.tfevents.9.garbage" in err, err
+    run = plot.load(tmp_path)
+    assert run.groups["lr-Adam/pg0"]["step_size"].steps.tolist()[:8] == list(range(1, 9))
+    assert raws
+
+
+# --- Where the figure goes: only where asked, never through a symlink ------------------------
+
+
+def test_the_default_png_is_not_written_through_a_symlink(tmp_path, capsys):
+    _log(tmp_path, [JsonlSink(tmp_path / "lrscope.jsonl")])
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.txt"
+    outside.write_text("keep me")
+    os.symlink(outside, tmp_path / "lrscope.png")
+    for args in ([str(tmp_path)], [str(tmp_path), "--png", str(tmp_path / "lrscope.png")]):
+        assert main(["plot", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "symbolic link" in err and "Traceback" not in err
+        assert outside.read_text() == "keep me" and (tmp_path / "lrscope.png").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lrscope.jsonl", "lrscope.png"]
+
+
+def test_png_without_extension_is_written_exactly_there(tmp_path, capsys):
+    _log(tmp_path, [JsonlSink(tmp_path / "lrscope.jsonl")])
+    assert main(["plot", str(tmp_path), "--png", str(tmp_path / "figure")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'figure'}\n"
+    _check_png(tmp_path / "figure")
+    assert not (tmp_path / "figure.png").exists()
+
+
+def test_png_naming_another_format_is_refused(tmp_path, capsys):
+    _log(tmp_path, [JsonlSink(tmp_path / "lrscope.jsonl")])
+    assert main(["plot", str(tmp_path), "--png", str(tmp_path / "figure.pdf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ".pdf" in err and not (tmp_path / "figure.pdf").exists()
+
+
+def test_png_naming_a_directory_writes_lrscope_png_in_it(tmp_path, capsys):
+    _log(tmp_path, [JsonlSink(tmp_path / "lrscope.jsonl")])
+    out = tmp_path / "figures"
+    out.mkdir()
+    assert main(["plot", str(tmp_path), "--png", str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote {out / 'lrscope.png'}\n"
+    _check_png(out / "lrscope.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures", "lrscope.jsonl"]
+    assert [p.name for p in out.iterdir()] == ["lrscope.png"]
+
+
+def test_an_existing_png_is_replaced_and_no_temporary_file_is_left(tmp_path, capsys):
+    _log(tmp_path, [JsonlSink(tmp_path / "lrscope.jsonl")])
+    (tmp_path / "lrscope.png").write_text("old")
+    assert main(["plot", str(tmp_path)]) == 0
+    _check_png(tmp_path / "lrscope.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lrscope.jsonl", "lrscope.png"]
+
+
+# --- Long logs: downsampled while reading --------------------------------------------------------
+
+_LIGHT = ('{"wall_time":1.0,"t":%d,"name":null,"optimizer":"Adam","framework":"torch","family":"adam",'
+          '"skipped":false,"empirical":false,"notes":[],"groups":[{"name":"pg0","lr":%r,"step_size":%r,'
+          '"weight_decay_rate":0.0,"extra":{},"shape":[],"effective_lr":null,"update_magnitude":null,'
+          '"update_norm":null,"param_norm":null,"update_to_param":%s,"params":{}}]}\n')
+
+
+def _long_log(path, steps: int, spike_at: int, ranks: int = 1) -> None:
+    """A log of ``steps`` steps (Adam's step size, an update ratio drawn at random with one
+    spike), written by ``ranks`` processes at once."""
+    rng = np.random.default_rng(0)
+    ratios = rng.uniform(1e-4, 2e-3, steps)
+    ratios[spike_at - 1] = 0.5
+    with open(path, "w") as handle:
+        for t in range(1, steps + 1):
+            for _ in range(ranks):
+                handle.write(_LIGHT % (t, 1e-3, step_size_at(t, 0), repr(float(ratios[t - 1]))))
+    return ratios
+
+
+def test_a_long_log_is_downsampled_while_reading(tmp_path):
+    steps = 200_000
+    ratios = _long_log(tmp_path / "lrscope.jsonl", steps, spike_at=123_457)
+    run = plot.load(tmp_path)
+    step_size = run.groups["lr-Adam/pg0"]["step_size"]
+    ratio = run.groups["lr-Adam/pg0"]["update_to_param"]
+    for series in (step_size, ratio):
+        assert 1000 < series.steps.size < 20_000  # the figure's resolution, not the log's length
+        assert np.all(np.diff(series.steps) > 0) and series.steps[0] == 1 and series.steps[-1] == steps
+    # every value drawn is one logged, and the extremes are kept: the spike, the lowest ratio
+    assert np.array_equal(ratio.values, ratios[ratio.steps - 1])
+    assert ratio.values.max() == 0.5 and ratio.values.min() == ratios.min()
+    expected = np.array([step_size_at(t, 0) for t in step_size.steps])
+    assert np.allclose(step_size.values, expected, rtol=1e-12)
+    # the first steps, where a log step axis spreads them out, are all there (Adam's dip at t = 12)
+    assert step_size.steps[:100].tolist() == list(range(1, 101))
+
+
+def test_all_ranks_in_one_log_dir_read_in_linear_time(tmp_path):
+    """Every record goes back in t (4 ranks writing one log_dir): the purge rule keeps the
+    last rank's records; reading is as fast as a log of that many lines should be."""
+    import time
+
+    steps = 25_000
+    _long_log(tmp_path / "lrscope.jsonl", steps, spike_at=7, ranks=4)
+    start = time.perf_counter()
+    run = plot.load(tmp_path)
+    elapsed = time.perf_counter() - start
+    ratio = run.groups["lr-Adam/pg0"]["update_to_param"]
+    assert ratio.steps[0] == 1 and ratio.steps[-1] == steps and ratio.values.max() == 0.5
+    assert ratio.steps.size < 20_000
+    assert run.notes == [plot.restart_notes([("lr-Adam", 1, 1)] * (3 * steps))[0]]
+    assert elapsed < 60
