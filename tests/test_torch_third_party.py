@@ -60,6 +60,7 @@ TRAIN = dict(before_step=lambda optimizer, step: optimizer.train())
 CASES = [
     ("muon", lambda: _muon(lr=0.02), dict(shapes=MATRICES, **SCHEDULE)),
     ("muon-match-rms-adamw", lambda: _muon(lr=0.02, adjust_lr_fn="match_rms_adamw"), dict(shapes=MATRICES)),
+    ("muon-tensor-lr", lambda: _muon(lr=torch.tensor(0.02)), dict(shapes=MATRICES, **SCHEDULE)),
     ("muon-original-no-nesterov-no-wd", lambda: _muon(lr=0.02, adjust_lr_fn="original", nesterov=False,
                                                       weight_decay=0.0), dict(shapes=MATRICES)),
     ("prodigy", lambda: _third("prodigyopt", "Prodigy"), dict(gradient=descend, steps=8, **SCHEDULE)),

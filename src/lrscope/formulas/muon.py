@@ -82,8 +82,9 @@ def step_sizes(xp: Any, t: Any, h: Mapping[str, Any], convention: str) -> dict[s
 
 
 def decay_rate(h: Mapping[str, Any], step_size: Any = None) -> Any:
-    """``lr * weight_decay``: the unadjusted lr."""
-    return h["lr"] * h["weight_decay"]
+    """``lr * weight_decay`` (the unadjusted lr), as ``1 - (1 - lr * wd)``: the factor the
+    step multiplies theta by, rounded as it rounds it (in float32 for a float32 Tensor lr)."""
+    return 1 - (1 - h["lr"] * h["weight_decay"])
 
 
 def elementwise(
