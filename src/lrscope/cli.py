@@ -1,4 +1,4 @@
-"""The ``lrscope`` command: ``curve``, ``plot`` and ``demo``.
+"""The ``lrscope`` command: ``curve``, ``plot``, ``check`` and ``demo``.
 
 Each subcommand module exposes ``register(subparsers)``; its parser sets ``run``, a
 function of the parsed arguments returning the exit code.  Bad input ends with a
@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from lrscope import curve_command, demo, plot
+from lrscope.findings import command as check_command
 
 
 class UsageError(Exception):
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     curve_command.register(subparsers)
     plot.register(subparsers)
+    check_command.register(subparsers)
     demo.register(subparsers)
     return parser
 
