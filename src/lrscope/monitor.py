@@ -8,7 +8,8 @@ and flushes; monitors are context managers.
 
 A monitor must never stop training: if measuring the distributions raises (a tensor type
 or a framework release lrscope does not know), ``guarded`` warns once and the monitor
-reports scalars only from then on.  ``lrscope.inspect`` still raises, with the traceback.
+reports scalars only from then on; if the scalars raise too, it warns once and reports what
+it can without them (NaN where unknown).  ``lrscope.inspect`` still raises, with the traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Callable, Iterable, TypeVar
 from lrscope._warnings import warn
 from lrscope.findings.core import Finding
 from lrscope.findings.live import LiveFindings
-from lrscope.report import StepReport
+from lrscope.report import GroupReport, StepReport
 from lrscope.sinks import Sink, resolve
 
 T = TypeVar("T")
@@ -37,6 +38,21 @@ def checked_every(every: int) -> int:
     if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
         raise ValueError(f"every must be a positive whole number of steps, got {every!r}")
     return int(every)
+
+
+def unmeasured(t: int, optimizer: str, framework: str, family: str | None,
+               error: Exception) -> StepReport:
+    """The report of step ``t`` when measuring it raised ``error`` (a ``guarded`` fallback):
+    one group, every scalar unknown (NaN).
+
+    >>> report = unmeasured(3, "Adam", "keras", "adam", ValueError("bad"))
+    >>> report.t, report.scalars(), report.notes
+    (3, {}, ['measuring this step failed (ValueError: bad): everything but t unknown'])
+    """
+    return StepReport(t=t, optimizer=optimizer, framework=framework, family=family,
+                      groups=[GroupReport(name="pg0")],
+                      notes=[f"measuring this step failed ({type(error).__name__}: {error}): "
+                             "everything but t unknown"])
 
 
 class Monitor:
@@ -57,6 +73,7 @@ class Monitor:
         self._findings = LiveFindings() if findings else None
         self._closed = False
         self._failed = False  # measuring distributions raised: scalars only from then on
+        self._scalars_failed = False  # measuring the scalars raised once (warned)
         #: t of the latest report, or of the optimizer when the monitor attached (subclasses
         #: that know it set it); None: unknown.
         self._reported_t: int | None = None
@@ -85,9 +102,15 @@ class Monitor:
         previous = self._reported_t
         return t - 1 if previous is None or previous >= t else previous
 
-    def guarded(self, work: Callable[[bool], T], distributions: bool) -> T:
-        """``work(distributions)``; if that raises while measuring distributions, one
-        warning, then ``work(False)`` now and no distributions from then on."""
+    def guarded(self, work: Callable[[bool], T], distributions: bool, *,
+                fallback: Callable[[Exception], T]) -> T:
+        """``work(distributions)``, never raising: monitors run inside the user's step.
+
+        If measuring the distributions raises, one warning, then ``work(False)`` now and no
+        distributions from then on.  If the scalars-only ``work(False)`` raises too, one
+        warning (the first time) and ``fallback(error)``, which must not raise: what can be
+        reported without them (NaN where unknown).  The scalars are tried again next step.
+        """
         if distributions and not self._failed:
             try:
                 return work(True)
@@ -96,7 +119,16 @@ class Monitor:
                 warn(f"lrscope: measuring the distributions failed ({type(error).__name__}: {error}); "
                      "from now on only the scalars are reported, and training continues. "
                      "lrscope.inspect(...) raises the error with its traceback: please report it.")
-        return work(False)
+        try:
+            return work(False)
+        except Exception as error:  # noqa: BLE001 - a monitor must never stop training
+            if not self._scalars_failed:
+                self._scalars_failed = True
+                warn(f"lrscope: measuring the scalars failed ({type(error).__name__}: {error}); such "
+                     "steps are reported with what could be read (NaN where unknown), and training "
+                     "continues. lrscope.inspect(...) raises the error with its traceback: please "
+                     "report it.")
+            return fallback(error)
 
     @property
     def last(self) -> StepReport | None:

@@ -193,23 +193,42 @@ class ParamReport:
 
 @dataclass(eq=False)
 class GroupReport(ParamReport):
-    """One parameter group: scheduled lr, step size, decay and merged distributions.
+    """One parameter group: the lr the step used, step size, decay and merged distributions.
 
     ``extra`` holds family-specific scalars (e.g. NAdam's ``step_size_grad``).
+
+    Unknown is NaN, never a guess (SPEC §6): ``lr``, ``step_size`` and ``weight_decay_rate``
+    default to NaN, and only what lrscope reads or models sets them (an optimizer it does not
+    model has no step size or decay rate).  ``lr_source`` says what ``lr`` is: ``"lr"``, the
+    optimizer's own learning-rate hyperparameter at this step (a torch group's ``lr`` key,
+    Keras' and Optax's ``learning_rate``), or the applied value an optimizer publishes
+    instead (``"scheduled_lr"``, ``"d*lr"``; the report's notes say how it was read).
     """
 
     name: str = "pg0"
     shape: tuple[int, ...] = ()
     lr: float = math.nan
     step_size: float = math.nan
-    weight_decay_rate: float = 0.0
+    weight_decay_rate: float = math.nan
     extra: dict[str, float] = field(default_factory=dict)
     params: dict[str, ParamReport] = field(default_factory=dict)
+    lr_source: str = "lr"
 
     def metrics(self) -> dict[str, float]:
-        out = {"lr": float(self.lr), "step_size": float(self.step_size),
-               "weight_decay_rate": float(self.weight_decay_rate)}
-        out.update({k: float(v) for k, v in self.extra.items()})
+        """The group's scalars, then its distribution summaries and norms.
+
+        A NaN scalar (``lr``, ``step_size``, ``weight_decay_rate``, an ``extra``) is left out:
+        there NaN means unknown, and logs carry no value for it (a hyperparameter that is
+        NaN itself reads the same; its NaN updates show in the distributions).  Distribution
+        summaries and norms are measurements and keep NaN and inf as measured: an all-NaN
+        distribution's mean, the infinite update ratio of a zero tensor that moved.
+
+        >>> GroupReport(name="pg0", lr=0.02).metrics()
+        {'lr': 0.02}
+        """
+        scalars = {"lr": self.lr, "step_size": self.step_size,
+                   "weight_decay_rate": self.weight_decay_rate, **self.extra}
+        out = {k: float(v) for k, v in scalars.items() if not math.isnan(float(v))}
         out.update(super().metrics())
         return out
 
@@ -267,7 +286,10 @@ class StepReport:
         return tag_prefix(self.optimizer, self.name)
 
     def scalars(self, prefix: str | None = None, params: bool = False) -> dict[str, float]:
-        """Flat ``{"<prefix>/<group>/<metric>": float}``; per-tensor metrics with ``params``."""
+        """Flat ``{"<prefix>/<group>/<metric>": float}``; per-tensor metrics with ``params``.
+
+        What every sink logs: an unknown (NaN) group scalar has no entry
+        (``GroupReport.metrics``)."""
         prefix = self.default_prefix if prefix is None else prefix
         out: dict[str, float] = {}
         for group in self.groups:
@@ -296,7 +318,7 @@ class StepReport:
             "family": self.family, "skipped": self.skipped, "empirical": self.empirical,
             "notes": list(self.notes),
             "groups": [
-                {"name": g.name, "lr": g.lr, "step_size": g.step_size,
+                {"name": g.name, "lr": g.lr, "lr_source": g.lr_source, "step_size": g.step_size,
                  "weight_decay_rate": g.weight_decay_rate, "extra": dict(g.extra),
                  **param(g), "params": {n: param(p) for n, p in g.params.items()}}
                 for g in self.groups

@@ -17,7 +17,7 @@ import keras
 from lrscope._warnings import warn
 from lrscope.formulas import Elementwise
 from lrscope.keras.reader import KerasReader
-from lrscope.monitor import Monitor, checked_every
+from lrscope.monitor import Monitor, checked_every, unmeasured
 from lrscope.report import StepReport
 from lrscope.sinks import Sink, checked
 
@@ -82,7 +82,7 @@ class KerasMonitor(Monitor):
         before its first ``apply``, which builds it)."""
         _, t, _ = self.reader.position()
         self._recorded = self.guarded(lambda wanted: self.reader.record_before(variables) if wanted else None,
-                                      self.wants_distributions(t + 1))
+                                      self.wants_distributions(t + 1), fallback=lambda error: None)
 
     def step(
         self, grads: Sequence[Any] | None = None, variables: Sequence[Any] | None = None
@@ -108,6 +108,8 @@ class KerasMonitor(Monitor):
                     distributions=distributions, grads=grads, variables=variables,
                     recorded=self._recorded),
                 wanted and not stale,
+                fallback=lambda error: unmeasured(t, type(self.reader.optimizer).__name__, "keras",
+                                                  self.reader.family, error),
             )
             if wanted and stale:
                 needs = ("the variables" if self.reader.measured else "eta needs the accumulated delta")

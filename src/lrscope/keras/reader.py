@@ -321,7 +321,7 @@ class KerasReader:
         if not t:
             notes.append("no optimizer step has been taken yet (t = 0): inspect after "
                          "optimizer.apply()")
-        group: dict[str, Any] = {"name": "pg0", "lr": lr, "step_size": lr}
+        group: dict[str, Any] = {"name": "pg0", "lr": lr}  # unknown step size and decay: NaN
         params: dict[str, ParamReport] = {}
         if self.family is not None and t:
             h = self.hyperparameters(lr)

@@ -122,7 +122,7 @@ def _report(obj: Any) -> StepReport | None:
                              "lrscope.optax.monitor; otherwise please report this lrscope bug")
         group = GroupReport.combine(
             params, name=g.name, lr=values["lr"], step_size=values.get("step_size", math.nan),
-            weight_decay_rate=values.get("weight_decay_rate", 0.0), extra=extra)
+            weight_decay_rate=values.get("weight_decay_rate", math.nan), extra=extra)
         if fresh and not state.plan.per_param:  # the group's merged statistics
             merged = param_report(g.name, (), rows[0], g.empirical)
             for label in ("effective_lr", "update_magnitude", "update_norm", "param_norm"):

@@ -9,7 +9,8 @@ the output is not a terminal)::
 
 ``eta`` is the effective learning rate per element (``|dθ|`` for optimizers measured
 empirically); its columns show ``-`` on steps without distributions, so choose ``every``
-as a multiple of ``watch(every=...)``.
+as a multiple of ``watch(every=...)``.  An lr or step size lrscope does not know (an
+optimizer it does not model) shows ``n/a``.
 
 >>> import io, numpy as np
 >>> from rich.console import Console
@@ -31,9 +32,9 @@ from typing import Any
 
 from lrscope.report import Distribution, GroupReport, StepReport
 
-def _number(value: float | None) -> str:
+def _number(value: float | None, missing: str = "-") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
+        return missing
     return f"{value:.2e}"
 
 
@@ -100,7 +101,7 @@ class ConsoleSink:
         quantiles = [dist.quantile(q) for q in (0.05, 0.5, 0.95)] if dist is not None else [None] * 3
         step = f"{report.t}" + (" skip" if report.skipped else "")
         where = group.name if report.name is None else f"{report.name}/{group.name}"
-        return [step, where, _number(group.lr), _number(group.step_size),
+        return [step, where, _number(group.lr, "n/a"), _number(group.step_size, "n/a"),
                 *map(_number, quantiles), _percent(dist.eps_dominated if dist else None),
                 _number(group.update_to_param)]
 

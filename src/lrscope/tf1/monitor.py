@@ -24,7 +24,7 @@ from lrscope.tf1.reader import (
     step_size,
     trained_variables,
 )
-from lrscope.monitor import Monitor
+from lrscope.monitor import Monitor, unmeasured
 from lrscope.report import StepReport
 from lrscope.sinks import Sink
 
@@ -175,6 +175,7 @@ class TF1Monitor(Monitor):
             lambda distributions: inspect(self.optimizer, session=self.session, var_list=self.var_list,
                                           distributions=distributions, acc_delta_before=self._before),
             self.wants_distributions(self._calls),
+            fallback=lambda error: unmeasured(0, type(self.optimizer).__name__, "tf1", None, error),
         )
         if self._record is not None:
             self.session.run(self._record)

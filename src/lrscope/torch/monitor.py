@@ -9,6 +9,7 @@ post-hook builds the StepReport of the step just taken with ``TorchReader``.
 from __future__ import annotations
 
 import os
+import sys
 import weakref
 from functools import partial
 from typing import Any, Iterable, Iterator
@@ -36,7 +37,7 @@ class TorchMonitor(Monitor):
                  log_dir: str | os.PathLike | None = None, sinks: Iterable[Sink] | None = None,
                  empirical: bool = False, grad_scaler: Any = None, name: str | None = None,
                  findings: bool = True):
-        reader = TorchReader(optimizer, model=model, empirical=empirical)  # before any log is opened
+        reader = TorchReader(optimizer, model=model, empirical=empirical, warn=warn)  # before any log is opened
         if not hasattr(reader.optimizer, "_optimizer_step_pre_hooks"):
             raise TypeError(_without_hooks(reader.optimizer))
         super().__init__(every=every, log_dir=log_dir, sinks=sinks, name=name, findings=findings)
@@ -48,6 +49,7 @@ class TorchMonitor(Monitor):
         self._t = self._reported_t = self.reader._step_count()
         self._stepped = False
         self._warned_capture = False
+        self._depth = 0  # step() calls running: a subclass's step may call its parent's
         opt = self.reader.optimizer
         # Each group's lr as its scheduler set it, judged at the first step (findings).
         self._schedule_start = _schedule_start(opt) if self._t == 0 and findings else None
@@ -69,10 +71,15 @@ class TorchMonitor(Monitor):
     def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if _capturing():
             return
+        if self._depth and _nested_step(optimizer):
+            self._depth += 1  # the outer call is the step: its hooks measure it
+            return
+        self._depth = 1  # (also after a step() that raised, leaving the count up)
         t_next = self._t + 1
         if self._schedule_start is not None:
             self._check_schedule_start(optimizer)
-        self._pending = self.guarded(partial(self.reader.begin, t_next), self.wants_distributions(t_next))
+        self._pending = self.guarded(partial(self.reader.begin, t_next), self.wants_distributions(t_next),
+                                     fallback=lambda error: None)
 
     def _check_schedule_start(self, optimizer: Any) -> None:
         """The scheduler_stepped_before_optimizer finding: a group whose first step uses an
@@ -101,6 +108,10 @@ class TorchMonitor(Monitor):
                      "lrscope.inspect(optimizer) after a replay: it reads the state the replays "
                      "left (t included)")
             return
+        if self._depth > 1:  # the end of a parent class's step() inside the step
+            self._depth -= 1
+            return
+        self._depth = 0
         self._stepped = True
         pending, self._pending = self._pending, None
         found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler for fused steps
@@ -114,7 +125,7 @@ class TorchMonitor(Monitor):
         if distributions or self.has_sinks:
             # (A device flag is read only with the statistics, in their one transfer.)
             report = self.guarded(partial(self.reader.report, pending, t=self._t, found_inf=found_inf),
-                                  distributions)
+                                  distributions, fallback=partial(self.reader.fallback, pending, self._t))
             self._t = report.t  # a measured step re-syncs with the state's counters
             self._emit(report)
         else:
@@ -131,7 +142,8 @@ class TorchMonitor(Monitor):
         if self._lazy is not None:
             pending, t = self._lazy
             self._lazy = None
-            self._last = self._named(self.reader.report(pending, False, t=t))
+            self._last = self._named(self.guarded(partial(self.reader.report, pending, t=t), False,
+                                                  fallback=partial(self.reader.fallback, pending, t)))
         return self._last
 
     def _scaler_updated(self, *args: Any, **kwargs: Any) -> Any:
@@ -143,7 +155,8 @@ class TorchMonitor(Monitor):
 
     def _emit_skipped(self, pending: _Pending | None) -> None:
         """Report a step GradScaler skipped: scalars only, t unchanged."""
-        report = self.reader.report(pending, distributions=False, t=self._t)
+        report = self.guarded(partial(self.reader.report, pending, t=self._t), False,
+                              fallback=partial(self.reader.fallback, pending, self._t))
         report.skipped = True
         report.notes.append(SKIPPED_NOTE)
         self._emit(report)
@@ -163,6 +176,32 @@ def _schedule_start(optimizer: Any) -> list[float | None] | None:
         return None
     lrs = [as_float(g["lr"]) if "initial_lr" in g else None for g in optimizer.param_groups]
     return lrs if any(lr is not None for lr in lrs) else None
+
+
+def _step_wrapper_code() -> Any:
+    """The code of the wrapper torch puts around each Optimizer class's ``step`` to run the
+    step hooks (None if this torch has none)."""
+    try:
+        return torch.optim.Optimizer.profile_hook_step(lambda *args: None).__code__
+    except Exception:  # noqa: BLE001 - then no step is taken for nested
+        return None
+
+
+_STEP_WRAPPER = _step_wrapper_code()
+
+
+def _nested_step(optimizer: Any) -> bool:
+    """Whether a step of ``optimizer`` is running around this one: a subclass's ``step()``
+    calling its parent's (torch wraps both, and runs the hooks in each); not a count left up
+    by a ``step()`` that raised.  Walks the stack only when the count is up."""
+    frame, found = sys._getframe(1), 0
+    while frame is not None:
+        if frame.f_code is _STEP_WRAPPER and frame.f_locals.get("self") is optimizer:
+            found += 1
+            if found > 1:
+                return True
+        frame = frame.f_back
+    return False
 
 
 def _capturing() -> bool:

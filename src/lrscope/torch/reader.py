@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lrscope import formulas, registry
-from lrscope.torch import fused, small, stats
+from lrscope.torch import fused, published, small, stats
 from lrscope.torch.state import (RECORD_BEFORE, RECORD_REQUIRED, apply_formula, as_float, canonical, host_scalars,
                                   is_sharded, local, record_before, state_view)
 from lrscope.formulas import Elementwise
@@ -31,6 +31,8 @@ SKIPPED_NOTE = ("GradScaler skipped this step (inf/NaN gradients): parameters di
 #: communication (a monitor on one rank alone must not wait for the others).
 SHARDED_NOTE = ("sharded parameters (DTensor, e.g. FSDP2): the distributions and norms are those "
                 "of this rank's shards; each rank reports its own")
+#: Says that a group's hyperparameters could not be modelled at this step (``TorchReader``).
+OUT_OF_RANGE = "hyperparameters lrscope cannot model at this step"
 #: torch.optim classes lrscope models exactly, with their family.
 FAMILY_OF: dict[type, str] = {
     _OPTIM.SGD: "sgd", _OPTIM.Adam: "adam", _OPTIM.AdamW: "adamw", _OPTIM.Adamax: "adamax",
@@ -94,10 +96,34 @@ def hint(obj: Any) -> str | None:
     return None
 
 
+def _unset(value: Any) -> bool:
+    """Whether an option is off: None, False or zero (a one-element tensor too).  Anything
+    else is set, a tensor of several elements included (a schedule's table in a group):
+    its truth value is ambiguous.
+
+    >>> _unset(0), _unset(None), _unset(torch.tensor(0.0)), _unset(torch.ones(3)), _unset("x")
+    (True, True, True, False, False)
+    """
+    if value is None or value is False:
+        return True
+    try:
+        return bool(value == 0)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+
+
 def family_of(optimizer: torch.optim.Optimizer) -> str | None:
     """The family modelled exactly, or None (unknown class, or a subclass overriding step)."""
     model = registry.model_for(type(optimizer))
     return None if model is None else model.family
+
+
+def _number_or_nan(value: Any) -> float:
+    """``value`` as a float, NaN if it is not a number (the model check then says why)."""
+    try:
+        return as_float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return math.nan
 
 
 def group_name(group: dict[str, Any], index: int) -> str:
@@ -120,7 +146,7 @@ def hyperparameters(family: str, group: dict[str, Any], lr: Any, *, model: regis
     given["lr"] = lr
     unsupported = [
         f"{k}={v!r}" for k, v in group.items()
-        if k not in known and k not in neutral and k != "betas" and v not in (None, False, 0)
+        if k not in known and k not in neutral and k != "betas" and not _unset(v)
     ]
     if model is not None and model.scalars is not None and step is not None:
         given.update(model.scalars(step))
@@ -160,6 +186,8 @@ class _GroupParts:
 
     name: str
     lr: float
+    lr_source: str = "lr"
+    extra: dict[str, float] = field(default_factory=dict)
     params: list[torch.Tensor] = field(default_factory=list)
     stats: dict[str, Callable[[bool], Any]] = field(default_factory=dict)
     label: str = "effective_lr"
@@ -169,9 +197,17 @@ class _GroupParts:
 
 
 class TorchReader:
-    """Turns a torch optimizer's state into StepReports."""
+    """Turns a torch optimizer's state into StepReports.
 
-    def __init__(self, optimizer: Any, model: Any = None, empirical: bool = False):
+    ``warn``, if given (a monitor's), is called once per kind of problem found at a step
+    (options lrscope does not model, hyperparameters out of its range, an unreadable lr);
+    the report's notes say it on every step concerned.
+    """
+
+    def __init__(self, optimizer: Any, model: Any = None, empirical: bool = False,
+                 warn: Callable[[str], None] | None = None):
+        self.warn = warn
+        self._warned: set[str] = set()
         self.optimizer = unwrap(optimizer)
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -194,7 +230,9 @@ class TorchReader:
             what = (f"{where}{cls.__qualname__} is not a torch.optim optimizer lrscope models "
                     "exactly (or it overrides step())")
             self.notes.append(
-                f"{what}: only the scheduled lr is reported"
+                f"{what}: only its lr is reported (the group's 'lr' key, or the applied lr it "
+                "publishes: lr_source says which); its step size and decay rate are unknown (NaN, "
+                "not logged)"
                 + ("; its realized update is measured instead (empirical=True: one copy of the "
                    "parameters on each measured step; empirical=False turns it off)" if empirical else
                    "; pass empirical=True to measure the realized update (costs one copy of the "
@@ -245,11 +283,11 @@ class TorchReader:
         if t is None and not distributions:
             t = self._step_count()
         parts = []
-        for index, group in enumerate(self.optimizer.param_groups):
-            lr = group["lr"]
+        for index, after in enumerate(self.optimizer.param_groups):
+            lr, group = after.get("lr"), after
             if pending is not None and pending.groups:
-                lr, group = pending.lrs[index], {**pending.groups[index], "params": group["params"]}
-            parts.append(self._group(index, group, lr, pending, distributions, notes))
+                lr, group = pending.lrs[index], {**pending.groups[index], "params": after["params"]}
+            parts.append(self._group(index, group, lr, pending, distributions, notes, after))
         counters: dict[Any, Any] = {index: part.counter for index, part in enumerate(parts)
                                     if part.counter is not None}
         if distributions and found_inf is not None:
@@ -272,10 +310,51 @@ class TorchReader:
                           family=self.family, groups=groups, empirical=self.family is None and self.empirical,
                           notes=notes, skipped=skipped)
 
+    def fallback(self, pending: _Pending | None, t: int, error: Exception) -> StepReport:
+        """The report of step ``t`` when building it raised ``error`` (``Monitor.guarded``):
+        each group's lr where it can be read, everything else unknown (NaN).  Never raises."""
+        groups = []
+        for index, group in enumerate(self.optimizer.param_groups):
+            try:
+                lr = pending.lrs[index] if pending is not None else group.get("lr")
+                name = group_name(group, index)
+                if self.family is None:
+                    value, source, extra, _ = published.applied_lr(
+                        pending.groups[index] if pending is not None and pending.groups else group,
+                        group, lr, before_step=bool(pending is not None and pending.groups))
+                    groups.append(GroupReport(name=name, lr=value, lr_source=source, extra=extra))
+                else:
+                    groups.append(GroupReport(name=name, lr=_number_or_nan(lr)))
+            except Exception:  # noqa: BLE001 - an unreadable group still has its place
+                groups.append(GroupReport(name=f"pg{index}"))
+        note = (f"measuring this step failed ({type(error).__name__}: {error}): t and lr only, "
+                "everything else unknown")
+        return StepReport(t=t, optimizer=type(self.optimizer).__name__, framework="torch",
+                          family=self.family, groups=groups, notes=[*self.notes, note])
+
+    def _problem(self, kind: str, note: str, notes: list[str]) -> None:
+        """A note on what could not be measured; the first of its kind is also warned."""
+        notes.append(note)
+        if self.warn is not None and kind not in self._warned:
+            self._warned.add(kind)
+            self.warn(f"lrscope: {note} (warned once: the report notes each step concerned; "
+                      "training is not affected)")
+
     def _group(self, index: int, group: dict[str, Any], lr: Any, pending: _Pending | None,
-               distributions: bool, notes: list[str]) -> _GroupParts:
-        """What a group's report needs from the device: its statistics, not yet moved."""
-        part = _GroupParts(group_name(group, index), as_float(lr))
+               distributions: bool, notes: list[str], after: dict[str, Any]) -> _GroupParts:
+        """What a group's report needs from the device: its statistics, not yet moved.
+
+        ``group`` is the group as the step found it (``after`` as it left it); ``lr`` its lr
+        key at the step."""
+        name = group_name(group, index)
+        if self.family is None:
+            value, source, extra, note = published.applied_lr(group, after, lr, before_step=bool(
+                pending is not None and pending.groups))
+            part = _GroupParts(name, value, lr_source=source, extra=extra)
+            if note is not None:
+                notes.append(f"group {name}: {note}")
+        else:
+            part = _GroupParts(name, _number_or_nan(lr))
         unsupported = []
         if self.family is not None:
             try:
@@ -286,11 +365,18 @@ class TorchReader:
                 notes.append(f"group {part.name}: {unknown}; its step size, decay rate and "
                              "distributions are unknown (NaN) for the step")
                 return part
+            except Exception as error:  # noqa: BLE001 - the user's values, not lrscope's bug
+                part.unknown = f"{OUT_OF_RANGE} ({type(error).__name__}: {error})"
+                self._problem("range", f"group {name}: {part.unknown}: its step size, decay rate and "
+                              "distributions are unknown (NaN) for the step", notes)
+                return part
             if self.registration is not None and self.registration.scalars is not None:
                 part.lr = as_float(part.h["lr"])  # the lr the step applied, where the model reads it
+                part.lr_source = self.registration.lr_source
             if unsupported:
-                notes.append(f"group {part.name}: option(s) {', '.join(unsupported)} not modelled by "
-                             "lrscope; distributions skipped rather than mis-modelled")
+                self._problem("unsupported", f"group {name}: option(s) {', '.join(unsupported)} not "
+                              "modelled by lrscope; distributions skipped rather than mis-modelled",
+                              notes)
         if not distributions:  # scalars-only steps touch no parameter: O(1) per group
             return part
         part.params = [p for p in group["params"] if p.grad is not None]
@@ -326,10 +412,12 @@ class TorchReader:
         return part
 
     def _finish(self, part: _GroupParts, host: dict[str, Any], t: int) -> GroupReport:
-        """The group's report from its statistics on the host, at step ``t``."""
-        scalars: dict[str, Any] = {"name": part.name, "lr": part.lr}
+        """The group's report from its statistics on the host, at step ``t``.  Only a
+        modelled family sets a step size and a decay rate (unknown: NaN, the defaults)."""
+        scalars: dict[str, Any] = {"name": part.name, "lr": part.lr, "lr_source": part.lr_source,
+                                   "extra": part.extra}
         if self.family is None:
-            return GroupReport.combine(self._param_reports(part, host), step_size=part.lr, **scalars)
+            return GroupReport.combine(self._param_reports(part, host), **scalars)
         if part.unknown is not None:
             return GroupReport.combine(self._param_reports(part, {}), step_size=math.nan,
                                        weight_decay_rate=math.nan, **scalars)
