@@ -116,7 +116,7 @@ def _assert_identity(history):
         flat_before = jax.tree_util.tree_leaves(before)
         flat_after = jax.tree_util.tree_leaves(after)
         for group, i, name, kept in [(g, i, n, k) for g in state.plan.groups for i, n, k in
-                                     zip(g.leaf_index, g.leaves, state.arrays[g.name])]:
+                                     zip(g.leaf_index, g.leaves, state.arrays.get(g.name, ()))]:
             theta0, theta1 = np.asarray(flat_before[i]), np.asarray(flat_after[i])
             modelled = (-np.asarray(kept["eta"]) * np.asarray(kept["direction"])
                         - float(kept["decay_rate"]) * theta0)
@@ -139,7 +139,11 @@ def test_identity_and_bitwise_updates(x64, case_id, alias, kwargs):
     report = lrscope.inspect(monitored[-1][3])
     assert report.t == STEPS and report.framework == "optax" and not report.empirical
     assert report.optimizer == case_id.split("-")[0]
-    assert report.groups[0].extra["model_error"] < 1e-9
+    (group,) = report.groups  # modelled, every tensor in it
+    assert sorted(group.params) == ["dense/bias", "dense/kernel", "frozen", "scale"]
+    assert group.effective_lr is not None and group.update_magnitude is None
+    assert not np.isnan(group.step_size) and not np.isnan(group.weight_decay_rate)
+    assert group.extra["model_error"] < 1e-9
     if scheduled:  # optax evaluates the schedule at count - 1
         assert report.groups[0].lr == pytest.approx(float(SCHEDULE(STEPS - 1)), rel=1e-6)
 
@@ -343,10 +347,13 @@ def test_chain_inject_hyperparams_clip_and_multi_transform(x64):
                                 "frozen": optax.set_to_zero()},
                                {"dense": {"kernel": "train", "bias": "train"}, "scale": "train",
                                 "frozen": "frozen"})
-    history = _run(lrscope.optax.monitor(tx, keep_arrays=True), _grads(STEPS))
+    with pytest.warns(RuntimeWarning, match="group frozen"):  # set_to_zero keeps no state
+        history = _run(lrscope.optax.monitor(tx, keep_arrays=True), _grads(STEPS))
     report = lrscope.inspect(history[-1][3])
-    (group,) = report.groups
+    group, frozen = report.groups
     assert group.name == "train" and sorted(group.params) == ["dense/bias", "dense/kernel", "scale"]
+    assert frozen.name == "frozen" and list(frozen.params) == ["frozen"]  # measured-only
+    assert frozen.effective_lr is None and frozen.update_magnitude.max == 0
     assert group.lr == pytest.approx(float(SCHEDULE(STEPS - 1)))  # read from the injected state
     assert group.extra["model_error"] < 1e-9  # b1 = 0.8 read from the injected state too
     (note,) = [n for n in report.notes if "assumed optax's defaults" in n]
@@ -428,26 +435,26 @@ def test_hand_built_chains_are_read_by_structure(x64, transforms, kwargs, family
     _assert_identity(history)
     report = lrscope.inspect(history[-1][3])
     assert report.family == family and report.groups[0].extra["model_error"] < 1e-9
+    assert not report.empirical and report.groups[0].effective_lr is not None  # still modelled
 
 
-def test_chain_with_wrong_hyperparameters_or_unknown_lr_says_so(x64):
+def test_chain_with_wrong_hyperparameters_or_unknown_lr_is_measured_only(x64):
+    """Assumed defaults the model check refutes (b1), or an unknown lr: the group is
+    reported measured-only, with a warning and a note saying why."""
     tx = optax.chain(optax.scale_by_adam(b1=0.5), optax.scale_by_learning_rate(1e-2))
-    report = lrscope.inspect(_run(lrscope.optax.monitor(tx, learning_rate=1e-2), _grads(3))[-1][3])
-    assert report.groups[0].extra["model_error"] > 1e-3
+    history = _run(lrscope.optax.monitor(tx, learning_rate=1e-2), _grads(3))
+    with pytest.warns(RuntimeWarning, match="does not reproduce"):
+        report = lrscope.inspect(history[-1][3])
+    group = report.groups[0]
+    assert group.extra["model_error"] > 1e-3 and report.empirical
+    assert group.effective_lr is None and group.update_magnitude.count == 21
     assert any("does NOT reproduce" in note for note in report.notes)
-    report = lrscope.inspect(_run(lrscope.optax.monitor(tx), _grads(2))[-1][3])
-    assert np.isnan(report.groups[0].lr)
+    history = _run(lrscope.optax.monitor(tx), _grads(2))
+    with pytest.warns(RuntimeWarning, match="does not reproduce"):
+        report = lrscope.inspect(history[-1][3])
+    assert np.isnan(report.groups[0].lr) and report.groups[0].effective_lr is None
     assert any("pass learning_rate=" in note for note in report.notes)
-    assert not any("does NOT reproduce" in note for note in report.notes)
-
-
-def test_masked_adam_reports_only_the_masked_leaves(x64):
-    mask = {"dense": {"kernel": True, "bias": False}, "scale": False, "frozen": False}
-    tx = optax.chain(optax.masked(optax.adam(1e-2), mask), optax.masked(optax.sgd(1e-3),
-                     jax.tree.map(lambda m: not m, mask)))
-    report = lrscope.inspect(_run(lrscope.optax.monitor(tx, learning_rate=1e-2), _grads(2))[-1][3])
-    assert report.family == "adam" and list(report.groups[0].params) == ["dense/kernel"]
-    assert report.groups[0].extra["model_error"] < 1e-9
+    assert any("without its learning rate" in note for note in report.notes)
 
 
 def test_adadelta_default_lr_ascends_and_is_reported(x64):

@@ -4,7 +4,8 @@ Everything here is traced with ``jax.numpy`` and runs where the arrays live (sha
 arrays included): float32 bit buckets of eta counted with ``bincount``, exact finite
 min/max/sum/sum of squares, the eps-dominated count, the update and parameter squared
 norms, and the model check (max |modelled - real update|).  ``param_report`` decodes
-one tensor's host copy into a ParamReport.
+one tensor's host copy into a ParamReport; ``measured_if_refuted`` replaces a group's
+statistics of eta by those of the realized update where the check refutes the model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class LeafStats(NamedTuple):
     """Statistics of one tensor for one step, as device arrays (``stack_stats``: of several,
     one row per tensor along a leading axis)."""
 
-    buckets: jax.Array  # int32[FLOAT32_BUCKETS] counts of eta (of |delta| when empirical)
+    buckets: jax.Array  # int32[FLOAT32_BUCKETS] counts of eta (of |delta| when measured)
     min: jax.Array
     max: jax.Array
     sum: jax.Array
@@ -35,6 +36,7 @@ class LeafStats(NamedTuple):
     param_sq: jax.Array  # NaN when update() got no params
     model_residual: jax.Array  # max |modelled - real update| (NaN when empirical)
     update_max: jax.Array  # max |real update|
+    measured: jax.Array  # bool: the statistics are of |real update|, not of eta (measured-only)
 
 
 def stat_dtype() -> Any:
@@ -74,7 +76,7 @@ def leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str, Any], g
                ) -> tuple[LeafStats, dict[str, Any]]:
     """Statistics of one tensor, and its eta/d/decay arrays (for ``keep_arrays``).
 
-    ``family`` is the formula module (None: empirical, |real update| is sketched),
+    ``family`` is the formula module (None: measured-only, |real update| is sketched),
     ``arrays`` the optimizer state in PyTorch names, ``real`` the update optax emitted
     (None when not needed), ``after`` theta after the step (None when update() got no
     params), ``check`` whether to compare the model with ``real`` and ``convention`` the
@@ -126,7 +128,8 @@ def leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str, Any], g
     r = _reduce(columns)
     stats = LeafStats(_buckets(values), r["min"], r["max"], r["sum"], r["sum_squares"],
                       r.get("eps_dominated", jnp.asarray(-1, jnp.int32)), r["update_sq"],
-                      r.get("param_sq", nan), r.get("model_residual", nan), r["update_max"])
+                      r.get("param_sq", nan), r.get("model_residual", nan), r["update_max"],
+                      jnp.asarray(family is None))
     return stats, kept
 
 
@@ -137,7 +140,8 @@ def merge_stats(s: LeafStats) -> LeafStats:
     merged = LeafStats(
         s.buckets.sum(0, dtype=jnp.int32), s.min.min(), s.max.max(), s.sum.sum(), s.sum_squares.sum(),
         jnp.where(jnp.all(eps < 0), -1, jnp.maximum(eps, 0).sum()).astype(jnp.int32),
-        s.update_sq.sum(), s.param_sq.sum(), s.model_residual.max(), s.update_max.max())
+        s.update_sq.sum(), s.param_sq.sum(), s.model_residual.max(), s.update_max.max(),
+        s.measured.any())
     return LeafStats(*(field[None] for field in merged))
 
 
@@ -215,6 +219,22 @@ def by_blocks(measures: list[Callable[[], LeafStats]], sizes: list[int]) -> Leaf
     return jax.lax.platform_dependent(cpu=in_a_loop, default=written_out)
 
 
+def measured_if_refuted(stats: LeafStats, measure: Callable[[], LeafStats],
+                        tolerance: float) -> LeafStats:
+    """A group's statistics of eta (``stats``, stacked), or, where the model check refutes
+    the model, those of the realized update (``measure()``), keeping the check's residuals.
+
+    The check refutes the model when the largest |modelled - real update| of the group
+    exceeds ``tolerance`` times its largest |real update| (a NaN refutes it too): the
+    group's ``model_error`` is above its tolerance.  The choice is made inside ``jit``
+    (``lax.cond``), so the realized update is sketched on the steps that need it only and
+    the state holds one set of statistics either way.
+    """
+    refuted = ~(stats.model_residual.max() <= tolerance * stats.update_max.max())
+    return jax.lax.cond(refuted, lambda: measure()._replace(model_residual=stats.model_residual),
+                        lambda: stats)
+
+
 def unstack_stats(stats: LeafStats) -> list[LeafStats]:
     """The per-tensor rows of a (host copy of a) ``stack_stats`` result."""
     return [LeafStats(*(field[i] for field in stats)) for i in range(len(stats.min))]
@@ -224,7 +244,7 @@ def empty_stats(n: int) -> LeafStats:
     """Placeholder statistics of ``n`` tensors, stacked (the state before any step)."""
     nan = jnp.full((n,), jnp.nan, stat_dtype())
     return LeafStats(jnp.zeros((n, mapping.FLOAT32_BUCKETS), jnp.int32), nan, nan, nan, nan,
-                     jnp.full((n,), -1, jnp.int32), nan, nan, nan, nan)
+                     jnp.full((n,), -1, jnp.int32), nan, nan, nan, nan, jnp.zeros((n,), bool))
 
 
 def decode(s: LeafStats) -> tuple[Distribution, float, float | None]:
@@ -240,9 +260,11 @@ def decode(s: LeafStats) -> tuple[Distribution, float, float | None]:
             None if math.isnan(param_sq) else math.sqrt(param_sq))
 
 
-def param_report(name: str, shape: tuple[int, ...], s: LeafStats, empirical: bool) -> ParamReport:
-    """ParamReport of one tensor from the host copy of its LeafStats."""
+def param_report(name: str, shape: tuple[int, ...], s: LeafStats) -> ParamReport:
+    """ParamReport of one tensor from the host copy of its LeafStats: an effective-lr
+    distribution, or an update-magnitude one where the statistics are measured."""
     dist, update_norm, param_norm = decode(s)
-    return ParamReport(name=name, shape=shape, effective_lr=None if empirical else dist,
-                       update_magnitude=Distribution(dist.sketch) if empirical else None,
+    measured = bool(s.measured)
+    return ParamReport(name=name, shape=shape, effective_lr=None if measured else dist,
+                       update_magnitude=Distribution(dist.sketch) if measured else None,
                        update_norm=update_norm, param_norm=param_norm)

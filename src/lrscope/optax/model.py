@@ -10,6 +10,13 @@ Two ways in, one result (a list of ``GroupModel``):
   any other hyperparameter not given is assumed at the formula's Optax default, which
   the report says (and the in-``jit`` model check verifies against the real update).
 
+A group is modelled only when every state in it is one lrscope reads (``_READERS``), a
+container it looks through (chain, ``masked``, ``inject_hyperparams``) or a NEUTRAL one:
+a state it recognises inside or beside a transformation it does not know
+(``optax.contrib.schedule_free``'s ``ScheduleFreeState``, Muon's ``MuonState``, a custom
+one) makes the group measured-only (the statistics of the realized update), never
+modelled by the part it recognises.
+
 A state node's arrays are renamed to PyTorch's state names (``mu`` -> ``exp_avg``, ...)
 for the family formulas in ``lrscope.formulas``.
 """
@@ -22,6 +29,7 @@ from types import ModuleType
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import optax
 from optax._src import transform as _T  # the WithCount states are not re-exported
 
@@ -91,6 +99,14 @@ _READERS: dict[type, tuple[str | None, _Reader]] = {
     optax.EmaState: (None, lambda old, new, fam: {"momentum_buffer": new.ema}),
 }
 INJECT = (optax.InjectStatefulHyperparamsState, optax.InjectHyperparamsState)
+#: States that hold nothing the models read and whose transformation changes the update
+#: only as the model assumes (which the model check verifies where it runs): those of
+#: stateless transformations (``scale``, ``clip``, ``add_decayed_weights``,
+#: ``scale_by_trust_ratio``: ``EmptyState``) and a schedule's step counter (the lr, which
+#: lrscope takes from the schedule it is given).  Matched by exact type, like the readers.
+NEUTRAL = (optax.EmptyState, optax.ScaleByScheduleState)
+#: What a group lrscope does not model reports, said in its notes.
+MEASURED = "measured-only (the statistics of the realized update, as in empirical mode)"
 
 
 def is_masked(x: Any) -> bool:
@@ -119,26 +135,84 @@ def leaf_names(params: Any) -> list[str]:
     return [jax.tree_util.keystr(p, simple=True, separator="/") or "param" for p in paths]
 
 
-def find_nodes(state: Any, group: str = "pg0") -> list[tuple[str, Any]]:
-    """``(group, node)`` for every state node lrscope reads, in tree order.
+def find_groups(state: Any) -> dict[str, list[Any]]:
+    """Each group's state nodes in tree order: the states lrscope reads, ``inject_hyperparams``
+    states, and every state it does not know (not looked into: it is not modelled).
 
-    Groups are the labels of a ``multi_transform`` (``PartitionState``), else ``pg0``.
+    Groups are the labels of a ``multi_transform`` (``PartitionState``), each one listed
+    even where its transformation keeps no state, else ``pg0``.  Chains (tuples, lists,
+    ``named_chain``'s dicts), ``masked`` and ``inject_hyperparams`` are looked through;
+    NEUTRAL states are left out.
 
     >>> import jax.numpy as jnp
-    >>> state = optax.chain(optax.clip(1.0), optax.adam(1e-3)).init({"w": jnp.ones(2)})
-    >>> [(group, type(node).__name__) for group, node in find_nodes(state)]
-    [('pg0', 'ScaleByAdamState')]
+    >>> def types(tx):
+    ...     groups = find_groups(tx.init({"w": jnp.ones((2, 2)), "b": jnp.ones(2)}))
+    ...     return {label: [type(node).__name__ for node in nodes] for label, nodes in groups.items()}
+    >>> types(optax.chain(optax.clip(1.0), optax.adam(1e-3)))
+    {'pg0': ['ScaleByAdamState']}
+    >>> types(optax.contrib.schedule_free_adamw(1e-3))  # its RMS state is not looked at
+    {'pg0': ['ScheduleFreeState']}
+    >>> types(optax.contrib.muon(1e-3))  # a multi_transform: labels "muon" and "adam"
+    {'muon': ['MuonState'], 'adam': ['ScaleByAdamState']}
     """
-    if isinstance(state, tuple(_READERS)) or isinstance(state, INJECT):
-        inner = [] if not isinstance(state, INJECT) else find_nodes(state.inner_state, group)
-        return [(group, state)] + inner
-    if isinstance(state, optax.PartitionState):
-        return [n for label, sub in state.inner_states.items() for n in find_nodes(sub, str(label))]
-    if isinstance(state, (tuple, list)):
-        return [n for sub in state for n in find_nodes(sub, group)]
-    if isinstance(state, dict):
-        return [n for sub in state.values() for n in find_nodes(sub, group)]
-    return []
+    groups: dict[str, list[Any]] = {}
+
+    def visit(node: Any, group: str) -> None:
+        if isinstance(node, optax.PartitionState):
+            for label, sub in node.inner_states.items():
+                groups.setdefault(str(label), [])
+                visit(sub, str(label))
+        elif type(node) in (tuple, list):
+            for sub in node:
+                visit(sub, group)
+        elif type(node) is dict:
+            for sub in node.values():
+                visit(sub, group)
+        elif isinstance(node, optax.MaskedState):
+            visit(node.inner_state, group)
+        elif node is not None and type(node) not in NEUTRAL:
+            groups.setdefault(group, []).append(node)
+            if isinstance(node, INJECT):
+                visit(node.inner_state, group)
+
+    visit(state, "pg0")
+    return groups or {"pg0": []}
+
+
+def unknown_nodes(nodes: list[Any]) -> list[Any]:
+    """The nodes of ``find_groups`` that lrscope neither reads nor looks through."""
+    return [n for n in nodes if type(n) not in _READERS and not isinstance(n, INJECT)]
+
+
+def held_leaves(nodes: list[Any], params: Any) -> tuple[int, ...]:
+    """Indices of the ``params`` leaves that ``nodes`` keep state for: the positions,
+    not MaskedNode, of every tree in them shaped like ``params`` (same structure, same
+    shapes), looked for at any depth.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}  # leaves b, w
+    >>> groups = find_groups(optax.contrib.muon(1e-3).init(params))
+    >>> {label: held_leaves(nodes, params) for label, nodes in groups.items()}
+    {'muon': (1,), 'adam': (0,)}
+    """
+    structure = jax.tree_util.tree_structure(params, is_leaf=is_masked)
+    shapes = [np.shape(x) for x in leaves(params)]
+    held: set[int] = set()
+
+    def visit(node: Any) -> None:
+        flat = leaves(node)
+        if (jax.tree_util.tree_structure(node, is_leaf=is_masked) == structure
+                and all(is_masked(x) or np.shape(x) == s for x, s in zip(flat, shapes))):
+            held.update(i for i, x in enumerate(flat) if not is_masked(x))
+            return
+        children = jax.tree_util.tree_leaves(node, is_leaf=lambda x: x is not node)
+        if not (len(children) == 1 and children[0] is node):  # not an array
+            for child in children:
+                visit(child)
+
+    for node in nodes:
+        visit(node)
+    return tuple(sorted(held))
 
 
 @dataclass
@@ -146,7 +220,7 @@ class GroupModel:
     """How to read one group: family formula, hyperparameters, lr source, state nodes."""
 
     name: str
-    family: ModuleType | None  # None: not modelled, empirical statistics only
+    family: ModuleType | None  # None: not modelled, measured-only
     family_name: str | None
     h: dict[str, Any]
     lr: Any  # float, schedule(count) or None (unknown or injected)
@@ -171,8 +245,7 @@ def _family_hyper(family_name: str, args: dict[str, Any], defaults: dict[str, An
     if unmodelled or any(callable(args.get(k)) for k in ("weight_decay", "beta1", "beta2", "eps")):
         what = (", ".join(f"{k}={v!r}" for k, v in unmodelled.items())
                 or "a scheduled hyperparameter")
-        return None, [f"lrscope does not model {where} with {what}: only the realized update "
-                      "statistics (empirical mode) are reported"]
+        return None, [f"lrscope does not model {where} with {what}: {MEASURED}"]
     given = {k: v for k, v in args.items() if k in known and k != "lr"}
     h = resolve(family_name, module.DEFAULTS, "optax", given)
     if family_name == "amsgrad":
@@ -238,8 +311,7 @@ def from_alias(alias: Any, kwargs: dict[str, Any]) -> tuple[str, str | None, dic
     module = _module(family_name)
     if module is None or family_name not in VERIFIED:
         return name, family_name, None, lr, [
-            f"lrscope has no per-element model of optax.{name} yet: only the realized update "
-            "statistics (empirical mode) are reported"]
+            f"lrscope has no per-element model of optax.{name} yet: {MEASURED}"]
     h, more = _family_hyper(family_name, args, defaults, f"optax.{name}")
     if h is not None and family_name == "rprop":
         h["lr"] = lr
@@ -251,17 +323,23 @@ def group_kwargs(spec: dict[str, Any], label: str) -> dict[str, Any]:
     return {**spec["kwargs"], **spec.get("groups", {}).get(label, {})}
 
 
-def build_groups(inner_state: Any, spec: dict[str, Any]) -> list[GroupModel]:
-    """Group models of ``inner_state`` given the ``monitor`` spec (alias or chain)."""
-    nodes = find_nodes(inner_state)
-    labels = list(dict.fromkeys(group for group, _ in nodes)) or ["pg0"]
+def build_groups(groups: dict[str, list[Any]], spec: dict[str, Any]) -> list[GroupModel]:
+    """Group models of the groups ``find_groups`` found, given the ``monitor`` spec (alias
+    or chain); a group holding a state lrscope does not know is not modelled."""
+    labels = list(groups)
     unknown = sorted(set(spec.get("groups", {})) - set(labels))
     if unknown:
         raise ValueError(f"groups= names {unknown}, but this optimizer's groups (multi_transform "
-                         f"labels holding optimizer state) are {labels}")
+                         f"labels) are {labels}")
     out = []
     for label in labels:
-        mine = [node for group, node in nodes if group == label]
+        mine = groups[label]
+        if unknown_nodes(mine):
+            lr = (spec["lr"] if spec["alias"] is not None
+                  else _translate(group_kwargs(spec, label)).get("lr"))
+            out.append(GroupModel(label, None, None, {}, lr, "lr", (),
+                                  notes=[_unknown_note(label, mine)]))
+            continue
         inject = next((n for n in mine if isinstance(n, INJECT)
                        and "learning_rate" in n.hyperparams), None)
         readers = tuple(type(n) for n in mine if not isinstance(n, INJECT))
@@ -279,6 +357,20 @@ def build_groups(inner_state: Any, spec: dict[str, Any]) -> list[GroupModel]:
         out.append(GroupModel(label, module, family_name, h or {}, lr, decay_scale, readers,
                               injected=injected, notes=notes))
     return out
+
+
+def _unknown_note(label: str, nodes: list[Any]) -> str:
+    """Why group ``label``, holding states lrscope does not know, is measured-only."""
+    unknown = unknown_nodes(nodes)
+    inside = jax.tree_util.tree_leaves(unknown, is_leaf=lambda x: type(x) in _READERS)
+    known = [type(n).__name__ for n in nodes + inside if type(n) in _READERS]
+    names = ", ".join(dict.fromkeys(type(n).__name__ for n in unknown))
+    if known:
+        why = (f"the {', '.join(dict.fromkeys(known))} state lrscope knows sits in or beside "
+               f"{names}, a transformation it does not model")
+    else:
+        why = f"no optimizer state lrscope can read was found ({names} is not modelled)"
+    return f"group {label}: {why}: {MEASURED}"
 
 
 def _chain_family(readers: tuple[type, ...], spec: dict[str, Any], label: str,
@@ -300,10 +392,10 @@ def _chain_family(readers: tuple[type, ...], spec: dict[str, Any], label: str,
     lr = own.pop("lr", common.pop("lr", None))
     if family_name is None:
         return None, None, lr, [f"group {label}: no optimizer state lrscope can read was found "
-                                "in this transformation: empirical statistics only"], ()
+                                f"in this transformation: {MEASURED}"], ()
     if family_name not in VERIFIED:
         return family_name, None, lr, [f"group {label}: lrscope has no verified optax model of "
-                                       f"{family_name}: empirical statistics only"], ()
+                                       f"{family_name}: {MEASURED}"], ()
     traceable = _TRACEABLE | ({"weight_decay"} if family_name in _TRACEABLE_DECAY else set())
     injected = {k: v for k, v in offered.items() if k in traceable}
     known = formulas.family(family_name).DEFAULTS["optax"]
@@ -312,7 +404,7 @@ def _chain_family(readers: tuple[type, ...], spec: dict[str, Any], label: str,
         why = (f"is injected ({_UNREAD}), " if "momentum" in offered else "is unknown: ")
         return family_name, None, lr, [
             f"group {label}: a trace (momentum) state was found but its decay {why}pass "
-            "momentum= to lrscope.optax.monitor; empirical statistics only"], ()
+            f"momentum= to lrscope.optax.monitor; {MEASURED}"], ()
     if family_name == "rmsprop" and any(t in readers for t in (optax.ScaleByRStdDevState,
                                                                 _T.ScaleByRStdDevWithCountState)):
         args.setdefault("centered", True)

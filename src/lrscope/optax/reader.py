@@ -15,9 +15,11 @@ import jax
 import numpy as np
 import optax
 
+from lrscope._warnings import warn
 from lrscope.jax.stats import empty_stats, param_report, unstack_stats
 from lrscope.monitor import Monitor
-from lrscope.optax.transform import LrscopeState
+from lrscope.optax.model import MEASURED
+from lrscope.optax.transform import GroupPlan, LrscopeState
 from lrscope.report import GroupReport, StepReport
 from lrscope.sinks import Sink, SinkGroup
 
@@ -101,38 +103,57 @@ def _report(obj: Any) -> StepReport | None:
     if replicas > 1:
         notes.append(f"a state replicated over {replicas} devices (jax.pmap): the report of "
                      "replica 0 (replicas agree when the gradients are averaged, e.g. by pmean)")
+    families, measured_groups = set(), 0
     for g in state.plan.groups:
         values = {k: float(v) for k, v in scalars[g.name].items()}
         rows = unstack_stats(stats[g.name])
+        # The last distributions' model check refuted the model (jax.stats.measured_if_refuted).
+        refuted = not g.empirical and any(bool(s.measured) for s in rows)
+        measured = g.empirical or refuted
         params = {}
         if fresh and state.plan.per_param:
-            params = {n: param_report(n, shape, s, g.empirical)
-                      for n, shape, s in zip(g.leaves, g.shapes, rows)}
-        extra = {k: v for k, v in values.items()
-                 if k not in ("lr", "step_size", "weight_decay_rate")}
+            params = {n: param_report(n, shape, s) for n, shape, s in zip(g.leaves, g.shapes, rows)}
+        extra = {} if measured else {k: v for k, v in values.items()
+                                     if k not in ("lr", "step_size", "weight_decay_rate")}
         checked = fresh and not g.empirical and g.leaves and state.plan.check
         if checked and not math.isnan(values["lr"]):  # an unknown lr has its own note
             residual = max(float(s.model_residual) for s in rows)
             scale = max(float(s.update_max) for s in rows)
             extra["model_error"] = residual / scale if scale > 0 else float(residual > 0)
-            if not extra["model_error"] <= g.tolerance:
-                notes.append(f"group {g.name}: lrscope's {g.family} model does NOT reproduce the "
-                             f"real update (relative mismatch {extra['model_error']:.2g}): if "
-                             "you built this chain, pass its hyperparameters (and family=) to "
-                             "lrscope.optax.monitor; otherwise please report this lrscope bug")
+        notes.extend(g.notes)
+        if refuted:
+            notes.append(_refuted_note(g, values["lr"], extra.get("model_error")))
+            warn(f"lrscope: group {g.name}: lrscope's {g.family} model does not reproduce the "
+                 f"real update of this optimizer (its model check): the group is reported "
+                 f"{MEASURED}; see the report's notes")
+        # A measured-only group's step size and decay rate are unknown: NaN (SPEC §6).
         group = GroupReport.combine(
-            params, name=g.name, lr=values["lr"], step_size=values.get("step_size", math.nan),
-            weight_decay_rate=values.get("weight_decay_rate", math.nan), extra=extra)
+            params, name=g.name, lr=values["lr"],
+            step_size=math.nan if measured else values.get("step_size", math.nan),
+            weight_decay_rate=math.nan if measured else values["weight_decay_rate"], extra=extra)
         if fresh and not state.plan.per_param:  # the group's merged statistics
-            merged = param_report(g.name, (), rows[0], g.empirical)
+            merged = param_report(g.name, (), rows[0])
             for label in ("effective_lr", "update_magnitude", "update_norm", "param_norm"):
                 setattr(group, label, getattr(merged, label))
         groups.append(group)
-        notes.extend(g.notes)
-    families = {g.family for g in state.plan.groups}
+        families.add(None if measured else g.family)
+        measured_groups += measured
     return StepReport(t=t, optimizer=state.plan.optimizer, framework="optax",
                       family=families.pop() if len(families) == 1 else None, groups=groups,
-                      empirical=any(g.empirical for g in state.plan.groups), notes=notes)
+                      empirical=measured_groups > 0, notes=notes)
+
+
+def _refuted_note(group: GroupPlan, lr: float, model_error: float | None) -> str:
+    """Why a modelled group is reported measured-only: its model check failed."""
+    if math.isnan(lr):
+        why = (f"without its learning rate lrscope's {group.family} model cannot reproduce the "
+               "real update")
+    else:
+        mismatch = "" if model_error is None else f" (relative mismatch {model_error:.2g})"
+        why = f"lrscope's {group.family} model does NOT reproduce the real update{mismatch}"
+    return (f"group {group.name}: {why}: the group is reported {MEASURED}; if you built this "
+            "chain, pass its hyperparameters (and family=) to lrscope.optax.monitor, or it holds "
+            "a transformation lrscope does not model (a stateless one is seen by this check only)")
 
 
 class OptaxMonitor(Monitor):

@@ -10,6 +10,13 @@ finite min/max/sum/sum of squares, the eps-dominated count, the update and param
 squared norms and a model check (every ``every`` steps, under ``jax.lax.cond``).
 ``inspect(opt_state)`` moves those few arrays to the host in one transfer and builds
 the StepReport.
+
+A group is reported measured-only (the statistics of the realized update, as in
+empirical mode) where lrscope cannot model it: a state it does not know in the group
+(``model.find_groups``, decided at ``init``), or a model check that refutes the model
+(decided inside ``jit`` on each step with distributions, ``measured_if_refuted``).
+Every parameter tensor is in some group: those no modelled state covers form a
+measured-only group of their own.
 """
 
 from __future__ import annotations
@@ -27,14 +34,17 @@ from lrscope import formulas
 from lrscope._warnings import warn
 from lrscope.optax import model as optax_model
 from lrscope.jax.stats import (
-    LeafStats, by_blocks, empty_stats, leaf_stats, merge_stats, stack_stats, stat_dtype,
+    LeafStats, by_blocks, empty_stats, leaf_stats, measured_if_refuted, merge_stats, stack_stats,
+    stat_dtype,
 )
 from lrscope.monitor import checked_every
 
-#: Relative mismatch between the modelled and the real update above which a report
-#: says lrscope's model does not describe this optimizer (float32 rounding is ~1e-6);
-#: raised to 8 machine epsilons for half-precision parameters.
+#: Relative mismatch between the modelled and the real update above which lrscope's
+#: model does not describe this optimizer and the group is reported measured-only
+#: (float32 rounding is ~1e-6); raised to 8 machine epsilons for half-precision parameters.
 MODEL_TOLERANCE = 1e-3
+#: The group of the tensors that no group's state covers and no stateless group can take.
+UNCOVERED = "unmodelled"
 
 
 @dataclass(frozen=True)
@@ -43,7 +53,7 @@ class GroupPlan:
 
     name: str
     family: str | None
-    empirical: bool
+    empirical: bool  # measured-only by its structure (a check may also refute a modelled one)
     leaves: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     leaf_index: tuple[int, ...]
@@ -106,9 +116,17 @@ def _hyper(model: GroupModel, nodes: list[Any], steps: jax.Array) -> dict[str, A
     return h
 
 
-def _scalars(model: GroupModel, h: dict[str, Any], t: jax.Array) -> dict[str, jax.Array]:
-    """lr, the family's step sizes and the decoupled weight-decay rate: O(1) per step."""
+def _scalars(model: GroupModel | None, nodes: list[Any],
+             steps: jax.Array) -> dict[str, jax.Array]:
+    """lr, the family's step sizes and the decoupled weight-decay rate of the step after
+    ``steps`` steps: O(1) per step.  A measured-only group has its lr only, a group
+    without a model (tensors no state covers) not even that: NaN.
+    """
     f = stat_dtype()
+    if model is None:
+        return {"lr": jnp.asarray(jnp.nan, f)}
+    h = _hyper(model, nodes, steps)
+    t = steps + 1
     out = {"lr": h["lr"]}
     if model.family is not None:
         sizes = model.family.step_sizes(jnp, t, h, "optax")
@@ -118,40 +136,63 @@ def _scalars(model: GroupModel, h: dict[str, Any], t: jax.Array) -> dict[str, ja
     return out
 
 
-def _models(inner: Any, spec: dict[str, Any]) -> tuple[list[GroupModel], dict[str, list[Any]]]:
-    """The group models of a state and each group's state nodes."""
-    nodes: dict[str, list[Any]] = {}
-    for group, node in optax_model.find_nodes(inner):
-        nodes.setdefault(group, []).append(node)
-    return optax_model.build_groups(inner, spec), nodes
+def _models(inner: Any, spec: dict[str, Any]) -> tuple[dict[str, GroupModel], dict[str, list[Any]]]:
+    """The group models of a state by group name, and each group's state nodes."""
+    nodes = optax_model.find_groups(inner)
+    return {m.name: m for m in optax_model.build_groups(nodes, spec)}, nodes
 
 
 def _plan(spec: dict[str, Any], inner: Any, params: Any, every: int, keep_arrays: bool,
           check: bool, per_param: bool) -> Plan:
-    """The static Plan: groups, their tensors (names, shapes, decay mask), scalar names."""
+    """The static Plan: groups, their tensors (names, shapes, decay mask), scalar names.
+
+    A modelled group holds the tensors its state covers (masked ones are MaskedNode), or
+    without state (an alias's SGD) every tensor no other group holds; a measured-only
+    group the tensors its state keeps something for (``model.held_leaves``).  The tensors
+    left over go to the measured-only groups that hold none (a ``set_to_zero`` label;
+    their names joined by "+"), else to a group ``UNCOVERED``: none is left out.
+    """
     models, nodes = _models(inner, spec)
     names, flat = optax_model.leaf_names(params), optax_model.leaves(params)
     mask = spec["kwargs"].get("mask", spec["kwargs"].get("weight_decay_mask"))
     if callable(mask):
         mask = mask(params)
     decay_mask = None if mask is None else optax_model.leaves(mask)
-    groups, claimed = [], set()
-    for model in models:
-        own = [n for n in nodes.get(model.name, []) if not isinstance(n, optax_model.INJECT)]
-        if own:  # the tensors this group's state holds (masked ones are MaskedNode)
+    groups, claimed, holding_none = [], set(), []
+
+    def add(name: str, model: GroupModel | None, index: tuple[int, ...], notes: list[str]) -> None:
+        claimed.update(index)
+        decayed = tuple(bool(decay_mask[i]) if decay_mask else True for i in index)
+        scalars = _scalars(model, nodes.get(name, []), jnp.zeros([], jnp.int32))
+        groups.append(GroupPlan(
+            name, None if model is None else model.family_name, model is None or model.family is None,
+            tuple(names[i] for i in index), tuple(tuple(np.shape(flat[i])) for i in index), index,
+            decayed, tuple(scalars), tuple(notes), _tolerance([flat[i] for i in index])))
+
+    for model in models.values():
+        own = [n for n in nodes[model.name] if not isinstance(n, optax_model.INJECT)]
+        if model.family is None:
+            index = optax_model.held_leaves(own, params)
+        elif own:
             first = next(iter(optax_model.readers_for(model)[0](own[0], own[0]).values()))
             index = tuple(i for i, x in enumerate(optax_model.leaves(first))
                           if not optax_model.is_masked(x))
         else:
-            index = tuple(i for i in range(len(flat)) if i not in claimed)
-        claimed.update(index)
-        decayed = tuple(bool(decay_mask[i]) if decay_mask else True for i in index)
-        h = _hyper(model, nodes.get(model.name, []), jnp.zeros([], jnp.int32))
-        scalars = _scalars(model, h, jnp.ones([], jnp.int32))
-        groups.append(GroupPlan(
-            model.name, model.family_name, model.family is None, tuple(names[i] for i in index),
-            tuple(tuple(np.shape(flat[i])) for i in index), index, decayed, tuple(scalars),
-            tuple(model.notes), _tolerance([flat[i] for i in index])))
+            index = tuple(range(len(flat)))
+        index = tuple(i for i in index if i not in claimed)
+        if model.family is None and not index:
+            holding_none.append(model)
+        else:
+            add(model.name, model, index, model.notes)
+    rest = tuple(i for i in range(len(flat)) if i not in claimed)
+    if rest and len(holding_none) == 1:
+        add(holding_none[0].name, holding_none[0], rest, holding_none[0].notes)
+    elif rest:
+        name = "+".join(m.name for m in holding_none) or UNCOVERED
+        notes = [n for m in holding_none for n in m.notes] or [
+            f"group {name}: no optimizer state lrscope reads covers "
+            f"{', '.join(names[i] for i in rest)}: {optax_model.MEASURED}"]
+        add(name, None, rest, notes)
     return Plan(spec["name"], every, keep_arrays, check, per_param, tuple(groups))
 
 
@@ -205,15 +246,28 @@ def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any,
     """Per-tensor statistics of every group (and eta/d/decay arrays with ``keep_arrays``).
 
     ``updates`` is the update optax emitted (None when not needed, see ``_needs_real``)
-    and ``after`` theta after the step (None when update() got no params).
+    and ``after`` theta after the step (None when update() got no params).  A
+    measured-only group sketches |updates|; a modelled one eta, or |updates| where the
+    model check (``plan.check``) refutes its model.
     """
     models, new_nodes = _models(inner, spec)
     old_nodes = _models(old_inner, spec)[1]
     grads = optax_model.leaves(grads)
     reals = optax_model.leaves(updates) if updates is not None else [None] * len(grads)
-    afters = optax_model.leaves(after) if after is not None else None
+    afters = optax_model.leaves(after) if after is not None else [None] * len(grads)
     stats, arrays = {}, {}
-    for model, group in zip(models, plan.groups):
+    for group in plan.groups:
+        if not group.leaf_index:
+            stats[group.name] = empty_stats(plan.stats_count(group))
+            continue
+        sizes = [int(np.size(grads[i])) for i in group.leaf_index]
+        realized = [lambda i=i: leaf_stats(None, {}, steps + 1, {}, grads[i], reals[i], afters[i],
+                                           check=True)[0] for i in group.leaf_index]
+        if group.empirical:
+            stacked = by_blocks(realized, sizes)
+            stats[group.name] = stacked if plan.per_param else merge_stats(stacked)
+            continue
+        model = models[group.name]
         h = _hyper(model, new_nodes.get(model.name, []), steps)
         pairs = [(old, new) for old, new in zip(old_nodes.get(model.name, []),
                                                 new_nodes.get(model.name, []))
@@ -224,18 +278,15 @@ def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any,
                 named[key] = optax_model.leaves(tree)
         measures = [functools.partial(leaf_stats, model.family, {key: v[i] for key, v in named.items()},
                                       steps + 1, h if decayed else {**h, "weight_decay": 0.0}, grads[i],
-                                      reals[i], None if afters is None else afters[i],
-                                      check=group.empirical or plan.check)
+                                      reals[i], afters[i], check=plan.check)
                     for i, decayed in zip(group.leaf_index, group.decayed)]
-        if not measures:
-            stats[group.name] = empty_stats(plan.stats_count(group))
-            continue
-        if plan.keep_arrays and not group.empirical:  # arrays of every shape: no loop
+        if plan.keep_arrays:  # arrays of every shape: no loop
             rows, arrays[group.name] = zip(*(measure() for measure in measures))
             stacked = stack_stats(list(rows))
         else:
-            stacked = by_blocks([lambda m=m: m()[0] for m in measures],
-                                [int(np.size(grads[i])) for i in group.leaf_index])
+            stacked = by_blocks([lambda m=m: m()[0] for m in measures], sizes)
+        if plan.check:
+            stacked = measured_if_refuted(stacked, lambda: by_blocks(realized, sizes), group.tolerance)
         stats[group.name] = stacked if plan.per_param else merge_stats(stacked)
     return stats, arrays
 
@@ -274,20 +325,29 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per
     ``every`` steps (``jax.lax.cond``) the per-tensor eta distribution, the
     eps-dominated count, the update and parameter norms and ``model_error``, the
     relative mismatch between lrscope's ``-eta * d - decay * theta`` and the real
-    update (a built-in check that the model describes this optimizer).  By default
+    update (a built-in check that the model describes this optimizer; above its
+    tolerance the group is reported measured-only, see below).  By default
     (``check=None``) the check runs for transformations you built, whose model rests on
-    assumed hyperparameters, and not for aliases, whose model is exact: without it the
-    real update need not be kept for the statistics (the norms come from the model),
-    which makes the steps between distributions nearly free.  ``check=True`` or
-    ``False`` forces it.  The state keeps 32768 bucket counts (128 KiB) per
+    assumed hyperparameters and on the stateless transformations in it (``EmptyState``:
+    only the check sees what they do), and not for aliases, whose model is exact:
+    without it the real update need not be kept for the statistics (the norms come
+    from the model), which makes the steps between distributions nearly free.
+    ``check=True`` or ``False`` forces it.  The state keeps 32768 bucket counts (128 KiB) per
     tensor; ``per_param=False`` keeps one set per group instead (group distributions
     only, no per-tensor ones), for models with very many tensors.
     ``keep_arrays=True`` also keeps eta and d per tensor in the state (for debugging
     and tests: two more copies of the parameters).
 
-    Options lrscope does not model (a non-default ``bias_correction_nu``, an alias
-    without a formula) switch to empirical statistics of the real update, with a
-    warning and a note.  See ``lrscope.optax`` for an example.
+    A group lrscope cannot model is reported *measured-only*: the distribution of
+    |delta theta| (``update_magnitude``), the update and parameter norms of the real
+    update, the lr it was given, step size and decay rate NaN, with one warning and a
+    note.  That is the case for options it does not model (a non-default
+    ``bias_correction_nu``, an alias without a formula), for a group holding a state
+    lrscope does not know, even around or beside one it does (``schedule_free``'s
+    ``ScheduleFreeState``, ``muon``'s ``MuonState``, a custom transformation's), and on
+    the steps whose model check fails.  Every tensor is in the report: those no state
+    lrscope models covers (a ``masked`` chain's others, a ``set_to_zero`` label) form a
+    measured-only group.  See ``lrscope.optax`` for an example.
     """
     every = checked_every(every)
     tx, spec = _spec(optimizer, family, dict(groups or {}), hyperparams)
@@ -305,8 +365,8 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per
                 warn("lrscope: " + " ".join(group.notes))
         models, nodes = _models(inner, spec)
         steps = jnp.zeros([], jnp.int32)
-        scalars = {m.name: _scalars(m, _hyper(m, nodes.get(m.name, []), steps), steps + 1)
-                   for m in models}
+        scalars = {g.name: _scalars(models.get(g.name), nodes.get(g.name, []), steps)
+                   for g in plan.groups}
         stats = {g.name: empty_stats(plan.stats_count(g)) for g in plan.groups}
         # One buffer per leaf (empty_stats repeats its NaN array, and a step size may be the lr
         # itself): a training loop may donate the state, and XLA refuses a buffer donated twice.
@@ -319,8 +379,8 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per
         new_updates, inner = tx.update(updates, state.inner, params, **extra)
         plan, steps = state.plan, state.steps
         models, nodes = _models(inner, spec)
-        scalars = {m.name: _scalars(m, _hyper(m, nodes.get(m.name, []), steps), steps + 1)
-                   for m in models}
+        scalars = {g.name: _scalars(models.get(g.name), nodes.get(g.name, []), steps)
+                   for g in plan.groups}
         # The statistics read theta after the step, the caller's own apply_updates (XLA
         # computes the same expression once), never ``params``: a training loop may donate
         # params, and XLA then copies every parameter on every step if anything else
