@@ -150,6 +150,8 @@ def find_groups(state: Any) -> dict[str, list[Any]]:
     ...     return {label: [type(node).__name__ for node in nodes] for label, nodes in groups.items()}
     >>> types(optax.chain(optax.clip(1.0), optax.adam(1e-3)))
     {'pg0': ['ScaleByAdamState']}
+    >>> types(optax.named_chain(("adam", optax.scale_by_adam()), ("lr", optax.scale(-1e-3))))
+    {'pg0': ['ScaleByAdamState']}
     >>> types(optax.contrib.schedule_free_adamw(1e-3))  # its RMS state is not looked at
     {'pg0': ['ScheduleFreeState']}
     >>> types(optax.contrib.muon(1e-3))  # a multi_transform: labels "muon" and "adam"
@@ -162,10 +164,10 @@ def find_groups(state: Any) -> dict[str, list[Any]]:
             for label, sub in node.inner_states.items():
                 groups.setdefault(str(label), [])
                 visit(sub, str(label))
-        elif type(node) in (tuple, list):
+        elif type(node) in (tuple, list):  # a chain's, not a NamedTuple state
             for sub in node:
                 visit(sub, group)
-        elif type(node) is dict:
+        elif isinstance(node, dict):  # named_chain's OrderedDict
             for sub in node.values():
                 visit(sub, group)
         elif isinstance(node, optax.MaskedState):
