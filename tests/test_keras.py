@@ -749,3 +749,20 @@ def test_callback_measures_an_unmodelled_optimizer_by_default() -> None:
                 assert report.groups[0].update_magnitude is None
     for unwatched, watched in zip(weights[0], weights[1]):
         np.testing.assert_array_equal(unwatched, watched)
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras on torch runs one step per execution")
+def test_empirical_mode_with_steps_per_execution_says_what_it_skips() -> None:
+    """One callback per 4 steps: the copy taken before the first of them does not give the
+    last step's update, so the distributions are skipped, with a note."""
+    x, y = _data()
+    model = _model(0)
+    model.compile(optimizer=_O.Ftrl(0.5), loss="mse", steps_per_execution=4)
+    sink = CollectSink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[lrscope.keras.EffectiveLRCallback(sinks=[sink])])
+    assert [r.t for r in sink.reports] == [4, 8, 12, 16]
+    assert all(r.groups[0].update_magnitude is None for r in sink.reports)
+    assert all(any("covers 4 steps" in n and "the variables" in n for n in r.notes) for r in sink.reports)
