@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import subprocess
 import sys
 
@@ -101,6 +102,18 @@ def test_curve_command_frameworks_side_by_side(tmp_path, capsys):
     (["curve", "adam", "--schedule", "warmup", "--warmup=-3"], "--warmup must be >= 0, got -3"),
     (["curve", "adam", "--schedule", "step", "--gamma", "0"], "--gamma must be finite and > 0"),
     (["curve", "adam", "--schedule", "cosine", "--min-lr=-1"], "--min-lr must be finite and >= 0"),
+    (["curve", "adam", "--set", "betas=0.9"], "betas must be a pair (beta1, beta2), got 0.9"),
+    (["curve", "adam", "--set", "betas=0.9,0.99,0.5"], "betas must be a pair (beta1, beta2)"),
+    (["curve", "adam", "--set", "eps=abc"], "--set eps=abc: the value must be a number"),
+    (["curve", "adam", "--set", "lr=1" + "0" * 400], "lr must be finite and >= 0, got inf"),
+    (["curve", "adam", "--set", "lr"], "--set expects KEY=VALUE, got 'lr'"),
+    (["curve", "adam", "--steps", str(10**12)], "--steps must be <= 1000000000, got 1000000000000"),
+    (["curve", "adam", "--steps", "9" * 400], "--steps must be <= 1000000000"),
+    (["curve", "adam", "--schedule", "warmup", "--warmup", "9" * 30], "--warmup must be <= 1000000000"),
+    (["curve", "adam", "--csv", "/nonexistent/dir/a.csv"], "cannot write /nonexistent/dir/a.csv"),
+    (["curve", "adam", "--png", "/nonexistent/dir/a.png"], "cannot write /nonexistent/dir/a.png"),
+    (["curve", "adam", "--png", "/tmp"], "/tmp is a directory; name a file"),
+    (["curve", "adam", "--png", "curve.svg"], "curve.svg names a .svg file, but this writes PNG"),
 ])
 def test_bad_input_one_line_exit_2(args, message, capsys):
     assert main(args) == 2
@@ -121,3 +134,107 @@ def test_console_script_exits_2_without_traceback():
 def test_offline_step_sizes_refuse_a_negative_or_non_finite_lr_or_eps(call):
     with pytest.raises(ValueError, match=r"(lr|eps) must be finite and >= 0"):
         call()
+
+
+def test_every_beyond_any_step_is_no_decay(tmp_path, capsys):
+    out = tmp_path / "a.csv"
+    assert main(["curve", "adam", "--steps", "50", "--schedule", "step", "--every",
+                 "99999999999999999999", "--csv", str(out)]) == 0
+    assert {row["lr"] for row in csv.DictReader(out.open())} == {"0.001"}
+
+
+def test_unwritable_or_linked_outputs_are_one_line_errors(tmp_path, capsys):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    (tmp_path / "link.csv").symlink_to(outside)
+    (tmp_path / "dir.csv").mkdir()
+    for option, name, message in (("--csv", "link.csv", "symbolic link"), ("--png", "dir.csv", "")):
+        code = main(["curve", "adam", "--steps", "20", option, str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert outside.read_text() == "keep me"
+    os.chmod(tmp_path, 0o500)  # a directory nobody may write to
+    try:
+        if os.access(tmp_path, os.W_OK):
+            pytest.skip("running as a user who may write anywhere")
+        assert main(["curve", "adam", "--steps", "20", "--csv", str(tmp_path / "new.csv")]) == 2
+        assert capsys.readouterr().err.startswith(f"lrscope curve: error: cannot write {tmp_path / 'new.csv'}")
+    finally:
+        os.chmod(tmp_path, 0o700)
+
+
+def test_long_curves_are_computed_in_chunks_with_bounded_memory(tmp_path, capsys, monkeypatch):
+    """The CSV streams chunk by chunk; the table, the facts (the dip, 99 % of lr) and the
+    PNG come from the chunks: the same as in one piece, memory bounded by the chunk."""
+    import tracemalloc
+
+    from lrscope import curve_command
+
+    for optimizer, facts in (("nadam", "stays below 99% of lr"), ("adam", "first reaches 99% of lr")):
+        args = ["curve", optimizer, "--steps", "30000", "--schedule", "cosine", "--warmup", "2000",
+                "--framework", "torch,keras"]
+        monkeypatch.setattr(curve_command, "CHUNK", 1 << 18)
+        assert main([*args, "--csv", str(tmp_path / "one.csv")]) == 0
+        whole = capsys.readouterr().out
+        monkeypatch.setattr(curve_command, "CHUNK", 777)
+        assert main([*args, "--csv", str(tmp_path / "chunks.csv"), "--png", str(tmp_path / "c.png")]) == 0
+        chunked = capsys.readouterr().out
+        assert chunked.replace(f"wrote {tmp_path / 'chunks.csv'}", f"wrote {tmp_path / 'one.csv'}").replace(
+            f"\nwrote {tmp_path / 'c.png'}", "") == whole
+        assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "chunks.csv").read_bytes()
+        assert facts in whole and (optimizer == "nadam" or "dip: alpha_t/lr = 0.1522 at t = 12" in whole)
+    monkeypatch.setattr(curve_command, "CHUNK", 4096)
+    tracemalloc.start()
+    try:
+        assert main(["curve", "adam", "--steps", "400000", "--csv", str(tmp_path / "long.csv")]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4_000_000  # 40 bytes a step were 16 MB
+    with open(tmp_path / "long.csv") as handle:
+        assert sum(1 for _ in handle) == 400_001
+
+
+def test_a_png_of_many_steps_is_downsampled(tmp_path, capsys):
+    assert main(["curve", "adam", "--steps", "3000000", "--png", str(tmp_path / "a.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "alpha_t first reaches 99% of lr at t = " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: lrscope.step_size("adam", 1.5), "t must be a whole number >= 1, got 1.5"),
+    (lambda: lrscope.step_size("adam", True), "t must be a whole number >= 1, got True"),
+    (lambda: lrscope.step_size("adam", 10**30), "t must be a whole number >= 1 and < 2\\*\\*63"),
+    (lambda: lrscope.step_size("adam", "3"), "t must be a whole number >= 1, got '3'"),
+    (lambda: lrscope.step_size("adam", 1, betas=0.9), r"betas must be a pair \(beta1, beta2\), got 0.9"),
+    (lambda: lrscope.step_size("adam", 1, betas=(0.9,)), r"betas must be a pair"),
+    (lambda: lrscope.step_size("adam", 1, betas=("a", "b")), r"beta1 must be a number"),
+    (lambda: lrscope.step_size_curve("adam", 2.5), "steps must be a whole number >= 1, got 2.5"),
+    (lambda: lrscope.step_size_curve("adam", 10**30), "steps must be a whole number >= 1 and < 2\\*\\*63"),
+])
+def test_offline_step_sizes_refuse_bad_t_and_betas(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_offline_step_sizes_accept_numpy_integers():
+    assert lrscope.step_size("adam", np.int64(3)) == lrscope.step_size("adam", 3)
+    assert lrscope.step_size_curve("adam", np.int32(3)).shape == (3,)
+
+
+_VALUES = ["abc", "nan", "-1", "1e400", "0.9,0.99", "true", "1" + "0" * 30]
+
+
+@pytest.mark.parametrize("name", sorted(lrscope.formulas.FAMILIES))
+def test_any_set_value_gives_a_curve_or_a_one_line_error(name, capsys):
+    """Every hyperparameter of every family, set to a bad value: exit 0 or 2, never a
+    traceback, and an error is one line."""
+    from lrscope import formulas
+
+    convention = formulas.default_convention(name)
+    for key in [*formulas.family(name).DEFAULTS[convention], "betas"]:
+        for value in _VALUES:
+            code = main(["curve", name, "--framework", convention, "--steps", "5", "--set", f"{key}={value}"])
+            err = capsys.readouterr().err
+            assert code in (0, 2), (key, value)
+            assert code == 0 or (err.count("\n") == 1 and err.startswith("lrscope curve: error: ")), (key, value, err)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 
-def output_path(given: str | os.PathLike | None, *, default: Path, suffix: str,
+def output_path(given: str | os.PathLike | None, *, default: Path, suffix: str | None = None,
                 in_directory: str | None = None) -> Path:
     """The file to write: ``given``, else ``default``.  ``given`` naming a directory means
     ``given/in_directory`` (refused where ``in_directory`` is None); a name ending in another
@@ -36,7 +36,7 @@ def output_path(given: str | os.PathLike | None, *, default: Path, suffix: str,
         if in_directory is None:
             raise ValueError(f"{path} is a directory; name a file")
         path = path / in_directory
-    if path.suffix and path.suffix.lower() != suffix:
+    if suffix is not None and path.suffix and path.suffix.lower() != suffix:
         raise ValueError(f"{path} names a {path.suffix} file, but this writes {suffix[1:].upper()} "
                          f"(name it {path.with_suffix(suffix).name}, or leave the suffix out)")
     _check_target(path)

@@ -33,14 +33,13 @@ def step_size_curve(
     >>> step_size_curve("sgd", 3, lr=lambda k: 0.1 * (k + 1)).round(2).tolist()
     [0.1, 0.2, 0.3]
     """
-    if int(steps) < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    steps = formulas.step_count(steps, "steps")
     convention = convention or formulas.default_convention(name)
     if lr is not None:
         # A schedule's values replace this placeholder below.
         hyper["lr"] = 1.0 if callable(lr) else lr
     h = formulas.checked(formulas.hyperparameters(name, convention, **hyper))
-    t = np.arange(1, int(steps) + 1)
+    t = np.arange(1, steps + 1)
     if callable(lr):
         h["lr"] = schedules.evaluate(lr, t - 1)
     values = formulas.family(name).step_sizes(np, t, h, convention)

@@ -16,6 +16,7 @@ True
 from __future__ import annotations
 
 import math
+import numbers
 from types import ModuleType
 from typing import Any
 
@@ -115,6 +116,24 @@ def checked(h: dict[str, Any]) -> dict[str, Any]:
     return h
 
 
+def step_count(value: Any, what: str) -> int:
+    """``value`` as an int, if it is a whole number of steps in [1, 2**63) (numpy integers
+    included, bools not): the framework step counters' range.
+
+    >>> step_count(1.5, "t")
+    Traceback (most recent call last):
+    ...
+    ValueError: t must be a whole number >= 1, got 1.5
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{what} is a 1-based count of steps and must be >= 1, got {value}")
+    if value >= 2**63:
+        raise ValueError(f"{what} must be a whole number >= 1 and < 2**63, got {value}")
+    return int(value)
+
+
 def step_sizes(name: str, t: Any, convention: str | None = None, **hyper: Any) -> dict[str, Any]:
     """All data-independent scalars of step ``t`` (int or numpy array of ints)."""
     convention = convention or default_convention(name)
@@ -128,13 +147,12 @@ def step_size(name: str, t: int, *, convention: str | None = None, term: str = "
 
     ``term`` picks a family extra (NAdam's ``"step_size_grad"``).
     """
-    if int(t) < 1:
-        raise ValueError(f"t is the 1-based index of a step and must be >= 1, got {t}")
-    values = step_sizes(name, int(t), convention, **hyper)
+    values = step_sizes(name, step_count(t, "t"), convention, **hyper)
     if term not in values:
         raise ValueError(f"{name!r} has no term {term!r}; choose one of {sorted(values)}")
     return float(values[term])
 
 
 __all__ = ["CONVENTIONS", "Elementwise", "FAMILIES", "chunkable", "family", "default_convention",
-           "is_zero", "hyperparameters", "checked", "register_family", "step_size", "step_sizes"]
+           "is_zero", "hyperparameters", "checked", "register_family", "step_count", "step_size",
+           "step_sizes"]

@@ -144,7 +144,11 @@ def resolve(
         )
     hyper = dict(hyper)
     if "betas" in hyper:
-        hyper["beta1"], hyper["beta2"] = hyper.pop("betas")
+        betas = hyper.pop("betas")
+        try:
+            hyper["beta1"], hyper["beta2"] = betas
+        except (TypeError, ValueError):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
     base = dict(defaults[convention])
     unknown = sorted(set(hyper) - set(base))
     if unknown:
@@ -154,6 +158,11 @@ def resolve(
         )
     base.update(hyper)
     for name in ("beta1", "beta2"):
-        if name in base and not 0 <= float(base[name]) < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {base[name]}")
+        if name in base:
+            try:
+                value = float(base[name])
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a number in [0, 1), got {base[name]!r}") from None
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {base[name]}")
     return base

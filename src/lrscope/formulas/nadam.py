@@ -57,14 +57,34 @@ def mu_product(t: int, h: Mapping[str, Any], convention: str) -> float:
     return float(np.prod([_mu(i, h, convention) for i in range(1, int(t) + 1)]))
 
 
+def _products(t: Any, h: Mapping[str, Any], convention: str, block: int = 1 << 16) -> Any:
+    """``P_t`` for each t (an int or an array of ints), multiplied in order as the frameworks
+    do, a block of steps at a time; once mu_i rounds to beta1 (0.96**(i * momentum_decay)
+    below the float's precision: after about 230,000 steps with torch's default), the rest
+    is ``P_i * beta1**(t - i)``, so neither time nor memory grow with t beyond that."""
+    wanted = np.asarray(t).ravel()
+    out = np.empty(wanted.shape)
+    product, done, top = 1.0, 0, int(wanted.max())
+    while done < top:
+        mu = _mu(np.arange(done + 1, min(done + block, top) + 1), h, convention)
+        if np.all(mu == h["beta1"]):
+            break
+        products = np.cumprod(np.concatenate(([product], mu)))[1:]
+        inside = (wanted > done) & (wanted <= done + mu.size)
+        out[inside] = products[wanted[inside] - done - 1]
+        product, done = float(products[-1]), done + mu.size
+    beyond = wanted > done
+    out[beyond] = product * h["beta1"] ** (wanted[beyond] - done).astype(float)
+    return out.reshape(np.shape(t)) if np.ndim(t) else float(out[0])
+
+
 def coefficients(t: Any, h: Mapping[str, Any], convention: str, product: Any = None) -> tuple[Any, Any]:
     """``(c_m, c_g)`` of step t; ``product`` is P_t when the caller has it from the state."""
     if convention == "optax":
         b1 = h["beta1"]
         return b1 / (1 - b1 ** (t + 1)), (1 - b1) / (1 - b1**t)
     if product is None:
-        t_array = np.asarray(t)
-        product = np.cumprod(_mu(np.arange(1, t_array.max() + 1), h, convention))[t_array - 1]
+        product = _products(t, h, convention)
     mu_t, mu_next = _mu(t, h, convention), _mu(t + 1, h, convention)
     return mu_next / (1 - product * mu_next), (1 - mu_t) / (1 - product)
 
