@@ -161,7 +161,12 @@ def _ratio(update_norm: float | None, param_norm: float | None) -> float | None:
 
 @dataclass(eq=False)
 class ParamReport:
-    """One parameter tensor: its effective-lr distribution and update/param norms."""
+    """One parameter tensor: its effective-lr distribution and update/param norms.
+
+    In a distributed run reported rank by rank, ``replica`` marks a copy of elements that
+    another rank counts (a DDP replica, HSDP's replicated dimension): ``lrscope merge``
+    leaves it out, so that no element is counted twice.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -169,6 +174,7 @@ class ParamReport:
     update_magnitude: Distribution | None = None
     update_norm: float | None = None
     param_norm: float | None = None
+    replica: bool = False
 
     @property
     def update_to_param(self) -> float | None:
@@ -309,9 +315,10 @@ class StepReport:
             return None if d is None else d.to_dict()
 
         def param(p: ParamReport) -> dict[str, Any]:
-            return {"shape": list(p.shape), "effective_lr": dist(p.effective_lr),
-                    "update_magnitude": dist(p.update_magnitude), "update_norm": p.update_norm,
-                    "param_norm": p.param_norm, "update_to_param": p.update_to_param}
+            out = {"shape": list(p.shape), "effective_lr": dist(p.effective_lr),
+                   "update_magnitude": dist(p.update_magnitude), "update_norm": p.update_norm,
+                   "param_norm": p.param_norm, "update_to_param": p.update_to_param}
+            return {**out, "replica": True} if p.replica else out
 
         return {
             "t": self.t, "name": self.name, "optimizer": self.optimizer, "framework": self.framework,
@@ -325,3 +332,47 @@ class StepReport:
             ],
             **({"findings": [f.to_dict() for f in self.findings]} if self.findings else {}),
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepReport:
+        """The StepReport that ``to_dict`` wrote (a JSONL record), sketches included where the
+        record kept them; a distribution without its sketch cannot be rebuilt (ValueError).
+
+        >>> import numpy as np
+        >>> group = GroupReport(name="pg0", lr=1e-3, step_size=3e-4,
+        ...                     effective_lr=Distribution.from_array(np.array([1e-4, 2e-4])))
+        >>> report = StepReport(t=3, optimizer="Adam", framework="torch", family="adam", groups=[group])
+        >>> back = StepReport.from_dict(report.to_dict())
+        >>> back.t, back.groups[0].step_size, back.groups[0].effective_lr.max
+        (3, 0.0003, 0.0002)
+        """
+
+        def number(value: Any) -> float:
+            return math.nan if value is None else float(value)
+
+        def dist(entry: dict[str, Any] | None) -> Distribution | None:
+            if entry is None:
+                return None
+            if "sketch" not in entry:
+                raise ValueError("this record keeps a distribution's summary without its sketch "
+                                 "(JsonlSink(tensor_sketches=False)); it cannot be merged")
+            return Distribution.from_dict(entry)
+
+        def param(name: str, entry: dict[str, Any], kind: type = ParamReport, **more: Any) -> Any:
+            return kind(name=name, shape=tuple(entry.get("shape") or ()),
+                        effective_lr=dist(entry.get("effective_lr")),
+                        update_magnitude=dist(entry.get("update_magnitude")),
+                        update_norm=entry.get("update_norm"), param_norm=entry.get("param_norm"),
+                        replica=bool(entry.get("replica", False)), **more)
+
+        groups = [param(g["name"], g, GroupReport, lr=number(g.get("lr")),
+                        step_size=number(g.get("step_size")),
+                        weight_decay_rate=number(g.get("weight_decay_rate")),
+                        extra={k: number(v) for k, v in (g.get("extra") or {}).items()},
+                        lr_source=g.get("lr_source", "lr"),
+                        params={n: param(n, e) for n, e in (g.get("params") or {}).items()})
+                  for g in data["groups"]]
+        return cls(t=int(data["t"]), optimizer=data.get("optimizer", ""), framework=data.get("framework", ""),
+                   family=data.get("family"), groups=groups, skipped=bool(data.get("skipped")),
+                   empirical=bool(data.get("empirical")), notes=list(data.get("notes") or []),
+                   name=data.get("name"))

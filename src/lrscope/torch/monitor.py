@@ -22,6 +22,7 @@ from lrscope.monitor import Monitor
 from lrscope.report import StepReport, tag_prefix
 from lrscope.sinks import Sink
 from lrscope.torch import stats
+from lrscope.torch.distributed import Ranks, active, partitioned
 from lrscope.torch.reader import SKIPPED_NOTE, TorchReader, _Pending, group_name, hyperparameters
 from lrscope.torch.state import RECORD_REQUIRED, as_float, elementwise_of
 from lrscope._warnings import warn
@@ -36,10 +37,17 @@ class TorchMonitor(Monitor):
     def __init__(self, optimizer: Any, *, model: Any = None, every: int = 1,
                  log_dir: str | os.PathLike | None = None, sinks: Iterable[Sink] | None = None,
                  empirical: bool = False, grad_scaler: Any = None, name: str | None = None,
-                 findings: bool = True):
+                 findings: bool = True, distributed: bool | None = None):
+        _check_options(model, grad_scaler)  # before any hook, thread or log exists
         reader = TorchReader(optimizer, model=model, empirical=empirical, warn=warn)  # before any log is opened
         if not hasattr(reader.optimizer, "_optimizer_step_pre_hooks"):
             raise TypeError(_without_hooks(reader.optimizer))
+        # Several processes: rank 0 reports (and logs) the whole model, the others measure
+        # their part for it and write nothing (lrscope.torch.distributed).
+        self._ranks = Ranks(every=every, partitioned=partitioned(optimizer)) if active(distributed) else None
+        reader.merging = self._ranks is not None
+        if self._ranks is not None and self._ranks.rank != 0:
+            log_dir, sinks, findings = None, None, False
         super().__init__(every=every, log_dir=log_dir, sinks=sinks, name=name, findings=findings)
         self.reader = reader
         if self.reader.notes:
@@ -127,11 +135,27 @@ class TorchMonitor(Monitor):
             report = self.guarded(partial(self.reader.report, pending, t=self._t, found_inf=found_inf),
                                   distributions, fallback=partial(self.reader.fallback, pending, self._t))
             self._t = report.t  # a measured step re-syncs with the state's counters
+            if distributions and self._ranks is not None:
+                report = self._whole(report)
             self._emit(report)
         else:
             # Nobody reads this step's scalars yet: keep what they need (the lr and options
             # the step used, recorded by the pre-hook) and build the report on access.
             self._lazy = (pending, self._t)
+
+    def _whole(self, report: StepReport) -> StepReport:
+        """On rank 0 the whole model's report of this measured step, merged from every rank's
+        part; on the others this rank's own.  If the ranks cannot meet (one of them stopped
+        watching, or stepped a different number of times), one warning and per-rank reports
+        from then on: a monitor never hangs or stops training."""
+        try:
+            return self._ranks.merge(report, complete=not self._failed) or report
+        except Exception as error:  # noqa: BLE001 - a monitor must never stop training
+            warn(f"lrscope: merging the ranks' reports failed ({error}); from now on each rank "
+                 "reports its own tensors and shards")
+            self._ranks = None
+            self.reader.merging = False
+            return report
 
     def _emit(self, report: StepReport) -> None:
         self._lazy = None
@@ -176,6 +200,24 @@ def _schedule_start(optimizer: Any) -> list[float | None] | None:
         return None
     lrs = [as_float(g["lr"]) if "initial_lr" in g else None for g in optimizer.param_groups]
     return lrs if any(lr is not None for lr in lrs) else None
+
+
+def _check_options(model: Any, grad_scaler: Any) -> None:
+    """TypeError for a ``model=`` or ``grad_scaler=`` that is not one.
+
+    >>> _check_options(model=None, grad_scaler=5)
+    Traceback (most recent call last):
+    ...
+    TypeError: grad_scaler= takes the torch.amp.GradScaler that scales this optimizer's steps (so that the steps it skips are reported as skipped), got 5
+    """
+    if model is not None and not callable(getattr(model, "named_parameters", None)):
+        raise TypeError("model= takes the torch.nn.Module whose parameters the optimizer updates "
+                        f"(its names label the tensors in the reports), got {model!r}")
+    if grad_scaler is not None and not (callable(getattr(grad_scaler, "update", None))
+                                        and callable(getattr(grad_scaler, "step", None))):
+        raise TypeError("grad_scaler= takes the torch.amp.GradScaler that scales this optimizer's "
+                        "steps (so that the steps it skips are reported as skipped), got "
+                        f"{grad_scaler!r}")
 
 
 def _step_wrapper_code() -> Any:
@@ -225,6 +267,7 @@ def _without_hooks(optimizer: torch.optim.Optimizer) -> str:
 
 def inspect(optimizer: Any, *, model: Any = None, distributions: bool = True) -> StepReport:
     """StepReport of the last step from the optimizer's state alone (see lrscope.inspect)."""
+    _check_options(model, None)
     return TorchReader(optimizer, model=model).report(None, distributions)
 
 

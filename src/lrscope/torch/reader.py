@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lrscope import formulas, registry
-from lrscope.torch import fused, published, small, stats
+from lrscope.torch import distributed, fused, published, small, stats
 from lrscope.torch.state import (RECORD_BEFORE, RECORD_REQUIRED, apply_formula, as_float, canonical, host_scalars,
                                   is_sharded, local, record_before, state_view)
 from lrscope.formulas import Elementwise
@@ -64,8 +64,12 @@ def unwrap(optimizer: Any) -> Any:
     ...     optimizer = inner
     >>> unwrap(Wrapper()) is inner
     True
+
+    ``ZeroRedundancyOptimizer`` gives its local optimizer, which holds this rank's partition
+    and whose step runs inside the wrapper's.
     """
     for _ in range(8):
+        optimizer = distributed.local_optimizer(optimizer)
         inner = getattr(optimizer, "optimizer", None)
         if not isinstance(inner, torch.optim.Optimizer) and not hasattr(inner, "optimizer"):
             break
@@ -156,8 +160,13 @@ def hyperparameters(family: str, group: dict[str, Any], lr: Any, *, model: regis
     return h, unsupported
 
 
-def _parameter_names(model: Any, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+def _parameter_names(model: Any, optimizer: Any) -> dict[int, str]:
+    """Each parameter's name in ``model`` (the module inside DDP's wrapper, without
+    torch.compile's prefix), else ``param<i>`` by its position in ``optimizer``'s groups (the
+    wrapper's, where a rank's optimizer holds a partition of them: the same name on every rank)."""
     names: dict[int, str] = {}
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     if model is not None:
         for name, p in model.named_parameters():
             names[id(p)] = name.replace("_orig_mod.", "")  # torch.compile's wrapper prefix
@@ -208,6 +217,10 @@ class TorchReader:
                  warn: Callable[[str], None] | None = None):
         self.warn = warn
         self._warned: set[str] = set()
+        # In a run of several processes: which local elements this rank counts; ``merging``
+        # (set by a monitor that merges the ranks' reports) measures only those.
+        self.membership = distributed.Membership.of(optimizer)
+        self.merging = False
         self.optimizer = unwrap(optimizer)
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -222,7 +235,8 @@ class TorchReader:
             formulas.family(self.family), "USES_STEP", True)
         self.empirical = empirical
         self.model = model
-        self.names = _parameter_names(model, self.optimizer)
+        self._named = optimizer if distributed.partitioned(optimizer) else self.optimizer
+        self.names = _parameter_names(model, self._named)
         self.notes: list[str] = []
         if self.family is None:
             cls = type(self.optimizer)
@@ -244,7 +258,7 @@ class TorchReader:
         parameter added since (``add_param_group``, unfreezing layers) is named on sight,
         and the names already given stay."""
         if id(p) not in self.names:
-            self.names = {**_parameter_names(self.model, self.optimizer), **self.names}
+            self.names = {**_parameter_names(self.model, self._named), **self.names}
         return self.names[id(p)]
 
     def begin(self, t_next: int, distributions: bool) -> _Pending:
@@ -381,8 +395,10 @@ class TorchReader:
             return part
         part.params = [p for p in group["params"] if p.grad is not None]
         part.counter = self._counter(part.params, index)
+        if self.merging:  # the others are counted on another rank
+            part.params = [p for p in part.params if self.membership.counts(p)]
         if any(is_sharded(p) for p in part.params):
-            if SHARDED_NOTE not in notes:
+            if SHARDED_NOTE not in notes and not self.merging:
                 notes.append(SHARDED_NOTE)
             if self.family is not None and not formulas.chunkable(self.family):
                 notes.append(f"group {part.name}: {self.family} needs whole tensors, and its "
@@ -547,6 +563,8 @@ class TorchReader:
         for p in part.params:
             name = self.name_of(p)
             report = ParamReport(name=name, shape=tuple(p.shape))
+            if self.membership is not None and not self.merging:
+                report.replica = not self.membership.counts(p)
             if name in host:
                 dist, update_norm, param_norm = host[name]
                 setattr(report, part.label, dist)

@@ -1,0 +1,142 @@
+"""Whole-model reports across the ranks of ``torch.distributed``: rank 0 reports the model.
+
+Every rank watches its own optimizer.  On a step with distributions each rank measures
+only the elements it *counts* (``Ranks.counts``): its shards of a sharded tensor
+(FSDP2's DTensors, with HSDP's and tensor parallelism's replicated mesh dimensions counted
+at coordinate 0 only), the tensors its optimizer alone holds (``ZeroRedundancyOptimizer``'s
+partition), and a plain replicated tensor (DDP) on rank 0 only.  Rank 0 gathers the
+ranks' reports and merges them (``lrscope.merge``): bucket counts add up to those of
+the same run in one process, and nothing is counted twice.
+
+Communication: none on steps without distributions; on a measured step, a barrier that
+names the ranks that did not reach it (``monitored_barrier``, on lrscope's own gloo
+group, so a missing rank is an error after ``timeout`` seconds instead of a hang) and one
+gather of the ranks' reports, whose size depends on the number of tensors and of occupied
+buckets, not on the model's size.  When the monitors are made, the ranks check that each
+of them watches with the same ``every``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lrscope.merge import merge_reports
+from lrscope.report import StepReport
+
+#: Seconds a measured step waits for the other ranks before it raises, naming them.
+DEFAULT_TIMEOUT = 300.0
+
+
+def active(setting: bool | None) -> bool:
+    """Whether a monitor merges across ranks: ``distributed=None`` (the default) does when
+    ``torch.distributed`` is initialised with more than one process; False never does (each
+    rank reports its own tensors and shards); True requires an initialised group."""
+    initialised = dist.is_available() and dist.is_initialized()
+    if setting is None:
+        return initialised and dist.get_world_size() > 1
+    if setting and not initialised:
+        raise RuntimeError("lrscope.watch(..., distributed=True) needs torch.distributed to be "
+                           "initialised (torch.distributed.init_process_group) first")
+    return bool(setting)
+
+
+def _dtensor_type() -> type | None:
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _zero_type() -> type | None:
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    return getattr(module, "ZeroRedundancyOptimizer", None)
+
+
+def partitioned(optimizer: Any) -> bool:
+    """Whether ``optimizer`` holds this rank's partition of the parameters, each parameter in
+    one rank's optimizer only (``ZeroRedundancyOptimizer``)."""
+    zero = _zero_type()
+    return zero is not None and isinstance(optimizer, zero)
+
+
+def local_optimizer(optimizer: Any) -> Any:
+    """The optimizer that steps this rank's parameters: ``ZeroRedundancyOptimizer``'s local
+    ``optim`` (whose step hooks run inside the wrapper's step), else ``optimizer``."""
+    return optimizer.optim if partitioned(optimizer) else optimizer
+
+
+class Membership:
+    """Which local elements this rank counts in a whole-model report (no communication)."""
+
+    def __init__(self, partitioned: bool):
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.partitioned = partitioned
+
+    @classmethod
+    def of(cls, optimizer: Any) -> Membership | None:
+        """This rank's membership, or None outside a run of several processes."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return None
+        return cls(partitioned(optimizer))
+
+    def counts(self, tensor: torch.Tensor) -> bool:
+        """Whether this rank counts ``tensor``'s local elements in the whole-model report:
+        a DTensor's shard where its replicated mesh dimensions are at coordinate 0, a tensor
+        of this rank's partition, else (a replica, as under DDP) on rank 0 only."""
+        dtensor = _dtensor_type()
+        if dtensor is not None and isinstance(tensor, dtensor):
+            coordinate = tensor.device_mesh.get_coordinate()
+            if coordinate is None:  # this rank holds no part of the mesh
+                return False
+            return all(c == 0 for c, p in zip(coordinate, tensor.placements) if not p.is_shard())
+        return self.partitioned or self.rank == 0
+
+
+class Ranks(Membership):
+    """This process's place among the ranks, and the one gather of a measured step."""
+
+    def __init__(self, *, every: int, partitioned: bool, timeout: float = DEFAULT_TIMEOUT):
+        super().__init__(partitioned)
+        self.timeout = datetime.timedelta(seconds=timeout)
+        # Collective: every rank makes its monitor (lrscope.watch on every rank).
+        self.group = dist.new_group(backend="gloo", timeout=self.timeout)
+        self._barrier("lrscope.watch")
+        settings = [None] * self.world
+        dist.all_gather_object(settings, {"every": every}, group=self.group)
+        if len({s["every"] for s in settings}) > 1:
+            raise ValueError("lrscope.watch: the ranks watch with different every= ("
+                             + ", ".join(f"rank {i}: {s['every']}" for i, s in enumerate(settings))
+                             + "); every rank must measure the same steps")
+
+    def _barrier(self, where: str) -> None:
+        try:
+            dist.monitored_barrier(group=self.group, timeout=self.timeout, wait_all_ranks=True)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"lrscope: at {where}, not every rank arrived within {self.timeout.total_seconds():g} s "
+                f"({error}). Every rank must call lrscope.watch on its optimizer with the same "
+                "every=, and step it the same number of times; or pass distributed=False for "
+                "per-rank reports") from error
+
+    def merge(self, report: StepReport, complete: bool = True) -> StepReport | None:
+        """On rank 0, the whole model's report of this measured step; None on the others.
+        ``complete``: whether this rank measured its part (its measurement may have failed);
+        if a rank did not, the whole model's distributions are left out, with a note."""
+        self._barrier(f"step {report.t}")
+        gathered = [None] * self.world if self.rank == 0 else None
+        dist.gather_object((report, complete), gathered, dst=0, group=self.group)
+        if self.rank != 0:
+            return None
+        missing = [rank for rank, (_, done) in enumerate(gathered) if not done]
+        if missing:
+            for group in report.groups:
+                group.params, group.effective_lr, group.update_magnitude = {}, None, None
+                group.update_norm = group.param_norm = None
+            report.notes.append(f"rank(s) {missing} could not measure their part: the whole "
+                                "model's distributions are left out")
+            return report
+        return merge_reports([r for r, _ in gathered], notes=[f"whole model: merged from {self.world} ranks"])
