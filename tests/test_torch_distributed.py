@@ -1,7 +1,8 @@
-"""PyTorch with sharded parameters: FSDP2 (``fully_shard``, DTensor) on two CPU processes.
+"""Per-rank reports (``distributed=False``) of FSDP2 (``fully_shard``, DTensor) on two CPU processes.
 
 Each rank watches its own optimizer and reports its shards, with no communication; the
-ranks' sketches and norms together equal those of the same training unsharded.
+ranks' sketches and norms together equal those of the same training unsharded.  (The
+default, whole-model reports on rank 0, is tested in test_torch_ranks.py.)
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _rank(rank: int, port: int, out: str) -> None:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-        with lrscope.watch(optimizer, model=model) as monitor:
+        with lrscope.watch(optimizer, model=model, distributed=False) as monitor:
             _train(model, optimizer)
         shards = {name: p.to_local().numel() for name, p in model.named_parameters()}
         with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
