@@ -22,7 +22,6 @@ from tests.conftest import require
 torch = require("torch")
 import lrscope  # noqa: E402
 import lrscope.torch  # noqa: E402
-from lrscope.merge import merge_logs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -218,8 +217,10 @@ def _per_rank(rank: int, port: int, out: str) -> None:
 
 def test_per_rank_logs_merge_offline_into_the_whole(tmp_path, single):
     torch.multiprocessing.spawn(_per_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    written = merge_logs([tmp_path / "rank0", tmp_path / "rank1"], tmp_path / "merged")
-    assert written == STEPS
+    from lrscope.cli import main
+
+    assert main(["merge", str(tmp_path / "rank0"), str(tmp_path / "rank1"), "--out", str(tmp_path / "merged")]) == 0
+    assert main(["merge", str(tmp_path / "rank0"), str(tmp_path / "nowhere"), "--out", str(tmp_path / "m2")]) == 2
     from lrscope.logs import read_jsonl
     from lrscope.report import Distribution
 

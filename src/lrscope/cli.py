@@ -1,4 +1,4 @@
-"""The ``lrscope`` command: ``curve``, ``plot``, ``check`` and ``demo``.
+"""The ``lrscope`` command: ``curve``, ``plot``, ``check``, ``merge`` and ``demo``.
 
 Each subcommand module exposes ``register(subparsers)``; its parser sets ``run``, a
 function of the parsed arguments returning the exit code.  Bad input ends with a
@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from lrscope import curve_command, demo, plot
+from lrscope import curve_command, demo, merge, plot
 from lrscope.findings import command as check_command
 
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     curve_command.register(subparsers)
     plot.register(subparsers)
     check_command.register(subparsers)
+    merge.register(subparsers)
     demo.register(subparsers)
     return parser
 

@@ -23,6 +23,7 @@ JSONL logs (``merge_logs``).
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from pathlib import Path
@@ -123,3 +124,28 @@ def merge_logs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike) ->
     finally:
         sink.close()
     return len(keys)
+
+
+def register(subparsers: Any) -> None:
+    """``lrscope merge RUN_DIRS... --out DIR`` (see ``lrscope.cli``)."""
+    parser = subparsers.add_parser(
+        "merge", help="merge per-rank lrscope logs into one whole-model log",
+        description="Merge the lrscope.jsonl logs that the ranks of one distributed run wrote "
+                    "each for itself (lrscope.watch(..., distributed=False)) into one log of the "
+                    "whole model, which lrscope plot and lrscope check read: tensors' shards "
+                    "merged exactly, copies counted once. Steps missing from a rank's log are "
+                    "left out.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="one log directory per rank")
+    parser.add_argument("--out", required=True, help="directory to write lrscope.jsonl into")
+    parser.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if len(args.run_dirs) < 2:
+        raise ValueError("give the log directories of at least two ranks")
+    out = Path(args.out) / "lrscope.jsonl"
+    if out.exists():
+        raise ValueError(f"{out} exists already: choose another --out")
+    written = merge_logs(args.run_dirs, args.out)
+    print(f"wrote {out} ({written} steps merged from {len(args.run_dirs)} rank logs)")
+    return 0
