@@ -231,3 +231,15 @@ def test_multi_transform_label_without_state_is_reported(x64):
     assert train.name == "train" and train.effective_lr is not None
     assert frozen.name == "frozen" and list(frozen.params) == ["frozen"] and len(warned) == 1
     assert frozen.update_magnitude.max == 0 and frozen.update_norm == 0
+
+
+def test_an_unchecked_chain_says_its_stateless_transformations_are_assumed(x64):
+    """check=False on a transformation you built: a stateless rescaling cannot be seen (no
+    state, no check): the report says eta rests on that assumption."""
+    tx = optax.chain(optax.scale_by_adam(), _halve(), optax.scale(-1e-2))
+    report = lrscope.inspect(_run(lrscope.optax.monitor(tx, learning_rate=1e-2, check=False),
+                                  _grads(2))[-1][3])
+    assert any("check is off" in note and "nothing verifies eta" in note for note in report.notes)
+    aliased = lrscope.inspect(_run(lrscope.optax.monitor(optax.adam, learning_rate=1e-2,
+                                                         check=False), _grads(2))[-1][3])
+    assert not aliased.notes

@@ -183,7 +183,11 @@ def _plan(spec: dict[str, Any], inner: Any, params: Any, every: int, keep_arrays
         if model.family is None and not index:
             holding_none.append(model)
         else:
-            add(model.name, model, index, model.notes)
+            unchecked = [] if check or spec["alias"] is not None or model.family is None else [
+                f"group {model.name}: the model check is off (check=False): the stateless "
+                "transformations of this chain (EmptyState) are invisible in its state and "
+                f"assumed to be those of {model.family_name}; nothing verifies eta"]
+            add(model.name, model, index, model.notes + unchecked)
     rest = tuple(i for i in range(len(flat)) if i not in claimed)
     if rest and len(holding_none) == 1:
         add(holding_none[0].name, holding_none[0], rest, holding_none[0].notes)
