@@ -486,3 +486,32 @@ def test_all_ranks_in_one_log_dir_read_in_linear_time(tmp_path):
     assert ratio.steps.size < 20_000
     assert run.notes == [plot.restart_notes([("lr-Adam", 1, 1)] * (3 * steps))[0]]
     assert elapsed < 60
+
+
+def test_a_log_read_by_several_processes_reads_as_in_one_pass(tmp_path):
+    """A long log is split between processes: restarts at and across their boundaries,
+    ranks interleaved, two optimizers and malformed lines read as one pass reads them."""
+    from lrscope import plot_data
+
+    lines = []
+    for t in list(range(1, 301)) + list(range(150, 401)) + [t for t in range(401, 501) for _ in (0, 1)]:
+        lines.append(_LIGHT % (t, 1e-3 * (1 + t % 7), step_size_at(t, 0), repr(1e-3 * (1 + t % 13))))
+        if t % 3 == 0:
+            lines.append((_LIGHT % (t, 2e-3, 1e-4, "null")).replace('"name":null', '"name":"critic"'))
+    lines[77], lines[500] = "{broken\n", '{"t": -1}\n'
+    path = tmp_path / "lrscope.jsonl"
+    path.write_text("".join(lines))
+    one = plot_data._read_jsonl(path, workers=1)
+    for workers in (2, 5):
+        several = plot_data._read_jsonl(path, workers=workers)
+        assert several[1] == one[1] == [f"skipped 2 malformed lines in {path} (the first: line 78)"]
+        assert several[0].restarts == one[0].restarts
+        assert sorted(one[0].restarts) == ["lr-Adam", "lr-critic"]
+        runs = [points.run("x", notes) for points, notes in (one, several)]
+        assert runs[0].groups.keys() == runs[1].groups.keys() == {"lr-Adam/pg0", "lr-critic/pg0"}
+        for key, metrics in runs[0].groups.items():
+            for metric, series in metrics.items():
+                assert np.array_equal(series.steps, runs[1].groups[key][metric].steps), (key, metric)
+                assert np.array_equal(series.values, runs[1].groups[key][metric].values)
+    steps = one[0].run("x", []).groups["lr-Adam/pg0"]["lr"].steps
+    assert steps[0] == 1 and steps[-1] == 500 and steps.size >= 498 and np.all(np.diff(steps) > 0)

@@ -31,7 +31,7 @@ import stat
 import struct
 import sys
 import types
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 #: A JSONL line longer than this is skipped without being held in memory.  A record of the
 #: benchmark's 82-tensor model with every tensor's sketch is about 316 KB.
@@ -68,16 +68,20 @@ def open_regular(path: str | os.PathLike) -> IO[bytes]:
     raise ValueError(f"{os.fspath(path)} is not a regular file but {kind}")
 
 
-def _lines(handle: IO[bytes]) -> Iterator[bytes | None]:
-    """The lines of ``handle`` (with their newline); None for one over MAX_LINE_BYTES, whose
-    bytes are read past in pieces and never held."""
-    while True:
-        line = handle.readline(MAX_LINE_BYTES)
+def _lines(handle: IO[bytes], stop: int | None = None, offset: int = 0) -> Iterator[bytes | None]:
+    """The lines of ``handle`` (with their newline) that start before byte ``stop``, the
+    handle at byte ``offset``; None for one over MAX_LINE_BYTES, whose bytes are read past
+    in pieces and never held."""
+    readline = handle.readline
+    while stop is None or offset < stop:
+        line = readline(MAX_LINE_BYTES)
         if not line:
             return
+        offset += len(line)
         if len(line) == MAX_LINE_BYTES and not line.endswith(b"\n"):
-            while (rest := handle.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
-                pass
+            while (rest := readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                offset += len(rest)
+            offset += len(rest)
             yield None
         else:
             yield line
@@ -85,12 +89,17 @@ def _lines(handle: IO[bytes]) -> Iterator[bytes | None]:
 
 # -- record validation ---------------------------------------------------------------------
 
-def _number(value: Any) -> bool:
-    """A finite number (not a bool) or None: the only scalars lrscope writes."""
-    kind = type(value)
-    if kind is float:
-        return value - value == 0.0  # False for inf and NaN
-    return value is None or (kind is int and -MAX_T <= value <= MAX_T)
+def _numbers(values: Iterable[Any]) -> bool:
+    """Whether every value is a finite number (not a bool) or None: the only scalars lrscope
+    writes (JSON's NaN, Infinity and 1e400 are not)."""
+    for value in values:
+        kind = type(value)
+        if kind is float:
+            if value - value != 0.0:  # inf or NaN
+                return False
+        elif value is not None and (kind is not int or not -MAX_T <= value <= MAX_T):
+            return False
+    return True
 
 
 def _summary(value: Any, sketches: bool) -> bool:
@@ -99,10 +108,11 @@ def _summary(value: Any, sketches: bool) -> bool:
         return True
     if type(value) is not dict:
         return False
-    for key, item in value.items():
-        if not _number(item) and (key != "sketch" or (sketches and not _sketch(item))):
-            return False
-    return True
+    sketch = value.get("sketch")
+    if sketch is None:
+        return _numbers(value.values())
+    return (_numbers(item for key, item in value.items() if key != "sketch")
+            and (not sketches or _sketch(sketch)))
 
 
 def _sketch(value: Any) -> bool:
@@ -118,7 +128,7 @@ def _sketch(value: Any) -> bool:
                 return False
             if not all(type(k) is int and -MAX_T <= k <= MAX_T for k in keys + counts):
                 return False
-        elif not _number(item):
+        elif not _numbers((item,)):
             return False
     return True
 
@@ -128,8 +138,8 @@ def _tensor(entry: Any, sketches: bool) -> bool:
     if type(entry) is not dict:
         return False
     get = entry.get
-    return (_number(get("update_to_param")) and _number(get("update_norm"))
-            and _number(get("param_norm")) and _summary(get("effective_lr"), sketches)
+    return (_numbers((get("update_to_param"), get("update_norm"), get("param_norm")))
+            and _summary(get("effective_lr"), sketches)
             and _summary(get("update_magnitude"), sketches))
 
 
@@ -137,14 +147,15 @@ def _group(group: Any, sketches: bool) -> bool:
     if type(group) is not dict:
         return False
     get = group.get
-    if not (type(get("name")) is str and _number(get("lr")) and _number(get("step_size"))
-            and _number(get("weight_decay_rate")) and _tensor(group, sketches)):
+    if not (type(get("name")) is str and _numbers((get("lr"), get("step_size"), get("weight_decay_rate")))
+            and _tensor(group, sketches)):
         return False
     extra, params = get("extra"), get("params")
-    if extra is not None and (type(extra) is not dict or not all(map(_number, extra.values()))):
+    if extra is not None and (type(extra) is not dict or (extra and not _numbers(extra.values()))):
         return False
-    return params is None or (type(params) is dict
-                              and all(_tensor(p, sketches) for p in params.values()))
+    if params is None or params == {}:
+        return True
+    return type(params) is dict and all(_tensor(p, sketches) for p in params.values())
 
 
 def valid_record(record: Any, sketches: bool = True) -> bool:
@@ -160,14 +171,16 @@ def valid_record(record: Any, sketches: bool = True) -> bool:
     """
     if type(record) is not dict:
         return False
-    t, name, skipped = record.get("t"), record.get("name"), record.get("skipped")
-    groups = record.get("groups")
-    return (type(t) is int and 0 <= t <= MAX_T
-            and type(record.get("optimizer")) is str
-            and (name is None or type(name) is str)
-            and (skipped is None or type(skipped) is bool)
-            and type(groups) is list
-            and all(_group(group, sketches) for group in groups))
+    get = record.get
+    t, name, skipped, groups = get("t"), get("name"), get("skipped"), get("groups")
+    if not (type(t) is int and 0 <= t <= MAX_T and type(get("optimizer")) is str
+            and (name is None or type(name) is str) and (skipped is None or type(skipped) is bool)
+            and type(groups) is list):
+        return False
+    for group in groups:
+        if not _group(group, sketches):
+            return False
+    return True
 
 
 # -- JSONL ---------------------------------------------------------------------------------
@@ -219,19 +232,27 @@ class JsonlLog:
     the records, unparsed and unchecked: for readers of the summaries (``lrscope plot``),
     several times faster on logs with sketches.
 
+    ``start`` and ``stop`` read the lines that start in that byte range (``start`` at the
+    start of a line), for readers that split a long log between processes; ``lines`` counts
+    the lines read, and ``first_malformed`` is counted from ``start``.
+
     Raises ValueError in one line when ``path`` is not a regular file.
     """
 
-    def __init__(self, path: str | os.PathLike, *, sketches: bool = True):
+    def __init__(self, path: str | os.PathLike, *, sketches: bool = True, start: int = 0,
+                 stop: int | None = None):
         self.path = os.fspath(path)
         self.sketches = sketches
-        self.malformed = 0
+        self.start, self.stop = start, stop
+        self.lines = self.malformed = 0
         self.first_malformed: int | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         sketches = self.sketches
         with open_regular(self.path) as handle:
-            for number, line in enumerate(_lines(handle), start=1):
+            handle.seek(self.start)
+            for number, line in enumerate(_lines(handle, self.stop, self.start), start=1):
+                self.lines = number
                 record = cut = None
                 if line is not None:
                     try:
@@ -257,12 +278,18 @@ class JsonlLog:
 
     def note(self) -> str | None:
         """One line about the lines skipped, or None."""
-        if not self.malformed:
-            return None
-        if self.malformed == 1:
-            return f"skipped 1 malformed line in {self.path} (line {self.first_malformed})"
-        return (f"skipped {self.malformed} malformed lines in {self.path} "
-                f"(the first: line {self.first_malformed})")
+        return malformed_note(self.path, self.malformed, self.first_malformed) if self.malformed else None
+
+
+def malformed_note(path: str | os.PathLike, count: int, first: int | None) -> str:
+    """``skipped N malformed lines in PATH (the first: line K)``.
+
+    >>> malformed_note("x.jsonl", 1, 7)
+    'skipped 1 malformed line in x.jsonl (line 7)'
+    """
+    if count == 1:
+        return f"skipped 1 malformed line in {os.fspath(path)} (line {first})"
+    return f"skipped {count} malformed lines in {os.fspath(path)} (the first: line {first})"
 
 
 def _drop_sketches(record: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ resolution, not the length of the run.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import stat
@@ -21,7 +22,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from lrscope.downsample import Downsampled
-from lrscope.logs import EventFile, JsonlLog, event_files
+from lrscope.logs import MAX_LINE_BYTES, EventFile, JsonlLog, event_files, malformed_note, open_regular
 from lrscope.report import tag_prefix
 from lrscope.sinks.jsonl import FILE_NAME as JSONL_FILE_NAME
 
@@ -79,6 +80,8 @@ class _Points:
         self.rows: dict[str, dict[tuple[str, str | None, str], tuple[list, list]]] = defaultdict(dict)
         self.held = 0
         self.last_t: dict[str, int] = {}
+        self.first_t: dict[str, int] = {}  # per prefix, the t of its first record
+        self.lowest_t: dict[str, int] = {}  # per prefix, the lowest t of its records
         self.restarts: dict[str, list[int]] = {}  # prefix: [last t, lower t, how often]
         self._pairs: dict[str, list] = {}  # group key: [step, lr, step, step size]
 
@@ -98,8 +101,9 @@ class _Points:
         for key in [key for key in self._pairs if key.startswith(f"{prefix}/")]:
             del self._pairs[key]
         self.last_t[prefix] = t
+        self.lowest_t[prefix] = min(self.lowest_t.get(prefix, t), t)
 
-    def _series(self, prefix: str, key: tuple[str, str | None, str]) -> Downsampled:
+    def series_of(self, prefix: str, key: tuple[str, str | None, str]) -> Downsampled:
         series = self.series[prefix]
         target = series.get(key)
         if target is None:
@@ -108,7 +112,7 @@ class _Points:
 
     def add(self, prefix: str, group: str, param: str | None, metric: str, step: int,
             value: float) -> None:
-        self._series(prefix, (group, param, metric)).add(step, value)
+        self.series_of(prefix, (group, param, metric)).add(step, value)
         if param is None and metric in ("lr", "step_size"):
             self._pair(prefix, group, metric, step, value)
 
@@ -121,7 +125,7 @@ class _Points:
         if pair[0] == pair[2] and pair[1] != 0:
             ratio = pair[3] / pair[1]
             if math.isfinite(ratio):
-                self._series(prefix, (group, None, RATIO)).add(step, ratio)
+                self.series_of(prefix, (group, None, RATIO)).add(step, ratio)
             pair[0] = pair[2] = None
 
     def add_row(self, prefix: str, group: str, param: str | None, kind: str, t: int,
@@ -169,7 +173,7 @@ class _Points:
                 values: np.ndarray) -> None:
         finite = np.isfinite(values)
         if finite.any():
-            self._series(prefix, key).extend(steps[finite], values[finite])
+            self.series_of(prefix, key).extend(steps[finite], values[finite])
 
     def run(self, source: str, notes: list[str]) -> Run:
         self.flush()
@@ -212,15 +216,73 @@ def _restart_note(prefix: str, last: int, t: int, count: int) -> str:
             "earlier ones from that t on")
 
 
-def _read_jsonl(path: Path) -> tuple[_Points, list[str]]:
-    """The points of an lrscope JSONL file (sketches unread: the figure draws summaries)."""
-    points, log = _Points(), JsonlLog(path, sketches=False)
-    add_row, last_t = points.add_row, points.last_t
+def _read_jsonl(path: Path, workers: int | None = None) -> tuple[_Points, list[str]]:
+    """The points of an lrscope JSONL file (sketches unread: the figure draws summaries).
+    A file over ``PARALLEL_BYTES`` is split between ``workers`` processes (default: one per
+    CPU this process may use, at most 8), one range of lines each (see ``_merge``)."""
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        size = 0  # JsonlLog says why
+    if workers is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        workers = min(cpus or 1, 8, size // PARALLEL_BYTES)
+    starts = _line_starts(path, size, workers) if workers > 1 else [0]
+    if len(starts) == 1:
+        return _read_part(path)[:2]
+    stops = [*starts[1:], None]
+    try:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(len(starts) - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            later = pool.map(_read_part_flushed, [path] * (len(starts) - 1), starts[1:], stops[1:])
+            first = _read_part(path, 0, starts[1])
+            parts = [first, *later]
+    except (OSError, RuntimeError, ImportError):  # no processes here (a sandbox): one reads all
+        return _read_part(path)[:2]
+    return _merge(path, parts)
+
+
+#: A JSONL log larger than this is read by several processes (a million steps of a small
+#: model, distributions every 50 steps, is about 600 MB).
+PARALLEL_BYTES = 64 << 20
+
+
+def _line_starts(path: Path, size: int, parts: int) -> list[int]:
+    """Offsets of lines that split the file into about ``parts`` equal ranges."""
+    starts = [0]
+    with open_regular(path) as handle:
+        for part in range(1, parts):
+            handle.seek(max(size * part // parts - 1, starts[-1]))
+            handle.readline(MAX_LINE_BYTES)  # to the start of the next line
+            if handle.tell() < size and handle.tell() > starts[-1]:
+                starts.append(handle.tell())
+    return starts
+
+
+def _read_part(path: Path, start: int = 0, stop: int | None = None) -> tuple[_Points, list[str], JsonlLog]:
+    """The points of the lines from byte ``start`` to ``stop``.  The garbage collector waits
+    meanwhile: records hold no cycles, and its passes over the rows held cost a tenth."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _read_lines(path, start, stop)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _read_lines(path: Path, start: int, stop: int | None) -> tuple[_Points, list[str], JsonlLog]:
+    points, log = _Points(), JsonlLog(path, sketches=False, start=start, stop=stop)
+    add_row, last_t, lowest_t = points.add_row, points.last_t, points.lowest_t
     for record in log:
         if record.get("skipped"):  # GradScaler's skipped steps: no step taken
             continue
         prefix, t = tag_prefix(record["optimizer"], record.get("name")), record["t"]
-        if prefix in last_t and t <= last_t[prefix]:
+        if prefix not in last_t:
+            lowest_t[prefix] = points.first_t[prefix] = t
+        elif t <= last_t[prefix]:
             points.went_back(prefix, t)
         last_t[prefix] = t
         for group in record["groups"]:
@@ -239,7 +301,50 @@ def _read_jsonl(path: Path) -> tuple[_Points, list[str]]:
         if points.held >= ROWS:
             points.flush()
     note = log.note()
-    return points, [note] if note else []
+    return points, [note] if note else [], log
+
+
+def _read_part_flushed(path: Path, start: int, stop: int | None) -> tuple[_Points, list[str], JsonlLog]:
+    """``_read_part`` in another process: what comes back is pickled, the rows flushed."""
+    points, notes, log = _read_part(path, start, stop)
+    points.flush()
+    return points, notes, log
+
+
+def _merge(path: Path, parts: list[tuple[_Points, list[str], JsonlLog]]) -> tuple[_Points, list[str]]:
+    """The parts of one file read apart, as if read in one pass.  A part's first record of a
+    prefix at or below the t the parts before it ended on is a restart between them; and of
+    a prefix, the parts before keep only the points below the lowest t the part has of it
+    (each record drops the points from its t on, and the parts before only lose points)."""
+    merged = parts[0][0]
+    merged.flush()
+    for points, _, _ in parts[1:]:
+        for prefix, first_t in points.first_t.items():
+            if prefix in merged.last_t:
+                if first_t <= merged.last_t[prefix]:
+                    _count(merged.restarts, prefix, [merged.last_t[prefix], first_t, 1])
+                for series in merged.series[prefix].values():
+                    series.truncate(points.lowest_t[prefix])
+            if prefix in points.restarts:
+                _count(merged.restarts, prefix, points.restarts[prefix])
+            for key, series in points.series[prefix].items():
+                merged.series_of(prefix, key).extend(*series.points())
+            merged.last_t[prefix] = points.last_t[prefix]
+    malformed, first, lines = 0, None, 0
+    for _, _, log in parts:
+        if log.malformed:
+            malformed += log.malformed
+            first = first or lines + (log.first_malformed or 0)
+        lines += log.lines
+    return merged, [malformed_note(path, malformed, first)] if malformed else []
+
+
+def _count(restarts: dict[str, list[int]], prefix: str, restart: list[int]) -> None:
+    """Add ``restart`` (``[last t, lower t, how often]``) to ``restarts``: the first one stays."""
+    if prefix in restarts:
+        restarts[prefix][2] += restart[2]
+    else:
+        restarts[prefix] = list(restart)
 
 
 def _split_tag(tag: str) -> tuple[str, str | None, str] | None:
