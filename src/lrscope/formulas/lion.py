@@ -9,6 +9,16 @@ r"""Lion (Chen et al., 2023): a sign method.
 recovery could flip the sign of a near-zero element).  Weight decay is decoupled
 (``decay_rate = lr * wd``) in keras and optax.  ``step_size = lr``.
 
+torch (the PyTorch implementations: ``timm.optim.Lion``, ``lion_pytorch.Lion``,
+``pytorch_optimizer.Lion``, bitsandbytes' ``Lion8bit``/``Lion32bit``): the same rule with
+``theta *= 1 - decay_lr * wd`` first, where ``decay_lr`` is the lr the implementation
+scales the decay by: None means ``lr``; timm's ``corrected_weight_decay`` uses
+``lr**2 / max_lr``, lion-pytorch's ``decoupled_weight_decay`` ``lr / initial lr``,
+pytorch_optimizer's ``fixed_decay`` 1 (their models pass it).  ``maximize`` (timm) steps
+along ``-g``.  Coupled decay (pytorch_optimizer's ``weight_decouple=False``) is added to
+the gradient in place, so the gradient after the step already holds it (``weight_decay``
+is then 0 for the formula).
+
 >>> step_sizes(None, 1, {"lr": 1e-4}, "optax")
 {'step_size': 0.0001}
 """
@@ -24,6 +34,8 @@ NAMES = ("lion",)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "keras": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0},
     "optax": {"lr": None, "beta1": 0.9, "beta2": 0.99, "weight_decay": 1e-3},
+    "torch": {"lr": 1e-4, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0, "maximize": False,
+              "decay_lr": None},
 }
 
 
@@ -32,14 +44,20 @@ def step_sizes(xp: Any, t: Any, h: Mapping[str, Any], convention: str) -> dict[s
     return {"step_size": h["lr"]}
 
 
+def decay_rate(h: Mapping[str, Any], step_size: Any = None) -> Any:
+    """``decay_lr * wd``, ``decay_lr`` the lr the decay is scaled by (None: ``lr``)."""
+    decay_lr = h.get("decay_lr")
+    return (h["lr"] if decay_lr is None else decay_lr) * h["weight_decay"]
+
+
 def elementwise(
     xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any], convention: str
 ) -> Elementwise:
     """eta = lr everywhere; d = the sign vector the step used."""
-    grad = state["grad"]
+    grad = -state["grad"] if h.get("maximize") else state["grad"]
     before = state.get("exp_avg_before")
     if before is None:
         before = (state["exp_avg"] - (1 - h["beta2"]) * grad) / h["beta2"]
     direction = xp.sign(h["beta1"] * before + (1 - h["beta1"]) * grad)
     return Elementwise(eta=h["lr"] + 0 * grad, direction=direction,
-                       decay_rate=h["lr"] * h["weight_decay"])
+                       decay_rate=decay_rate(h))
