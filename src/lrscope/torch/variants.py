@@ -1,0 +1,225 @@
+"""Lion and the Adam variants of timm, pytorch_optimizer, lion-pytorch and bitsandbytes,
+registered with ``lrscope.register`` like every other model.
+
+Each class is registered as ``"module:Qualname"``: lrscope imports none of these packages;
+once the user has, the class itself is matched (by identity, along its MRO).  The family
+formulas are in ``lrscope.formulas`` (``lion``, ``adamw``, ``adamw_nesterov``, ``laprop``,
+``adopt``, ``adan``, ``lamb``, ``mars``, ``ademamix``); the hooks here only translate each
+package's options into the family's hyperparameters, checked against the packages'
+sources (timm 1.0.31, pytorch_optimizer 4.1.0, lion-pytorch 0.2.5, bitsandbytes 0.50.2):
+
+* timm's ``corrected_weight_decay`` scales the decay by ``lr**2 / max_lr_snapshot``
+  (``decay_lr``); ``caution`` and ``clipping_threshold`` are not modelled (an option set to
+  a value other than its default is reported, and the group's distributions skipped).
+* pytorch_optimizer keeps t in ``group["step"]``; its ``maximize`` (an attribute, not a
+  group key) and its coupled weight decay change ``p.grad`` in place, so the gradient the
+  formula reads after the step is the one the step used; ``fixed_decay`` does not scale
+  the decay by lr.  Its extra options (``cautious``, ``use_gc``, ``adanorm``,
+  ``stable_adamw``, ...) are group keys and are reported when set.
+* lion-pytorch's ``decoupled_weight_decay`` divides wd by the initial lr (an attribute).
+* bitsandbytes keeps m and v in ``state1``/``state2``: float32 for tensors of fewer than
+  ``min_8bit_size`` elements (and the 32-bit classes), else 8-bit codes per block of 256,
+  which the state hook dequantizes with bitsandbytes' own ``dequantize_blockwise``.  The
+  step used the float32 moments *before* they were quantized again, so on the 8-bit path
+  eta and d carry the quantization error of the stored state (measured, not exact).
+  ``max_unorm``, ``skip_zeros`` and per-parameter overrides (``GlobalOptimManager``) are
+  not modelled: such a group is reported as unknown (NaN), with the reason.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import torch
+
+from lrscope import registry
+
+Hook = Callable[[registry.GroupStep], dict[str, Any]]
+_BLOCK = 256  # bitsandbytes' block size for 8-bit optimizer states
+
+
+def _lr(step: registry.GroupStep) -> Any:
+    return step.lrs[step.index]
+
+
+# -- timm ----------------------------------------------------------------------------------
+
+def timm_scalars(step: registry.GroupStep) -> dict[str, Any]:
+    """``decay_lr = lr**2 / max_lr_snapshot`` where ``corrected_weight_decay``."""
+    group = step.after
+    if not group.get("corrected_weight_decay"):
+        return {}
+    return {"decay_lr": _lr(step) ** 2 / group["max_lr_snapshot"]}
+
+
+def timm_adamw_scalars(step: registry.GroupStep) -> dict[str, Any]:
+    """AdamWLegacy through the ``adamw`` family, which scales decay by lr: the corrected
+    decay ``lr**2 / max_lr * wd`` as ``lr * (wd * lr / max_lr)``."""
+    group = step.after
+    if not group.get("corrected_weight_decay"):
+        return {}
+    return {"weight_decay": group["weight_decay"] * _lr(step) / group["max_lr_snapshot"]}
+
+
+def timm_lamb_scalars(step: registry.GroupStep) -> dict[str, Any]:
+    """The corrected decay applies only where decoupled, as in timm's ``step``."""
+    group = step.after
+    return timm_scalars(step) if group.get("decoupled_decay") else {}
+
+
+def timm_adan_scalars(step: registry.GroupStep) -> dict[str, Any]:
+    beta1, beta2, beta3 = step.after["betas"]
+    return {"betas": (beta1, beta2), "beta3": beta3}
+
+
+def mars_state(view: dict[str, Any], param: torch.Tensor, h: dict[str, Any]) -> dict[str, Any]:
+    """Which of MARS's rules the tensor took: ``grad.ndim >= 2``."""
+    return {"exp_avg": view["exp_avg"], "exp_avg_sq": view["exp_avg_sq"], "param": view["param"],
+            "grad": view["grad"], "matrix": param.dim() >= 2}
+
+
+_TIMM_NEUTRAL = ("max_lr_snapshot", "corrected_weight_decay")
+
+
+# -- pytorch_optimizer -----------------------------------------------------------------------
+
+def _decay(group: dict[str, Any]) -> dict[str, Any]:
+    """pytorch_optimizer's decay: decoupled (scaled by lr, or by 1 with ``fixed_decay``), or
+    coupled, added to ``p.grad`` in place (then in the gradient the formula reads: 0 here)."""
+    decoupled = group.get("weight_decouple", False)
+    return {"weight_decay": group["weight_decay"] if decoupled else 0.0,
+            "decay_lr": 1.0 if decoupled and group.get("fixed_decay") else None}
+
+
+def po_lion_scalars(step: registry.GroupStep) -> dict[str, Any]:
+    return _decay(step.after)
+
+
+def po_adopt_scalars(step: registry.GroupStep) -> dict[str, Any]:
+    group = step.after
+    return {**_decay(group), "decoupled": bool(group.get("weight_decouple")), "first_step_decay": True}
+
+
+def po_adan_scalars(step: registry.GroupStep) -> dict[str, Any]:
+    beta1, beta2, beta3 = step.after["betas"]
+    return {"betas": (beta1, beta2), "beta3": beta3, "no_prox": bool(step.after["weight_decouple"])}
+
+
+def po_ademamix_scalars(step: registry.GroupStep) -> dict[str, Any]:
+    group = step.after
+    beta1, beta2, _ = group["betas"]
+    return {**_decay(group), "betas": (beta1, beta2), "t_alpha": group.get("t_alpha_beta3")}
+
+
+_PO_NEUTRAL = ("step", "weight_decouple", "fixed_decay")
+
+
+# -- lion-pytorch -------------------------------------------------------------------------------
+
+def lion_pytorch_scalars(step: registry.GroupStep) -> dict[str, Any]:
+    """``decoupled_weight_decay``: wd divided by the initial lr (``decay_lr = lr / lr_0``)."""
+    optimizer = step.optimizer
+    if getattr(optimizer, "decoupled_wd", False):
+        return {"decay_lr": _lr(step) / optimizer._init_lr}
+    return {}
+
+
+# -- bitsandbytes --------------------------------------------------------------------------------
+
+def bnb_scalars(step: registry.GroupStep) -> dict[str, Any]:
+    """The options bitsandbytes keeps outside the group (``optimizer.args``, the
+    ``GlobalOptimManager``'s per-parameter overrides) must be their defaults; AdEMAMix's
+    three betas and alpha schedule."""
+    optimizer = step.optimizer
+    args = getattr(optimizer, "args", None)
+    for name in ("max_unorm", "skip_zeros"):
+        if getattr(args, name, 0):
+            raise registry.Unknown(f"bitsandbytes' {name}={getattr(args, name)!r} is not modelled")
+    manager = getattr(optimizer, "mng", None)
+    params = step.after["params"]
+    overridden = [i for i, p in enumerate(params) if id(p) in getattr(manager, "pid2config", {})
+                  or (step.index, i) in getattr(manager, "index2config", {})]
+    if overridden:
+        raise registry.Unknown("bitsandbytes' per-parameter overrides (GlobalOptimManager."
+                               "override_config) are not modelled")
+    group = step.after
+    if len(group["betas"]) == 3:
+        beta1, beta2, _ = group["betas"]
+        return {"betas": (beta1, beta2)}
+    return {}
+
+
+def _dequantized(state: dict[str, Any], index: int, which: int = 0) -> torch.Tensor:
+    """``state<index>`` (its slice ``which`` for AdEMAMix's stacked m1, m2) as float32."""
+    values = state[f"state{index}"]
+    if values.dtype != torch.uint8:
+        return values if values.dim() == state["param"].dim() else values[which]
+    absmax = state[f"absmax{index}"]
+    if values.dim() != state["param"].dim():  # AdEMAMix: (2, *shape) codes, (2, blocks) absmax
+        values, absmax = values[which], absmax[which]
+    functional = sys.modules["bitsandbytes.functional"]
+    return functional.dequantize_blockwise(values, absmax=absmax, code=state[f"qmap{index}"],
+                                           blocksize=_BLOCK)
+
+
+def bnb_adam_state(view: dict[str, Any], param: torch.Tensor, h: dict[str, Any]) -> dict[str, Any]:
+    """m and v, dequantized where 8-bit."""
+    return {"exp_avg": _dequantized(view, 1), "exp_avg_sq": _dequantized(view, 2),
+            "param": view["param"], "grad": view["grad"]}
+
+
+def bnb_lion_state(view: dict[str, Any], param: torch.Tensor, h: dict[str, Any]) -> dict[str, Any]:
+    return {"exp_avg": _dequantized(view, 1), "param": view["param"], "grad": view["grad"]}
+
+
+def bnb_ademamix_state(view: dict[str, Any], param: torch.Tensor, h: dict[str, Any]) -> dict[str, Any]:
+    return {"exp_avg": _dequantized(view, 1, 0), "exp_avg_slow": _dequantized(view, 1, 1),
+            "exp_avg_sq": _dequantized(view, 2), "param": view["param"], "grad": view["grad"]}
+
+
+_BNB_ADAM = [f"bitsandbytes.optim.{module}:{prefix}{name}{bits}"
+             for module, name in (("adam", "Adam"), ("adamw", "AdamW"))
+             for prefix in ("", "Paged") for bits in ("", "8bit", "32bit")]
+_BNB_LION = [f"bitsandbytes.optim.lion:{prefix}Lion{bits}" for prefix in ("", "Paged")
+             for bits in ("", "8bit", "32bit")]
+# (not AdEMAMix32bit / PagedAdEMAMix32bit: in bitsandbytes 0.50.2 they keep one buffer where
+# the step reads two, m1 and m2, and their step fails on the CPU; AdEMAMix(optim_bits=32) works)
+_BNB_ADEMAMIX = [f"bitsandbytes.optim.ademamix:{name}" for name in (
+    "AdEMAMix", "AdEMAMix8bit", "PagedAdEMAMix", "PagedAdEMAMix8bit")]
+
+
+def register() -> None:
+    """Register the models of this module (called once by ``lrscope.torch``)."""
+    reg = registry.register
+    # timm (each class in its own module: registering waits for that module's import)
+    reg("timm.optim.lion:Lion", "lion", scalars=timm_scalars, neutral=_TIMM_NEUTRAL)
+    reg("timm.optim.adamw:AdamWLegacy", "adamw", scalars=timm_adamw_scalars, neutral=_TIMM_NEUTRAL)
+    reg("timm.optim.nadamw:NAdamW", "adamw_nesterov", scalars=timm_scalars, neutral=_TIMM_NEUTRAL)
+    reg("timm.optim.laprop:LaProp", "laprop", scalars=timm_scalars, neutral=_TIMM_NEUTRAL)
+    reg("timm.optim.adopt:Adopt", "adopt", scalars=timm_scalars, neutral=_TIMM_NEUTRAL + ("clip_exp",))
+    reg("timm.optim.adan:Adan", "adan", scalars=timm_adan_scalars, counter="step", neutral=("step",))
+    reg("timm.optim.lamb:Lamb", "lamb", scalars=timm_lamb_scalars, counter="step",
+        neutral=_TIMM_NEUTRAL + ("step",))
+    reg("timm.optim.mars:Mars", "mars", state=mars_state)
+    # pytorch_optimizer
+    reg("pytorch_optimizer.optimizer.lion:Lion", "lion", scalars=po_lion_scalars, counter="step",
+        neutral=_PO_NEUTRAL)
+    reg("pytorch_optimizer.optimizer.adopt:ADOPT", "adopt", scalars=po_adopt_scalars, counter="step",
+        neutral=_PO_NEUTRAL)
+    reg("pytorch_optimizer.optimizer.adan:Adan", "adan", scalars=po_adan_scalars, counter="step",
+        neutral=_PO_NEUTRAL + ("max_grad_norm",))
+    reg("pytorch_optimizer.optimizer.ademamix:AdEMAMix", "ademamix", scalars=po_ademamix_scalars,
+        counter="step", neutral=_PO_NEUTRAL + ("t_alpha_beta3",))
+    # lion-pytorch
+    reg("lion_pytorch.lion_pytorch:Lion", "lion", scalars=lion_pytorch_scalars)
+    # bitsandbytes: bitsandbytes' Adam applies decoupled decay like AdamW
+    for path in _BNB_ADAM:
+        reg(path, "adamw", scalars=bnb_scalars, state=bnb_adam_state, neutral=("t_alpha", "t_beta3"))
+    for path in _BNB_LION:
+        reg(path, "lion", scalars=bnb_scalars, state=bnb_lion_state, neutral=("eps",))
+    for path in _BNB_ADEMAMIX:
+        reg(path, "ademamix", scalars=bnb_scalars, state=bnb_ademamix_state, neutral=("t_beta3",))
+
+
+__all__ = ["register"]
