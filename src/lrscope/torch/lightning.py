@@ -75,22 +75,26 @@ class EffectiveLRMonitor(_lightning().Callback):
     its parameters on each of those steps (a modelled optimizer's update comes from its
     state, without a copy, either way).  ``monitors`` holds one TorchMonitor per optimizer
     while training runs (their ``last`` is each one's latest StepReport).
+
+    With a distributed strategy (DDP, FSDP, ...) the callback watches on every rank and rank
+    0 logs the whole model (``distributed``, as in ``lrscope.watch``: False gives per-rank
+    reports instead).
     """
 
     def __init__(self, every: int = 50, *, log_dir: str | os.PathLike | None = None,
-                 sinks: Iterable[Sink] | None = None, loggers: bool = True, empirical: bool = True):
+                 sinks: Iterable[Sink] | None = None, loggers: bool = True, empirical: bool = True,
+                 distributed: bool | None = None):
         super().__init__()
         self.every = checked_every(every)  # an error now, not when training starts
         self.log_dir = log_dir
         self.sinks = checked(sinks)
         self.loggers = loggers
         self.empirical = empirical
+        self.distributed = distributed
         self.monitors: list[TorchMonitor] = []
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._close()
-        if not trainer.is_global_zero:  # every rank holds the same state under DDP
-            return
         seen: Counter[str] = Counter()
         for optimizer in trainer.optimizers:
             cls = type(unwrap(optimizer)).__name__
@@ -99,7 +103,7 @@ class EffectiveLRMonitor(_lightning().Callback):
             sinks = [*([LoggerSink(trainer)] if self.loggers else []), *map(_Shared, self.sinks)]
             self.monitors.append(TorchMonitor(optimizer, model=pl_module, every=self.every,
                                               log_dir=self.log_dir, sinks=sinks, name=name,
-                                              empirical=self.empirical))
+                                              empirical=self.empirical, distributed=self.distributed))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._close()

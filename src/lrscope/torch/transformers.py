@@ -30,27 +30,32 @@ class EffectiveLRCallback(_transformers.TrainerCallback):
     of the parameters on each of those steps; a modelled optimizer's update comes from its
     state, without a copy, either way.  ``monitor`` is the TorchMonitor while training runs
     (``monitor.last``: the latest StepReport); ``last`` stays readable after training.
+
+    Under DDP/FSDP (``torchrun``, accelerate) the callback watches on every process and
+    process 0 logs the whole model (``distributed``, as in ``lrscope.watch``: False gives
+    per-rank reports instead).
     """
 
     def __init__(self, every: int = 50, *, log_dir: str | os.PathLike | None = None,
-                 sinks: Iterable[Sink] | None = None, empirical: bool = True):
+                 sinks: Iterable[Sink] | None = None, empirical: bool = True,
+                 distributed: bool | None = None):
         self.every = checked_every(every)  # an error now, not when training starts
         self.log_dir = log_dir
         self.sinks = checked(sinks)
         self.empirical = empirical
+        self.distributed = distributed
         self.monitor: TorchMonitor | None = None
         self.last = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                        optimizer: Any = None, **kwargs: Any) -> None:
         self._close()
-        if not state.is_world_process_zero:  # every process holds the same state under DDP
-            return
         log_dir = self.log_dir
         if log_dir is None and not self.sinks:
             log_dir = os.path.join(args.output_dir, "lrscope")
         self.monitor = TorchMonitor(optimizer, model=model, every=self.every, log_dir=log_dir,
-                                    sinks=self.sinks, empirical=self.empirical)
+                                    sinks=self.sinks, empirical=self.empirical,
+                                    distributed=self.distributed)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._close()
