@@ -515,3 +515,18 @@ def test_a_log_read_by_several_processes_reads_as_in_one_pass(tmp_path):
                 assert np.array_equal(series.values, runs[1].groups[key][metric].values)
     steps = one[0].run("x", []).groups["lr-Adam/pg0"]["lr"].steps
     assert steps[0] == 1 and steps[-1] == 500 and steps.size >= 498 and np.all(np.diff(steps) > 0)
+
+
+def test_a_line_longer_than_the_limit_is_skipped_unread(tmp_path, monkeypatch):
+    from lrscope import logs
+
+    lines = _jsonl_lines(tmp_path)
+    record = json.loads(lines[2])
+    record["notes"] = ["x" * 50_000]  # a valid record, but longer than the limit
+    lines[2] = (json.dumps(record) + "\n").encode()
+    path = tmp_path / "lrscope.jsonl"
+    path.write_bytes(b"".join(lines))
+    monkeypatch.setattr(logs, "MAX_LINE_BYTES", 40_000)
+    run = plot.load(tmp_path)
+    assert run.notes == [f"skipped 1 malformed line in {path} (line 3)"]
+    assert run.groups["lr-Adam/pg0"]["lr"].steps.tolist() == [1, 2, 4, 5, 6, 7, 8, 9]

@@ -254,6 +254,7 @@ class JsonlLog:
             for number, line in enumerate(_lines(handle, self.stop, self.start), start=1):
                 self.lines = number
                 record = cut = None
+                valid = False
                 if line is not None:
                     try:
                         text = line.decode("utf-8")
@@ -262,9 +263,11 @@ class JsonlLog:
                     else:
                         cut = text if sketches else _without_sketches(text)
                         record = _parse(cut)
-                        if cut is not text and not valid_record(record, sketches):
-                            record, cut = _parse(text), text  # not cut where the sink writes
-                    if not valid_record(record, sketches):
+                        valid = valid_record(record, sketches)
+                        if not valid and cut is not text:  # not cut where the sink writes
+                            record, cut = _parse(text), text
+                            valid = valid_record(record, sketches)
+                    if not valid:
                         if record is None and not line.endswith(b"\n"):
                             return  # the last line, torn
                         record = None

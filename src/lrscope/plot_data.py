@@ -188,8 +188,6 @@ class _Points:
                     run.groups.setdefault(key, {})[metric] = Series(steps, values)
                 else:
                     run.params.setdefault(key, {}).setdefault(param, {})[metric] = Series(steps, values)
-        for key in run.params:
-            run.groups.setdefault(key, {})
         run.notes += [_restart_note(prefix, *restart) for prefix, restart in self.restarts.items()]
         return run
 
