@@ -315,9 +315,14 @@ def read_jsonl(path: str | os.PathLike, *, sketches: bool = True) -> Iterator[di
 def event_files(directory: str | os.PathLike) -> tuple[list[str], list[str]]:
     """``(files, others)``: the paths in ``directory`` whose names contain ``tfevents``, in
     the order their writers created them (the names start with the creation time), split
-    into regular files and the rest (directories, FIFOs, symlink loops, dangling links)."""
+    into regular files and the rest (directories, FIFOs, symlink loops, dangling links).
+    ValueError in one line when ``directory`` cannot be listed."""
     files, others = [], []
-    for name in sorted(os.listdir(directory)):
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as error:
+        raise ValueError(f"cannot read {os.fspath(directory)}: {error.strerror or error}") from None
+    for name in names:
         if "tfevents" in name and not name.startswith("."):
             path = os.path.join(directory, name)
             try:

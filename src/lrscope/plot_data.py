@@ -432,8 +432,9 @@ def load(log_dir: str | os.PathLike) -> Run:
     if is_dir:
         files, others = event_files(path)
         if others:
-            notes.append(f"skipped {len(others)} entries named like event files that are not regular "
-                         f"files: {', '.join(os.path.basename(p) for p in others)}")
+            what = ("1 entry named like an event file that is not a regular file" if len(others) == 1
+                    else f"{len(others)} entries named like event files that are not regular files")
+            notes.append(f"skipped {what}: {', '.join(os.path.basename(p) for p in others)}")
         if files:
             points, skipped = _read_events(files)
             run = points.run(f"{path} (TensorBoard)", notes + skipped)
