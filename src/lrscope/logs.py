@@ -316,7 +316,15 @@ def event_files(directory: str | os.PathLike) -> tuple[list[str], list[str]]:
     """``(files, others)``: the paths in ``directory`` whose names contain ``tfevents``, in
     the order their writers created them (the names start with the creation time), split
     into regular files and the rest (directories, FIFOs, symlink loops, dangling links).
-    ValueError in one line when ``directory`` cannot be listed."""
+    ValueError in one line when ``directory`` cannot be listed.
+
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> open(os.path.join(folder, "events.out.tfevents.1.host"), "w").close()
+    >>> os.mkdir(os.path.join(folder, "events.out.tfevents.2.host"))
+    >>> [[os.path.basename(p) for p in found] for found in event_files(folder)]
+    [['events.out.tfevents.1.host'], ['events.out.tfevents.2.host']]
+    """
     files, others = [], []
     try:
         names = sorted(os.listdir(directory))
