@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from lrscope.merge import merge_reports
 from lrscope.report import StepReport
+from lrscope.torch import deepspeed
 
 #: Seconds a measured step waits for the other ranks before it raises, naming them.
 DEFAULT_TIMEOUT = 300.0
@@ -55,17 +56,21 @@ def _zero_type() -> type | None:
     return getattr(module, "ZeroRedundancyOptimizer", None)
 
 
-def partitioned(optimizer: Any) -> bool:
-    """Whether ``optimizer`` holds this rank's partition of the parameters, each parameter in
-    one rank's optimizer only (``ZeroRedundancyOptimizer``)."""
+def _is_zero_redundancy(optimizer: Any) -> bool:
     zero = _zero_type()
     return zero is not None and isinstance(optimizer, zero)
+
+
+def partitioned(optimizer: Any) -> bool:
+    """Whether ``optimizer`` holds this rank's partition of the parameters, each element in
+    one rank's optimizer only (``ZeroRedundancyOptimizer``, DeepSpeed ZeRO)."""
+    return _is_zero_redundancy(optimizer) or deepspeed.is_zero(optimizer)
 
 
 def local_optimizer(optimizer: Any) -> Any:
     """The optimizer that steps this rank's parameters: ``ZeroRedundancyOptimizer``'s local
     ``optim`` (whose step hooks run inside the wrapper's step), else ``optimizer``."""
-    return optimizer.optim if partitioned(optimizer) else optimizer
+    return optimizer.optim if _is_zero_redundancy(optimizer) else optimizer
 
 
 class Membership:

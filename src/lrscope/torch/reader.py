@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lrscope import formulas, registry
-from lrscope.torch import distributed, fused, published, small, stats
+from lrscope.torch import deepspeed, distributed, fused, published, small, stats
 from lrscope.torch.state import (RECORD_BEFORE, RECORD_REQUIRED, apply_formula, as_float, canonical, host_scalars,
                                   is_sharded, local, record_before, state_view)
 from lrscope.formulas import Elementwise
@@ -165,14 +165,15 @@ def _parameter_names(model: Any, optimizer: Any) -> dict[int, str]:
     torch.compile's prefix), else ``param<i>`` by its position in ``optimizer``'s groups (the
     wrapper's, where a rank's optimizer holds a partition of them: the same name on every rank)."""
     names: dict[int, str] = {}
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or deepspeed.is_engine(model):
         model = model.module
     if model is not None:
         for name, p in model.named_parameters():
             names[id(p)] = name.replace("_orig_mod.", "")  # torch.compile's wrapper prefix
     index = 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
+    groups = optimizer if isinstance(optimizer, list) else [g["params"] for g in optimizer.param_groups]
+    for group in groups:
+        for p in group:
             names.setdefault(id(p), f"param{index}")
             index += 1
     return names
@@ -199,6 +200,7 @@ class _GroupParts:
     extra: dict[str, float] = field(default_factory=dict)
     params: list[torch.Tensor] = field(default_factory=list)
     stats: dict[str, Callable[[bool], Any]] = field(default_factory=dict)
+    fragments: list[Any] | None = None  # DeepSpeed ZeRO: the model parameters' fragments
     label: str = "effective_lr"
     counter: Any = None  # the step counter as the state holds it
     h: dict[str, Any] = field(default_factory=dict)  # canonical hyperparameters (modelled families)
@@ -221,6 +223,8 @@ class TorchReader:
         # (set by a monitor that merges the ranks' reports) measures only those.
         self.membership = distributed.Membership.of(optimizer)
         self.merging = False
+        # DeepSpeed ZeRO: the model's parameters are fragments of the flat tensors it steps.
+        self.zero = optimizer if deepspeed.is_zero(optimizer) else None
         self.optimizer = unwrap(optimizer)
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -235,7 +239,8 @@ class TorchReader:
             formulas.family(self.family), "USES_STEP", True)
         self.empirical = empirical
         self.model = model
-        self._named = optimizer if distributed.partitioned(optimizer) else self.optimizer
+        self._named = (deepspeed.model_groups(self.zero) if self.zero is not None else
+                       optimizer if distributed.partitioned(optimizer) else self.optimizer)
         self.names = _parameter_names(model, self._named)
         self.notes: list[str] = []
         if self.family is None:
@@ -395,7 +400,7 @@ class TorchReader:
             return part
         part.params = [p for p in group["params"] if p.grad is not None]
         part.counter = self._counter(part.params, index)
-        if self.merging:  # the others are counted on another rank
+        if self.merging and self.zero is None:  # the others are counted on another rank
             part.params = [p for p in part.params if self.membership.counts(p)]
         if any(is_sharded(p) for p in part.params):
             if SHARDED_NOTE not in notes and not self.merging:
@@ -413,6 +418,19 @@ class TorchReader:
         if unsupported:
             return part
         items = {}
+        if self.zero is not None:
+            part.fragments = []
+            fragments = deepspeed.fragments(self.zero)
+            for flat in part.params:
+                state = self.optimizer.state.get(flat, {})
+                for fragment in fragments.get(id(flat), []) if state else []:
+                    theta = fragment.view(flat)
+                    items[self.name_of(fragment.param)] = (self._per_chunk(
+                        deepspeed.fragment_state(state, flat, fragment), theta, part.h, None, part.counter),
+                        canonical(theta.detach()))
+                    part.fragments.append(fragment)
+            part.stats = small.measures(items)
+            return part
         for p in part.params:
             state = self.optimizer.state.get(p, {})
             if not state and not self.stateless:  # (plain SGD keeps none: it always moves)
@@ -560,11 +578,14 @@ class TorchReader:
 
     def _param_reports(self, part: _GroupParts, host: dict[str, Any]) -> dict[str, ParamReport]:
         reports = {}
-        for p in part.params:
+        tensors = ([(fragment.param, fragment.shape, True) for fragment in part.fragments]
+                   if part.fragments is not None else
+                   [(p, tuple(p.shape), self.membership is None or self.membership.counts(p)) for p in part.params])
+        for p, shape, counted in tensors:
             name = self.name_of(p)
-            report = ParamReport(name=name, shape=tuple(p.shape))
+            report = ParamReport(name=name, shape=shape)
             if self.membership is not None and not self.merging:
-                report.replica = not self.membership.counts(p)
+                report.replica = not counted
             if name in host:
                 dist, update_norm, param_norm = host[name]
                 setattr(report, part.label, dist)
