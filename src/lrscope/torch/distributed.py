@@ -56,6 +56,18 @@ def _zero_type() -> type | None:
     return getattr(module, "ZeroRedundancyOptimizer", None)
 
 
+def fsdp1_shard(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is FSDP1's (``FullyShardedDataParallel``) flat parameter or a view of
+    one (``use_orig_params=True``): this rank's shard, as a plain tensor.
+
+    Rank 0 does not merge these: FSDP1 refuses CPU processes ("FSDP needs a non-CPU
+    accelerator device", torch 2.13), so its layouts (and HYBRID_SHARD's replicas) cannot be
+    tested here; each rank reports its own shards instead, and ``lrscope merge`` adds them up
+    for the sharding strategies that give each element to one rank (FULL_SHARD, SHARD_GRAD_OP).
+    """
+    return bool(getattr(tensor, "_fsdp_flattened", False))
+
+
 def _is_zero_redundancy(optimizer: Any) -> bool:
     zero = _zero_type()
     return zero is not None and isinstance(optimizer, zero)
@@ -92,6 +104,8 @@ class Membership:
         """Whether this rank counts ``tensor``'s local elements in the whole-model report:
         a DTensor's shard where its replicated mesh dimensions are at coordinate 0, a tensor
         of this rank's partition, else (a replica, as under DDP) on rank 0 only."""
+        if fsdp1_shard(tensor):  # this rank's own elements of a flat parameter
+            return True
         dtensor = _dtensor_type()
         if dtensor is not None and isinstance(tensor, dtensor):
             coordinate = tensor.device_mesh.get_coordinate()

@@ -22,7 +22,7 @@ from lrscope.monitor import Monitor
 from lrscope.report import StepReport, tag_prefix
 from lrscope.sinks import Sink
 from lrscope.torch import stats
-from lrscope.torch.distributed import Ranks, active, partitioned
+from lrscope.torch.distributed import Ranks, active, fsdp1_shard, partitioned
 from lrscope.torch.reader import SKIPPED_NOTE, TorchReader, _Pending, group_name, hyperparameters
 from lrscope.torch.state import RECORD_REQUIRED, as_float, elementwise_of
 from lrscope._warnings import warn
@@ -44,7 +44,13 @@ class TorchMonitor(Monitor):
             raise TypeError(_without_hooks(reader.optimizer))
         # Several processes: rank 0 reports (and logs) the whole model, the others measure
         # their part for it and write nothing (lrscope.torch.distributed).
-        self._ranks = Ranks(every=every, partitioned=partitioned(optimizer)) if active(distributed) else None
+        merging = active(distributed)
+        if merging and any(fsdp1_shard(p) for g in reader.optimizer.param_groups for p in g["params"]):
+            warn("lrscope: FSDP1 (FullyShardedDataParallel) parameters: each rank reports its own "
+                 "shards (whole-model reports on rank 0 are built for FSDP2's fully_shard, DDP, "
+                 "ZeroRedundancyOptimizer and DeepSpeed); lrscope merge adds per-rank logs up")
+            merging = False
+        self._ranks = Ranks(every=every, partitioned=partitioned(optimizer)) if merging else None
         reader.merging = self._ranks is not None
         if self._ranks is not None and self._ranks.rank != 0:
             log_dir, sinks, findings = None, None, False
