@@ -19,6 +19,12 @@ $(VENV)/.demo: $(BIN)/python pyproject.toml
 $(VENV)/.test: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[all,dev]"
+	# timm's optimizers are tested, but timm requires torchvision, whose PyPI build needs a CUDA
+	# torch (pip would replace the CPU build above): timm without its dependencies, then the
+	# small ones (timm.optim's optimizers import only torch; the tests load them without
+	# timm's package __init__, which imports torchvision, where torchvision cannot load).
+	$(BIN)/pip install --quiet --no-deps "timm>=1.0.31"
+	$(BIN)/pip install --quiet "huggingface_hub>=0.23" "safetensors>=0.4" "pyyaml>=6"
 	touch $@ $(VENV)/.demo
 
 install-demo: $(VENV)/.demo
