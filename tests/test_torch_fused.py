@@ -99,7 +99,7 @@ def test_fused_statistics_match_numpy(small_chunks, case_id, dtype):
     names = {id(p): f"param{i}" for i, p in enumerate(params.values())}
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a kernel failure would warn and go eager
-        monitor = lrscope.watch(optimizer)
+        monitor = lrscope.watch(optimizer, findings=False)  # (findings warn about this run; not tested here)
         for step in range(1, STEPS + 1):
             set_grads(params, step)
             recorded = recorded_before(optimizer)
