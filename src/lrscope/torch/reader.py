@@ -419,6 +419,10 @@ class TorchReader:
             return part
         items = {}
         if self.zero is not None:
+            if not formulas.chunkable(self.family):
+                notes.append(f"group {part.name}: {self.family} needs whole tensors, and DeepSpeed "
+                             "holds them in flat partitions: distributions skipped")
+                return part
             part.fragments = []
             fragments = deepspeed.fragments(self.zero)
             for flat in part.params:
