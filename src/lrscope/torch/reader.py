@@ -419,12 +419,12 @@ class TorchReader:
             return part
         items = {}
         if self.zero is not None:
+            fragments = deepspeed.fragments(self.zero)
+            part.fragments = [f for flat in part.params for f in fragments.get(id(flat), [])]
             if not formulas.chunkable(self.family):
                 notes.append(f"group {part.name}: {self.family} needs whole tensors, and DeepSpeed "
                              "holds them in flat partitions: distributions skipped")
                 return part
-            part.fragments = []
-            fragments = deepspeed.fragments(self.zero)
             for flat in part.params:
                 state = self.optimizer.state.get(flat, {})
                 for fragment in fragments.get(id(flat), []) if state else []:
@@ -432,7 +432,6 @@ class TorchReader:
                     items[self.name_of(fragment.param)] = (self._per_chunk(
                         deepspeed.fragment_state(state, flat, fragment), theta, part.h, None, part.counter),
                         canonical(theta.detach()))
-                    part.fragments.append(fragment)
             part.stats = small.measures(items)
             return part
         for p in part.params:
