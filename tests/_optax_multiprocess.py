@@ -10,23 +10,22 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ["JAX_PLATFORMS"] = "cpu"
 
-import jax  # noqa: E402
+def main(process_id: int, port: str) -> None:
+    # (Set before jax loads; everything runs here, so that collecting this module imports nothing.)
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{sys.argv[2]}", num_processes=2,
-                           process_id=int(sys.argv[1]))
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                               process_id=process_id)
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _optax_sharded import summary, train
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _optax_sharded import summary, train  # noqa: E402
-
-
-def main():
     rng = np.random.default_rng(1)
     host = {"kernel": rng.normal(size=(64, 32)).astype(np.float32),
             "bias": rng.normal(size=(32,)).astype(np.float32)}
@@ -41,4 +40,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(int(sys.argv[1]), sys.argv[2])
