@@ -49,19 +49,19 @@ def test_a_warning_exits_1_and_names_rule_subject_steps_and_explanation(tmp_path
 
 
 def test_json_output(tmp_path):
-    done = lrscope("check", str(write_jsonl(tmp_path, [0.0, 0.1])), "--json")
+    done = lrscope("check", str(write_jsonl(tmp_path, [0.1, 0.0])), "--json")
     assert done.returncode == 1
     out = json.loads(done.stdout)
     assert out["warnings"] == 1 and out["steps"] == [1, 2] and out["optimizers"] == ["lr-SGD"]
     [finding] = out["findings"]
     assert finding == {"id": "lr_zero", "severity": "warning", "subject": "lr-SGD/pg0",
-                       "steps": [[1, 1]], "message": "lr was 0",
+                       "steps": [[2, 2]], "message": "lr was 0",
                        "explanation": RULES["lr_zero"].explanation}
 
 
 def test_no_warning_exits_0_and_ignore_leaves_a_rule_out(tmp_path):
     assert lrscope("check", str(write_jsonl(tmp_path / "a", [0.1, 0.1]))).returncode == 0
-    done = lrscope("check", str(write_jsonl(tmp_path / "b", [0.0, 0.1])), "--ignore", "lr_zero")
+    done = lrscope("check", str(write_jsonl(tmp_path / "b", [0.1, 0.0])), "--ignore", "lr_zero")
     assert done.returncode == 0 and "nothing wrong found" in done.stdout
 
 

@@ -155,6 +155,13 @@ def schedule_to_zero(tmp_path):
     return train(tmp_path, model, optimizer, 8, scheduler=scheduler)
 
 
+def warmup_from_zero(tmp_path):
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: min(1.0, epoch / 3))
+    return train(tmp_path, model, optimizer, 5, scheduler=scheduler)
+
+
 def short_warmup(tmp_path):
     # beta2 = 0.95: Adam wants about 2 / (1 - 0.95) = 40 steps of warmup; this one has 10.
     model = mlp()
@@ -232,6 +239,7 @@ CASES = {
     "decay_on_norms_and_biases": adamw_on_everything,
     "decay_exceeds_update": huge_weight_decay,
     "lr_zero": schedule_to_zero,
+    "warmup_starts_at_zero": warmup_from_zero,
     "warmup_shorter_than_bias_correction": short_warmup,
     "lr_off_schedule": group_by_hand,
     "scheduler_stepped_before_optimizer": scheduler_first,
@@ -357,23 +365,27 @@ def test_the_sinks_write_new_findings():
         def add_scalar(self, tag, value, global_step=None):
             pass
 
+        def add_histogram_raw(self, tag, **histogram):
+            pass
+
         def flush(self):
             pass
 
     out, writer = io.StringIO(), Writer()
     model = mlp()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     monitor = lrscope.watch(optimizer, sinks=[ConsoleSink(100, console=Console(file=out, width=200)),
                                               TensorBoardSink(writer=writer)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(2):
+        for _ in range(3):
             model(torch.randn(4, 8)).sum().backward()
             optimizer.step()
+            optimizer.param_groups[0]["lr"] = 0.0  # from the second step on
         monitor.close()
-    assert out.getvalue().count("lrscope warning [lr_zero] lr-SGD/pg0 (steps 1): lr was 0") == 1
-    assert [(tag, step) for tag, _, step in writer.texts] == [("lr-SGD/findings", 1)]
-    assert "`lr_zero`" in writer.texts[0][1]
+    assert out.getvalue().count("lrscope warning [lr_zero] lr-SGD/pg0 (steps 2): lr was 0") == 1
+    assert [(tag, step) for tag, text, step in writer.texts if "`lr_zero`" in text] == [
+        ("lr-SGD/findings", 2)]
 
 
 def test_a_record_and_its_report_give_the_same_step():

@@ -14,10 +14,8 @@ of the likely causes and what to try.  One engine serves both uses:
 >>> for t in (1, 2):
 ...     found = checker.feed(StepReport(t=t, optimizer="SGD", framework="torch", family="sgd",
 ...                          groups=[GroupReport(name="pg0", lr=0.1 * (t - 1), step_size=0.1)]))
->>> [(f.id, f.subject, f.steps_text()) for f in checker.findings]
-[('lr_zero', 'lr-SGD/pg0', '1')]
->>> RULES["lr_zero"].severity
-'warning'
+>>> [(f.id, f.severity, f.subject, f.steps_text()) for f in checker.findings]
+[('warmup_starts_at_zero', 'info', 'lr-SGD/pg0', '1')]
 
 The rules are documented in ``docs/findings.md``; ``lrscope check --rules`` lists them.
 """

@@ -36,16 +36,18 @@ class Checker:
 
     >>> import numpy as np
     >>> from lrscope.report import GroupReport, StepReport
+    >>> def report(t, lr):
+    ...     return StepReport(t=t, optimizer="SGD", framework="torch", family="sgd",
+    ...                       groups=[GroupReport(name="pg0", lr=lr, step_size=lr)])
     >>> checker = Checker()
-    >>> report = StepReport(t=1, optimizer="SGD", framework="torch", family="sgd",
-    ...                     groups=[GroupReport(name="pg0", lr=0.0, step_size=0.0)])
-    >>> [f.line() for f in checker.feed(report)]
-    ['warning [lr_zero] lr-SGD/pg0 (steps 1): lr was 0']
-    >>> checker.feed(StepReport(t=2, optimizer="SGD", framework="torch", family="sgd",
-    ...                         groups=[GroupReport(name="pg0", lr=0.0, step_size=0.0)]))
+    >>> checker.feed(report(1, 0.1))
+    []
+    >>> [f.line() for f in checker.feed(report(2, 0.0))]
+    ['warning [lr_zero] lr-SGD/pg0 (steps 2): lr was 0']
+    >>> checker.feed(report(3, 0.0))
     []
     >>> checker.findings[0].steps
-    [(1, 2)]
+    [(2, 3)]
     """
 
     def __init__(self, ignore: Iterable[str] = ()):

@@ -54,14 +54,17 @@ def format_text(source: Any, findings: list[Finding]) -> str:
             lines.append(f"  {finding.subject} (steps {finding.steps_text()}): {finding.message}")
         if len(found) > SHOWN_SUBJECTS:
             lines.append(f"  ... and {len(found) - SHOWN_SUBJECTS} more (--json lists them all)")
-        lines += textwrap.wrap(found[0].explanation, _WIDTH, initial_indent="  What it means: ",
-                               subsequent_indent="  ")
+        lines += _wrap(found[0].explanation, "  What it means: ")
         if rule is not None:
-            lines += textwrap.wrap(rule.threshold, _WIDTH,
-                                   initial_indent="  Threshold: ", subsequent_indent="  ")
+            lines += _wrap(rule.threshold, "  Threshold: ")
     lines += ["", f"{_count(warnings, 'warning')}, {_count(infos, 'info')}"
               + ("" if warnings else ": nothing wrong found")]
     return "\n".join(lines)
+
+
+def _wrap(text: str, first: str, indent: str = "  ") -> list[str]:
+    return textwrap.wrap(text, _WIDTH, initial_indent=first, subsequent_indent=indent,
+                         break_on_hyphens=False, break_long_words=False)
 
 
 def _count(n: int, what: str) -> str:
@@ -85,7 +88,7 @@ def format_rules() -> str:
     lines = []
     for rule in RULES.values():
         lines.append(f"{rule.id} ({rule.severity}{', live only' if rule.live_only else ''}): {rule.title}")
-        lines += textwrap.wrap(rule.threshold, _WIDTH, initial_indent="    ", subsequent_indent="    ")
+        lines += _wrap(rule.threshold, "    ", "    ")
     return "\n".join(lines)
 
 

@@ -10,12 +10,14 @@ one warning, and findings are off for the rest of the run.
 >>> import warnings
 >>> from lrscope.report import GroupReport, StepReport
 >>> live = LiveFindings()
->>> report = StepReport(t=1, optimizer="SGD", framework="torch", family="sgd",
-...                     groups=[GroupReport(name="pg0", lr=0.0, step_size=0.0)])
+>>> def report(t, lr):
+...     return StepReport(t=t, optimizer="SGD", framework="torch", family="sgd",
+...                       groups=[GroupReport(name="pg0", lr=lr, step_size=lr)])
+>>> live.feed(report(1, 0.1))
 >>> with warnings.catch_warnings(record=True) as caught:
 ...     warnings.simplefilter("always")
-...     live.feed(report)
->>> [f.id for f in report.findings], "lr_zero" in str(caught[0].message)
+...     live.feed(second := report(2, 0.0))
+>>> [f.id for f in second.findings], "lr_zero" in str(caught[0].message)
 (['lr_zero'], True)
 """
 

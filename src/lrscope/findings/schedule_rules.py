@@ -35,28 +35,88 @@ FIT_TOLERANCE = 1e-5
 GROUP_RATIO_TOLERANCE = 0.01
 
 
+class _LeadingZeros:
+    """Per group: the steps of lr 0 before its lr was first positive, and whether it was."""
+
+    def __init__(self) -> None:
+        self.zeros: dict[str, list[int]] = {}  # group: [first, last] leading step with lr 0
+        self.positive: set[str] = set()
+
+    def see(self, key: str, lr: float, t: int) -> str:
+        """``"leading"`` (lr 0 and never positive yet), ``"first"`` (the first positive lr),
+        ``"zero"`` (lr 0 after a positive one) or ``"positive"``."""
+        if key in self.positive:
+            return "zero" if lr == 0 else "positive"
+        if lr == 0:
+            self.zeros.setdefault(key, [t, t])[1] = t
+            return "leading"
+        self.positive.add(key)
+        return "first"
+
+
 class LrZero(RuleLogic):
     rule = Rule(
         id="lr_zero", severity="warning",
         title="the learning rate reached 0",
-        threshold="a group's lr == 0 on a step that was taken (not skipped)",
+        threshold="a group's lr == 0 on a step that was taken (not skipped), after its lr had been "
+                  "positive; or on every step of the run (judged at its end). Zeros before the "
+                  "first positive lr are warmup_starts_at_zero's",
         reason="a step with lr 0 moves nothing, yet Adam-type optimizers still advance t and "
                "their moments on it",
         explanation=(
-            "The learning rate the step used was exactly 0, so the step did not move the "
-            "parameters (it still advanced t and the moments of Adam-type optimizers). Usual "
-            "causes: a warmup that starts at 0 (the first step is wasted: start at a small "
-            "fraction instead, e.g. LinearLR(start_factor=0.01)), a schedule whose length is "
-            "shorter than the run (it decayed to 0 and stays there: set its length to the "
-            "real number of optimizer steps, counting gradient accumulation), a step-decay "
+            "The learning rate the steps used was exactly 0, so they did not move the "
+            "parameters (they still advanced t and the moments of Adam-type optimizers). "
+            "Usual causes: a schedule whose length is shorter than the run (it decayed to 0 "
+            "and stays there: set its length to the real number of optimizer steps, counting "
+            "gradient accumulation, or give it a floor such as eta_min), a step-decay "
             "schedule that underflowed, or a group frozen with lr=0 (then leave its "
             "parameters out of the optimizer instead)."),
         needs="lr on every step")
 
+    def __init__(self) -> None:
+        self.leading = _LeadingZeros()
+
     def observe(self, step: Step) -> Iterable[Verdict]:
         for g in step.groups:
             if not math.isnan(g.lr):
-                yield Verdict(f"{step.prefix}/{g.name}", "lr was 0" if g.lr == 0 else None)
+                key = f"{step.prefix}/{g.name}"
+                seen = self.leading.see(key, g.lr, step.t)
+                if seen != "leading":
+                    yield Verdict(key, "lr was 0" if seen == "zero" else None)
+
+    def finish(self) -> Iterable[Verdict]:
+        for key, (first, last) in self.leading.zeros.items():
+            if key not in self.leading.positive:
+                yield Verdict(key, "lr was 0 on every step", since=first, until=last)
+
+
+class WarmupStartsAtZero(RuleLogic):
+    rule = Rule(
+        id="warmup_starts_at_zero", severity="info",
+        title="the first steps used lr 0",
+        threshold="a group's lr == 0 on the steps before its lr is first positive",
+        reason="those steps move nothing but still advance Adam's t and moments; common (Hugging "
+               "Face's linear and cosine schedules with warmup start at 0) and costing a step, "
+               "hence an info",
+        explanation=(
+            "The warmup starts at lr 0: its first step(s) did not move the parameters, yet "
+            "Adam-type optimizers advanced t and their moments on them (so the bias correction "
+            "is one step further along than the parameters). Harmless in long runs; to use "
+            "every step, start the warmup at a small fraction of the peak lr instead (e.g. "
+            "LinearLR(start_factor=0.01), or a warmup lambda of (step + 1) / warmup_steps)."),
+        needs="lr on every step from the first")
+
+    def __init__(self) -> None:
+        self.leading = _LeadingZeros()
+
+    def observe(self, step: Step) -> Iterable[Verdict]:
+        for g in step.groups:
+            if not math.isnan(g.lr):
+                key = f"{step.prefix}/{g.name}"
+                if self.leading.see(key, g.lr, step.t) == "first" and key in self.leading.zeros:
+                    first, last = self.leading.zeros[key]
+                    steps = f"step {first}" if first == last else f"steps {first}-{last}"
+                    yield Verdict(key, f"lr was 0 on {steps}, then {g.lr:.3g}", since=first, until=last)
 
 
 def fit_adam_betas(points: Sequence[tuple[int, float]]) -> tuple[float, float] | None:
@@ -255,4 +315,4 @@ SCHEDULER_BEFORE_OPTIMIZER = Rule(
     live_only=True)
 
 
-RULES = [LrZero, WarmupShort, LrOffSchedule]
+RULES = [LrZero, WarmupStartsAtZero, WarmupShort, LrOffSchedule]
