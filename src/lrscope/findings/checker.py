@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from lrscope.findings import family_rules, schedule_rules, state_rules
+from lrscope.findings import family_rules, schedule_rules, state_rules, update_rules
 from lrscope.findings.core import SEVERITIES, Finding, Rule, RuleLogic, Verdict
 from lrscope.findings.observe import Step, from_record, from_report
 from lrscope.report import StepReport
 
 #: Every rule's logic, in the order findings are listed.
-LOGIC: list[type[RuleLogic]] = [*state_rules.RULES, *schedule_rules.RULES, *family_rules.RULES]
+LOGIC: list[type[RuleLogic]] = [*state_rules.RULES, *update_rules.RULES, *schedule_rules.RULES,
+                                 *family_rules.RULES]
 #: Every rule, by id: those judged by the Checker, then those a framework monitor judges.
 RULES: dict[str, Rule] = {r.rule.id: r.rule for r in LOGIC}
 RULES[schedule_rules.SCHEDULER_BEFORE_OPTIMIZER.id] = schedule_rules.SCHEDULER_BEFORE_OPTIMIZER

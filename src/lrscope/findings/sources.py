@@ -1,8 +1,9 @@
 """The steps of a run's logs, for ``lrscope check``: lrscope's JSONL, else TensorBoard events.
 
 Files are read with ``lrscope.logs`` (malformed lines skipped and counted, event files
-read up to where they stop making sense), and a series whose t goes back (a run started again in the same log_dir, or resumed
-from an earlier checkpoint) keeps the later records from that t on, as TensorBoard does.
+read up to where they stop making sense), and a series whose t goes back (a run started
+again in the same log_dir, or resumed from an earlier checkpoint) keeps the later records
+from that t on, as TensorBoard does.
 Bad input raises ValueError with a one-line message.
 """
 
