@@ -1,8 +1,10 @@
 """The sinks ``lrscope.watch(..., log_dir=D)`` writes to: TensorBoard and JSONL in D.
 
 A directory that cannot be created or written costs one warning, never an exception:
-training goes on, and the sinks that could start keep working.  Without tensorboardX
-installed, only the JSONL log is written (one warning says how to get TensorBoard).
+training goes on, and the sinks that could start keep working (a file that cannot be
+opened, such as a FIFO named ``lrscope.jsonl``, costs its sink's own warning).  Without
+tensorboardX installed, only the JSONL log is written (one warning says how to get
+TensorBoard).
 
 >>> import tempfile
 >>> sinks = default_sinks(tempfile.mkdtemp())
@@ -13,6 +15,7 @@ installed, only the JSONL log is written (one warning says how to get TensorBoar
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Callable
@@ -27,6 +30,14 @@ from lrscope.sinks.tensorboard import TensorBoardSink
 def default_sinks(log_dir: str | os.PathLike) -> list[Sink]:
     """TensorBoard event files and ``lrscope.jsonl`` in ``log_dir``; failures become warnings."""
     directory = Path(log_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable (a read-only disk, or permissions)")
+    except OSError as error:
+        warn(f"lrscope: cannot log to {os.fspath(log_dir)!r} ({type(error).__name__}: {error}); "
+             "training continues without logs there: give log_dir= a writable directory.")
+        return []
     makers: list[tuple[str, Callable[[], Sink]]] = [
         ("TensorBoard event files", lambda: TensorBoardSink(directory)),
         (JSONL_FILE_NAME, lambda: JsonlSink(directory / JSONL_FILE_NAME)),

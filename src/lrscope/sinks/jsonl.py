@@ -2,8 +2,10 @@
 
 Each line is ``report.to_dict()`` plus ``wall_time`` (Unix seconds).  The file is strict
 JSON: non-finite floats (the min of an empty distribution, an update ratio of a zero
-tensor) are written as ``null``.  A process killed at any moment leaves every complete
-line readable; ``lrscope.logs.read_jsonl`` skips a torn last line.
+tensor) are written as ``null``.  Each line is appended in one system call (see
+``AppendFile``): a process killed at any moment leaves every complete line readable
+(``lrscope.logs.read_jsonl`` skips a torn last line), and the next writer of the file cuts
+a torn last line before appending, so no record is lost by being glued onto it.
 
 >>> import tempfile, numpy as np
 >>> from pathlib import Path
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lrscope.report import StepReport
-from lrscope.sinks._files import AppendFile
+from lrscope.sinks._files import AppendFile, opened
 
 #: File name of the JSONL log inside a log directory.
 FILE_NAME = "lrscope.jsonl"
@@ -67,7 +69,8 @@ class JsonlSink:
     Every tensor's sketch makes a measured step of an 82-tensor model about 316 KB;
     ``tensor_sketches=False`` keeps the tensors' summaries and the groups' sketches only,
     about 44 KB (quantiles of the groups can still be merged, those of any set of tensors
-    no longer).
+    no longer).  A path that cannot be opened costs one warning, not an exception: the sink
+    is then ``disabled`` and writes nothing.
     """
 
     background = True
@@ -75,10 +78,16 @@ class JsonlSink:
     def __init__(self, path: str | os.PathLike, *, tensor_sketches: bool = True):
         self.path = Path(path)
         self.tensor_sketches = tensor_sketches
-        self._file = AppendFile(self.path)
+        self._file = opened(self, lambda: AppendFile(self.path))
+
+    @property
+    def disabled(self) -> bool:
+        return self._file is None
 
     def write(self, report: StepReport) -> None:
-        self._file.write(encode(report, tensor_sketches=self.tensor_sketches))
+        if self._file is not None:
+            self._file.write(encode(report, tensor_sketches=self.tensor_sketches))
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
