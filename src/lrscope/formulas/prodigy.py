@@ -23,6 +23,17 @@ Reported scalars: ``step_size = dlr``, ``d`` (the estimate the step applied), ``
 denominator).  The step changes ``group["d"]``, so ``d`` comes from ``watch()``'s
 pre-step record (``inspect()`` knows it only at t = 1, where it is ``d0``).
 
+Optax (``optax.contrib.prodigy``, ``ProdigyState``): the same step with
+``use_bias_correction`` always on, ``d`` the state's ``estim_lr`` before the step and
+``d'`` after it, the lr the schedule at ``count - 1``, and::
+
+    dlr    = asarray(estim_lr * lr * bc, dtype=estim_lr.dtype)   # "step_size"
+    update = -weight_decay * dlr * theta - dlr * m / (sqrt(v) + estim_lr' * eps)
+
+with ``m``, ``v`` as above (``d`` inside both).  ``d_dir = m`` for every beta1 (with
+beta1 = 0 optax's ``m`` is ``d * g``), ``decay_rate = wd * dlr``.  ``beta3``,
+``estim_lr0``, ``estim_lr_coef`` and ``safeguard_warmup`` only change the estimate.
+
 The d estimate's own options (``d0``, ``d_coef``, ``growth_rate``, ``beta3``,
 ``safeguard_warmup``, ``slice_p``, ``fsdp_in_use``) change ``d``, not the step given
 ``d``: they need no modelling.
@@ -48,6 +59,12 @@ PER_STEP = ("d", "d_next")
 DEFAULTS: dict[str, dict[str, Any]] = {
     "torch": {"lr": 1.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
               "decouple": True, "use_bias_correction": False, "d": 1e-6, "d_next": 1e-6},
+    # optax.contrib.prodigy's arguments (betas split into beta1/beta2); bias correction
+    # and decoupled decay are not options there.
+    "optax": {"lr": 1.0, "beta1": 0.9, "beta2": 0.999, "beta3": None, "eps": 1e-8,
+              "estim_lr0": 1e-6, "estim_lr_coef": 1.0, "weight_decay": 0.0,
+              "safeguard_warmup": False, "decouple": True, "use_bias_correction": True,
+              "d": 1e-6, "d_next": 1e-6},
 }
 
 
@@ -59,8 +76,12 @@ def bias_correction(t: Any, h: Mapping[str, Any]) -> Any:
 
 
 def step_sizes(xp: Any, t: Any, h: Mapping[str, Any], convention: str) -> dict[str, Any]:
-    """``step_size = d * lr * bc`` (in Prodigy's order of operations), ``d``, ``d_next``."""
-    return {"step_size": h["d"] * h["lr"] * bias_correction(t, h), "d": h["d"], "d_next": h["d_next"]}
+    """``step_size = d * lr * bc`` (in Prodigy's order of operations), ``d``, ``d_next``;
+    optax rounds it to the dtype of its estimate."""
+    step_size = h["d"] * h["lr"] * bias_correction(t, h)
+    if convention == "optax" and hasattr(h["d"], "dtype"):
+        step_size = xp.asarray(step_size, dtype=h["d"].dtype)
+    return {"step_size": step_size, "d": h["d"], "d_next": h["d_next"]}
 
 
 def decay_rate(h: Mapping[str, Any], step_size: Any) -> Any:
@@ -77,7 +98,7 @@ def elementwise(
     dlr, d_next = scalars["step_size"], scalars["d_next"]
     root = xp.sqrt(state["exp_avg_sq"])
     eps = d_next * h["eps"]
-    if h["beta1"] > 0:
+    if h["beta1"] > 0 or convention == "optax":
         eta, direction = dlr / (root + eps), state["exp_avg"]
     else:
         eta, direction = dlr * d_next / (root + eps), state["grad"]

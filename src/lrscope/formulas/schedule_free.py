@@ -30,6 +30,46 @@ mode (``train_mode=False``) the parameters hold ``x = lerp(y, z, 1 - 1/beta1)``:
 formula turns them back into ``y = lerp(x, z, 1 - beta1)`` as ``train()`` does (to
 rounding), so a ``train()``/``eval()`` switch is not an update.
 ``eps_dominated`` where ``sqrt(v / (1 - beta2**t)) < eps``.
+
+Keras (``keras.optimizers.ScheduleFreeAdamW``), step t: ``momentum`` holds z (a copy of the
+variable at build), the parameters hold y (in every mode: Keras never swaps x in, so a
+train/eval switch does not exist), decoupled decay ``y_dec = y * (1 - lr * wd)`` first
+(with the un-warmed lr), ``c_t = 1 / t`` (uniform averaging), ``lr_t = lr * min(t /
+warmup_steps, 1)`` (``scheduled_lr``)::
+
+    z    <- z - lr_t * g / (sqrt(v / (1 - beta2**t)) + eps)
+    x_old = (y_dec - (1 - beta1) * z_old) / beta1
+    y    <- (1 - beta1) * z + beta1 * lerp(x_old, z, c_t)
+
+On the TensorFlow and torch backends ``z_old`` is read as ``momentum.value``, the live
+variable, *after* the z update (``aliased_z=True``), and the rule collapses to
+``y <- (1 - c_t) * y_dec + c_t * z``: y is the running average of the z iterates, beta1
+plays no part.  On JAX (immutable arrays) it is the rule above.  Either way
+``z - z_before = -eta * d`` with ``eta = lr_t / (sqrt(v / (1 - beta2**t)) + eps)``,
+``d = g`` (Keras keeps no gradient: ``state["grad"]`` where given) and no decay on z
+(``decay_rate`` reports ``lr * wd`` of y); ``delta``, the parameters' own change, is rebuilt
+from z, y and g after the step.  Reported: ``lr`` = ``lr_t``, ``step_size``
+(``lr_t * sqrt(1 - beta2**t)``), ``ckp1`` = ``1 / t``.
+
+Optax (``optax.contrib.schedule_free_adamw`` / ``schedule_free_sgd``, a
+``ScheduleFreeState`` around ``scale_by_rms(b2, eps, eps_in_sqrt=False,
+bias_correction=True)``, ``add_decayed_weights(wd)``, ``scale_by_learning_rate``; SGD:
+no D), step t: the z-step's lr is the schedule at ``t - 1`` (the base optimizer's count:
+with ``warmup_steps``, 0 on the first step), while the averaging weight reads it at
+``t`` (``ScheduleFreeState.step_count`` starts at 1)::
+
+    max_lr <- max(max_lr, schedule(t));  weight = max_lr**weight_lr_power
+    c_t    = weight / (weight_sum + weight)            # ckp1; 0 where 0/0
+    z      <- z - lr * (g / D + wd * y)                # D as above (1 for SGD)
+    x_prev = (y - (1 - beta1) * z_before) / beta1
+    y      <- beta1 * ((1 - c_t) * x_prev + c_t * z) + (1 - beta1) * z
+
+so ``z - z_before = -eta * d - decay_rate * y_before`` with ``eta = lr / D``, ``d = g``
+(the raw gradient), ``decay_rate = lr * wd``.  The parameters hold y (x is
+``optax.contrib.schedule_free_eval_params``); their change (``delta``) is predicted from
+the modelled z-step, ``z_before`` (``state["z_before"]``) and ``y_before``
+(``state["param_before"]``), which the model check compares with the real update.
+Reported: ``lr`` (the z-step's), ``step_size`` as above, ``ckp1`` and ``max_lr``.
 """
 
 from __future__ import annotations
@@ -40,6 +80,8 @@ from lrscope.formulas._common import Elementwise, per_step
 
 NAMES = ("schedule_free",)
 STEP_SCALARS = ("lr", "ckp1")
+#: The optax convention reads theta before the step (y_before, in the decay and in delta).
+READS_PARAM_BEFORE = True
 #: Hyperparameters that change every step, read from STEP_SCALARS in the state when there.
 PER_STEP = ("ckp1",)
 IDENTITY_STATE = "z"
@@ -47,13 +89,28 @@ IDENTITY_STATE = "z"
 DEFAULTS: dict[str, dict[str, Any]] = {
     "torch": {"lr": 0.0025, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
               "ckp1": 1.0, "adaptive": True, "train_mode": True},
+    # keras.optimizers.ScheduleFreeAdamW: ``scheduled_lr`` is lr_t as the step rounded it
+    # (None: computed), ``aliased_z`` the TensorFlow/torch reading of z (module docstring).
+    "keras": {"lr": 0.0025, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+              "warmup_steps": 0, "scheduled_lr": None, "aliased_z": False},
+    # optax.contrib.schedule_free_adamw's arguments (sgd: adaptive=False, no b2/eps);
+    # ckp1 and max_lr come from the ScheduleFreeState of each step.
+    "optax": {"lr": 0.0025, "warmup_steps": None, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+              "weight_decay": 0.0, "weight_lr_power": 2.0, "state_dtype": None,
+              "adaptive": True, "ckp1": 1.0, "max_lr": 0.0},
 }
 
 
 def step_sizes(xp: Any, t: Any, h: Mapping[str, Any], convention: str) -> dict[str, Any]:
-    """``step_size`` (``lr * sqrt(1 - beta2**t)``, or ``lr`` without D) and ``ckp1``."""
+    """``step_size`` (``lr * sqrt(1 - beta2**t)``, or ``lr`` without D) and ``ckp1`` (and
+    optax's ``max_lr``, the lr the averaging weight used)."""
+    if convention == "keras":
+        return {"step_size": keras_lr(t, h) * (1 - h["beta2"] ** t) ** 0.5, "ckp1": 1 / t}
     lr = h["lr"]
-    return {"step_size": lr * (1 - h["beta2"] ** t) ** 0.5 if h["adaptive"] else lr, "ckp1": h["ckp1"]}
+    out = {"step_size": lr * (1 - h["beta2"] ** t) ** 0.5 if h["adaptive"] else lr, "ckp1": h["ckp1"]}
+    if convention == "optax":
+        out["max_lr"] = h["max_lr"]
+    return out
 
 
 def decay_rate(h: Mapping[str, Any], step_size: Any) -> Any:
@@ -65,6 +122,10 @@ def elementwise(
     xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any], convention: str
 ) -> Elementwise:
     """eta and d of the z-sequence, and the parameters' change (``delta``)."""
+    if convention == "keras":
+        return _keras_elementwise(xp, state, t, h)
+    if convention == "optax":
+        return _optax_elementwise(xp, state, t, h)
     lr, ckp1 = per_step(state, h, "lr"), per_step(state, h, "ckp1")
     g_hat, z, y = state["grad"], state["z"], state["param"]
     if not h["train_mode"]:  # the parameters hold x
@@ -87,3 +148,62 @@ def elementwise(
     direction = (g_hat - wd * y_before) * denom if wd else g_hat * denom
     return Elementwise(eta=lr / denom, direction=direction, decay_rate=decay_rate(h, lr),
                        eps_dominated=eps_dominated, delta=y - y_before)
+
+
+def keras_lr(t: Any, h: Mapping[str, Any], state: Mapping[str, Any] | None = None) -> Any:
+    """Keras' warmed-up lr of step t: ``state["scheduled_lr"]`` or ``h["scheduled_lr"]``
+    (as the step rounded it) where given, else ``lr * min(t / warmup_steps, 1)``.
+
+    >>> keras_lr(2, {"lr": 0.01, "warmup_steps": 4, "scheduled_lr": None})
+    0.005
+    """
+    given = per_step(state or {}, h, "scheduled_lr")
+    if given is not None:
+        return given
+    warmup = h["warmup_steps"]
+    return h["lr"] * min(t / warmup, 1.0) if warmup > 0 else h["lr"]
+
+
+def _keras_elementwise(xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any]) -> Elementwise:
+    """Keras' z-step and the y before it, rebuilt from z, y and g after the step."""
+    lr, beta1 = keras_lr(t, h, state), h["beta1"]
+    g, z, y = state["grad"], state["z"], state["param"]
+    root = xp.sqrt(state["exp_avg_sq"] / (1 - h["beta2"] ** t))
+    eta = lr / (root + h["eps"])
+    z_before = z + eta * g
+    ckp1 = 1 / t
+    if isinstance(t, (int, float)) and t == 1:
+        # Step 1 (c_t = 1) sets y = z: y before it was z before it (z starts as a copy of y).
+        return Elementwise(eta=eta, direction=g, decay_rate=0.0, eps_dominated=root < h["eps"],
+                           delta=y - z_before)
+    if h["aliased_z"]:
+        y_decayed = (y - ckp1 * z) / (1 - ckp1)
+    else:
+        y_decayed = (y - (1 - beta1) * z - beta1 * ckp1 * z) / (1 - ckp1) + (1 - beta1) * z_before
+    y_before = y_decayed / (1 - h["lr"] * h["weight_decay"])
+    if not isinstance(t, (int, float)):  # a traced step counter: no branch on its value
+        y_before = xp.where(ckp1 == 1, z_before, y_before)
+    return Elementwise(eta=eta, direction=g, decay_rate=0.0, eps_dominated=root < h["eps"],
+                       delta=y - y_before)
+
+
+def _optax_elementwise(xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any]) -> Elementwise:
+    """optax's z-step and the y it implies (see the module docstring)."""
+    lr, ckp1, beta1, wd = h["lr"], h["ckp1"], h["beta1"], h["weight_decay"]
+    g, z_before, y_before = state["grad"], state["z_before"], state.get("param_before")
+    eps_dominated = None
+    if h["adaptive"]:
+        root = xp.sqrt(state["exp_avg_sq"] / (1 - h["beta2"] ** t))
+        denom = root + h["eps"]
+        eps_dominated = root < h["eps"]
+        eta = lr / denom
+    else:
+        eta = lr
+    delta = None
+    if y_before is not None:
+        z = z_before - eta * g - lr * wd * y_before
+        x_before = (y_before - (1.0 - beta1) * z_before) / beta1
+        y = beta1 * ((1.0 - ckp1) * x_before + ckp1 * z) + (1.0 - beta1) * z
+        delta = y - y_before
+    return Elementwise(eta=eta, direction=g, decay_rate=lr * wd, eps_dominated=eps_dominated,
+                       delta=delta)

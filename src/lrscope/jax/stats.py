@@ -102,7 +102,9 @@ def leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str, Any], g
         values = jnp.broadcast_to(el.eta, grad.shape)
         direction = jnp.broadcast_to(el.direction, grad.shape)
         modelled = -values * direction
-        if before is not None:
+        if el.delta is not None:  # eta and d describe another sequence (schedule-free's z)
+            modelled = jnp.broadcast_to(el.delta, grad.shape)
+        elif before is not None:
             modelled = modelled - el.decay_rate * before
         elif after is not None:  # theta before from SPEC §1's identity, as Elementwise.update does
             modelled = jnp.broadcast_to(el.update(after), grad.shape)

@@ -12,10 +12,13 @@ Two ways in, one result (a list of ``GroupModel``):
 
 A group is modelled only when every state in it is one lrscope reads (``_READERS``), a
 container it looks through (chain, ``masked``, ``inject_hyperparams``) or a NEUTRAL one:
-a state it recognises inside or beside a transformation it does not know
-(``optax.contrib.schedule_free``'s ``ScheduleFreeState``, Muon's ``MuonState``, a custom
+a state it recognises inside or beside a transformation it does not know (a custom
 one) makes the group measured-only (the statistics of the realized update), never
-modelled by the part it recognises.
+modelled by the part it recognises.  ``optax.contrib``'s Prodigy is read like Adam;
+schedule-free and Muon are modelled through their aliases only (``schedule_free_adamw``,
+``schedule_free_sgd``, ``muon``), whose arguments say what their base optimizer and
+dimension numbers are: built by hand (``schedule_free(any_optimizer)``) they are
+measured-only (``ALIAS_ONLY``).
 
 A state node's arrays are renamed to PyTorch's state names (``mu`` -> ``exp_avg``, ...)
 for the family formulas in ``lrscope.formulas``.
@@ -43,12 +46,19 @@ ALIASES: dict[Any, str] = {
     optax.adamaxw: "adamax", optax.adagrad: "adagrad", optax.rmsprop: "rmsprop",
     optax.sgd: "sgd", optax.lion: "lion", optax.adabelief: "adabelief", optax.yogi: "yogi",
     optax.adadelta: "adadelta", optax.rprop: "rprop", optax.lamb: "lamb",
-    optax.adafactor: "adafactor",
+    optax.adafactor: "adafactor", optax.contrib.prodigy: "prodigy",
+    optax.contrib.schedule_free_adamw: "schedule_free",
+    optax.contrib.schedule_free_sgd: "schedule_free", optax.contrib.muon: "muon",
 }
 #: Families whose optax per-element model tests/test_optax.py checks against the real
 #: optimizer; any other is reported empirically rather than trusted unchecked.
 VERIFIED = {"adam", "adamw", "nadam", "amsgrad", "radam", "adamax", "adagrad", "rmsprop", "sgd",
-            "lion", "adabelief", "yogi", "adadelta", "rprop", "adafactor", "lamb"}
+            "lion", "adabelief", "yogi", "adadelta", "rprop", "adafactor", "lamb", "prodigy",
+            "schedule_free", "muon"}
+#: Families lrscope models through their optax.contrib alias only (its arguments say what
+#: the state cannot: the base optimizer, the dimension numbers), with the alias to use.
+ALIAS_ONLY = {"schedule_free": "optax.contrib.schedule_free_adamw or schedule_free_sgd",
+              "muon": "optax.contrib.muon"}
 #: Optax argument names that differ from the formulas' names.
 _RENAME = {"learning_rate": "lr", "b1": "beta1", "b2": "beta2", "weight_decay_mask": "mask",
            "weight_decay_rate": "weight_decay"}
@@ -69,7 +79,7 @@ _FLAGS = {"lr", "amsgrad", "decoupled_weight_decay"}
 #: How the fraction of theta removed per step relates to the weight decay: "lr" (lr * wd,
 #: the default), "none" (coupled decay, part of d: optax adds wd * theta to the gradient
 #: before adadelta's scaling; rprop has none) or "wd" (adafactor: not scaled by lr).
-DECAY_SCALE = {"adadelta": "none", "rprop": "none", "adafactor": "wd"}
+DECAY_SCALE = {"adadelta": "none", "rprop": "none", "adafactor": "wd", "prodigy": "step_size"}
 
 # State node type -> (family it signals in a chain, reader(old, new, family) -> arrays).
 _Reader = Callable[[Any, Any, str], dict[str, Any]]
@@ -97,7 +107,50 @@ _READERS: dict[type, tuple[str | None, _Reader]] = {
     optax.FactoredState: ("adafactor", lambda old, new, fam: {
         "row_var": new.v_row, "col_var": new.v_col, "variance": new.v}),
     optax.EmaState: (None, lambda old, new, fam: {"momentum_buffer": new.ema}),
+    optax.contrib.ProdigyState: ("prodigy", lambda old, new, fam: {
+        "exp_avg": new.exp_avg, "exp_avg_sq": new.exp_avg_sq}),
+    optax.contrib.ScheduleFreeState: ("schedule_free", lambda old, new, fam: {
+        "z": new.z, "z_before": old.z, **_rms_of(new.base_optimizer_state)}),
+    optax.contrib.MuonState: ("muon", lambda old, new, fam: {"momentum_buffer": new.mu}),
 }
+#: State node type -> function(old, new, h) giving the hyperparameters that change every
+#: step, read from the state (traced): Prodigy's estimate before and after the step,
+#: schedule-free's averaging weight (as optax computes it) and the lr it used, Muon's
+#: Newton-Schulz coefficients.
+_Step = Callable[[Any, Any, dict[str, Any]], dict[str, Any]]
+_STEP_HYPER: dict[type, _Step] = {
+    optax.contrib.ProdigyState: lambda old, new, h: {"d": old.estim_lr, "d_next": new.estim_lr},
+    optax.contrib.ScheduleFreeState: lambda old, new, h: {
+        "ckp1": _schedule_free_weight(new, h["weight_lr_power"]), "max_lr": new.max_lr},
+    optax.contrib.MuonState: lambda old, new, h: {"ns_coeffs": new.ns_coeffs},
+}
+
+
+def _rms_of(base_state: Any) -> dict[str, Any]:
+    """The second moment of schedule_free_adamw's base optimizer (none for SGD)."""
+    found = [n for n in jax.tree_util.tree_leaves(
+        base_state, is_leaf=lambda x: isinstance(x, _T.ScaleByRmsWithCountState))
+        if isinstance(n, _T.ScaleByRmsWithCountState)]
+    return {"exp_avg_sq": found[0].nu} if found else {}
+
+
+def _schedule_free_weight(new: Any, weight_lr_power: Any) -> Any:
+    """``c_t`` of the step that produced ``new`` (a ScheduleFreeState), as optax computes it
+    (its ``weight_sum`` is the new total)."""
+    weight = new.max_lr ** weight_lr_power
+    total = new.weight_sum
+    return jax.numpy.where(jax.numpy.isnan(weight) | jax.numpy.isnan(total),
+                           jax.numpy.full(weight.shape, jax.numpy.nan),
+                           jax.numpy.nan_to_num(weight / total, nan=0.0, posinf=jax.numpy.inf))
+
+
+def step_hyper(old_nodes: list[Any], new_nodes: list[Any], h: dict[str, Any]) -> dict[str, Any]:
+    """The per-step hyperparameters the group's state nodes hold (``_STEP_HYPER``)."""
+    out: dict[str, Any] = {}
+    for old, new in zip(old_nodes, new_nodes):
+        if type(new) in _STEP_HYPER:
+            out.update(_STEP_HYPER[type(new)](old, new, h))
+    return out
 INJECT = (optax.InjectStatefulHyperparamsState, optax.InjectHyperparamsState)
 #: States that hold nothing the models read and whose transformation changes the update
 #: only as the model assumes (which the model check verifies where it runs): those of
@@ -233,8 +286,12 @@ class GroupModel:
 
 
 def _translate(args: dict[str, Any]) -> dict[str, Any]:
-    """Optax argument names to the formulas' names, storage-only arguments dropped."""
-    return {_RENAME.get(k, k): v for k, v in args.items() if k not in _NEUTRAL}
+    """Optax argument names to the formulas' names, storage-only arguments dropped,
+    ``betas`` (Prodigy's) split."""
+    out = {_RENAME.get(k, k): v for k, v in args.items() if k not in _NEUTRAL}
+    if "betas" in out and isinstance(out["betas"], (tuple, list)) and len(out["betas"]) == 2:
+        out["beta1"], out["beta2"] = out.pop("betas")
+    return out
 
 
 def _family_hyper(family_name: str, args: dict[str, Any], defaults: dict[str, Any],
@@ -307,9 +364,30 @@ def from_alias(alias: Any, kwargs: dict[str, Any]) -> tuple[str, str | None, dic
         notes.append("optax.lamb scales each tensor's step, weight decay included, by its "
                      "trust ratio: weight_decay_rate is lr * weight_decay before that ratio "
                      "(eta and the update norms include it)")
+    if family_name == "schedule_free":
+        if args.get("warmup_steps") is not None:  # as the alias builds it
+            lr = optax.warmup_constant_schedule(0, lr, args["warmup_steps"])
+        args["adaptive"] = alias is optax.contrib.schedule_free_adamw
+        notes.append(f"optax.contrib.{name}: the parameters hold y, the point the gradient is "
+                     "taken at (evaluate at x = optax.contrib.schedule_free_eval_params("
+                     "state.inner, params)); eta and d describe the z-sequence "
+                     "(z - z_before = -eta * d - weight_decay_rate * y_before), lr is the "
+                     "z-step's (the schedule at t - 1), ckp1 the averaging weight, max_lr "
+                     "the lr that weight used (the schedule at t)")
+        if args.get("state_dtype") is not None:
+            return name, family_name, None, lr, [
+                f"lrscope does not model optax.contrib.{name} with state_dtype="
+                f"{args['state_dtype']!r} (z rounded to another dtype): {MEASURED}"]
+    if family_name == "prodigy":
+        notes.append("optax.contrib.prodigy: step_size is d * lr * bias correction as the step "
+                     "applied it, d the estimate it used (ProdigyState.estim_lr before the "
+                     "step), d_next the new one (already in this step's denominator)")
     if family_name == "rprop":
         notes.append("optax.rprop applies the update it computed on the previous step (one "
                      "step late; nothing moves at t = 1): eta is that previous step size")
+    if family_name == "muon":
+        h, more = _muon_hyper(args, kwargs)
+        return name, family_name, h, lr, notes + more
     module = _module(family_name)
     if module is None or family_name not in VERIFIED:
         return name, family_name, None, lr, [
@@ -318,6 +396,74 @@ def from_alias(alias: Any, kwargs: dict[str, Any]) -> tuple[str, str | None, dic
     if h is not None and family_name == "rprop":
         h["lr"] = lr
     return name, family_name, h, lr, notes + more
+
+
+def _muon_hyper(args: dict[str, Any], kwargs: dict[str, Any]
+                ) -> tuple[dict[str, Any] | None, list[str]]:
+    """The hyperparameters of optax.contrib.muon's matrix part (label "muon")."""
+    known = formulas.family("muon").DEFAULTS["optax"]
+    traced = [k for k in ("beta", "eps", "weight_decay", "consistent_rms") if callable(args.get(k))]
+    if kwargs.get("mu_dtype") is not None or traced:
+        what = ", ".join(traced) or f"mu_dtype={kwargs['mu_dtype']!r} (the momentum is rounded " \
+                                    "after the step used it)"
+        return None, [f"group muon: lrscope does not model optax.contrib.muon with {what}: "
+                      f"{MEASURED}"]
+    h = resolve("muon", formulas.family("muon").DEFAULTS, "optax",
+                {k: v for k, v in args.items() if k in known and k != "lr"})
+    h["dimension_numbers"] = args.get("muon_weight_dimension_numbers")
+    return h, ["optax.contrib.muon: group muon's eta is lr times the shape scale of each matrix "
+               "(one value per tensor, from its global shape and dimension numbers), d the "
+               "orthogonalized update, recomputed from the momentum with optax's Newton-Schulz "
+               "function; group adam is optax.adamw(nesterov=nesterov): NAdamW by default"]
+
+
+def muon_groups(kwargs: dict[str, Any]) -> tuple[dict[str, tuple[Any, ...]], dict[str, Any]]:
+    """optax.contrib.muon(**kwargs)'s Adam part, ``{"adam": (family, h, lr, notes)}``, and
+    the weight-decay masks of both parts (Muon's ``weight_decay_mask``; Adam's has none)."""
+    signature = pyinspect.signature(optax.contrib.muon)
+    args = {**{k: p.default for k, p in signature.parameters.items()
+               if p.default is not pyinspect.Parameter.empty}, **kwargs}
+    lr = args["adam_learning_rate"]
+    adam = {"learning_rate": args["learning_rate"] if lr is None else lr, "b1": args["adam_b1"],
+            "b2": args["adam_b2"], "eps": args["eps"], "eps_root": args["adam_eps_root"],
+            "weight_decay": args["adam_weight_decay"], "mu_dtype": args["mu_dtype"],
+            "nesterov": args["nesterov"]}
+    _, family_name, h, lr, notes = from_alias(optax.adamw, adam)
+    return ({"adam": (family_name, h, lr, notes)},
+            {"muon": args["weight_decay_mask"], "adam": None})
+
+
+def muon_dimension_numbers(spec_numbers: Any, params: Any) -> list[Any]:
+    """Each leaf's ``MuonDimensionNumbers`` (None: not a Muon matrix), as optax.contrib.muon
+    resolves its ``muon_weight_dimension_numbers`` (None: every 2-D leaf, axes (0, 1))."""
+    dn_type = optax.contrib.MuonDimensionNumbers
+    if spec_numbers is None:
+        return [dn_type() if np.ndim(x) == 2 else None for x in leaves(params)]
+    numbers = spec_numbers(params) if callable(spec_numbers) else spec_numbers
+    is_spec = lambda x: x is None or isinstance(x, dn_type)  # noqa: E731
+    spread = jax.tree.map(lambda dn, sub: jax.tree.map(lambda _: dn, sub, is_leaf=is_masked),
+                          numbers, params, is_leaf=is_spec)
+    return jax.tree_util.tree_leaves(spread, is_leaf=is_spec)
+
+
+def muon_arrays(h: dict[str, Any], arrays: dict[str, Any], grad: Any, t: Any,
+                numbers: Any) -> dict[str, Any]:
+    """``orthogonalized`` (O, recomputed as scale_by_muon computes it from the momentum after
+    the step and the gradient), ``fan_in`` and ``fan_out`` of one Muon matrix."""
+    from optax.contrib import _muon  # its Newton-Schulz function and fan products
+
+    mu, beta = arrays["momentum_buffer"], h["beta"]
+    if h["nesterov"]:
+        u = (beta * optax.tree.bias_correction(mu, beta, t + 1)
+             + (1 - beta) * optax.tree.bias_correction(grad, beta, t))
+    else:
+        u = optax.tree.bias_correction(mu, beta, t)
+    o = _muon.orthogonalize_via_newton_schulz(u, h["ns_coeffs"], h["ns_steps"],
+                                              h["preconditioning"], h["eps"], numbers)
+    if h["adaptive"]:  # scaled by the dual norm
+        o = jax.numpy.sum(u.conj() * o) * o
+    fan_in, fan_out = _muon._get_shape_products(grad, numbers)
+    return {"orthogonalized": o, "fan_in": fan_in, "fan_out": fan_out}
 
 
 def group_kwargs(spec: dict[str, Any], label: str) -> dict[str, Any]:
@@ -346,8 +492,10 @@ def build_groups(groups: dict[str, list[Any]], spec: dict[str, Any]) -> list[Gro
                        and "learning_rate" in n.hyperparams), None)
         readers = tuple(type(n) for n in mine if not isinstance(n, INJECT))
         injected: tuple[tuple[str, str], ...] = ()
-        if spec["alias"] is not None:
-            family_name, h, lr, notes = spec["family"], spec["h"], spec["lr"], list(spec["notes"])
+        if spec["alias"] is not None:  # muon's Adam part has its own model
+            family_name, h, lr, notes = spec.get("per_group", {}).get(
+                label, (spec["family"], spec["h"], spec["lr"], spec["notes"]))
+            notes = list(notes)
         else:
             given = set(_translate(group_kwargs(spec, label)))
             offered = {_RENAME.get(k, k): k for k in (inject.hyperparams if inject else ())
@@ -398,6 +546,13 @@ def _chain_family(readers: tuple[type, ...], spec: dict[str, Any], label: str,
     if family_name not in VERIFIED:
         return family_name, None, lr, [f"group {label}: lrscope has no verified optax model of "
                                        f"{family_name}: {MEASURED}"], ()
+    if family_name in ALIAS_ONLY:
+        state = next((t.__name__ for t in readers if _READERS[t][0] == family_name),
+                     f"{family_name} state")
+        return family_name, None, lr, [
+            f"group {label}: the {state} of a transformation you built does not say what "
+            f"its base optimizer or dimension numbers are; lrscope models it through "
+            f"{ALIAS_ONLY[family_name]} (monitor(alias, **arguments)): {MEASURED}"], ()
     traceable = _TRACEABLE | ({"weight_decay"} if family_name in _TRACEABLE_DECAY else set())
     injected = {k: v for k, v in offered.items() if k in traceable}
     known = formulas.family(family_name).DEFAULTS["optax"]

@@ -97,14 +97,21 @@ class LrscopeState(NamedTuple):
 GroupModel = optax_model.GroupModel
 
 
-def _hyper(model: GroupModel, nodes: list[Any], steps: jax.Array) -> dict[str, Any]:
+def _hyper(model: GroupModel, nodes: list[Any], steps: jax.Array,
+           old_nodes: list[Any] | None = None) -> dict[str, Any]:
     """The group's hyperparameters for the step just taken, ``lr`` included.
 
     The lr is the schedule at the count before the step (as optax evaluates it), the
     given float, or NaN when unknown; values an ``inject_hyperparams`` state holds (the
-    ones the step used) replace them.
+    ones the step used) replace them; values that change every step (Prodigy's ``d``,
+    schedule-free's ``ckp1``) come from the state before (``old_nodes``) and after it.
     """
     h = dict(model.h)
+    if model.family is not None:
+        own = [n for n in nodes if not isinstance(n, optax_model.INJECT)]
+        before = own if old_nodes is None else [
+            n for n in old_nodes if not isinstance(n, optax_model.INJECT)]
+        h.update(optax_model.step_hyper(before, own, h))
     if callable(model.lr):
         h["lr"] = model.lr(steps)
     elif model.family_name != "rprop":  # rprop's lr is its initial step size, already in h
@@ -116,8 +123,8 @@ def _hyper(model: GroupModel, nodes: list[Any], steps: jax.Array) -> dict[str, A
     return h
 
 
-def _scalars(model: GroupModel | None, nodes: list[Any],
-             steps: jax.Array) -> dict[str, jax.Array]:
+def _scalars(model: GroupModel | None, nodes: list[Any], steps: jax.Array,
+             old_nodes: list[Any] | None = None) -> dict[str, jax.Array]:
     """lr, the family's step sizes and the decoupled weight-decay rate of the step after
     ``steps`` steps: O(1) per step.  A measured-only group has its lr only, a group
     without a model (tensors no state covers) not even that: NaN.
@@ -125,13 +132,14 @@ def _scalars(model: GroupModel | None, nodes: list[Any],
     f = stat_dtype()
     if model is None:
         return {"lr": jnp.asarray(jnp.nan, f)}
-    h = _hyper(model, nodes, steps)
+    h = _hyper(model, nodes, steps, old_nodes)
     t = steps + 1
     out = {"lr": h["lr"]}
     if model.family is not None:
         sizes = model.family.step_sizes(jnp, t, h, "optax")
         out.update({k: jnp.asarray(v, f) for k, v in sizes.items()})
-        scale = {"lr": h["lr"], "wd": 1.0, "none": 0.0}[model.decay_scale]
+        scale = {"lr": h["lr"], "wd": 1.0, "none": 0.0,
+                 "step_size": sizes["step_size"]}[model.decay_scale]
         out["weight_decay_rate"] = jnp.asarray(scale * h.get("weight_decay", 0.0), f)
     return out
 
@@ -154,14 +162,15 @@ def _plan(spec: dict[str, Any], inner: Any, params: Any, every: int, keep_arrays
     """
     models, nodes = _models(inner, spec)
     names, flat = optax_model.leaf_names(params), optax_model.leaves(params)
-    mask = spec["kwargs"].get("mask", spec["kwargs"].get("weight_decay_mask"))
-    if callable(mask):
-        mask = mask(params)
-    decay_mask = None if mask is None else optax_model.leaves(mask)
+    common_mask = spec["kwargs"].get("mask", spec["kwargs"].get("weight_decay_mask"))
     groups, claimed, holding_none = [], set(), []
 
     def add(name: str, model: GroupModel | None, index: tuple[int, ...], notes: list[str]) -> None:
         claimed.update(index)
+        mask = spec.get("masks", {}).get(name, common_mask)  # muon's: its matrices' only
+        if callable(mask):
+            mask = mask(params)
+        decay_mask = None if mask is None else optax_model.leaves(mask)
         decayed = tuple(bool(decay_mask[i]) if decay_mask else True for i in index)
         scalars = _scalars(model, nodes.get(name, []), jnp.zeros([], jnp.int32))
         groups.append(GroupPlan(
@@ -229,8 +238,11 @@ def _spec(optimizer: Any, family: str | None, groups: dict[str, dict[str, Any]],
         return tx, {"alias": None, "name": name, "family": family, "kwargs": kwargs,
                     "groups": {}}
     name, fam, h, lr, notes = optax_model.from_alias(optimizer, kwargs)
-    return tx, {"alias": optimizer, "name": name, "family": fam, "h": h, "lr": lr,
-                "notes": notes, "kwargs": kwargs}
+    spec = {"alias": optimizer, "name": name, "family": fam, "h": h, "lr": lr,
+            "notes": notes, "kwargs": kwargs}
+    if optimizer is optax.contrib.muon:
+        spec["per_group"], spec["masks"] = optax_model.muon_groups(kwargs)
+    return tx, spec
 
 
 def _kept_arrays(plan: Plan, params: Any) -> dict[str, tuple[dict[str, jax.Array], ...]]:
@@ -256,7 +268,7 @@ def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any,
     """
     models, new_nodes = _models(inner, spec)
     old_nodes = _models(old_inner, spec)[1]
-    grads = optax_model.leaves(grads)
+    grads_tree, grads = grads, optax_model.leaves(grads)
     reals = optax_model.leaves(updates) if updates is not None else [None] * len(grads)
     afters = optax_model.leaves(after) if after is not None else [None] * len(grads)
     stats, arrays = {}, {}
@@ -272,7 +284,7 @@ def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any,
             stats[group.name] = stacked if plan.per_param else merge_stats(stacked)
             continue
         model = models[group.name]
-        h = _hyper(model, new_nodes.get(model.name, []), steps)
+        h = _hyper(model, new_nodes.get(model.name, []), steps, old_nodes.get(model.name, []))
         pairs = [(old, new) for old, new in zip(old_nodes.get(model.name, []),
                                                 new_nodes.get(model.name, []))
                  if not isinstance(new, optax_model.INJECT)]
@@ -280,9 +292,23 @@ def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any,
         for read, (old, new) in zip(optax_model.readers_for(model), pairs):
             for key, tree in read(old, new).items():
                 named[key] = optax_model.leaves(tree)
-        measures = [functools.partial(leaf_stats, model.family, {key: v[i] for key, v in named.items()},
-                                      steps + 1, h if decayed else {**h, "weight_decay": 0.0}, grads[i],
-                                      reals[i], afters[i], check=plan.check)
+        numbers = (optax_model.muon_dimension_numbers(h["dimension_numbers"], grads_tree)
+                   if model.family_name == "muon" else None)
+
+        def arrays_of(i: int, hyper: dict[str, Any]) -> dict[str, Any]:
+            """Leaf i's state arrays (and Muon's O, computed where the leaf is measured)."""
+            arrays = {key: v[i] for key, v in named.items()}
+            if numbers is not None:
+                arrays.update(optax_model.muon_arrays(hyper, arrays, grads[i], steps + 1,
+                                                      numbers[i]))
+            return arrays
+
+        def measure(i: int, decayed: bool) -> tuple[LeafStats, dict[str, Any]]:
+            hyper = h if decayed else {**h, "weight_decay": 0.0}
+            return leaf_stats(model.family, arrays_of(i, hyper), steps + 1, hyper, grads[i],
+                              reals[i], afters[i], check=plan.check)
+
+        measures = [functools.partial(measure, i, decayed)
                     for i, decayed in zip(group.leaf_index, group.decayed)]
         if plan.keep_arrays:  # arrays of every shape: no loop
             rows, arrays[group.name] = zip(*(measure() for measure in measures))
@@ -383,8 +409,9 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per
         new_updates, inner = tx.update(updates, state.inner, params, **extra)
         plan, steps = state.plan, state.steps
         models, nodes = _models(inner, spec)
-        scalars = {g.name: _scalars(models.get(g.name), nodes.get(g.name, []), steps)
-                   for g in plan.groups}
+        old_nodes = _models(state.inner, spec)[1]
+        scalars = {g.name: _scalars(models.get(g.name), nodes.get(g.name, []), steps,
+                                    old_nodes.get(g.name, [])) for g in plan.groups}
         # The statistics read theta after the step, the caller's own apply_updates (XLA
         # computes the same expression once), never ``params``: a training loop may donate
         # params, and XLA then copies every parameter on every step if anything else
