@@ -17,8 +17,13 @@ alias, and the options lrscope does not model detected (measured-only, one warni
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -374,3 +379,33 @@ def test_muon_mu_dtype_is_detected(x64):
     assert len(warned) == 1 and "mu_dtype" in warned[0]
     groups = {g.name: g for g in report.groups}
     assert groups["muon"].effective_lr is None and groups["adam"].effective_lr is not None
+
+
+def test_muon_scale_uses_the_global_matrix_shape_under_sharding():
+    """A (16, 64) matrix sharded along its output axis over 4 devices: each shard is
+    16 x 16 (scale 1), the matrix's scale is sqrt(64 / 16) = 2, and eta is lr * 2: the
+    shapes inside jit are the global ones."""
+    script = Path(__file__).with_name("_optax_muon_sharded.py")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    sharded, unsharded = result["sharded"], result["unsharded"]
+    assert result["devices"] == 4 and sharded["shard_shape"] == [16, 16]
+    for run in (sharded, unsharded):
+        assert run["eta_min"] == run["eta_max"] == pytest.approx(1e-2 * 2, rel=1e-6)
+        assert run["model_error"] < 1e-4
+    assert sharded["update_norm"] == pytest.approx(unsharded["update_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("alias", [optax.contrib.prodigy, optax.contrib.schedule_free_adamw,
+                                   optax.contrib.schedule_free_sgd, optax.contrib.muon])
+def test_an_argument_a_new_optax_release_adds_is_detected(alias):
+    """An argument lrscope does not know (as a new optax release would add), set to a
+    non-default value: no model, a note saying which (the group is measured-only)."""
+    from lrscope.optax.model import from_alias
+
+    _, _, h, _, notes = from_alias(alias, {"learning_rate": 1e-2, "new_flag": True})
+    assert h is None and any("new_flag=True" in n and "measured-only" in n for n in notes)

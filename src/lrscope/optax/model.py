@@ -398,14 +398,26 @@ def from_alias(alias: Any, kwargs: dict[str, Any]) -> tuple[str, str | None, dic
     return name, family_name, h, lr, notes + more
 
 
+#: optax.contrib.muon's arguments that are not the matrix formula's hyperparameters but
+#: are read elsewhere: the Newton-Schulz coefficients (from MuonState), the decay mask and
+#: dimension numbers (here), the Adam part's (``muon_groups``).
+_MUON_READ = {"ns_coeffs", "mask", "muon_weight_dimension_numbers", "adam_b1", "adam_b2",
+              "adam_eps_root", "adam_weight_decay", "adam_learning_rate"}
+
+
 def _muon_hyper(args: dict[str, Any], kwargs: dict[str, Any]
                 ) -> tuple[dict[str, Any] | None, list[str]]:
-    """The hyperparameters of optax.contrib.muon's matrix part (label "muon")."""
+    """The hyperparameters of optax.contrib.muon's matrix part (label "muon"); None with a
+    note for an option lrscope does not model (an argument it does not know, a scheduled
+    hyperparameter, a momentum rounded to ``mu_dtype`` after the step used it)."""
     known = formulas.family("muon").DEFAULTS["optax"]
+    unknown = [k for k in args if k not in known and k not in _MUON_READ]
     traced = [k for k in ("beta", "eps", "weight_decay", "consistent_rms") if callable(args.get(k))]
-    if kwargs.get("mu_dtype") is not None or traced:
-        what = ", ".join(traced) or f"mu_dtype={kwargs['mu_dtype']!r} (the momentum is rounded " \
-                                    "after the step used it)"
+    if kwargs.get("mu_dtype") is not None or traced or unknown:
+        what = ", ".join(
+            [f"{k}={args[k]!r}" for k in unknown] + [f"a scheduled {k}" for k in traced]
+            + ([f"mu_dtype={kwargs['mu_dtype']!r} (the momentum is rounded after the step "
+                "used it)"] if kwargs.get("mu_dtype") is not None else []))
         return None, [f"group muon: lrscope does not model optax.contrib.muon with {what}: "
                       f"{MEASURED}"]
     h = resolve("muon", formulas.family("muon").DEFAULTS, "optax",

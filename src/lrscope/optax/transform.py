@@ -373,9 +373,11 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per
     update, the lr it was given, step size and decay rate NaN, with one warning and a
     note.  That is the case for options it does not model (a non-default
     ``bias_correction_nu``, an alias without a formula), for a group holding a state
-    lrscope does not know, even around or beside one it does (``schedule_free``'s
-    ``ScheduleFreeState``, ``muon``'s ``MuonState``, a custom transformation's), and on
-    the steps whose model check fails.  Every tensor is in the report: those no state
+    lrscope does not know, even around or beside one it does (a custom
+    transformation's; ``schedule_free(...)``'s ``ScheduleFreeState`` and ``MuonState``
+    in a transformation you built: their aliases ``optax.contrib.schedule_free_adamw``,
+    ``schedule_free_sgd`` and ``muon`` are modelled), and on the steps whose model
+    check fails.  Every tensor is in the report: those no state
     lrscope models covers (a ``masked`` chain's others, a ``set_to_zero`` label) form a
     measured-only group.  See ``lrscope.optax`` for an example.
     """
