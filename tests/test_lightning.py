@@ -117,3 +117,46 @@ def test_lrscope_plot_reads_a_tensorboard_logger(tmp_path):
     run = plot.load(trainer.logger.log_dir)
     assert run.groups["lr-AdamW/pg0"]["step_size"].steps.tolist() == list(range(1, STEPS + 1))
     assert run.groups["lr-AdamW/pg0"]["effective_lr/p50"].steps.tolist() == [1, 6]
+
+
+class LoggedAtGlobalStep(TwoOptimizers):
+    """Two optimizers, manual optimization, each loss logged at the trainer's global_step."""
+
+    def training_step(self, batch, index):
+        for number, optimizer in enumerate(self.optimizers()):
+            loss = Regression.training_step(self, batch, index)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            self.logger.log_metrics({f"loss{number}": loss.item()}, step=self.global_step)
+
+
+@pytest.mark.parametrize("x_axis", ["t", "global_step"])
+def test_global_step_lines_up_with_metrics_logged_at_it(tmp_path, x_axis):
+    trainer = lightning.Trainer(max_steps=STEPS, logger=CSVLogger(tmp_path), accelerator="cpu",
+                                callbacks=[lrscope.lightning.EffectiveLRMonitor(every=1, x_axis=x_axis)],
+                                enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(LoggedAtGlobalStep(), _data())
+    assert trainer.global_step == STEPS  # six optimizer steps, three each
+    with open(trainer.logger.log_dir + "/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+
+    def steps(column: str) -> list[int]:
+        return sorted(int(row["step"]) for row in rows if row.get(column))
+
+    assert steps("loss0") == [1, 3, 5] and steps("loss1") == [2, 4, 6]
+    if x_axis == "global_step":
+        assert steps("lr-Adam/pg0/step_size") == steps("loss0")
+        assert steps("lr-Adam-1/pg0/step_size") == steps("loss1")
+    else:  # each optimizer's own t: the users' metrics do not line up
+        assert steps("lr-Adam/pg0/step_size") == steps("lr-Adam-1/pg0/step_size") == [1, 2, 3]
+    # The values are those of each optimizer's own t, whatever the axis.
+    for name, lr in (("lr-Adam", 1e-3), ("lr-Adam-1", 2e-3)):
+        values = [float(row[f"{name}/pg0/step_size"]) for row in rows if row.get(f"{name}/pg0/step_size")]
+        assert values == pytest.approx([lr * math.sqrt(1 - 0.999**t) / (1 - 0.9**t) for t in (1, 2, 3)])
+
+
+def test_an_unknown_x_axis_is_an_error():
+    with pytest.raises(ValueError, match="x_axis must be one of 't', 'global_step'"):
+        lrscope.lightning.EffectiveLRMonitor(x_axis="epoch")

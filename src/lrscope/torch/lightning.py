@@ -4,7 +4,7 @@ Lightning's own ``LearningRateMonitor`` logs the scheduled lr; this callback log
 same ``lr-<Optimizer>`` names (``lr-Adam-1`` for a second Adam), what the steps really took:
 alpha_t every step and the effective-lr distributions every ``every`` steps, to the
 trainer's loggers (TensorBoard, CSV, W&B, MLflow: whatever the trainer has), at the
-optimizer's step t.  It attaches ``lrscope.watch`` to each optimizer when training starts,
+optimizer's step t, or with ``x_axis="global_step"`` at the trainer's ``global_step``.  It attaches ``lrscope.watch`` to each optimizer when training starts,
 on the global-zero process only, and closes the monitors when training ends.
 """
 
@@ -34,17 +34,30 @@ def _lightning() -> Any:
     return pl
 
 
-class LoggerSink:
-    """Writes each report's scalars (``report.scalars()``) to a trainer's loggers at step t."""
+#: The x-axes ``EffectiveLRMonitor`` logs at.
+X_AXES = ("t", "global_step")
 
-    def __init__(self, trainer: Any):
+
+class LoggerSink:
+    """Writes each report's scalars (``report.scalars()``) to a trainer's loggers at step t,
+    or with ``x_axis="global_step"`` at the trainer's ``global_step`` counting this step.
+
+    Lightning counts an optimizer step in ``global_step`` once ``optimizer.step()`` has
+    returned, and lrscope reports from inside it: the step is ``global_step + 1``, the value
+    your ``training_step`` reads after the step.  (Inline, on the training thread: it reads
+    the trainer's state when the step is taken.)
+    """
+
+    def __init__(self, trainer: Any, x_axis: str = "t"):
         self.trainer = trainer
+        self.x_axis = x_axis
 
     def write(self, report: StepReport) -> None:
         if report.skipped:  # GradScaler skipped it: t did not advance
             return
+        step = report.t if self.x_axis == "t" else self.trainer.global_step + 1
         for logger in self.trainer.loggers:
-            logger.log_metrics(report.scalars(), step=report.t)
+            logger.log_metrics(report.scalars(), step=step)
 
     def close(self) -> None:
         """The trainer owns its loggers and closes them itself."""
@@ -79,12 +92,23 @@ class EffectiveLRMonitor(_lightning().Callback):
     With a distributed strategy (DDP, FSDP, ...) the callback watches on every rank and rank
     0 logs the whole model (``distributed``, as in ``lrscope.watch``: False gives per-rank
     reports instead).
+
+    ``x_axis``: the step the trainer's loggers receive: ``"t"`` (the default), each
+    optimizer's own step count (with two optimizers each logs t = 1, 2, ...), or
+    ``"global_step"``, the trainer's ``global_step`` after the step.  With automatic
+    optimization and one optimizer the two agree; with manual optimization and several
+    optimizers ``global_step`` counts every optimizer's steps, and ``"global_step"`` lines
+    lrscope's series up with metrics you log at ``self.global_step``.  lrscope's own sinks
+    (``log_dir``, ``sinks``) always log at t.
     """
 
     def __init__(self, every: int = 50, *, log_dir: str | os.PathLike | None = None,
                  sinks: Iterable[Sink] | None = None, loggers: bool = True, empirical: bool = True,
-                 distributed: bool | None = None):
+                 distributed: bool | None = None, x_axis: str = "t"):
         super().__init__()
+        if x_axis not in X_AXES:
+            raise ValueError(f"x_axis must be one of {', '.join(map(repr, X_AXES))}, got {x_axis!r}")
+        self.x_axis = x_axis
         self.every = checked_every(every)  # an error now, not when training starts
         self.log_dir = log_dir
         self.sinks = checked(sinks)
@@ -100,7 +124,8 @@ class EffectiveLRMonitor(_lightning().Callback):
             cls = type(unwrap(optimizer)).__name__
             name = f"{cls}-{seen[cls]}" if seen[cls] else None  # Lightning's lr-Adam, lr-Adam-1
             seen[cls] += 1
-            sinks = [*([LoggerSink(trainer)] if self.loggers else []), *map(_Shared, self.sinks)]
+            sinks = [*([LoggerSink(trainer, self.x_axis)] if self.loggers else []),
+                     *map(_Shared, self.sinks)]
             self.monitors.append(TorchMonitor(optimizer, model=pl_module, every=self.every,
                                               log_dir=self.log_dir, sinks=sinks, name=name,
                                               empirical=self.empirical, distributed=self.distributed))
