@@ -3,6 +3,7 @@ model defined here: nothing is downloaded)."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -86,3 +87,76 @@ def test_an_optimizer_lrscope_does_not_model_is_named_with_its_module(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"transformers\.optimization\.Adafactor is not a torch\.optim"):
         trainer.train()
     assert callback.last.groups[0].lr == pytest.approx(1e-2 / 2) and callback.last.groups[0].effective_lr is None
+
+
+def test_the_trainers_own_trackers_receive_lrscope_at_the_optimizer_step(tmp_path, monkeypatch):
+    """report_to=["tensorboard", "wandb", "mlflow"]: lrscope's scalars go into the Trainer's
+    TensorBoard run, W&B run (offline) and MLflow run (local file store), at the Trainer's
+    global_step, as its own TensorBoard sink receives them."""
+    pytest.importorskip("tensorboard")
+    from tests.test_trackers import _tensorboard
+
+    report_to = ["tensorboard"]
+    if importlib.util.find_spec("wandb"):
+        report_to.append("wandb")
+        for name, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", str(tmp_path)),
+                            ("WANDB_SILENT", "true"), ("WANDB_CONSOLE", "off")):
+            monkeypatch.setenv(name, value)
+    if importlib.util.find_spec("mlflow"):
+        report_to.append("mlflow")
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    callback = lrscope.transformers.EffectiveLRCallback(every=5, log_dir=tmp_path / "lrscope")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=8, learning_rate=1e-2,
+        gradient_accumulation_steps=2, report_to=report_to, use_cpu=True, save_strategy="no",
+        logging_steps=2, disable_tqdm=True)
+    trainer = transformers.Trainer(model=Regression(), args=args, train_dataset=Data(), callbacks=[callback])
+    trainer.train()
+    own, _, _ = _tensorboard(tmp_path / "lrscope")
+    (run_dir,) = [path.parent for path in (tmp_path / "runs").rglob("events.out.tfevents.*")
+                  if "lrscope" not in path.name]  # the Trainer's run, lrscope's events in it
+    trainers, _, _ = _tensorboard(run_dir)
+    assert set(trainers["train/loss"]) == {2, 4, 6}  # the Trainer's global_step
+    lrscope_tags = {tag for tag in trainers if tag.startswith("lr-")}
+    assert lrscope_tags == own.keys() and "lr-AdamW/pg0/step_size" in own
+    for tag in lrscope_tags:
+        assert trainers[tag] == own[tag]
+    assert list(own["lr-AdamW/pg0/step_size"]) == list(range(1, STEPS + 1))
+    if "wandb" in report_to:
+        import wandb
+
+        from tests._wandb_offline import history, offline_run_dir
+
+        wandb.finish()
+        wandb.teardown()
+        rows = history(offline_run_dir(tmp_path))
+        for tag, series in own.items():
+            logged = {row["lrscope/t"]: row[tag] for row in rows if tag in row}
+            assert logged.keys() == series.keys() and np.allclose(list(logged.values()), list(series.values()))
+        assert {row["train/global_step"] for row in rows if "train/loss" in row} == {2, 4, 6}
+    if "mlflow" in report_to:
+        import mlflow
+
+        from lrscope.sinks.mlflow import mlflow_name
+
+        client = mlflow.tracking.MlflowClient(f"file:{tmp_path / 'mlruns'}")
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
+        for tag, series in own.items():
+            history = client.get_metric_history(run.info.run_id, mlflow_name(tag))
+            assert {m.step: m.value for m in history}.keys() == series.keys()
+            assert np.allclose([m.value for m in history], list(series.values()))
+
+
+def test_report_to_false_leaves_the_trainers_trackers_out(tmp_path):
+    pytest.importorskip("tensorboard")
+    callback = lrscope.transformers.EffectiveLRCallback(log_dir=tmp_path / "lrscope", report_to=False)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, report_to=["tensorboard"],
+        use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True)
+    transformers.Trainer(model=Regression(), args=args, train_dataset=Data(), callbacks=[callback]).train()
+    from tests.test_trackers import _tensorboard
+
+    (run_dir,) = {path.parent for path in (tmp_path / "runs").rglob("events.out.tfevents.*")}
+    assert not [tag for tag in _tensorboard(run_dir)[0] if tag.startswith("lr-")]

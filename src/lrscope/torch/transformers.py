@@ -5,11 +5,26 @@ When training begins it attaches ``lrscope.watch`` to the optimizer the Trainer 
 on the main process only; it closes the monitor when training ends.  Without ``log_dir``
 or ``sinks`` the reports go to ``<output_dir>/lrscope`` (TensorBoard event files and
 ``lrscope.jsonl``), beside the Trainer's own TensorBoard runs under ``<output_dir>/runs``.
+
+The scalars also go into the Trainer's own trackers (``TrainingArguments(report_to=...)``),
+at the optimizer step t, which is the Trainer's ``global_step`` (both count optimizer steps,
+gradient accumulation and resumed runs included), as what TensorBoard receives:
+
+* ``"tensorboard"``: lrscope's event files into the Trainer's TensorBoard run directory
+  (one run in TensorBoard: the Trainer's ``train/...`` tags beside lrscope's ``lr-...``);
+* ``"wandb"``: the Trainer's W&B run (``WandbSink``);
+* ``"mlflow"``: the Trainer's MLflow run (``MlflowSink``).
+
+Other trackers of ``report_to`` (Comet, Neptune, ClearML, ...) are not written to; lrscope's
+own sinks are.  ``report_to=False`` on the callback leaves the Trainer's trackers out.
+transformers hands a callback no handle on the others: the callback finds the Trainer's
+tracker callbacks through the ``CallbackHandler`` calling its ``on_train_begin``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Iterable
 
 from lrscope._optional import require
@@ -38,7 +53,8 @@ class EffectiveLRCallback(_transformers.TrainerCallback):
 
     def __init__(self, every: int = 50, *, log_dir: str | os.PathLike | None = None,
                  sinks: Iterable[Sink] | None = None, empirical: bool = True,
-                 distributed: bool | None = None):
+                 distributed: bool | None = None, report_to: bool = True):
+        self.report_to = report_to
         self.every = checked_every(every)  # an error now, not when training starts
         self.log_dir = log_dir
         self.sinks = checked(sinks)
@@ -53,8 +69,10 @@ class EffectiveLRCallback(_transformers.TrainerCallback):
         log_dir = self.log_dir
         if log_dir is None and not self.sinks:
             log_dir = os.path.join(args.output_dir, "lrscope")
+        trackers = (_tracker_sinks(_trainer_callbacks())
+                    if self.report_to and state.is_world_process_zero else [])
         self.monitor = TorchMonitor(optimizer, model=model, every=self.every, log_dir=log_dir,
-                                    sinks=self.sinks, empirical=self.empirical,
+                                    sinks=[*self.sinks, *trackers], empirical=self.empirical,
                                     distributed=self.distributed)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -65,3 +83,40 @@ class EffectiveLRCallback(_transformers.TrainerCallback):
             self.last = self.monitor.last
             self.monitor.close()
             self.monitor = None
+
+
+def _trainer_callbacks() -> list[Any]:
+    """The callbacks of the Trainer whose ``CallbackHandler`` is calling the caller (a few
+    frames up), or [] when there is none."""
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            break
+        handler = frame.f_locals.get("self")
+        if isinstance(handler, _transformers.trainer_callback.CallbackHandler):
+            return list(handler.callbacks)
+        frame = frame.f_back
+    return []
+
+
+def _tracker_sinks(callbacks: list[Any]) -> list[Sink]:
+    """lrscope sinks writing into the runs of the Trainer's tracker callbacks that have one."""
+    from transformers.integrations import integration_utils as hf
+
+    sinks: list[Sink] = []
+    for callback in callbacks:
+        if isinstance(callback, hf.TensorBoardCallback) and getattr(callback, "logging_dir", None):
+            from lrscope.sinks.tensorboard import TensorBoardSink
+
+            sinks.append(TensorBoardSink(callback.logging_dir))
+        elif (isinstance(callback, hf.WandbCallback) and getattr(callback, "_initialized", False)
+                and callback._wandb is not None and callback._wandb.run is not None):
+            from lrscope.sinks.wandb import WandbSink
+
+            sinks.append(WandbSink(run=callback._wandb.run))
+        elif (isinstance(callback, hf.MLflowCallback) and getattr(callback, "_initialized", False)
+                and callback._ml_flow.active_run() is not None):
+            from lrscope.sinks.mlflow import MlflowSink
+
+            sinks.append(MlflowSink(run_id=callback._ml_flow.active_run().info.run_id))
+    return sinks
