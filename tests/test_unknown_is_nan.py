@@ -267,7 +267,12 @@ def test_prodigy_and_dadaptation_report_d_times_lr(module, name):
 def test_keras_unmodelled_optimizer_has_no_step_size():
     keras = pytest.importorskip("keras")
     w = keras.Variable(np.ones((3, 2)), name="w")
-    optimizer = keras.optimizers.Ftrl(1e-2)
+
+    class CustomFtrl(keras.optimizers.Ftrl):  # Ftrl is modelled; a subclass overriding its step is not
+        def update_step(self, gradient, variable, learning_rate):
+            super().update_step(gradient, variable, learning_rate)
+
+    optimizer = CustomFtrl(1e-2)
     optimizer.apply([keras.ops.ones((3, 2))], [w])
     group = lrscope.inspect(optimizer).groups[0]
     assert group.lr == pytest.approx(1e-2)

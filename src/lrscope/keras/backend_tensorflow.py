@@ -48,8 +48,9 @@ def _chunk(family: str, columns: dict[str, Any], t: Any, lr: Any,
         return ops.broadcast_to(ops.cast(value, param.dtype), ops.shape(param))
 
     eps = None if el.eps_dominated is None else ops.broadcast_to(el.eps_dominated, ops.shape(param))
+    delta = None if el.delta is None else column(el.delta)
     return keras_stats.chunk_statistics(column(el.eta), column(el.direction), el.decay_rate, eps, param,
-                                        with_update, _STATISTICS_DTYPE, finite_only)
+                                        with_update, _STATISTICS_DTYPE, finite_only, delta)
 
 
 @functools.cache

@@ -53,10 +53,12 @@ def collect(family: str, states: list[dict[str, Any]], hypers: list[dict[str, An
     gives them."""
     items, inputs = {}, {}
     for i, (state, h) in enumerate(zip(states, hypers)):
-        param = state["param"].detach()
+        # Keras' torch variables (and copies of them: ``param_before``) require grad.
+        view = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+        param = view["param"]
         # Without the gradient the formula still needs the key; eta does not depend on it.
-        grad = torch.zeros_like(param) if state["grad"] is None else state["grad"]
-        view = {**state, "param": param, "grad": grad}
+        if view["grad"] is None:
+            view["grad"] = torch.zeros_like(param)
         # One dict per distinct hyperparameters: variables that share it share a formula call.
         if id(h) not in inputs:
             inputs[id(h)] = _with_decay_input(h)

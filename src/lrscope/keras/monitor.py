@@ -16,7 +16,7 @@ import keras
 
 from lrscope._warnings import warn
 from lrscope.formulas import Elementwise
-from lrscope.keras.reader import KerasReader
+from lrscope.keras.multi import reader_for
 from lrscope.monitor import Monitor, checked_every, unmeasured
 from lrscope.report import StepReport
 from lrscope.sinks import Sink, checked
@@ -26,10 +26,12 @@ class KerasMonitor(Monitor):
     """Reports each real step of a Keras optimizer: call ``step()`` after ``apply``.
 
     ``before_step()`` (before ``apply``) records what the step overwrites: Adadelta's
-    accumulated delta (optional) and, with ``empirical=True`` for an optimizer or option
-    lrscope does not model, a copy of the variables, from which the report measures the
-    realized update (|delta theta| distribution, update norms; one copy of the variables
-    on each step with distributions).  Micro-batches of gradient accumulation are not
+    accumulated delta (optional); for Ftrl a copy of the variables, for Muon with Nesterov
+    of its matrices, from which their direction d and update norms are measured (without
+    it: eta alone); and, with ``empirical=True`` for an optimizer or option lrscope does
+    not model, a copy of the variables, from which the report measures the realized
+    update (|delta theta| distribution, update norms).  Each copy is taken on the steps
+    with distributions only.  Micro-batches of gradient accumulation are not
     steps and produce no report; a LossScaleOptimizer step skipped for inf/NaN
     gradients produces a ``skipped`` report.
 
@@ -59,7 +61,7 @@ class KerasMonitor(Monitor):
         findings: bool = True,
     ):
         super().__init__(every=every, log_dir=log_dir, sinks=sinks, name=name, findings=findings)
-        self.reader = KerasReader(optimizer, empirical=empirical)
+        self.reader = reader_for(optimizer, empirical=empirical)
         if self.reader.notes:
             warn("lrscope: " + self.reader.notes[0])
         self._recorded: dict[int, dict[str, Any]] | None = None
@@ -68,12 +70,13 @@ class KerasMonitor(Monitor):
 
     def records_before(self) -> bool:
         """Whether ``before_step()`` has anything to record for the coming ``apply``: Adadelta's
-        history or the variables (empirical mode), when that call steps and its
-        distributions are wanted."""
-        if self.reader.family != "adadelta" and not self.reader.measured:
+        history, the variables (empirical mode) or those whose direction is measured (Ftrl,
+        Muon's matrices with Nesterov), when that call steps and its distributions are
+        wanted."""
+        if self.reader.history() is None:
             return False
         raw, t, _ = self.reader.position()
-        k = self.reader.optimizer.gradient_accumulation_steps
+        k = self.reader.accumulation_steps
         return (not k or (raw + 1) % k == 0) and bool(self.wants_distributions(t + 1))
 
     def before_step(self, variables: Sequence[Any] | None = None) -> None:
@@ -100,23 +103,24 @@ class KerasMonitor(Monitor):
             report = None
         else:
             wanted, covered = self.wants_distributions(t), t - self.previous_t(t)
-            # One report for several steps (fit's steps_per_execution): Adadelta's history, or
-            # the variables, were recorded before the first of them, not before the last.
-            stale = covered > 1 and (self.reader.family == "adadelta" or self.reader.measured)
+            # One report for several steps (fit's steps_per_execution): what before_step()
+            # records was recorded before the first of them, not before the last.
+            history = self.reader.history()
+            stale = covered > 1 and history is not None
+            skip_all = stale and history[1] == "distributions skipped"
             report = self.guarded(
                 lambda distributions: self.reader.report(
                     distributions=distributions, grads=grads, variables=variables,
-                    recorded=self._recorded),
-                wanted and not stale,
+                    recorded=None if stale else self._recorded),
+                wanted and not skip_all,
                 fallback=lambda error: unmeasured(t, type(self.reader.optimizer).__name__, "keras",
                                                   self.reader.family, error),
             )
             if wanted and stale:
-                needs = ("the variables" if self.reader.measured else "eta needs the accumulated delta")
+                needs, skipped = history
                 report.notes.append(
                     f"{type(self.reader.optimizer).__name__}: this report covers {covered} steps "
-                    f"(steps_per_execution) and {needs} from just before the last one: "
-                    "distributions skipped")
+                    f"(steps_per_execution) and {needs} from just before the last one: {skipped}")
         self._last_raw, self._recorded = raw, None
         if report is not None:
             self._emit(report)
@@ -215,7 +219,7 @@ def inspect(
     >>> report.t, report.groups[0].lr, round(report.groups[0].update_norm, 4)
     (2, 0.1, 0.2687)
     """
-    return KerasReader(optimizer).report(
+    return reader_for(optimizer).report(
         distributions=distributions, grads=grads, variables=variables
     )
 
@@ -242,13 +246,4 @@ def elementwise(
     ...  for name, el in elementwise(optimizer, grads=grads)]
     [('w', [0.0331, 0.0249])]
     """
-    reader = KerasReader(optimizer)
-    if reader.family is None or reader.unsupported:
-        raise TypeError(reader.notes[0])
-    _, t, _ = reader.position()
-    h = reader.hyperparameters(reader.learning_rate(t))
-    by_index = reader._grads(grads, variables)
-    for index, var in enumerate(reader.variables()):
-        yield var.path, reader.elementwise(
-            index, t, h, by_index.get(index), (recorded or {}).get(index)
-        )
+    yield from reader_for(optimizer).each_elementwise(grads, variables, recorded)

@@ -9,11 +9,14 @@ evaluated at the raw iteration ``t - 1`` (with ``gradient_accumulation_steps = k
 Keras counts micro-batches: the step moved the variables at raw iteration ``t*k - 1``);
 eps placement per family is in ``lrscope.formulas``.  Keras keeps no gradients after
 the step: families whose direction needs g (SGD without momentum or with Nesterov,
-RMSprop without momentum, Adagrad, Adadelta, Nadam, Lion) report exact eta and leave
-the update norms out unless ``grads=`` is passed.  Supported: Adam, AdamW, SGD, RMSprop,
-Adagrad, Adamax, Nadam, Adadelta, Lion, Lamb, Adafactor (eta needs ``grads=``); any
-other class, or an option lrscope does not model: lr only, with a note, and in empirical
-mode the realized update, |delta theta| from a copy of the variables taken before the step.
+RMSprop without momentum, Adagrad, Adadelta, Nadam, Lion, ScheduleFreeAdamW) report exact
+eta and leave the update norms out unless ``grads=`` is passed.  Supported: the 14 Keras
+3.15 optimizers, Adam, AdamW, SGD, RMSprop, Adagrad, Adamax, Nadam, Adadelta, Lion, Lamb,
+Adafactor (eta needs ``grads=``), Ftrl, Muon (two groups, "muon" and "adam"),
+ScheduleFreeAdamW, and MultiOptimizer (``lrscope.keras.multi``); which class is which
+family, and what the newer ones need, is in ``lrscope.keras.models``.  Any other class,
+or an option lrscope does not model: lr only, with a note, and in empirical mode the
+realized update, |delta theta| from a copy of the variables taken before the step.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import importlib
 import math
 from functools import partial
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import keras
@@ -28,60 +32,17 @@ import numpy as np
 from keras import ops
 
 from lrscope import formulas
-from lrscope.keras import stats as keras_stats
+from lrscope.keras import models, stats as keras_stats
 from lrscope.formulas import Elementwise
 from lrscope.report import GroupReport, ParamReport, StepReport
 
 _OPT = keras.optimizers
-#: Keras optimizer classes lrscope models exactly, with their family.
-FAMILY_OF: dict[type, str] = {
-    _OPT.Adam: "adam", _OPT.AdamW: "adamw", _OPT.SGD: "sgd", _OPT.RMSprop: "rmsprop",
-    _OPT.Adagrad: "adagrad", _OPT.Adamax: "adamax", _OPT.Nadam: "nadam",
-    _OPT.Adadelta: "adadelta", _OPT.Lion: "lion", _OPT.Lamb: "lamb", _OPT.Adafactor: "adafactor",
-}
-_BETAS = {"beta1": "beta_1", "beta2": "beta_2"}
-#: lrscope hyperparameter name -> optimizer attribute, per family.
-_HYPER: dict[str, dict[str, str]] = {
-    "adam": {**_BETAS, "eps": "epsilon", "amsgrad": "amsgrad"},
-    "adamw": {**_BETAS, "eps": "epsilon", "amsgrad": "amsgrad"},
-    "sgd": {"momentum": "momentum", "nesterov": "nesterov"},
-    "rmsprop": {"rho": "rho", "momentum": "momentum", "eps": "epsilon", "centered": "centered"},
-    "adagrad": {"eps": "epsilon", "initial_accumulator_value": "initial_accumulator_value"},
-    "adamax": {**_BETAS, "eps": "epsilon"},
-    "nadam": {**_BETAS, "eps": "epsilon"},
-    "adadelta": {"rho": "rho", "eps": "epsilon"},
-    "lion": dict(_BETAS),
-    "lamb": {**_BETAS, "eps": "epsilon"},
-    "adafactor": {"beta2_decay": "beta_2_decay", "eps": "epsilon_1", "eps2": "epsilon_2",
-                  "clip_threshold": "clip_threshold", "relative_step": "relative_step"},
-}
-#: lrscope (PyTorch) state name -> optimizer attribute holding one variable per weight.
-_STATE: dict[str, dict[str, str]] = {
-    "adam": {"exp_avg": "_momentums", "exp_avg_sq": "_velocities",
-             "max_exp_avg_sq": "_velocity_hats"},
-    "sgd": {"momentum_buffer": "momentums"},
-    "rmsprop": {"square_avg": "_velocities", "momentum_buffer": "_momentums",
-                "grad_avg": "_average_gradients"},
-    "adagrad": {"sum": "_accumulators"},
-    "adamax": {"exp_avg": "_m", "exp_inf": "_u"},
-    "nadam": {"exp_avg": "_momentums", "exp_avg_sq": "_velocities"},
-    "adadelta": {"square_avg": "_accumulated_grads"},
-    "lion": {"exp_avg": "_momentums"},
-    "lamb": {"exp_avg": "_momentums", "exp_avg_sq": "_velocities"},
-    "adafactor": {"exp_avg_sq": "_v"},
-}
-_STATE["adamw"] = _STATE["adam"]
-#: Hyperparameters Keras passes through ``ops.cast`` before they enter the step's
-#: arithmetic; TensorFlow's cast of a Python float goes through float32 on the way.
-_CAST = {"adam": ("beta1", "beta2"), "adamw": ("beta1", "beta2"), "adamax": ("beta1",),
-         "nadam": ("beta1", "beta2"), "lion": ("beta1", "beta2"), "lamb": ("beta1", "beta2"),
-         "sgd": ("momentum",), "adafactor": ("eps2",)}
-#: Families whose eta itself depends on the gradient (Adafactor's update clipping).
-_ETA_NEEDS_GRAD = {"adafactor"}
 #: Base-optimizer config keys that leave the update rule as modelled.
 _NEUTRAL_CONFIG = {"name", "learning_rate", "weight_decay", "clipnorm", "global_clipnorm",
                    "clipvalue", "use_ema", "ema_momentum", "ema_overwrite_frequency",
                    "loss_scale_factor", "gradient_accumulation_steps"}
+#: Families whose eta itself depends on the gradient (Adafactor's update clipping).
+_ETA_NEEDS_GRAD = {"adafactor"}
 BACKEND = keras.backend.backend()
 
 
@@ -105,11 +66,15 @@ def hint(obj: Any) -> str | None:
 
 
 def family_of(optimizer: Any) -> str | None:
-    """The family modelled exactly, or None (another class, or one overriding update_step)."""
+    """The family modelled exactly, or None (another class, or one overriding update_step or,
+    for Muon, another method of its step)."""
     cls = type(optimizer)
     for base in cls.__mro__:
-        if base in FAMILY_OF:
-            return FAMILY_OF[base] if cls.update_step is base.update_step else None
+        if base in models.FAMILY_OF:
+            family = models.FAMILY_OF[base]
+            methods = ("update_step", *models.STEP_METHODS.get(family, ()))
+            same = all(getattr(cls, m) is getattr(base, m) for m in methods)
+            return family if same else None
     return None
 
 
@@ -140,6 +105,16 @@ def _float_dtype() -> str:
     return keras.backend.standardize_dtype(ops.convert_to_tensor(np.zeros(1)).dtype)
 
 
+@dataclass
+class Group:
+    """The variables (indices into the optimizer's) one update rule moves: a report group.
+    ``path`` picks Muon's rule ("muon" or "adam"); None for the other families."""
+
+    name: str
+    indices: list[int] = field(default_factory=list)
+    path: str | None = None
+
+
 class KerasReader:
     """Turns a Keras optimizer's variables into StepReports."""
 
@@ -168,16 +143,33 @@ class KerasReader:
         if self.family is None:
             return []
         opt = self.optimizer
+        known = {*models.HYPER[self.family].values(), *models.MODELLED_CONFIG.get(self.family, ())}
         out = [
             f"{k}={v!r}"
             for k, v in opt.get_config().items()
-            if k not in _NEUTRAL_CONFIG
-            and k not in _HYPER[self.family].values()
-            and v not in (None, False, 0)
+            if k not in _NEUTRAL_CONFIG and k not in known and v not in (None, False, 0)
         ]
         if opt.use_ema and opt.ema_overwrite_frequency:
             out.append(f"ema_overwrite_frequency={opt.ema_overwrite_frequency}")
         return out
+
+    @property
+    def accumulation_steps(self) -> int | None:
+        """Keras' ``gradient_accumulation_steps`` (micro-batches per step), or None."""
+        return self.optimizer.gradient_accumulation_steps
+
+    def history(self) -> tuple[str, str] | None:
+        """What ``record_before`` copies for a report, as (what it is, what is skipped
+        without it), or None: Adadelta's accumulated delta and, in empirical mode, the
+        variables (without them no distributions); for Ftrl, and Muon with Nesterov, the
+        variables whose direction is measured (without them no update norms)."""
+        if self.measured:
+            return "the variables", "distributions skipped"
+        if self.family == "adadelta":
+            return "eta needs the accumulated delta", "distributions skipped"
+        if self.family == "ftrl" or (self.family == "muon" and self.optimizer.nesterov):
+            return "d needs the variables", "update norms skipped"
+        return None
 
     def position(self) -> tuple[int, int, bool]:
         """(raw iterations, t, whether the last call moved the variables)."""
@@ -193,7 +185,10 @@ class KerasReader:
         if isinstance(schedule, _OPT.schedules.LearningRateSchedule):
             k = self.optimizer.gradient_accumulation_steps or 1
             return _float(schedule(t * k - 1))
-        return _float(self.optimizer.learning_rate)
+        try:
+            return _float(self.optimizer.learning_rate)
+        except AttributeError:  # a MultiOptimizer subclass has none: its optimizers have theirs
+            return math.nan
 
     def weight_decay(self, lr: float) -> float:
         """The weight decay as the formulas take it (they remove ``lr * weight_decay`` of
@@ -202,8 +197,11 @@ class KerasReader:
         TensorFlow casts the Python ``weight_decay`` through float32; torch computes
         ``1 - wd * lr`` in float32 (lr is a float32 tensor).  Those roundings change the
         decay by up to 1e-3 relative, so they are modelled.  (Elsewhere the value does not
-        depend on lr: ``keras_jax`` compiles again when it changes.)
+        depend on lr: ``keras_jax`` compiles again when it changes.)  Muon applies its
+        decay itself (``models.muon_weight_decay``).
         """
+        if self.family in models.OWN_WEIGHT_DECAY:
+            return models.muon_weight_decay(self.optimizer.weight_decay)
         wd = float(self.optimizer.weight_decay or 0.0)
         if wd == 0 or lr == 0:
             return 0.0
@@ -214,20 +212,46 @@ class KerasReader:
             return float(f32(wd))
         return wd
 
-    def hyperparameters(self, lr: float) -> dict[str, Any]:
+    def hyperparameters(self, lr: float, group: Group | None = None, t: int | None = None) -> dict[str, Any]:
+        """The formula's hyperparameters of ``group`` at step ``t`` (lr the schedule's)."""
         opt = self.optimizer
-        given = {name: getattr(opt, attribute) for name, attribute in _HYPER[self.family].items()}
-        for name in _CAST.get(self.family, ()) if BACKEND == "tensorflow" else ():
+        given = {name: getattr(opt, attribute) for name, attribute in models.HYPER[self.family].items()}
+        rounded = models.CAST if BACKEND == "tensorflow" else models.TORCH_FLOAT32 if BACKEND == "torch" else {}
+        for name in rounded.get(self.family, ()):
             given[name] = float(np.float32(given[name]))
         given["weight_decay"] = self.weight_decay(lr)
+        if self.family == "muon":
+            given["adam_weight_decay"] = models.muon_weight_decay(opt.adam_weight_decay)
+            given["adam_lr"] = models.muon_adam_lr(lr, opt.adam_lr_ratio)
+            given["path"] = group.path if group is not None and group.path else "muon"
+        elif self.family == "schedule_free":
+            given["aliased_z"] = BACKEND in models.ALIASED_Z_BACKENDS
+            if t:
+                given["scheduled_lr"] = models.schedule_free_lr(lr, t, opt.warmup_steps, self._dtype())
         return formulas.hyperparameters(self.family, "keras", lr=lr, **given)
+
+    def _dtype(self) -> str:
+        """The dtype of the optimizer's variables (float32 before it is built)."""
+        variables = self.variables()
+        return keras.backend.standardize_dtype(variables[0].dtype) if variables else "float32"
 
     def variables(self) -> list[Any]:
         return list(getattr(self.optimizer, "_trainable_variables", []))
 
+    def groups(self) -> list[Group]:
+        """The report's groups: one ("pg0"), or Muon's "muon" and "adam" (those that have
+        variables)."""
+        indices = list(range(len(self.variables())))
+        if self.family != "muon" or not indices:
+            return [Group("pg0", indices)]
+        variables = self.variables()
+        muon = [i for i in indices if models.on_muon_path(self.optimizer, i, variables[i])]
+        adam = [i for i in indices if i not in muon and self.optimizer.momentums[i] is not None]
+        return [g for g in (Group("muon", muon, "muon"), Group("adam", adam, "adam")) if g.indices]
+
     def state_of(self, index: int) -> dict[str, Any]:
         state = {}
-        for name, attribute in _STATE[self.family].items():
+        for name, attribute in models.STATE[self.family].items():
             slots = getattr(self.optimizer, attribute, None)
             if slots and slots[index] is not None:
                 state[name] = ops.convert_to_tensor(slots[index])
@@ -235,38 +259,54 @@ class KerasReader:
             state["mu_product"] = _float(self.optimizer._u_product)
         return state
 
+    def _indexed(self, variables: Sequence[Any] | None) -> list[tuple[int, Any]]:
+        """``(index, variable)`` of ``variables`` (default the optimizer's); an optimizer not
+        yet built will be built with them, in their order."""
+        if variables is None:
+            return list(enumerate(self.variables()))
+        if self.optimizer.built:
+            return [(self.optimizer._get_variable_index(v), v) for v in variables]
+        return list(enumerate(variables))
+
     def record_before(self, variables: Sequence[Any] | None = None) -> dict[int, dict[str, Any]]:
-        """What the coming step overwrites and the report needs, by variable index: Adadelta's
-        deltas; in empirical mode a copy of each variable (``param_before``).  ``variables``:
-        those the coming ``apply`` updates, in its order (an optimizer not yet built is built
-        with them); default the optimizer's."""
-        if self.measured:
-            if variables is None:
-                indexed = enumerate(self.variables())
-            elif self.optimizer.built:
-                indexed = ((self.optimizer._get_variable_index(v), v) for v in variables)
-            else:
-                indexed = enumerate(variables)
-            return {i: {"param_before": ops.copy(ops.convert_to_tensor(v))} for i, v in indexed}
-        if self.family != "adadelta" or not self.optimizer.built:
+        """What the coming step overwrites and the report needs, by variable index
+        (``history``): Adadelta's deltas; a copy of each variable (``param_before``) in
+        empirical mode and for Ftrl, of each matrix on Muon's path with Nesterov.
+        ``variables``: those the coming ``apply`` updates, in its order (an optimizer not
+        yet built is built with them); default the optimizer's."""
+        opt = self.optimizer
+        if self.measured or self.family == "ftrl":
+            indexed = self._indexed(variables)
+        elif self.family == "muon" and opt.nesterov:
+            indexed = [(i, v) for i, v in self._indexed(variables)
+                       if models.on_muon_path(opt, i if opt.built else None, v)]
+        elif self.family == "adadelta" and opt.built:
+            return {i: {"acc_delta_before": ops.copy(ops.convert_to_tensor(a))}
+                    for i, a in enumerate(opt._accumulated_delta_vars)}
+        else:
             return {}
-        return {
-            i: {"acc_delta_before": ops.copy(ops.convert_to_tensor(a))}
-            for i, a in enumerate(self.optimizer._accumulated_delta_vars)
-        }
+        return {i: {"param_before": ops.copy(ops.convert_to_tensor(v))} for i, v in indexed}
 
     def formula_inputs(
         self, index: int, t: int, h: dict[str, Any], grad: Any, recorded: dict[str, Any] | None
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The formula's state of variable ``index`` (PyTorch names, ``param`` after the
-        step, ``grad`` None when not given) and its hyperparameters."""
+        step, ``grad`` None when not given) and its hyperparameters.  Per-step scalars
+        (Muon's ``adam_lr``, schedule-free's ``scheduled_lr``) go with the state, so that a
+        compiled caller takes them as inputs."""
         var = self.variables()[index]
         param = ops.convert_to_tensor(var)
         state = {**self.state_of(index), **(recorded or {}), "param": param, "grad": grad}
         if self.family == "adadelta" and "acc_delta_before" not in state and t == 1:
             state["acc_delta_before"] = ops.zeros_like(param)  # Keras starts it at zero
         if not self.optimizer._use_weight_decay(var):
-            h = {**h, "weight_decay": 0.0}
+            h = {**h, "weight_decay": 0.0, **({"adam_weight_decay": 0.0} if self.family == "muon" else {})}
+        for name in ("adam_lr", "scheduled_lr"):
+            if h.get(name) is not None:
+                state[name], h = h[name], {**h, name: None}
+        if self.family == "muon" and h["path"] == "muon":
+            before = state.pop("param_before", None)
+            state["orthogonalized"], _ = models.orthogonalized(self.optimizer, index, grad, before, h, param)
         return state, h
 
     def elementwise(
@@ -290,6 +330,26 @@ class KerasReader:
             }
         return formulas.family(self.family).elementwise(ops, state, t, h, "keras")
 
+    def each_elementwise(
+        self,
+        grads: Sequence[Any] | None = None,
+        variables: Sequence[Any] | None = None,
+        recorded: dict[int, dict[str, Any]] | None = None,
+    ) -> list[tuple[str, Elementwise]]:
+        """``(variable path, Elementwise)`` of every variable of the last step."""
+        if self.family is None or self.unsupported:
+            raise TypeError(self.notes[0])
+        _, t, _ = self.position()
+        lr = self.learning_rate(t)
+        by_index = self._grads(grads, variables)
+        out = []
+        for group in self.groups():
+            h = self.hyperparameters(lr, group, t)
+            for index in group.indices:
+                out.append((self.variables()[index].path,
+                            self.elementwise(index, t, h, by_index.get(index), (recorded or {}).get(index))))
+        return out
+
     def _grads(
         self, grads: Sequence[Any] | None, variables: Sequence[Any] | None
     ) -> dict[int, Any]:
@@ -306,6 +366,23 @@ class KerasReader:
             opt._get_variable_index(v): ops.cast(g, v.dtype) for g, (_, v) in zip(clipped, pairs)
         }
 
+    def group_scalars(self, lr: float, t: int, group: Group) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the GroupReport's scalars, the formula's hyperparameters) of ``group``: the lr
+        the step applied to it (schedule-free's warmed-up lr, Muon's Adam path's
+        ``lr * adam_lr_ratio``) and where it comes from, step size, extras, decay rate."""
+        h = self.hyperparameters(lr, group, t)
+        scalars = formulas.family(self.family).step_sizes(np, t, h, "keras")
+        out: dict[str, Any] = {"name": group.name, "lr": lr}
+        out["step_size"] = float(scalars.pop("step_size"))
+        out["extra"] = {k: float(v) for k, v in scalars.items()}
+        wd = h["adam_weight_decay"] if group.path == "adam" else h["weight_decay"]
+        out["weight_decay_rate"] = lr * wd  # Keras' decays all use the (un-warmed) lr
+        if self.family == "schedule_free" and h["warmup_steps"] > 0:
+            out["lr"], out["lr_source"] = h["scheduled_lr"], "lr*min(1,t/warmup_steps)"
+        elif group.path == "adam" and h["adam_lr_ratio"] != 1:
+            out["lr"], out["lr_source"] = h["adam_lr"], "lr*adam_lr_ratio"
+        return out, h
+
     def report(
         self,
         *,
@@ -321,35 +398,34 @@ class KerasReader:
         if not t:
             notes.append("no optimizer step has been taken yet (t = 0): inspect after "
                          "optimizer.apply()")
-        group: dict[str, Any] = {"name": "pg0", "lr": lr}  # unknown step size and decay: NaN
-        params: dict[str, ParamReport] = {}
-        if self.family is not None and t:
-            h = self.hyperparameters(lr)
-            scalars = formulas.family(self.family).step_sizes(np, t, h, "keras")
-            group["step_size"] = float(scalars.pop("step_size"))
-            group["extra"] = {k: float(v) for k, v in scalars.items()}
-            group["weight_decay_rate"] = lr * h["weight_decay"]
-            if distributions and not self.unsupported:
-                params = self._distributions(t, h, grads, variables, recorded, notes)
-        if self.measured and distributions and t:
-            params = self._realized(recorded or {}, notes)
-        if not params:
-            params = {
-                v.path: ParamReport(name=v.path, shape=tuple(v.shape)) for v in self.variables()
-            }
+        groups = []
+        for group in self.groups():
+            scalars: dict[str, Any] = {"name": group.name, "lr": lr}  # unknown step size, decay: NaN
+            params: dict[str, ParamReport] = {}
+            if self.family is not None and t:
+                scalars, h = self.group_scalars(lr, t, group)
+                if distributions and not self.unsupported:
+                    params = self._distributions(t, h, group, grads, variables, recorded, notes)
+            if self.measured and distributions and t:
+                params = self._realized(group.indices, recorded or {}, notes)
+            if not params:
+                params = {v.path: ParamReport(name=v.path, shape=tuple(v.shape))
+                          for v in (self.variables()[i] for i in group.indices)}
+            groups.append(GroupReport.combine(params, **scalars))
         return StepReport(
             t=t,
             optimizer=type(self.optimizer).__name__,
             framework="keras",
             family=self.family,
-            groups=[GroupReport.combine(params, **group)],
+            groups=groups,
             empirical=self.measured,
             notes=notes,
         )
 
-    def _realized(self, recorded: dict[int, dict[str, Any]], notes: list[str]) -> dict[str, ParamReport]:
-        """Empirical mode: |delta theta| of each variable copied before the step."""
-        before = {i: r["param_before"] for i, r in recorded.items() if "param_before" in r}
+    def _realized(self, indices: list[int], recorded: dict[int, dict[str, Any]],
+                  notes: list[str]) -> dict[str, ParamReport]:
+        """Empirical mode: |delta theta| of each variable of ``indices`` copied before the step."""
+        before = {i: recorded[i]["param_before"] for i in indices if "param_before" in recorded.get(i, {})}
         if not before:
             notes.append("empirical: no copy of the variables was taken before this step, so its "
                          "realized update is not measured (call monitor.before_step() before "
@@ -366,10 +442,36 @@ class KerasReader:
                                             update_norm=update_norm, param_norm=param_norm)
         return reports
 
+    def _update_known(self, h: dict[str, Any], group: Group, indices: list[int], grads: dict[int, Any],
+                      recorded: dict[int, dict[str, Any]], notes: list[str]) -> bool:
+        """Whether the update of every variable of ``indices`` is known (the update norms),
+        with a note where it is not or where it is measured."""
+        name = type(self.optimizer).__name__
+        copied = bool(indices) and all("param_before" in recorded.get(i, {}) for i in indices)
+        if self.family == "ftrl" or (group.path == "muon" and h["nesterov"] and not grads):
+            if self.family == "muon" and copied:
+                notes.append(f"{name}: d of the muon group (the orthogonalized update) is measured "
+                             "from the copy of the matrices taken before the step (no grads=)")
+            if not copied:
+                what = ("d (the orthogonalized update) needs grads= or" if self.family == "muon"
+                        else "d needs")
+                notes.append(f"{name}: eta is exact; {what} a copy of the variables taken before the "
+                             "step (monitor.before_step(), which EffectiveLRCallback calls): update "
+                             "norms left out")
+            return copied
+        if group.path is not None or not _needs_grad(self.family, h) or grads:
+            if grads and _needs_grad(self.family, h) and self.optimizer.gradient_accumulation_steps:
+                notes.append("with gradient accumulation, grads= must be the averaged accumulated "
+                             "gradients")
+            return True
+        notes.append("Keras keeps no gradients: eta is exact, update norms need grads=")
+        return False
+
     def _distributions(
         self,
         t: int,
         h: dict[str, Any],
+        group: Group,
         grads: Sequence[Any] | None,
         variables: Sequence[Any] | None,
         recorded: dict[int, dict[str, Any]] | None,
@@ -388,15 +490,9 @@ class KerasReader:
                 "does not keep: pass grads= (custom loops); distributions skipped"
             )
             return {}
-        with_update = not _needs_grad(self.family, h) or bool(by_index)
-        if not with_update:
-            notes.append("Keras keeps no gradients: eta is exact, update norms need grads=")
-        elif _needs_grad(self.family, h) and self.optimizer.gradient_accumulation_steps:
-            notes.append(
-                "with gradient accumulation, grads= must be the averaged accumulated gradients"
-            )
-        indices = [i for i in range(len(self.variables())) if not by_index or i in by_index]
         # (A variable without a gradient was skipped by Keras.)
+        indices = [i for i in group.indices if not by_index or i in by_index]
+        with_update = self._update_known(h, group, indices, by_index, recorded or {}, notes)
         reports = [ParamReport(name=v.path, shape=tuple(v.shape))
                    for v in (self.variables()[i] for i in indices)]
         for report, (dist, update_norm, param_norm) in zip(

@@ -61,13 +61,14 @@ def _extremes(values: Any, finite_only: bool) -> list[Any]:
 
 
 def chunk_statistics(eta: Any, direction: Any, decay_rate: Any, eps_dominated: Any, param: Any,
-                      with_update: bool, dtype: str, finite_only: bool) -> tuple[Any, Any]:
+                      with_update: bool, dtype: str, finite_only: bool, delta: Any = None) -> tuple[Any, Any]:
     """(bucket counts, packed scalars) of eta over ``param`` (a tensor or a flat chunk),
-    from the parts of its Elementwise."""
+    from the parts of its Elementwise (``delta``: the parameters' own change, where eta
+    and d describe another sequence)."""
     # A single eta (a number, broadcast) enters the update in the direction's dtype, as
     # a number does op by op.
     same = eta if eta.dtype == direction.dtype else ops.cast(eta, direction.dtype)
-    el = Elementwise(same, direction, decay_rate, eps_dominated)
+    el = Elementwise(same, direction, decay_rate, eps_dominated, delta)
     bits = ops.view(ops.cast(eta, "float32"), "int32")
     keys = ops.reshape(ops.bitwise_and(ops.right_shift(bits, mapping.FLOAT32_SHIFT), _MASK), [-1])
     counts = ops.bincount(keys, minlength=mapping.FLOAT32_BUCKETS)
@@ -90,7 +91,7 @@ def _named_statistics(inputs: dict[str, Any], with_update: bool, dtype: str,
     """``chunk_statistics`` of the columns and scalars of ``_statistics``."""
     return chunk_statistics(inputs["eta"], inputs["direction"], inputs.get("decay_rate", 0),
                             inputs.get("eps_dominated"), inputs["param"], with_update, dtype,
-                            finite_only)
+                            finite_only, inputs.get("delta"))
 
 
 @functools.cache
@@ -113,7 +114,9 @@ def _column(value: Any, param: Any) -> Any:
     """``value`` (a number or an array) broadcast to ``param``'s shape, as one column: the
     statistics do not depend on shapes, a graph is traced again for every rank, and
     ``ops.view`` in a graph needs a static last dimension."""
-    value = ops.convert_to_tensor(value)
+    # A Python number (Muon's eta of a matrix) in the parameter's dtype: converted alone it
+    # would be float32, rounded before the statistics see it.
+    value = ops.convert_to_tensor(value, dtype=param.dtype if isinstance(value, float) else None)
     if tuple(value.shape) != tuple(param.shape):
         value = ops.broadcast_to(value, ops.shape(param))
     return ops.reshape(value, [-1, 1])
@@ -131,6 +134,8 @@ def _statistics(el: Elementwise, param: Any, with_update: bool, dtype: str,
         inputs["decay_rate"] = ops.convert_to_tensor(el.decay_rate, dtype=param.dtype)
     if el.eps_dominated is not None:
         inputs["eps_dominated"] = _column(el.eps_dominated, param)
+    if el.delta is not None:
+        inputs["delta"] = _column(el.delta, param)
     if keras.backend.backend() != "tensorflow":
         return _named_statistics(inputs, with_update, dtype, finite_only)
     dtypes = tuple(sorted((name, value.dtype.name) for name, value in inputs.items()))
