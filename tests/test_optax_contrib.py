@@ -409,3 +409,16 @@ def test_an_argument_a_new_optax_release_adds_is_detected(alias):
 
     _, _, h, _, notes = from_alias(alias, {"learning_rate": 1e-2, "new_flag": True})
     assert h is None and any("new_flag=True" in n and "measured-only" in n for n in notes)
+
+
+def test_injected_prodigy_reads_lr_and_weight_decay_from_the_state(x64):
+    """inject_hyperparams(prodigy): the lr and weight decay the step used are read from the
+    state; only its betas are assumed (said once), and the estimate's options are not."""
+    tx = optax.inject_hyperparams(optax.contrib.prodigy)(learning_rate=0.5, weight_decay=0.1,
+                                                         estim_lr0=1e-5)
+    report = lrscope.inspect(_run(lrscope.optax.monitor(tx))[-1][-1])
+    (group,) = report.groups
+    assert group.lr == 0.5 and group.extra["model_error"] < 1e-9
+    assert group.weight_decay_rate == pytest.approx(0.1 * group.step_size, rel=1e-12)
+    (note,) = report.notes
+    assert "b1=0.9, b2=0.999" in note and "estim_lr0" not in note

@@ -98,7 +98,7 @@ def elementwise(
     dlr, d_next = scalars["step_size"], scalars["d_next"]
     root = xp.sqrt(state["exp_avg_sq"])
     eps = d_next * h["eps"]
-    if h["beta1"] > 0 or convention == "optax":
+    if convention == "optax" or h["beta1"] > 0:
         eta, direction = dlr / (root + eps), state["exp_avg"]
     else:
         eta, direction = dlr * d_next / (root + eps), state["grad"]

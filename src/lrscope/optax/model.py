@@ -73,9 +73,12 @@ _UNREAD = ("lrscope reads only lr, b1, b2, eps, eps_root and, for some families,
            "arithmetic only")
 #: Families whose optax formula also uses the weight decay in arithmetic only, so that an
 #: injected one is read too (``inject_hyperparams(optax.adamw)`` injects it).
-_TRACEABLE_DECAY = {"adam", "adamw", "nadam", "amsgrad", "adamax", "lion", "lamb"}
-#: Internal switches of the formulas, not optax hyperparameters.
-_FLAGS = {"lr", "amsgrad", "decoupled_weight_decay"}
+_TRACEABLE_DECAY = {"adam", "adamw", "nadam", "amsgrad", "adamax", "lion", "lamb", "prodigy"}
+#: Internal switches of the formulas and values read from the state each step, not optax
+#: hyperparameters; and Prodigy's options that change its estimate d (read from the
+#: state), not the step given d: none of them is "assumed".
+_FLAGS = {"lr", "amsgrad", "decoupled_weight_decay", "d", "d_next", "decouple",
+          "use_bias_correction", "beta3", "estim_lr0", "estim_lr_coef", "safeguard_warmup"}
 #: How the fraction of theta removed per step relates to the weight decay: "lr" (lr * wd,
 #: the default), "none" (coupled decay, part of d: optax adds wd * theta to the gradient
 #: before adadelta's scaling; rprop has none) or "wd" (adafactor: not scaled by lr).
