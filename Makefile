@@ -37,8 +37,8 @@ demo: $(VENV)/.demo
 ## test: every test, Keras ones on each of its three backends
 test: $(VENV)/.test
 	$(BIN)/python -m pytest
-	KERAS_BACKEND=jax $(BIN)/python -m pytest -o addopts="" tests/test_keras.py
-	KERAS_BACKEND=torch $(BIN)/python -m pytest -o addopts="" tests/test_keras.py
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -o addopts="" tests/test_keras.py tests/test_keras_newer.py
+	KERAS_BACKEND=torch $(BIN)/python -m pytest -o addopts="" tests/test_keras.py tests/test_keras_newer.py
 
 clean:
 	rm -rf $(VENV) runs
