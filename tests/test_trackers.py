@@ -1,9 +1,10 @@
-"""The tracker sinks (W&B offline, MLflow's local file store) receive what TensorBoard receives:
+"""The tracker sinks (W&B offline, MLflow's local file store, trackio's local database) receive what TensorBoard receives:
 one real torch training watched by lrscope writes to all of them, and each is read back with
 the tracker's own reader (W&B: its offline ``.wandb`` log; MLflow: ``MlflowClient``)."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
 from pathlib import Path
@@ -194,7 +195,8 @@ def test_mlflow_writes_into_the_active_run_and_leaves_it_open(local_mlflow):
 
 
 @pytest.mark.parametrize("module, cls, extra", [("lrscope.sinks.wandb", "WandbSink", "wandb"),
-                                                ("lrscope.sinks.mlflow", "MlflowSink", "mlflow")])
+                                                ("lrscope.sinks.mlflow", "MlflowSink", "mlflow"),
+                                                ("lrscope.sinks.trackio", "TrackioSink", "trackio")])
 def test_a_missing_tracker_names_the_extra(monkeypatch, module, cls, extra):
     import importlib
     import sys
@@ -203,3 +205,51 @@ def test_a_missing_tracker_names_the_extra(monkeypatch, module, cls, extra):
     sink_class = getattr(importlib.import_module(module), cls)
     with pytest.raises(ImportError, match=rf"pip install 'lrscope\[{extra}\]'"):
         sink_class()
+
+
+_TRACKIO_RUN = """
+import json, sys
+from lrscope.sinks import TensorBoardSink
+from lrscope.sinks.trackio import TrackioSink
+from tests.test_trackers import _train
+from trackio.sqlite_storage import SQLiteStorage
+
+_train([TensorBoardSink(sys.argv[1]), TrackioSink(project="lrscope", name="run", auto_log_cpu=False)])
+json.dump(SQLiteStorage.get_logs("lrscope", "run"), open(sys.argv[2], "w"), default=str)
+"""
+
+
+def test_trackio_receives_what_tensorboard_receives(tmp_path):
+    """trackio offline (its local SQLite database in TRACKIO_DIR, read once at its import:
+    the run is a subprocess), read back with trackio's own SQLiteStorage."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("trackio") is None:  # (not imported here: TRACKIO_DIR is read once)
+        pytest.skip("pip install 'lrscope[trackio]'")
+    subprocess.run([sys.executable, "-c", _TRACKIO_RUN, str(tmp_path / "tb"), str(tmp_path / "logs.json")],
+                   check=True, cwd=Path(__file__).parent.parent, timeout=300, capture_output=True,
+                   env={**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "PYTHONWARNINGS": "ignore"})
+    rows = json.loads((tmp_path / "logs.json").read_text())
+    scalars, histograms, texts = _tensorboard(tmp_path / "tb")
+    logged: dict[str, dict[int, float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("lr-") and isinstance(value, (int, float)):
+                logged.setdefault(key, {})[row["step"]] = value
+    assert logged.keys() == scalars.keys() and len(scalars) > 30
+    for tag, series in scalars.items():
+        assert logged[tag].keys() == series.keys(), tag
+        assert np.allclose(list(logged[tag].values()), list(series.values()), rtol=1e-6), tag
+    assert histograms and texts.keys() == {"lr-AdamW/findings"}
+    for tag, series in histograms.items():
+        by_step = {row["step"]: row[tag] for row in rows if tag in row}
+        assert by_step.keys() == series.keys(), tag
+        for t, histogram in by_step.items():
+            assert histogram["_type"] == "trackio.histogram"
+            assert np.allclose(histogram["bins"], series[t].bucket_limit)
+            assert histogram["values"] == series[t].bucket[1:]
+    for tag, series in texts.items():
+        assert {row["step"]: row[tag]["_value"] for row in rows if tag in row} == series
