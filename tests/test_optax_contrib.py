@@ -422,3 +422,28 @@ def test_injected_prodigy_reads_lr_and_weight_decay_from_the_state(x64):
     assert group.weight_decay_rate == pytest.approx(0.1 * group.step_size, rel=1e-12)
     (note,) = report.notes
     assert "b1=0.9, b2=0.999" in note and "estim_lr0" not in note
+
+
+@pytest.mark.parametrize("alias, kwargs", [
+    (optax.contrib.schedule_free_adamw, {"learning_rate": 1e-2, "warmup_steps": 2}),
+    (optax.contrib.muon, {"learning_rate": 1e-2}), (optax.contrib.prodigy, {})])
+def test_flax_nnx_optimizer(alias, kwargs):
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        optimizer = nnx.Optimizer(model, lrscope.optax.monitor(alias, check=True, **kwargs),
+                                  wrt=nnx.Param)
+        x = jnp.ones((4, 3))
+
+        @nnx.jit
+        def step(model, optimizer):
+            optimizer.update(model, nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model))
+
+        for _ in range(3):
+            step(model, optimizer)
+        report = lrscope.inspect(optimizer)
+    assert not [w for w in record if str(w.message).startswith("lrscope")]
+    assert report.t == 3 and not report.empirical
+    assert sorted(n for g in report.groups for n in g.params) == ["bias", "kernel"]
+    assert all(g.extra["model_error"] < 1e-5 for g in report.groups)
