@@ -515,3 +515,24 @@ def test_what_is_not_modelled_is_said_and_measured(make, said) -> None:
     measured = {p: param for g in report.groups for p, param in g.params.items()}
     for path, param in measured.items():
         _assert_update_norm(param.update_norm, before, after, [path], dtype)
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras on torch runs one step per execution")
+@pytest.mark.parametrize("make", [lambda: _O.Muon(1e-2), lambda: _O.Ftrl(0.5)], ids=["muon", "ftrl"])
+def test_steps_per_execution_keeps_eta_and_drops_only_the_measured_update(make) -> None:
+    """One callback per 4 steps: the copy taken before the first of them does not give the
+    last step's d, so its update norms are left out (with a note); eta, which the state
+    gives, is still reported."""
+    optimizer = make()
+    dtype = _dtype("muon" if isinstance(optimizer, _O.Muon) else "")
+    x, y = _data(dtype)
+    model = _model(dtype, seed=12)
+    model.compile(optimizer=optimizer, loss="mse", steps_per_execution=4)
+    sink = CollectSink()
+    model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0,
+              callbacks=[lrscope.keras.EffectiveLRCallback(sinks=[sink])])
+    assert [r.t for r in sink.reports] == [4, 8, 12, 16]
+    for report in sink.reports:
+        measured = [g for g in report.groups if g.name != "adam"]  # Muon's Adam rule needs no copy
+        assert all(g.effective_lr is not None and g.update_norm is None for g in measured)
+        assert any("covers 4 steps" in n and "update norms skipped" in n for n in report.notes)
