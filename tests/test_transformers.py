@@ -160,3 +160,50 @@ def test_report_to_false_leaves_the_trainers_trackers_out(tmp_path):
 
     (run_dir,) = {path.parent for path in (tmp_path / "runs").rglob("events.out.tfevents.*")}
     assert not [tag for tag in _tensorboard(run_dir)[0] if tag.startswith("lr-")]
+
+
+_TRACKIO_TRAINER = """
+import json, sys
+import transformers
+import lrscope.transformers
+from tests.test_transformers import STEPS, Data, Regression
+from trackio.sqlite_storage import SQLiteStorage
+
+out = sys.argv[1]
+args = transformers.TrainingArguments(
+    output_dir=out, max_steps=STEPS, per_device_train_batch_size=8, learning_rate=1e-2,
+    report_to=["trackio"], project="lrscope-hf", trackio_static_space_id=False, use_cpu=True,
+    save_strategy="no", logging_steps=2, disable_tqdm=True)
+callback = lrscope.transformers.EffectiveLRCallback(every=5, log_dir=out + "/lrscope")
+transformers.Trainer(model=Regression(), args=args, train_dataset=Data(), callbacks=[callback]).train()
+(run,) = SQLiteStorage.get_runs("lrscope-hf")
+json.dump(SQLiteStorage.get_logs("lrscope-hf", run), open(out + "/logs.json", "w"), default=str)
+"""
+
+
+def test_the_trainers_trackio_run_receives_lrscope(tmp_path):
+    """report_to=["trackio"] (offline: trackio's local database, in a subprocess because
+    TRACKIO_DIR is read once): every step's scalars, the last one included although the
+    TrackioCallback finishes its run before this callback's on_train_end."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("trackio") is None:
+        pytest.skip("pip install 'lrscope[trackio]'")
+    from tests.test_trackers import _tensorboard
+
+    subprocess.run([sys.executable, "-c", _TRACKIO_TRAINER, str(tmp_path)], check=True, timeout=300,
+                   cwd=Path(__file__).parent.parent, capture_output=True,
+                   env={**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "PYTHONWARNINGS": "ignore"})
+    rows = json.loads((tmp_path / "logs.json").read_text())
+    own, _, _ = _tensorboard(tmp_path / "lrscope")
+    assert list(own["lr-AdamW/pg0/step_size"]) == list(range(1, STEPS + 1))
+    for tag, series in own.items():
+        logged = {row["step"]: row[tag] for row in rows if tag in row}
+        assert logged.keys() == series.keys(), tag
+        assert np.allclose(list(logged.values()), list(series.values()), rtol=1e-6), tag
+    # (The Trainer logs its rows at trackio's own step counter, with train/global_step in them.)
+    assert {row["train/global_step"] for row in rows if "train/loss" in row} == {2, 4, 6}

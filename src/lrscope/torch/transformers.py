@@ -13,7 +13,14 @@ gradient accumulation and resumed runs included), as what TensorBoard receives:
 * ``"tensorboard"``: lrscope's event files into the Trainer's TensorBoard run directory
   (one run in TensorBoard: the Trainer's ``train/...`` tags beside lrscope's ``lr-...``);
 * ``"wandb"``: the Trainer's W&B run (``WandbSink``);
-* ``"mlflow"``: the Trainer's MLflow run (``MlflowSink``).
+* ``"mlflow"``: the Trainer's MLflow run (``MlflowSink``);
+* ``"trackio"``: the Trainer's trackio run (``TrackioSink``).
+
+Those trackers end their runs in their ``on_train_end``, which the Trainer calls before
+this callback's: the callback therefore closes its monitor (writing every report) at the
+end of the last step, ``max_steps``.  (A run stopped earlier, by an early-stopping
+callback, is closed in ``on_train_end``: a tracker that refuses writes to a finished run,
+trackio, may then miss the reports still queued.)
 
 Other trackers of ``report_to`` (Comet, Neptune, ClearML, ...) are not written to; lrscope's
 own sinks are.  ``report_to=False`` on the callback leaves the Trainer's trackers out.
@@ -75,6 +82,10 @@ class EffectiveLRCallback(_transformers.TrainerCallback):
                                     sinks=[*self.sinks, *trackers], empirical=self.empirical,
                                     distributed=self.distributed)
 
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.max_steps and state.global_step >= state.max_steps:
+            self._close()  # (before the trackers' on_train_end ends their runs)
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._close()
 
@@ -119,4 +130,9 @@ def _tracker_sinks(callbacks: list[Any]) -> list[Sink]:
             from lrscope.sinks.mlflow import MlflowSink
 
             sinks.append(MlflowSink(run_id=callback._ml_flow.active_run().info.run_id))
+        elif (isinstance(callback, getattr(hf, "TrackioCallback", ())) and getattr(callback, "_initialized", False)
+                and callback._trackio.context_vars.current_run.get() is not None):
+            from lrscope.sinks.trackio import TrackioSink
+
+            sinks.append(TrackioSink(run=callback._trackio.context_vars.current_run.get()))
     return sinks
