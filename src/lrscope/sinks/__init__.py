@@ -409,5 +409,9 @@ from lrscope.sinks.console import ConsoleSink  # noqa: E402
 from lrscope.sinks.csv import CsvSink  # noqa: E402
 from lrscope.sinks.jsonl import JsonlSink  # noqa: E402
 from lrscope.sinks.tensorboard import TensorBoardSink  # noqa: E402
+from lrscope.sinks.mlflow import MlflowSink  # noqa: E402
+from lrscope.sinks.trackio import TrackioSink  # noqa: E402
+from lrscope.sinks.wandb import WandbSink  # noqa: E402
 
-__all__ = ["ConsoleSink", "CsvSink", "JsonlSink", "Sink", "SinkGroup", "TensorBoardSink", "checked", "resolve"]
+__all__ = ["ConsoleSink", "CsvSink", "JsonlSink", "MlflowSink", "Sink", "SinkGroup", "TensorBoardSink",
+           "TrackioSink", "WandbSink", "checked", "resolve"]
