@@ -160,3 +160,17 @@ def test_global_step_lines_up_with_metrics_logged_at_it(tmp_path, x_axis):
 def test_an_unknown_x_axis_is_an_error():
     with pytest.raises(ValueError, match="x_axis must be one of 't', 'global_step'"):
         lrscope.lightning.EffectiveLRMonitor(x_axis="epoch")
+
+
+def test_global_step_in_automatic_optimization_is_the_optimizer_step(tmp_path):
+    """One optimizer, gradients accumulated over two batches: global_step counts optimizer steps,
+    as t does."""
+    trainer = lightning.Trainer(max_steps=3, logger=CSVLogger(tmp_path), accelerator="cpu",
+                                callbacks=[lrscope.lightning.EffectiveLRMonitor(every=1, x_axis="global_step")],
+                                accumulate_grad_batches=2, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(Regression(), _data())
+    with open(trainer.logger.log_dir + "/metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("lr-AdamW/pg0/step_size")]
+    assert [int(row["step"]) for row in rows] == [1, 2, 3]
+    assert float(rows[-1]["lr-AdamW/pg0/step_size"]) == pytest.approx(1e-2 / 3 * math.sqrt(1 - 0.999**3) / (1 - 0.9**3))
