@@ -536,3 +536,37 @@ def test_steps_per_execution_keeps_eta_and_drops_only_the_measured_update(make) 
         measured = [g for g in report.groups if g.name != "adam"]  # Muon's Adam rule needs no copy
         assert all(g.effective_lr is not None and g.update_norm is None for g in measured)
         assert any("covers 4 steps" in n and "update norms skipped" in n for n in report.notes)
+
+
+def test_gradient_accumulation_reports_the_real_steps() -> None:
+    """With gradient_accumulation_steps=2 only every second apply steps: Muon's report of it
+    measures the real change (from the copy before_step() takes before that call), and
+    ScheduleFreeAdamW's warmup, ckp1 and Adam's bias corrections count real steps."""
+    dtype = _dtype("muon")
+    rng = np.random.default_rng(13)
+    trained = _variables(rng, dtype)
+    muon = _O.Muon(1e-2, gradient_accumulation_steps=2)
+    schedule_free = _O.ScheduleFreeAdamW(1e-2, warmup_steps=2, gradient_accumulation_steps=2)
+    monitors = [lrscope.watch(opt, findings=False) for opt in (muon, schedule_free)]
+    for call in range(1, 5):
+        grads = _grads(rng, trained)
+        monitors[0].before_step(trained if call == 1 else None)
+        before = _values(trained)
+        muon.apply(grads, trained)
+        after = _values(trained)
+        report = monitors[0].step()
+        schedule_free.apply(grads, [keras.Variable(v, name=v.name) for v in trained] if call == 1 else None)
+        sf_report = monitors[1].step()
+        if call % 2:
+            assert report is None and sf_report is None
+            continue
+        t = call // 2
+        assert report.t == sf_report.t == t
+        for group in report.groups:
+            _assert_update_norm(group.update_norm, before, after, group.params, dtype)
+        adam = {g.name: g for g in report.groups}["adam"]
+        assert adam.step_size == pytest.approx(
+            lrscope.step_size("adam", t, lr=1e-2, convention="keras"), rel=BETA_ROUNDING)
+        group = sf_report.groups[0]
+        assert group.lr == pytest.approx(1e-2 * min(t / 2, 1), rel=1e-6)
+        assert group.extra["ckp1"] == pytest.approx(1 / t)
