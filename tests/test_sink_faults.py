@@ -277,6 +277,21 @@ def test_the_next_run_cuts_a_torn_last_line_before_appending(tmp_path, kind):
         assert _csv_steps(path) == list(range(1, 7))
 
 
+def test_a_torn_tail_too_long_for_a_log_line_is_ended_not_cut(tmp_path, monkeypatch):
+    """More than MAX_CUT bytes without a newline: perhaps not a log at all; nothing of it
+    is deleted, a newline ends it (readers skip it)."""
+    import lrscope.sinks._files as files
+
+    monkeypatch.setattr(files, "MAX_CUT", 100)
+    path = tmp_path / "lrscope.jsonl"
+    path.write_bytes(b"x" * 101)
+    sinks = SinkGroup([JsonlSink(path)])
+    _write(sinks, [1])
+    sinks.close()
+    assert path.read_bytes().startswith(b"x" * 101 + b"\n{")
+    assert [r["t"] for r in read_jsonl(path)] == [1]
+
+
 _FULL_DISK_WRITER = textwrap.dedent("""
     import sys, time
     from lrscope.sinks import SinkGroup

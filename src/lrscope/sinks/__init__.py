@@ -1,6 +1,8 @@
 """Where reports go: console, JSONL/CSV, TensorBoard, ... one small module each.
 
-A sink is any object with ``write(report: StepReport) -> None`` and ``close() -> None``.
+A sink is any object with ``write(report: StepReport) -> None`` and ``close() -> None``;
+optionally ``flush()`` (called by ``SinkGroup.flush()``, on its thread) and ``disabled``
+(true for a sink that could not start and said so: the group leaves it out).
 ``SinkGroup`` fans a report out to several sinks and keeps them from stopping training or
 each other:
 

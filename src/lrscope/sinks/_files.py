@@ -24,6 +24,9 @@ except ImportError:  # Windows: no locks, no repairs (see AppendFile)
 T = TypeVar("T")
 #: Read back this much at a time to find the last complete line of a torn file.
 _CHUNK = 1 << 16
+#: A torn last line longer than this is ended with a newline rather than cut off: no log
+#: line is that long, so the file may not be a log at all.
+MAX_CUT = 1 << 26
 
 
 def describe(sink: Any) -> str:
@@ -121,8 +124,9 @@ class AppendFile:
       each other's lines, however long, and nothing waits in a buffer for a kill to lose.
     * A torn last line (a writer killed inside a write, a write a full disk cut short) is
       cut off before the next line is appended, so no record gets glued onto a fragment
-      (without ``flock``, a newline ends the fragment instead, and readers skip it).  A
-      write that fails takes its own partial line back, so it can be retried whole.
+      (without ``flock``, or for a fragment over ``MAX_CUT`` bytes, a newline ends it
+      instead, and readers skip it).  A write that fails takes its own partial line back,
+      so it can be retried whole.
     * ``header`` (CSV's column names) is written by whichever writer finds the file empty.
     * A file deleted or replaced while open (its log directory deleted and recreated) is
       reopened at its path, with one warning.  While the directory is missing, ``write``
@@ -168,9 +172,10 @@ class AppendFile:
         try:
             size = os.fstat(self._fd).st_size
             if size and os.pread(self._fd, 1, size - 1) != b"\n":  # a torn last line
-                if locked:
-                    size = _complete_length(self._fd, size)
-                    os.ftruncate(self._fd, size)
+                complete = _complete_length(self._fd, size) if locked else None
+                if complete is not None:
+                    os.ftruncate(self._fd, complete)
+                    size = complete
                 else:
                     data = b"\n" + data
             if size == 0:
@@ -228,13 +233,15 @@ class AppendFile:
             close_quietly(fd)
 
 
-def _complete_length(fd: int, size: int) -> int:
-    """The length of the file's complete lines: up to and including its last newline."""
-    end = size
-    while end > 0:
+def _complete_length(fd: int, size: int) -> int | None:
+    """The length of the file's complete lines (up to and including its last newline), or
+    None if the last ``MAX_CUT`` bytes hold no newline."""
+    end, complete = size, 0
+    while end > 0 and size - end < MAX_CUT:
         start = max(0, end - _CHUNK)
         at = os.pread(fd, end - start, start).rfind(b"\n")
         if at >= 0:
-            return start + at + 1
+            complete = start + at + 1
+            break
         end = start
-    return 0
+    return complete if size - complete <= MAX_CUT else None
