@@ -207,3 +207,21 @@ def test_the_trainers_trackio_run_receives_lrscope(tmp_path):
         assert np.allclose(list(logged.values()), list(series.values()), rtol=1e-6), tag
     # (The Trainer logs its rows at trackio's own step counter, with train/global_step in them.)
     assert {row["train/global_step"] for row in rows if "train/loss" in row} == {2, 4, 6}
+
+
+def test_a_tracker_lrscope_cannot_write_into_costs_a_warning_not_the_training(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from lrscope.sinks import JsonlSink
+    from lrscope.sinks.tensorboard import TensorBoardSink
+
+    def broken(self, *args, **kwargs):
+        raise OSError("read-only")
+
+    monkeypatch.setattr(TensorBoardSink, "__init__", broken)
+    callback = lrscope.transformers.EffectiveLRCallback(sinks=[JsonlSink(tmp_path / "own.jsonl")])
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, report_to=["tensorboard"],
+        use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True)
+    with pytest.warns(RuntimeWarning, match="cannot write into the Trainer's TensorBoardCallback"):
+        transformers.Trainer(model=Regression(), args=args, train_dataset=Data(), callbacks=[callback]).train()
+    assert [r["t"] for r in read_jsonl(tmp_path / "own.jsonl")] == [1, 2]

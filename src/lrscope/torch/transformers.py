@@ -35,6 +35,7 @@ import sys
 from typing import Any, Iterable
 
 from lrscope._optional import require
+from lrscope._warnings import warn
 from lrscope.torch.monitor import TorchMonitor
 from lrscope.monitor import checked_every
 from lrscope.sinks import Sink, checked
@@ -111,28 +112,45 @@ def _trainer_callbacks() -> list[Any]:
 
 
 def _tracker_sinks(callbacks: list[Any]) -> list[Sink]:
-    """lrscope sinks writing into the runs of the Trainer's tracker callbacks that have one."""
-    from transformers.integrations import integration_utils as hf
-
+    """lrscope sinks writing into the runs of the Trainer's tracker callbacks that have one;
+    one that cannot be made costs a warning, never the training."""
     sinks: list[Sink] = []
     for callback in callbacks:
-        if isinstance(callback, hf.TensorBoardCallback) and getattr(callback, "logging_dir", None):
-            from lrscope.sinks.tensorboard import TensorBoardSink
-
-            sinks.append(TensorBoardSink(callback.logging_dir))
-        elif (isinstance(callback, hf.WandbCallback) and getattr(callback, "_initialized", False)
-                and callback._wandb is not None and callback._wandb.run is not None):
-            from lrscope.sinks.wandb import WandbSink
-
-            sinks.append(WandbSink(run=callback._wandb.run))
-        elif (isinstance(callback, hf.MLflowCallback) and getattr(callback, "_initialized", False)
-                and callback._ml_flow.active_run() is not None):
-            from lrscope.sinks.mlflow import MlflowSink
-
-            sinks.append(MlflowSink(run_id=callback._ml_flow.active_run().info.run_id))
-        elif (isinstance(callback, getattr(hf, "TrackioCallback", ())) and getattr(callback, "_initialized", False)
-                and callback._trackio.context_vars.current_run.get() is not None):
-            from lrscope.sinks.trackio import TrackioSink
-
-            sinks.append(TrackioSink(run=callback._trackio.context_vars.current_run.get()))
+        try:
+            sink = _tracker_sink(callback)
+        except Exception as error:  # noqa: BLE001 - a tracker is never worth stopping training
+            warn(f"lrscope: cannot write into the Trainer's {type(callback).__name__} "
+                 f"({type(error).__name__}: {error}); lrscope's other sinks continue.")
+            continue
+        if sink is not None:
+            sinks.append(sink)
     return sinks
+
+
+def _tracker_sink(callback: Any) -> Sink | None:
+    """The lrscope sink for one of the Trainer's callbacks, or None if it is no tracker
+    lrscope writes to (or has no run)."""
+    from transformers.integrations import integration_utils as hf
+
+    if isinstance(callback, hf.TensorBoardCallback) and getattr(callback, "tb_writer", None) is not None:
+        from lrscope.sinks.tensorboard import TensorBoardSink
+
+        writer = callback.tb_writer  # (its directory: torch's log_dir, tensorboardX's logdir)
+        directory = getattr(writer, "log_dir", None) or getattr(writer, "logdir", None) or callback.logging_dir
+        return TensorBoardSink(directory) if directory else TensorBoardSink(writer=writer)
+    if (isinstance(callback, hf.WandbCallback) and getattr(callback, "_initialized", False)
+            and callback._wandb is not None and callback._wandb.run is not None):
+        from lrscope.sinks.wandb import WandbSink
+
+        return WandbSink(run=callback._wandb.run)
+    if (isinstance(callback, hf.MLflowCallback) and getattr(callback, "_initialized", False)
+            and callback._ml_flow.active_run() is not None):
+        from lrscope.sinks.mlflow import MlflowSink
+
+        return MlflowSink(run_id=callback._ml_flow.active_run().info.run_id)
+    if (isinstance(callback, getattr(hf, "TrackioCallback", ())) and getattr(callback, "_initialized", False)
+            and callback._trackio.context_vars.current_run.get() is not None):
+        from lrscope.sinks.trackio import TrackioSink
+
+        return TrackioSink(run=callback._trackio.context_vars.current_run.get())
+    return None
