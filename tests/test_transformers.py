@@ -89,7 +89,22 @@ def test_an_optimizer_lrscope_does_not_model_is_named_with_its_module(tmp_path):
     assert callback.last.groups[0].lr == pytest.approx(1e-2 / 2) and callback.last.groups[0].effective_lr is None
 
 
-def test_the_trainers_own_trackers_receive_lrscope_at_the_optimizer_step(tmp_path, monkeypatch):
+@pytest.fixture
+def trackers_reset():
+    """Whatever the test leaves, no W&B run stays active and MLflow's tracking URI is reset."""
+    yield
+    import sys
+
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].finish()
+        sys.modules["wandb"].teardown()
+    if "mlflow" in sys.modules:
+        if sys.modules["mlflow"].active_run() is not None:
+            sys.modules["mlflow"].end_run()
+        sys.modules["mlflow"].set_tracking_uri(None)
+
+
+def test_the_trainers_own_trackers_receive_lrscope_at_the_optimizer_step(tmp_path, monkeypatch, trackers_reset):
     """report_to=["tensorboard", "wandb", "mlflow"]: lrscope's scalars go into the Trainer's
     TensorBoard run, W&B run (offline) and MLflow run (local file store), at the Trainer's
     global_step, as its own TensorBoard sink receives them."""
