@@ -38,9 +38,9 @@ MAX_BINS = 512
 class WandbSink:
     """Writes reports into ``run``, the active ``wandb.run``, or a run it starts.
 
-    ``run=None`` uses ``wandb.run`` if one is active (yours, or your framework's logger's)
-    and leaves it open; without one it calls ``wandb.init(**init)`` and finishes that run
-    on ``close()``.  ``histogram_every``: steps between histograms (of the steps with
+    ``run=None`` without options uses ``wandb.run`` if one is active (yours, or your
+    framework's logger's) and leaves it open; otherwise it calls ``wandb.init(**init)`` and
+    finishes the run it got on ``close()`` if that run is a new one.  ``histogram_every``: steps between histograms (of the steps with
     distributions); ``params=True`` also logs every tensor's scalars, as TensorBoardSink.
 
     Example (``wandb.init`` options go through)::
@@ -57,8 +57,15 @@ class WandbSink:
         self._wandb = require("wandb", "wandb")
         if run is not None and init:
             raise ValueError(f"WandbSink: give a run or wandb.init options ({', '.join(init)}), not both")
-        self._owns_run = run is None and self._wandb.run is None
-        self.run = run or self._wandb.run or self._wandb.init(**init)
+        self._owns_run = False
+        if run is None:
+            active = self._wandb.run
+            if init or active is None:
+                run = self._wandb.init(**init)  # (W&B's reinit setting decides about an active run)
+                self._owns_run = run is not active
+            else:
+                run = active
+        self.run = run
         self.run.define_metric(STEP_METRIC)
         self.run.define_metric("lr-*", step_metric=STEP_METRIC)
         self.histogram_every = int(histogram_every)
