@@ -253,3 +253,13 @@ def test_trackio_receives_what_tensorboard_receives(tmp_path):
             assert histogram["values"] == series[t].bucket[1:]
     for tag, series in texts.items():
         assert {row["step"]: row[tag]["_value"] for row in rows if tag in row} == series
+
+
+def test_importing_the_sinks_imports_no_tracker():
+    import subprocess
+    import sys
+
+    code = ("import sys, lrscope.sinks; from lrscope.sinks import MlflowSink, TrackioSink, WandbSink; "
+            "print(sorted(m for m in ('wandb', 'mlflow', 'trackio') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
