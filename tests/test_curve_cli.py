@@ -94,7 +94,7 @@ def test_curve_command_frameworks_side_by_side(tmp_path, capsys):
     (["curve", "adam", "--steps", "0"], "--steps must be >= 1"),
     (["curve", "adam", "--schedule", "linear"], "invalid choice: 'linear' (choose from"),
     (["curve", "adam", "--framework", "mxnet"], "choose from torch, keras, tf1, optax"),
-    (["curve", "lion", "--framework", "torch"], "'lion' does not exist in torch"),
+    (["curve", "yogi", "--framework", "torch"], "'yogi' does not exist in torch"),
     (["curve", "adam", "--lr=-1e-3"], "lr must be finite and >= 0, got -0.001"),
     (["curve", "adam", "--lr", "nan"], "lr must be finite and >= 0, got nan"),
     (["curve", "adam", "--eps=-1"], "eps must be finite and >= 0, got -1.0"),
