@@ -78,7 +78,7 @@ def test_registered_optimizer_passes_the_identity(registered, dtype):
     for t, report in enumerate(reports, start=1):
         group = report.groups[0]
         assert report.family == "scaled_sign_test" and report.t == t
-        assert group.lr == pytest.approx(0.05 * min(1.0, t / 3))
+        assert group.lr == pytest.approx(0.05 * min(1.0, t / 3)) and group.lr_source == "applied_lr"
         assert group.step_size == pytest.approx(2 * group.lr)
 
 

@@ -191,7 +191,7 @@ def test_prodigy_lr_is_the_largest_over_groups_and_scheduled():
             optimizer.step()
             scheduler.step()
             for group in monitor.last.groups:
-                assert group.lr == pytest.approx(0.5 / t)
+                assert group.lr == pytest.approx(0.5 / t) and group.lr_source == "max(lr)"
                 assert group.step_size == pytest.approx(d * 0.5 / t)
 
 
@@ -236,6 +236,7 @@ def test_schedule_free_lr_weight_and_modes():
             optimizer.step()
             group = monitor.last.groups[0]
             assert group.lr == pytest.approx(0.01 * t / 4) == optimizer.param_groups[0]["scheduled_lr"]
+            assert group.lr_source == "scheduled_lr"
             weights = [(k * 0.01 / 4) ** 2 for k in range(1, t + 1)]
             assert group.extra["ckp1"] == pytest.approx(weights[-1] / sum(weights))
         train = lrscope.inspect(optimizer).groups[0]
