@@ -11,6 +11,7 @@ from tests.conftest import require
 torch = require("torch")
 import lrscope  # noqa: E402
 import lrscope.torch  # noqa: E402
+from lrscope.torch import optimizers  # noqa: E402
 from lrscope.torch import reader as backend  # noqa: E402
 from lrscope.torch.state import elementwise_of  # noqa: E402
 
@@ -43,7 +44,7 @@ def test_elementwise_of_adafactor_right_after_step(options, dtype):
         optimizer.step()
         got = dict(lrscope.torch.elementwise(optimizer))
         group = optimizer.param_groups[0]
-        h, _ = backend.hyperparameters("adafactor", group, group["lr"])
+        h, _ = optimizers.hyperparameters("adafactor", group, group["lr"])
         for index, (name, p) in enumerate(params.items()):
             el = got[f"param{index}"]
             delta = (p.detach() - before[name]).double()

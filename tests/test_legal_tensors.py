@@ -19,7 +19,7 @@ from tests.conftest import require
 torch = require("torch")
 import lrscope  # noqa: E402
 import lrscope.torch  # noqa: E402
-from lrscope.torch import reader as backend  # noqa: E402
+from lrscope.torch import optimizers  # noqa: E402
 from lrscope.torch.state import elementwise_of  # noqa: E402
 from tests.test_torch_optimizers import CASES, make_optimizer, recorded_before  # noqa: E402
 
@@ -34,7 +34,7 @@ def test_an_empty_parameter_keeps_every_distribution(case_id, cls, options, with
     shapes = {"vector": (5,), "matrix": (4, 3), "empty_rows": (0, 3), "empty": (0,)}
     params = {n: torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for n, s in shapes.items()}
     optimizer = make_optimizer(cls, options, params)
-    family = backend.family_of(optimizer)
+    family = optimizers.family_of(optimizer)
     rtol = 1e-6 if isinstance(options.get("lr"), torch.Tensor) else 0  # a float32 lr: float32 step factors
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="lrscope: measuring")  # "... the distributions failed"
@@ -46,7 +46,7 @@ def test_an_empty_parameter_keeps_every_distribution(case_id, cls, options, with
             recorded = recorded_before(optimizer)
             optimizer.step()
             group = optimizer.param_groups[0]
-            h, _ = backend.hyperparameters(family, group, group["lr"])
+            h, _ = optimizers.hyperparameters(family, group, group["lr"])
             report = monitor.last.groups[0]
             for index, (name, p) in enumerate(params.items()):
                 el = elementwise_of(family, optimizer.state[p], p, h, recorded.get(id(p)))

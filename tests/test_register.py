@@ -17,7 +17,7 @@ import lrscope.torch  # noqa: E402,F401
 from lrscope import formulas, registry  # noqa: E402
 from lrscope.formulas import Elementwise  # noqa: E402
 from lrscope.testing import check_identity  # noqa: E402
-from lrscope.torch.reader import FAMILY_OF  # noqa: E402
+from lrscope.torch.optimizers import FAMILY_OF  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:lrscope finding")
 

@@ -16,7 +16,7 @@ from tests.conftest import require
 
 torch = require("torch")
 import lrscope  # noqa: E402
-from lrscope.torch import reader as backend  # noqa: E402
+from lrscope.torch import optimizers  # noqa: E402
 from lrscope.torch.state import elementwise_of  # noqa: E402
 from lrscope.torch import fused as torch_fused, kernel as torch_kernel, small as torch_small, stats as torch_stats  # noqa: E402
 from tests.test_torch_optimizers import CASES, make_optimizer, real, recorded_before  # noqa: E402
@@ -78,7 +78,7 @@ def set_grads(params, step):
 def exact(family, optimizer, p, recorded):
     """eta, the eps-dominated count and the norms from the eager formula, in float64."""
     group = optimizer.param_groups[0]
-    h, _ = backend.hyperparameters(family, group, group["lr"])
+    h, _ = optimizers.hyperparameters(family, group, group["lr"])
     el = elementwise_of(family, optimizer.state[p], p, h, recorded.get(id(p)))
     theta = real(p.detach())
     eta = np.broadcast_to(torch.as_tensor(el.eta).double().numpy(), theta.shape).ravel()
@@ -95,7 +95,7 @@ def test_fused_statistics_match_numpy(small_chunks, case_id, dtype):
     params = make_params(dtype, with_complex)
     optimizer = make_optimizer(cls, options, params)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
-    family = backend.family_of(optimizer)
+    family = optimizers.family_of(optimizer)
     names = {id(p): f"param{i}" for i, p in enumerate(params.values())}
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a kernel failure would warn and go eager
@@ -252,7 +252,7 @@ def test_half_precision_state_within_one_unit(small_chunks, case_id, dtype):
     _, cls, options, _ = next(c for c in CASES if c[0] == case_id)
     params = {name: p.detach().to(dtype).requires_grad_() for name, p in make_params(torch.float32, False).items()}
     optimizer = make_optimizer(cls, options, params)
-    family = backend.family_of(optimizer)
+    family = optimizers.family_of(optimizer)
     unit = 2 * torch.finfo(dtype).eps  # two units of rounding, relative
     generator = torch.Generator().manual_seed(5)
     with warnings.catch_warnings():

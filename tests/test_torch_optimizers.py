@@ -16,6 +16,7 @@ from tests.conftest import require
 
 torch = require("torch")
 import lrscope  # noqa: E402
+from lrscope.torch import optimizers  # noqa: E402
 from lrscope.torch import reader as backend  # noqa: E402
 from lrscope.torch.state import elementwise_of  # noqa: E402
 
@@ -125,7 +126,7 @@ def test_identity_against_real_step(case_id, cls, options, with_complex, dtype):
     optimizer = make_optimizer(cls, options, params)
     scheduler = O.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
     monitor = lrscope.watch(optimizer, model=None)
-    family = backend.family_of(optimizer)
+    family = optimizers.family_of(optimizer)
     names = {id(p): n for n, p in params.items()}
     # Rounding of theta_after - theta_before (a few ulps of theta) plus a relative error
     # of the step itself (torch computes it in the parameter's dtype).
@@ -142,7 +143,7 @@ def test_identity_against_real_step(case_id, cls, options, with_complex, dtype):
         optimizer.step()
         report = monitor.last
         group = optimizer.param_groups[0]
-        h, unsupported = backend.hyperparameters(family, group, group["lr"])
+        h, unsupported = optimizers.hyperparameters(family, group, group["lr"])
         assert not unsupported
         moved = 0
         for p in group["params"]:
@@ -258,8 +259,8 @@ def test_small_tensors_measured_together_as_alone(case_id, monkeypatch):
     monkeypatch.setattr(torch_small, "SMALL_ELEMENTS", 0)
     alone = lrscope.inspect(optimizer).groups[0]
     assert batches == [len(params)]
-    family = backend.family_of(optimizer)
-    h, _ = backend.hyperparameters(family, optimizer.param_groups[0], optimizer.param_groups[0]["lr"])
+    family = optimizers.family_of(optimizer)
+    h, _ = optimizers.hyperparameters(family, optimizer.param_groups[0], optimizer.param_groups[0]["lr"])
     for i, p in enumerate(params):
         got, reference = together.params[f"param{i}"], alone.params[f"param{i}"]
         el = elementwise_of(family, optimizer.state[p], p, h)

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from lrscope._optional import require
 from lrscope.torch.monitor import TorchMonitor
-from lrscope.torch.reader import unwrap
+from lrscope.torch.optimizers import unwrap
 from lrscope.monitor import checked_every
 from lrscope.report import StepReport
 from lrscope.sinks import Sink, checked

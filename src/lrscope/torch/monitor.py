@@ -23,7 +23,8 @@ from lrscope.report import StepReport, tag_prefix
 from lrscope.sinks import Sink
 from lrscope.torch import stats
 from lrscope.torch.distributed import Ranks, active, fsdp1_shard, partitioned
-from lrscope.torch.reader import SKIPPED_NOTE, TorchReader, _Pending, group_name, hyperparameters
+from lrscope.torch.optimizers import group_name, hyperparameters
+from lrscope.torch.reader import SKIPPED_NOTE, TorchReader, _Pending
 from lrscope.torch.state import RECORD_REQUIRED, as_float, elementwise_of
 from lrscope._warnings import warn
 
