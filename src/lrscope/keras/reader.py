@@ -17,6 +17,10 @@ ScheduleFreeAdamW, and MultiOptimizer (``lrscope.keras.multi``); which class is 
 family, and what the newer ones need, is in ``lrscope.keras.models``.  Any other class,
 or an option lrscope does not model: lr only, with a note, and in empirical mode the
 realized update, |delta theta| from a copy of the variables taken before the step.
+
+(Over 500 lines: one class, ``KerasReader``, whose steps — position, hyperparameters,
+formula inputs per family, groups, statistics — all read the same optimizer's variables and
+share its caches; the per-family tables and the fast paths are already in their own modules.)
 """
 
 from __future__ import annotations

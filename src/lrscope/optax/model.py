@@ -22,6 +22,9 @@ measured-only (``ALIAS_ONLY``).
 
 A state node's arrays are renamed to PyTorch's state names (``mu`` -> ``exp_avg``, ...)
 for the family formulas in ``lrscope.formulas``.
+
+(Over 500 lines: the two ways in share the translation tables, ``GroupModel`` and the
+state readers, and the contrib optimizers — Prodigy, schedule-free, Muon — each need both.)
 """
 
 from __future__ import annotations
