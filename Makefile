@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch==2.13.0 is pinned first: it is the CPU build (an unpinned torch may pull a CUDA build).
 TORCH := torch==2.13.0
 
-.PHONY: demo test install-demo install-test clean
+.PHONY: demo test docs install-demo install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,14 +18,18 @@ $(VENV)/.demo: $(BIN)/python pyproject.toml
 
 $(VENV)/.test: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[all,dev]"
+	$(BIN)/pip install --quiet -e ".[all,dev,docs]"
 	# timm's optimizers are tested, but timm requires torchvision, whose PyPI build needs a CUDA
 	# torch (pip would replace the CPU build above): timm without its dependencies, then the
 	# small ones (timm.optim's optimizers import only torch; the tests load them without
 	# timm's package __init__, which imports torchvision, where torchvision cannot load).
 	$(BIN)/pip install --quiet --no-deps "timm>=1.0.31"
 	$(BIN)/pip install --quiet "huggingface_hub>=0.23" "safetensors>=0.4" "pyyaml>=6"
-	touch $@ $(VENV)/.demo
+	touch $@ $(VENV)/.demo $(VENV)/.docs
+
+$(VENV)/.docs: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e ".[docs]"
+	touch $@
 
 install-demo: $(VENV)/.demo
 install-test: $(VENV)/.test
@@ -34,11 +38,17 @@ install-test: $(VENV)/.test
 demo: $(VENV)/.demo
 	$(BIN)/lrscope demo --out runs/demo
 
-## test: every test, Keras ones on each of its three backends
+## test: every test (the README's and the docs' examples included), Keras ones on each of its
+## three backends, then the docs site built strictly (a broken link or reference fails)
 test: $(VENV)/.test
 	$(BIN)/python -m pytest
 	KERAS_BACKEND=jax $(BIN)/python -m pytest -o addopts="" tests/test_keras.py tests/test_keras_newer.py
 	KERAS_BACKEND=torch $(BIN)/python -m pytest -o addopts="" tests/test_keras.py tests/test_keras_newer.py
+	$(BIN)/mkdocs build --strict -d site
+
+## docs: the documentation site (mkdocs-material + mkdocstrings), built strictly into site/
+docs: $(VENV)/.docs
+	$(BIN)/mkdocs build --strict -d site
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site
