@@ -25,6 +25,10 @@ $(VENV)/.test: $(BIN)/python pyproject.toml
 	# timm's package __init__, which imports torchvision, where torchvision cannot load).
 	$(BIN)/pip install --quiet --no-deps "timm>=1.0.31"
 	$(BIN)/pip install --quiet "huggingface_hub>=0.23" "safetensors>=0.4" "pyyaml>=6"
+	# DeepSpeed (the ZeRO 1-3 tests) is a source package built against the torch above
+	# (--no-build-isolation); --no-deps keeps pip from replacing that torch, and the modules
+	# it imports are in the dev extra.
+	$(BIN)/pip install --quiet --no-build-isolation --no-deps "deepspeed==0.19.8"
 	touch $@ $(VENV)/.demo $(VENV)/.docs
 
 $(VENV)/.docs: $(BIN)/python pyproject.toml
