@@ -26,7 +26,7 @@ from lrscope.formulas._common import Elementwise, coupled_direction
 
 NAMES = ("adadelta",)
 #: The optax convention reads theta before the step in eta or d, so it cannot be
-#: recovered from theta after the step through the model (see backends/optax.py).
+#: recovered from theta after the step through the model (see lrscope/optax/transform.py).
 READS_PARAM_BEFORE = True
 
 DEFAULTS: dict[str, dict[str, Any]] = {

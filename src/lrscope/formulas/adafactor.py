@@ -52,7 +52,7 @@ NAMES = ("adafactor",)
 #: eta needs whole-tensor reductions (RMS(U), the factored V): not computable chunk by chunk.
 CHUNKABLE = False
 #: The optax convention reads theta before the step in eta or d, so it cannot be
-#: recovered from theta after the step through the model (see backends/optax.py).
+#: recovered from theta after the step through the model (see lrscope/optax/transform.py).
 READS_PARAM_BEFORE = True
 
 DEFAULTS: dict[str, dict[str, Any]] = {

@@ -80,7 +80,7 @@ def leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str, Any], g
     ``arrays`` the optimizer state in PyTorch names, ``real`` the update optax emitted
     (None when not needed), ``after`` theta after the step (None when update() got no
     params), ``check`` whether to compare the model with ``real`` and ``convention`` the
-    formula's (``backends.keras_jax`` measures Keras steps with it).  Without the check
+    formula's (``lrscope.keras.backend_jax`` measures Keras steps with it).  Without the check
     the norms come from the model (SPEC §1's identity).
 
     Theta before the step is ``after - real`` when ``real`` is given, else it follows

@@ -2,14 +2,14 @@
 
 Op by op, every ``keras.ops`` call of the formula is an eager TensorFlow operation
 dispatched from Python, beside one ``tf.function`` graph for the statistics
-(``keras_stats``).  Here the formula (``formulas/``, Keras convention) is traced into that
+(``lrscope.keras.stats``).  Here the formula (``formulas/``, Keras convention) is traced into that
 graph too, one call per chunk of ``keras_stats.CHUNK_ELEMENTS``.  The graph is traced
 once per family, hyperparameters other than lr, and names and dtypes of the state, as a
 concrete function whose columns have any length, with t, lr and NAdam's ``mu_product``
 as tensors: neither a new step, a schedule nor a new size traces again, and a call looks
 up no trace.  40 variables of 250K took 62 ms instead of 132-134 ms op by op (one-off).
 
-Lamb and Adafactor stay op by op (``keras_stats``): their formula needs whole tensors in
+Lamb and Adafactor stay op by op (``lrscope.keras.stats``): their formula needs whole tensors in
 their own shape.  So does everything when ``LRSCOPE_FUSED=0``.
 """
 

@@ -2,13 +2,13 @@
 
 On the torch backend a Keras variable and its optimizer's slots are torch tensors, so
 they take the path ``torch.optim`` optimizers take: small tensors batched into one
-formula call (``torch_small``), large CPU tensors through one compiled kernel that also
-counts the buckets (``torch_fused``), a tensor holding NaN/Inf redone with masking
+formula call (``lrscope.torch.small``), large CPU tensors through one compiled kernel that also
+counts the buckets (``lrscope.torch.fused``), a tensor holding NaN/Inf redone with masking
 (``torch_stats.collect``).  Op by op with ``keras.ops`` the same statistics cost 2.3
 times Keras' own ``optimizer.apply`` for 40 variables of 250K.  The formula is the
 family's, with the Keras convention (``formulas/``).
 
-Lamb and Adafactor stay op by op (``keras_stats``): their formula needs whole tensors,
+Lamb and Adafactor stay op by op (``lrscope.keras.stats``): their formula needs whole tensors,
 which the chunked passes do not give.  So does everything when ``LRSCOPE_FUSED=0``.
 """
 

@@ -2,8 +2,8 @@
 
 Written with ``keras.ops``, so it runs on the tensorflow, jax and torch backends; the
 statistics take each backend's fast path where it has one (``_statistics``): one jitted
-computation on JAX (``keras_jax``), lrscope's PyTorch passes on torch (``keras_torch``),
-one ``tf.function`` graph per chunk on TensorFlow (``keras_tensorflow``).
+computation on JAX (``backend_jax``), lrscope's PyTorch passes on torch (``backend_torch``),
+one ``tf.function`` graph per chunk on TensorFlow (``backend_tensorflow``).
 Conventions (SPEC §2): after step t ``optimizer.iterations == t`` and the schedule was
 evaluated at the raw iteration ``t - 1`` (with ``gradient_accumulation_steps = k``,
 Keras counts micro-batches: the step moved the variables at raw iteration ``t*k - 1``);
@@ -509,9 +509,9 @@ class KerasReader:
                     recorded: dict[int, dict[str, Any]], with_update: bool
                     ) -> list[tuple[Any, float | None, float]]:
         """(Distribution, update norm or None, param norm) of each variable of ``indices``:
-        jitted on JAX (``keras_jax``), by the PyTorch backend's passes on torch
-        (``keras_torch``), formula and statistics in one graph per chunk on TensorFlow
-        (``keras_tensorflow``), else op by op (``keras_stats``)."""
+        jitted on JAX (``backend_jax``), by the PyTorch backend's passes on torch
+        (``backend_torch``), formula and statistics in one graph per chunk on TensorFlow
+        (``backend_tensorflow``), else op by op (``lrscope.keras.stats``)."""
         if BACKEND in ("jax", "torch", "tensorflow"):
             fast = importlib.import_module(f"lrscope.keras.backend_{BACKEND}")
             if fast.applies(self.family):

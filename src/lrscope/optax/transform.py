@@ -418,7 +418,7 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per
         # computes the same expression once), never ``params``: a training loop may donate
         # params, and XLA then copies every parameter on every step if anything else
         # reads them.  Theta before the step comes from the real update where one is
-        # needed anyway, otherwise from the model (optax_stats.leaf_stats).
+        # needed anyway, otherwise from the model (lrscope.jax.stats.leaf_stats).
         after = None if params is None else optax.apply_updates(params, new_updates)
         real = new_updates if _needs_real(plan, params is not None) else None
         arrays = (state.inner, inner, updates, real, after, steps)

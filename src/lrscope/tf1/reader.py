@@ -7,7 +7,7 @@ evaluated with the user's session after ``sess.run(train_op)``:
   ``beta1_power``/``beta2_power`` variables *after* the variables, so after step t they
   hold beta**(t+1); this tensor divides them by beta once.  ``next_step_size`` is the
   value the next step will use (what ``_lr_t * sqrt(1 - b2p) / (1 - b1p)`` gives).
-* ``effective_lr(optimizer)``: per-variable eta tensors (``lrscope.integrations.tf1``
+* ``effective_lr(optimizer)``: per-variable eta tensors (``lrscope.tf1.monitor``
   turns them into ``tf.compat.v1.summary`` ops).
 * ``inspect(optimizer, session=sess)``: a StepReport, its statistics computed in the
   graph (float32 bit buckets, exact reductions) and fetched in one ``session.run``.
