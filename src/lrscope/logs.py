@@ -31,6 +31,7 @@ import stat
 import struct
 import sys
 import types
+from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
 #: A JSONL line longer than this is skipped without being held in memory.  A record of the
@@ -41,6 +42,19 @@ MAX_T = 2**63 - 1
 
 _KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
           stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
+def log_location(log_dir: str | os.PathLike) -> tuple[Path, bool]:
+    """``log_dir`` as a Path, and whether it is a directory (else a log file); ValueError, in one
+    line, when it does not exist or cannot be read."""
+    path = Path(log_dir)
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError as error:
+        if not os.path.lexists(path):
+            raise ValueError(f"{path} does not exist") from None
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    return path, is_dir
 
 
 def open_regular(path: str | os.PathLike) -> IO[bytes]:

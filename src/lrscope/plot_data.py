@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from lrscope.downsample import Downsampled
-from lrscope.logs import MAX_LINE_BYTES, EventFile, JsonlLog, event_files, malformed_note, open_regular
+from lrscope.logs import (MAX_LINE_BYTES, EventFile, JsonlLog, event_files, log_location, malformed_note,
+                         open_regular)
 from lrscope.report import tag_prefix
 from lrscope.sinks.jsonl import FILE_NAME as JSONL_FILE_NAME
 
@@ -401,13 +401,7 @@ def load(log_dir: str | os.PathLike) -> Run:
 
     Raises ValueError, in one line, when there is no lrscope data.
     """
-    path = Path(log_dir)
-    try:
-        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
-    except OSError as error:
-        if not os.path.lexists(path):
-            raise ValueError(f"{path} does not exist") from None
-        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    path, is_dir = log_location(log_dir)
     notes: list[str] = []
     if not is_dir:
         candidates = [path]

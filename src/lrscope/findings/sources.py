@@ -10,11 +10,11 @@ Bad input raises ValueError with a one-line message.
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from lrscope.logs import log_location
 from lrscope.findings.observe import Point, Step, from_points, from_record, split_tag
 from lrscope.sinks.jsonl import FILE_NAME as JSONL_FILE_NAME
 
@@ -59,13 +59,7 @@ class _Restarts:
 def read(log_dir: str | os.PathLike) -> Source:
     """The steps in ``log_dir`` (a directory, or a .jsonl file): its ``lrscope.jsonl`` (or
     another .jsonl file with lrscope records), else its TensorBoard event files."""
-    path = Path(log_dir)
-    try:
-        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
-    except OSError as error:
-        if not os.path.lexists(path):
-            raise ValueError(f"{path} does not exist") from None
-        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    path, is_dir = log_location(log_dir)
     notes: list[str] = []
     if is_dir:
         candidates = [path / JSONL_FILE_NAME] if os.path.lexists(path / JSONL_FILE_NAME) else []
