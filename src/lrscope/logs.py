@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import struct
 import sys
@@ -326,22 +327,29 @@ def read_jsonl(path: str | os.PathLike, *, sketches: bool = True) -> Iterator[di
 
 # -- TensorBoard event files ---------------------------------------------------------------
 
+def _creation_order(name: str) -> list[tuple[int, int | str]]:
+    """A sort key reading the digit runs of an event file's name as numbers."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
+
+
 def event_files(directory: str | os.PathLike) -> tuple[list[str], list[str]]:
     """``(files, others)``: the paths in ``directory`` whose names contain ``tfevents``, in
-    the order their writers created them (the names start with the creation time), split
-    into regular files and the rest (directories, FIFOs, symlink loops, dangling links).
-    ValueError in one line when ``directory`` cannot be listed.
+    the order their writers created them (the names start with the creation time, and
+    lrscope's end in a per-process counter: numbers compare as numbers), split into regular
+    files and the rest (directories, FIFOs, symlink loops, dangling links).  ValueError in
+    one line when ``directory`` cannot be listed.
 
     >>> import tempfile
     >>> folder = tempfile.mkdtemp()
-    >>> open(os.path.join(folder, "events.out.tfevents.1.host"), "w").close()
+    >>> for n in (9, 10):
+    ...     open(os.path.join(folder, f"events.out.tfevents.1.host.lrscope.7.{n}"), "w").close()
     >>> os.mkdir(os.path.join(folder, "events.out.tfevents.2.host"))
     >>> [[os.path.basename(p) for p in found] for found in event_files(folder)]
-    [['events.out.tfevents.1.host'], ['events.out.tfevents.2.host']]
+    [['events.out.tfevents.1.host.lrscope.7.9', 'events.out.tfevents.1.host.lrscope.7.10'], ['events.out.tfevents.2.host']]
     """
     files, others = [], []
     try:
-        names = sorted(os.listdir(directory))
+        names = sorted(os.listdir(directory), key=_creation_order)
     except OSError as error:
         raise ValueError(f"cannot read {os.fspath(directory)}: {error.strerror or error}") from None
     for name in names:
