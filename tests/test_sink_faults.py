@@ -200,7 +200,10 @@ def test_a_dead_tensorboardx_writer_does_not_stop_the_other_sinks(small_disk, tm
         started = time.monotonic()
         sinks.close()
         closing = time.monotonic() - started
-    writer.file_writer.event_writer._event_queue.cancel_join_thread()  # its reader died
+    # The writer's thread died: tensorboardX's own atexit close() would block for ever on its
+    # full queue and hang the interpreter's exit (tensorboardX's doing, not lrscope's).
+    writer.file_writer.event_writer._event_queue.cancel_join_thread()
+    writer.file_writer.event_writer._closed = True
     assert _jsonl_steps(tmp_path / "x.jsonl") == list(range(1, 200))
     assert _csv_steps(tmp_path / "x.csv") == list(range(1, 200))
     assert closing < 2.5
