@@ -5,6 +5,8 @@ unsharded; prints each run's eta and model check as one JSON line.
 """
 
 import json
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,21 +17,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import lrscope
 import lrscope.optax
 
+sys.path.insert(0, os.path.dirname(__file__))
+from _optax_sharded import train as train_sharded  # noqa: E402
+
 
 def train(params):
     tx = lrscope.optax.monitor(optax.contrib.muon, learning_rate=1e-2, weight_decay=0.1, check=True)
-    state = tx.init(params)
-    rng = np.random.default_rng(0)
-
-    @jax.jit
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    for _ in range(3):
-        grads = jax.tree.map(lambda p: jax.device_put(
-            jnp.asarray(rng.normal(size=p.shape), p.dtype), p.sharding), params)
-        params, state = step(params, state, grads)
+    state = train_sharded(params, tx)
     report = lrscope.inspect(state)
     muon = next(g for g in report.groups if g.name == "muon")
     kernel = muon.params["kernel"]
