@@ -142,7 +142,11 @@ def _kernel(formula: ChunkedFormula) -> tuple[Kernel | None, dict[str, Any]]:
     return _kernels[key], arguments
 
 
-def _build(formula: ChunkedFormula, scalars: dict[str, Any], constants: dict[str, Any]) -> Kernel | None:
+def traceable(formula: ChunkedFormula, scalars: dict[str, Any], constants: dict[str, Any]
+              ) -> tuple[Callable[..., tuple[Any, Any, Any]], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``formula`` as a function of its per-element tensors and per-step scalars (``_inputs``),
+    returning (eta, eps_dominated or None, update), with example arrays and scalars for
+    ``kernel.trace``: shared by the numba kernel and ``triton_kernel``."""
     flat = formula.parts[0]
     # Examples of a few elements; half precision is computed in float32 (``_part``).
     arrays = {k: torch.ones(4, dtype=_computed_in(v.dtype)) for k, v in flat.items()}
@@ -157,8 +161,12 @@ def _build(formula: ChunkedFormula, scalars: dict[str, Any], constants: dict[str
 
     examples = {name: value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float64)
                 for name, value in scalars.items()}
+    return traced, arrays, examples
+
+
+def _build(formula: ChunkedFormula, scalars: dict[str, Any], constants: dict[str, Any]) -> Kernel | None:
     try:
-        return Kernel.build(traced, arrays, examples)
+        return Kernel.build(*traceable(formula, scalars, constants))
     except Exception as error:  # noqa: BLE001 - any tracing or compiler failure: stay correct, go eager
         warn(f"lrscope: the compiled statistics of {formula.family} failed ({type(error).__name__}: "
              f"{error}); computing them eagerly (slower, same results)")

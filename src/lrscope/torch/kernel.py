@@ -218,6 +218,26 @@ class _Translation:
         self.body.append(f"{name} = {self.operand(output, dtype)}")
 
 
+def trace(formula: Callable[[dict[str, torch.Tensor]], tuple[Any, Any, Any]],
+          arrays: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor]) -> torch.fx.Graph:
+    """The aten graph of ``formula(view) -> (eta, eps_dominated or None, update)`` with
+    ``arrays`` and ``scalars`` as its view (placeholders in that order), whose outputs are
+    (eta, update, param) and eps_dominated if not None.  Fake tensors: a formula that
+    branches on a value raises (``torch.fx`` data-dependent error) instead of compiling the
+    branch of the example."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    names = [*arrays, *scalars]
+
+    def traced(*values: torch.Tensor) -> tuple[Any, ...]:
+        view = dict(zip(names, values))
+        eta, eps, update = formula(view)
+        return (eta, update, view["param"]) if eps is None else (eta, update, view["param"], eps)
+
+    with torch.no_grad():
+        return make_fx(traced, tracing_mode="fake")(*arrays.values(), *scalars.values()).graph
+
+
 @dataclass
 class Kernel:
     """One compiled loop: ``run`` fills ``counts`` (float32 bit buckets of eta, int32) and
@@ -234,21 +254,8 @@ class Kernel:
               arrays: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor]) -> "Kernel":
         """Trace ``formula(view) -> (eta, eps_dominated or None, update)`` with ``arrays``
         (flat per-element examples, ``param`` among them) and ``scalars`` (0-d tensors:
-        arguments of the kernel) as its view, and compile it.  Fake tensors: a formula that
-        branches on a value raises (``torch.fx`` data-dependent error) instead of
-        compiling the branch of the example."""
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        names = [*arrays, *scalars]
-
-        def traced(*values: torch.Tensor) -> tuple[Any, ...]:
-            view = dict(zip(names, values))
-            eta, eps, update = formula(view)
-            return (eta, update, view["param"]) if eps is None else (eta, update, view["param"], eps)
-
-        with torch.no_grad():
-            graph = make_fx(traced, tracing_mode="fake")(*arrays.values(), *scalars.values()).graph
-        translation = _Translation(graph, list(arrays), list(scalars))
+        arguments of the kernel) as its view (``trace``), and compile it."""
+        translation = _Translation(trace(formula, arrays, scalars), list(arrays), list(scalars))
         eta, update, theta, *eps = translation.outputs
         eta_dtype = eta.meta["val"].dtype
         if eta_dtype not in (torch.float32, torch.float64):
