@@ -108,6 +108,21 @@ def per_step(state: Mapping[str, Any], h: Mapping[str, Any], name: str) -> Any:
     return state[name] if name in state else h[name]
 
 
+def scaled_decay_rate(h: Mapping[str, Any], step_size: Any = None) -> Any:
+    """``decay_lr * weight_decay``: the decoupled decay of implementations that scale it by
+    another lr than the step's (timm's ``corrected_weight_decay``, pytorch_optimizer's
+    ``fixed_decay``, lion-pytorch's ``decoupled_weight_decay``); ``decay_lr`` None (or
+    absent) means ``lr``.
+
+    >>> scaled_decay_rate({"lr": 0.1, "weight_decay": 0.5, "decay_lr": None})
+    0.05
+    >>> scaled_decay_rate({"lr": 0.1, "weight_decay": 0.5, "decay_lr": 1.0})
+    0.5
+    """
+    decay_lr = h.get("decay_lr")
+    return (h["lr"] if decay_lr is None else decay_lr) * h["weight_decay"]
+
+
 def coupled_direction(
     xp: Any, param_after: Any, grad: Any, eta: Any, grad_coef: Any, rest: Any, weight_decay: float,
     maximize: bool = False,

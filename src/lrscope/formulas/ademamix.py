@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lrscope.formulas._common import Elementwise
+from lrscope.formulas._common import Elementwise, scaled_decay_rate as decay_rate
 
 NAMES = ("ademamix",)
 
@@ -45,12 +45,6 @@ def step_sizes(xp: Any, t: Any, h: Mapping[str, Any], convention: str) -> dict[s
     """Adam's alpha_t (on m1) and ``alpha_t``, the weight of m2."""
     alpha = h["alpha"] if not h["t_alpha"] else np.minimum(t * h["alpha"] / h["t_alpha"], h["alpha"])
     return {"step_size": h["lr"] * (1 - h["beta2"] ** t) ** 0.5 / (1 - h["beta1"] ** t), "alpha_t": alpha}
-
-
-def decay_rate(h: Mapping[str, Any], step_size: Any = None) -> Any:
-    """``decay_lr * wd`` (None: lr)."""
-    decay_lr = h["decay_lr"]
-    return (h["lr"] if decay_lr is None else decay_lr) * h["weight_decay"]
 
 
 def elementwise(

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lrscope.formulas._common import Elementwise
+from lrscope.formulas._common import Elementwise, scaled_decay_rate
 
 NAMES = ("adopt",)
 
@@ -65,10 +65,7 @@ def step_sizes(xp: Any, t: Any, h: Mapping[str, Any], convention: str) -> dict[s
 
 
 def _decoupled_rate(h: Mapping[str, Any]) -> Any:
-    if not h["decoupled"]:
-        return 0.0
-    decay_lr = h["decay_lr"]
-    return (h["lr"] if decay_lr is None else decay_lr) * h["weight_decay"]
+    return scaled_decay_rate(h) if h["decoupled"] else 0.0
 
 
 def decay_rate(h: Mapping[str, Any], step_size: Any = None) -> Any:

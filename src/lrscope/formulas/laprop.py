@@ -32,7 +32,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lrscope.formulas._common import Elementwise
+from lrscope.formulas._common import Elementwise, scaled_decay_rate as decay_rate
+from lrscope.formulas.adam import step_sizes  # Adam's alpha_t (LaProp's, for a constant lr)
 
 NAMES = ("laprop",)
 
@@ -40,17 +41,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "torch": {"lr": 4e-4, "beta1": 0.9, "beta2": 0.999, "eps": 1e-15, "weight_decay": 0.0,
               "decay_lr": None},
 }
-
-
-def step_sizes(xp: Any, t: Any, h: Mapping[str, Any], convention: str) -> dict[str, Any]:
-    """``lr * sqrt(1 - beta2**t) / (1 - beta1**t)``, as for a constant lr."""
-    return {"step_size": h["lr"] * (1 - h["beta2"] ** t) ** 0.5 / (1 - h["beta1"] ** t)}
-
-
-def decay_rate(h: Mapping[str, Any], step_size: Any = None) -> Any:
-    """``decay_lr * wd`` (None: lr)."""
-    decay_lr = h["decay_lr"]
-    return (h["lr"] if decay_lr is None else decay_lr) * h["weight_decay"]
 
 
 def elementwise(

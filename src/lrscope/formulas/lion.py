@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lrscope.formulas._common import Elementwise
+from lrscope.formulas._common import Elementwise, scaled_decay_rate as decay_rate
 
 NAMES = ("lion",)
 
@@ -42,12 +42,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 def step_sizes(xp: Any, t: Any, h: Mapping[str, Any], convention: str) -> dict[str, Any]:
     """``{"step_size": lr}``."""
     return {"step_size": h["lr"]}
-
-
-def decay_rate(h: Mapping[str, Any], step_size: Any = None) -> Any:
-    """``decay_lr * wd``, ``decay_lr`` the lr the decay is scaled by (None: ``lr``)."""
-    decay_lr = h.get("decay_lr")
-    return (h["lr"] if decay_lr is None else decay_lr) * h["weight_decay"]
 
 
 def elementwise(
