@@ -9,10 +9,11 @@ lr, averaging weight and train/eval modes, options lrscope does not model.
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 
+from tests._optimizer_identity import (FILTERS, assert_unknown_option_reported,
+                                       assert_watch_does_not_change_training, descend, package)
 from tests.conftest import require
 
 torch = require("torch")
@@ -21,18 +22,7 @@ import lrscope.torch  # noqa: E402,F401
 from lrscope import formulas, registry  # noqa: E402
 from lrscope.testing import check_identity  # noqa: E402
 
-# The run's findings (a d still growing after a few steps) are not what these tests check.
-pytestmark = [pytest.mark.filterwarnings("ignore:lrscope finding"),
-              pytest.mark.filterwarnings("ignore:lrscope. checking the findings")]
-
-
-def _package(name: str):
-    return pytest.importorskip(name, reason=f"{name} is not installed (pip install -e '.[dev]')")
-
-
-def descend(p, noise):
-    """A quadratic's gradient plus noise: adaptive step sizes (Prodigy's d) grow."""
-    return 3 * p + 0.1 * noise
+pytestmark = FILTERS
 
 
 def _muon(**options):
@@ -41,14 +31,14 @@ def _muon(**options):
     return lambda params: torch.optim.Muon(params, **options)
 
 
-def _third(package: str, cls: str, **options):
-    return lambda params: getattr(_package(package), cls)(params, **options)
+def _third(package_name: str, cls: str, **options):
+    return lambda params: getattr(package(package_name), cls)(params, **options)
 
 
-def _two_groups(package: str, cls: str, **options):
+def _two_groups(package_name: str, cls: str, **options):
     """The first parameter in a group of lr 0: Prodigy and D-Adaptation still move it by
     the largest lr's step size (a group's lr only gates its moments)."""
-    return lambda params: getattr(_package(package), cls)(
+    return lambda params: getattr(package(package_name), cls)(
         [{"params": params[:1], "lr": 0.0}, {"params": params[1:]}], **options)
 
 
@@ -168,7 +158,7 @@ def test_step_size_is_d_times_lr_as_the_step_applied_it(name, cls, options, expe
     step size sits inside m): the reported step size is checked against the d the group
     held before the step, independently of the model."""
     params = [torch.nn.Parameter(torch.randn(6, 3, dtype=torch.float64)), torch.nn.Parameter(torch.randn(4, dtype=torch.float64))]
-    optimizer = getattr(_package(name), cls)(params, lr=1.0, **options)
+    optimizer = getattr(package(name), cls)(params, lr=1.0, **options)
     changed = 0
     for t, (before, report) in enumerate(_record_steps(optimizer, 8), start=1):
         group = report.groups[0]
@@ -180,7 +170,7 @@ def test_step_size_is_d_times_lr_as_the_step_applied_it(name, cls, options, expe
 
 
 def test_prodigy_lr_is_the_largest_over_groups_and_scheduled():
-    prodigyopt = _package("prodigyopt")
+    prodigyopt = package("prodigyopt")
     a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))
     optimizer = prodigyopt.Prodigy([{"params": [a]}, {"params": [b], "lr": 0.0}], lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0 / (k + 1))
@@ -196,7 +186,7 @@ def test_prodigy_lr_is_the_largest_over_groups_and_scheduled():
 
 
 def test_prodigy_inspect_knows_d_only_at_the_first_step():
-    prodigyopt = _package("prodigyopt")
+    prodigyopt = package("prodigyopt")
     w = torch.nn.Parameter(torch.randn(4))
     optimizer = prodigyopt.Prodigy([w], lr=1.0, d0=1e-5)
     w.grad = torch.randn(4)
@@ -211,7 +201,7 @@ def test_prodigy_inspect_knows_d_only_at_the_first_step():
 
 def test_prodigy_step_that_returned_early_is_not_modelled():
     """All gradients zero: Prodigy returns before moving the parameters (k stays)."""
-    prodigyopt = _package("prodigyopt")
+    prodigyopt = package("prodigyopt")
     w = torch.nn.Parameter(torch.randn(4))
     optimizer = prodigyopt.Prodigy([w], lr=1.0)
     with lrscope.watch(optimizer) as monitor:
@@ -225,7 +215,7 @@ def test_schedule_free_lr_weight_and_modes():
     """lr is the warmed-up ``scheduled_lr``, ``ckp1`` the averaging weight; eval() and
     train() switch the parameters between x and y without a step: no report, and a report
     read in eval mode describes the same step."""
-    schedulefree = _package("schedulefree")
+    schedulefree = package("schedulefree")
     g = torch.Generator().manual_seed(2)
     w = torch.nn.Parameter(torch.randn(6, 4, generator=g, dtype=torch.float64))
     optimizer = schedulefree.AdamWScheduleFree([w], lr=0.01, warmup_steps=4)
@@ -251,24 +241,7 @@ def test_schedule_free_lr_weight_and_modes():
 @pytest.mark.parametrize("case_id", [c[0] for c in CASES if "group-lr-0" not in c[0]][::3])
 def test_watch_does_not_change_training(case_id):
     _, factory, options = next(c for c in CASES if c[0] == case_id)
-    shapes = options.get("shapes", ((4, 3), (5,)))
-    results = []
-    for watched in (False, True):
-        g = torch.Generator().manual_seed(5)
-        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
-        optimizer = factory()(params)
-        monitor = lrscope.watch(optimizer, every=3) if watched else None
-        for _ in range(12):
-            if hasattr(optimizer, "train"):
-                optimizer.train()
-            for p in params:
-                p.grad = 3 * p.detach() + torch.randn(p.shape, generator=g)
-            optimizer.step()
-        if monitor:
-            monitor.close()
-        results.append([p.detach().clone() for p in params])
-    for plain, watched in zip(*results):
-        assert torch.equal(plain, watched), case_id
+    assert_watch_does_not_change_training(factory(), options.get("shapes", ((4, 3), (5,))))
 
 
 @pytest.mark.parametrize("factory,key,value", [
@@ -278,26 +251,13 @@ def test_watch_does_not_change_training(case_id):
     (lambda: _third("dadaptation", "DAdaptAdam"), "a_new_option", 1.0),
 ], ids=["muon-adjust-lr-fn", "prodigy", "schedulefree", "dadapt-adam"])
 def test_unknown_options_are_reported_not_modelled(factory, key, value):
-    params = [torch.nn.Parameter(torch.randn(4, 3))]
-    optimizer = factory()(params)
-    optimizer.param_groups[0][key] = value
-    with warnings.catch_warnings():  # (warned once where the monitor warns of it)
-        warnings.simplefilter("ignore")
-        monitor = lrscope.watch(optimizer)
-        if hasattr(optimizer, "train"):
-            optimizer.train()
-        params[0].grad = torch.randn(4, 3)
-        optimizer.step()
-    report = monitor.last
-    monitor.close()
-    assert any(f"{key}=" in note and "not modelled" in note for note in report.notes)
-    assert report.groups[0].effective_lr is None
+    assert_unknown_option_reported(factory(), key, value)
 
 
 def test_closure_variants_and_wrapper_are_not_modelled():
     """The closure-based schedule-free classes hold x between steps: not modelled (the
     fallback reports the lr they publish), never mistaken for the modelled ones."""
-    schedulefree = _package("schedulefree")
+    schedulefree = package("schedulefree")
     w = torch.nn.Parameter(torch.randn(3))
     assert registry.model_for(schedulefree.AdamWScheduleFreeClosure) is None
     assert registry.model_for(schedulefree.AdamWScheduleFree).family == "schedule_free"

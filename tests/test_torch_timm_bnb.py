@@ -7,25 +7,17 @@ not cover: the large-tensor (compiled) statistics, bitsandbytes' 8-bit states (e
 the dequantized state, within the quantization error), the reported scalars, and options
 lrscope does not model.
 
-timm's package ``__init__`` imports torchvision (``timm.layers``), which cannot be loaded
-beside the CPU build of torch these tests run on (its compiled ops need CUDA torch).  The
-optimizers' own modules import only torch and ``timm.optim._helpers``/``_types``, so where
-``import timm`` fails, ``timm_optimizer`` loads those real modules under their own names
-without running the package ``__init__`` files; nothing is replaced.
+(timm is loaded by ``tests._optimizer_identity.timm_optimizer``: see there.)
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import os
-import sys
-import types
-import warnings
 
 import pytest
 
+from tests._optimizer_identity import (FILTERS, assert_unknown_option_reported,
+                                       assert_watch_does_not_change_training, package, timm_optimizer)
 from tests.conftest import require
 
 torch = require("torch")
@@ -35,39 +27,7 @@ from lrscope import registry  # noqa: E402
 from lrscope.testing import check_identity  # noqa: E402
 from lrscope.torch.reader import TorchReader  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings("ignore:lrscope finding"),
-              pytest.mark.filterwarnings("ignore:lrscope. checking the findings"),
-              pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")]
-
-
-def _package(name: str):
-    return pytest.importorskip(name, reason=f"{name} is not installed (make install-test)")
-
-
-def timm_optimizer(module: str, name: str):
-    """The class ``timm.optim.<module>.<name>``, imported normally, else (no torchvision
-    that loads) from timm's real module files without the package ``__init__``."""
-    try:
-        return getattr(importlib.import_module(f"timm.optim.{module}"), name)
-    except ImportError as error:
-        if importlib.util.find_spec("timm") is None:
-            pytest.skip(f"timm is not installed (make install-test): {error}")
-        reason = error
-    except RuntimeError as error:  # torchvision's ops failing to register
-        reason = error
-    root = os.path.dirname(importlib.util.find_spec("timm").origin)
-    shells = []
-    for package, path in (("timm", root), ("timm.optim", os.path.join(root, "optim"))):
-        if package not in sys.modules:
-            shell = types.ModuleType(package, f"timm's package without its __init__ ({reason})")
-            shell.__path__ = [path]
-            sys.modules[package] = shell
-            shells.append(package)
-    try:
-        return getattr(importlib.import_module(f"timm.optim.{module}"), name)
-    finally:  # a later ``import timm`` tries the real package again
-        for package in shells:
-            sys.modules.pop(package, None)
+pytestmark = FILTERS
 
 
 def timm(module: str, name: str, **options):
@@ -75,15 +35,15 @@ def timm(module: str, name: str, **options):
 
 
 def po(name: str, **options):
-    return lambda params: getattr(_package("pytorch_optimizer"), name)(params, **options)
+    return lambda params: getattr(package("pytorch_optimizer"), name)(params, **options)
 
 
 def lion_pytorch(**options):
-    return lambda params: _package("lion_pytorch").Lion(params, **options)
+    return lambda params: package("lion_pytorch").Lion(params, **options)
 
 
 def bnb(name: str, **options):
-    return lambda params: getattr(_package("bitsandbytes").optim, name)(params, **options)
+    return lambda params: getattr(package("bitsandbytes").optim, name)(params, **options)
 
 
 SHAPES = dict(shapes=((4, 3), (5,), (), (3, 2, 2)), steps=5)
@@ -209,7 +169,7 @@ def test_bnb_8bit_state_is_dequantized(name, options):
     moments before they were quantized again, so the model from the dequantized state
     describes the step within the quantization error: the reconstructed update is within
     10 % of the realized one in norm, and almost every element within 10 %."""
-    functional = _package("bitsandbytes.functional")
+    functional = package("bitsandbytes.functional")
     g = torch.Generator().manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(64, 80, generator=g))
     bias = torch.nn.Parameter(torch.randn(80, generator=g))
@@ -286,18 +246,7 @@ def test_reported_scalars():
 ], ids=["timm-lion-caution", "timm-adopt-caution", "timm-nadamw-clipping", "timm-lamb", "po-lion-cautious",
         "po-adopt-stable-adamw", "po-ademamix", "lion-pytorch", "bnb-adamw8bit", "bnb-lion8bit"])
 def test_unknown_options_are_reported_not_modelled(factory, key, value):
-    params = [torch.nn.Parameter(torch.randn(4, 3))]
-    optimizer = factory()(params)
-    optimizer.param_groups[0][key] = value
-    with warnings.catch_warnings():  # (warned once where the monitor warns of it)
-        warnings.simplefilter("ignore")
-        with lrscope.watch(optimizer) as monitor:
-            params[0].grad = torch.randn(4, 3)
-            optimizer.step()
-    report = monitor.last
-    assert report.family is not None
-    assert any(f"{key}=" in note and "not modelled" in note for note in report.notes)
-    assert report.groups[0].effective_lr is None
+    assert_unknown_option_reported(factory(), key, value)
 
 
 @pytest.mark.parametrize("setup", ["max_unorm", "override"])
@@ -305,7 +254,7 @@ def test_bnb_options_outside_the_group_are_unknown(setup):
     """bitsandbytes keeps some options outside the param groups: update-norm clipping
     (``args.max_unorm``) and per-parameter overrides; lrscope reports such a group as
     unknown (NaN), never as modelled."""
-    bitsandbytes = _package("bitsandbytes")
+    bitsandbytes = package("bitsandbytes")
     w = torch.nn.Parameter(torch.randn(4, 3))
     if setup == "max_unorm":
         optimizer = bitsandbytes.optim.Adam32bit([w], lr=0.01)
@@ -328,26 +277,12 @@ def test_bnb_options_outside_the_group_are_unknown(setup):
                                      "bnb-adam8bit-small"])
 def test_watch_does_not_change_training(case_id):
     _, factory, _ = next(c for c in CASES if c[0] == case_id)
-    results = []
-    for watched in (False, True):
-        g = torch.Generator().manual_seed(5)
-        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((4, 3), (5,))]
-        optimizer = factory()(params)
-        monitor = lrscope.watch(optimizer, every=2, findings=False) if watched else None
-        for _ in range(6):
-            for p in params:
-                p.grad = 3 * p.detach() + torch.randn(p.shape, generator=g)
-            optimizer.step()
-        if monitor:
-            monitor.close()
-        results.append([p.detach().clone() for p in params])
-    for plain, watched in zip(*results):
-        assert torch.equal(plain, watched), case_id
+    assert_watch_does_not_change_training(factory(), ((4, 3), (5,)), steps=6, every=2)
 
 
 def test_bnb_ademamix_32bit_classes_are_not_modelled():
     """bitsandbytes 0.50.2's AdEMAMix32bit keeps one state buffer where its step reads
     two (m1 and m2): not registered, so never modelled by mistake."""
-    bitsandbytes = _package("bitsandbytes")
+    bitsandbytes = package("bitsandbytes")
     assert registry.model_for(bitsandbytes.optim.AdEMAMix32bit) is None
     assert registry.model_for(bitsandbytes.optim.AdEMAMix).family == "ademamix"
