@@ -24,8 +24,8 @@ import numpy as np
 
 from lrscope.formulas import (
     adabelief, adadelta, adafactor, adagrad, adam, adamax, adamw_nesterov, adan, ademamix, adopt,
-    asgd, dadapt_adagrad, dadapt_adam, dadapt_sgd, ftrl, lamb, laprop, lion, mars, muon, nadam,
-    prodigy, radam, rmsprop, rprop, schedule_free, sgd, yogi,
+    asgd, dadapt_adagrad, dadapt_adam, dadapt_adan, dadapt_lion, dadapt_sgd, ftrl, lamb, laprop, lion,
+    mars, muon, muon_adamw, nadam, prodigy, radam, rmsprop, rprop, schedule_free, sgd, yogi,
 )
 from lrscope.formulas._common import CONVENTIONS, Elementwise, is_zero, resolve
 
@@ -33,7 +33,8 @@ FAMILIES: dict[str, ModuleType] = {
     module.NAMES[0]: module
     for module in (adam, sgd, adamax, nadam, radam, adagrad, rmsprop, adadelta, adafactor,
                    lion, rprop, asgd, adabelief, yogi, lamb, muon, prodigy, schedule_free, dadapt_adam,
-                   dadapt_sgd, dadapt_adagrad, adamw_nesterov, laprop, adopt, adan, ademamix, mars, ftrl)
+                   dadapt_sgd, dadapt_adagrad, adamw_nesterov, laprop, adopt, adan, ademamix, mars, ftrl,
+                   muon_adamw, dadapt_lion, dadapt_adan)
 }
 _BY_NAME: dict[str, Any] = {name: module for module in FAMILIES.values() for name in module.NAMES}
 

@@ -9,7 +9,7 @@ packages' sources (prodigyopt 1.1, dadaptation 3.2, schedulefree 1.4):
 
 * Prodigy, D-Adaptation: the step size ``d * lr`` uses ``d`` as the step began (the step
   overwrites ``group["d"]``: ``watch()`` records it), the largest lr over the groups
-  (DAdaptAdaGrad: the first group's), and the first group's betas, bias correction,
+  (DAdaptAdaGrad, DAdaptAdan: the first group's), and the first group's betas, bias correction,
   ``decouple`` and momentum, as their ``step()`` does; a step that returned early (all
   gradients zero: ``group["k"]`` did not advance) did not move the parameters.
 * schedule-free: the lr is ``group["scheduled_lr"]``, the averaging weight ``ckp1`` is
@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from lrscope import registry
-from lrscope.torch import variants
+from lrscope.torch import muons, variants
 from lrscope.torch.state import as_float
 
 #: A state hook keeping only the formula's inputs: the others (Prodigy's sliced ``s`` and
@@ -87,6 +87,19 @@ def dadapt_adagrad_scalars(step: registry.GroupStep) -> dict[str, Any]:
         raise registry.Unknown("DAdaptAdaGrad's sparse-gradient path is not modelled")
     return {"lr": as_float(step.lrs[0]), "d": _applied_d(step), "d_next": step.after["d"],
             "momentum": _first(step)["momentum"]}
+
+
+def dadapt_lion_scalars(step: registry.GroupStep) -> dict[str, Any]:
+    _advanced(step)
+    return {"lr": _max_lr(step), "d": _applied_d(step), "d_next": step.after["d"], "betas": _first(step)["betas"]}
+
+
+def dadapt_adan_scalars(step: registry.GroupStep) -> dict[str, Any]:
+    """The first group's lr and betas, as DAdaptAdan's ``step`` reads them."""
+    _advanced(step)
+    beta1, beta2, beta3 = _first(step)["betas"]
+    return {"lr": as_float(step.lrs[0]), "d": _applied_d(step), "d_next": step.after["d"],
+            "betas": (beta1, beta2), "beta3": beta3}
 
 
 def schedule_free_scalars(kind: str) -> Callable[[registry.GroupStep], dict[str, Any]]:
@@ -162,6 +175,11 @@ def register_builtin() -> None:
     registry.register("dadaptation:DAdaptAdaGrad", "dadapt_adagrad", scalars=dadapt_adagrad_scalars,
                       state=keep("alphak", "sk", "x0"), neutral=_D_NEUTRAL, counter="k",
                       lr_source="lr of the first group")
+    registry.register("dadaptation:DAdaptLion", "dadapt_lion", scalars=dadapt_lion_scalars,
+                      state=keep("exp_avg"), neutral=_D_NEUTRAL, counter="k", lr_source="max(lr)")
+    registry.register("dadaptation:DAdaptAdan", "dadapt_adan", scalars=dadapt_adan_scalars,
+                      state=keep("exp_avg", "exp_avg_diff", "exp_avg_sq"), neutral=_D_NEUTRAL, counter="k",
+                      lr_source="lr of the first group")
     for qualname, kind in (("AdamWScheduleFree", "adamw"), ("SGDScheduleFree", "sgd"),
                            ("RAdamScheduleFree", "radam")):
         registry.register(f"schedulefree:{qualname}", "schedule_free", scalars=schedule_free_scalars(kind),
@@ -169,3 +187,4 @@ def register_builtin() -> None:
                           neutral=_SCHEDULE_FREE_NEUTRAL + (("momentum",) if kind == "sgd" else ())
                           + (("silent_sgd_phase",) if kind == "radam" else ()))
     variants.register()  # Lion and the Adam variants of timm, pytorch_optimizer, bitsandbytes
+    muons.register()  # timm's and pytorch_optimizer's Muon
