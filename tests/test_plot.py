@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from lrscope import plot
+from lrscope import logs, plot
 from lrscope.cli import main
 from lrscope.sinks.jsonl import JsonlSink
 from tests._sink_reports import lr_at, make_report, step_size_at, write_reports
@@ -278,10 +278,16 @@ def _mutations(line: bytes, rng: np.random.Generator) -> bytes:
     return _replace(line, path, ['"x"', "1", "[1]" if path[-1] != "groups" else "{}"][int(rng.integers(3))])
 
 
-def test_random_single_line_mutations_are_all_plotted_and_counted(tmp_path):
+@pytest.mark.parametrize("parser", ["orjson", "json"])
+def test_random_single_line_mutations_are_all_plotted_and_counted(tmp_path, monkeypatch, parser):
     """100 seeded single-line mutations of a real log (a non-UTF-8 byte, a cut, a value of
     the wrong type, out of range or nested 100,000 deep, a missing key, a container of the
-    wrong type): every one is read, with the bad line counted and every other step kept."""
+    wrong type): every one is read, with the bad line counted and every other step kept,
+    by orjson (the plot extra's parser) and by json alone alike."""
+    if parser == "json":
+        monkeypatch.setattr(logs, "_fast_loads", None)
+    else:
+        pytest.importorskip("orjson")
     steps = 12
     lines = _jsonl_lines(tmp_path, steps)
     rng = np.random.default_rng(12)
