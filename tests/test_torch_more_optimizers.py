@@ -51,6 +51,9 @@ def third(package_name: str, cls: str, **options):
 # Matrices of several shapes (two of the same: pytorch_optimizer batches them), a 3-D tensor
 # (flattened to (out, in * k)), a vector and a scalar (the AdamW fallback).
 MUON_SHAPES = dict(shapes=((8, 4), (8, 4), (4, 6), (5, 2, 3), (5,), ()), steps=4)
+SHAPES = dict(shapes=((4, 3), (5,), (), (3, 2, 2)), steps=5)
+NO_SCALAR = dict(shapes=((4, 3), (5,), (3, 2, 2)), steps=5)  # pytorch_optimizer's global norm breaks on 0-d
+TRAIN = dict(before_step=lambda optimizer, step: optimizer.train())
 SCHEDULE = dict(scheduler=lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.7))
 
 # (id, factory (params -> optimizer), check_identity options)
@@ -74,6 +77,17 @@ CASES = [
     ("dadapt-adan", lambda: third("dadaptation", "DAdaptAdan"), dict(gradient=descend, steps=8)),
     ("dadapt-adan-no-prox", lambda: third("dadaptation", "DAdaptAdan", no_prox=True, weight_decay=0.1),
      dict(gradient=descend, steps=8)),
+    ("po-lamb", lambda: po("Lamb", lr=0.01), dict(**SHAPES, **SCHEDULE)),
+    ("po-lamb-coupled-wd-loop", lambda: po("Lamb", lr=0.01, weight_decay=0.1, weight_decouple=False, foreach=False),
+     SHAPES),
+    ("po-lamb-decoupled-fixed-pre-norm", lambda: po("Lamb", lr=0.01, weight_decay=0.01, fixed_decay=True,
+                                                    pre_norm=True, grad_averaging=False), NO_SCALAR),
+    ("po-lamb-large-norm-maximize", lambda: po("Lamb", lr=0.01, weight_decay=0.1, maximize=True),
+     dict(shapes=((40, 30), (7,)), steps=4)),  # ||theta|| > 10: capped in the stored ratio
+    ("schedulefree-paper-warmup", lambda: third("schedulefree", "AdamWScheduleFreePaper", lr=0.01, warmup_steps=3),
+     dict(direction_is_gradient=True, steps=6, **TRAIN)),
+    ("schedulefree-paper-wd-r-loop", lambda: third("schedulefree", "AdamWScheduleFreePaper", lr=0.01, weight_decay=0.1,
+                                                   r=0.5, foreach=False), dict(steps=6, **TRAIN)),
 ]
 
 

@@ -43,6 +43,12 @@ or ``always_adapt`` (else r = 1), and ``trust_clip`` caps it at 1:
   coefficient is negative the quadratic has two positive roots; the step's is the smaller
   (the other has ``lr * r * wd > 1``, a decay that would flip theta's sign).
 
+pytorch_optimizer's ``Lamb`` keeps the ratio its step used in ``state["trust_ratio"]``
+(``||theta|| / (||u|| + eps)``, ``||theta||`` capped at 10): where the state has it, r is
+read, not solved for.  Its step multiplies the update by ``lr / (1 - beta1**t)`` and
+corrects neither moment otherwise: its model passes that lr with ``bias_correction=False``
+(so ``d = m``), and its decoupled decay's lr as ``decay_lr``.
+
 With ``trust_clip`` the step used r = 1 where the unclipped ratio of theta before would
 be at least 1 (lrscope checks it with r = 1), else the root.  The global gradient-norm
 clip (``max_grad_norm``) and ``grad_averaging`` act inside m and v.
@@ -163,7 +169,9 @@ def _torch(xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any]) -> E
     denom = root + h["eps"]
     update = m_hat / denom
     coupled = wd != 0 and not h["decoupled_decay"]
-    if wd == 0 and not h["always_adapt"]:
+    if "trust_ratio" in state:  # pytorch_optimizer keeps the ratio its step used
+        ratio = state["trust_ratio"]
+    elif wd == 0 and not h["always_adapt"]:
         ratio = 1.0
     elif coupled:
         decayed = update + wd * after

@@ -12,7 +12,9 @@ lr the step applied, ``group["scheduled_lr"]`` (the group's lr times the linear 
     y    <- lerp(y, z, c_t) + lr * (beta1 * (1 - c_t) - 1) * g_hat
     z    <- z - lr * g_hat
 
-(SGD's ``momentum`` is beta1.)  eta and d describe the z-sequence (``IDENTITY_STATE``),
+(SGD's ``momentum`` is beta1.)  ``AdamWScheduleFreePaper`` (``bias_correction=False``) takes
+``D = sqrt(v) + eps`` and folds the correction into its lr: ``scheduled_lr`` is the warmed-up
+lr times ``sqrt(1 - beta2**t)``, and its step size is that lr.  eta and d describe the z-sequence (``IDENTITY_STATE``),
 decay counted on the parameters y before the step::
 
     z - z_before = -eta * d - decay_rate * y_before,
@@ -87,8 +89,9 @@ PER_STEP = ("ckp1",)
 IDENTITY_STATE = "z"
 
 DEFAULTS: dict[str, dict[str, Any]] = {
+    # ``bias_correction=False``: AdamWScheduleFreePaper's D = sqrt(v) + eps (module docstring).
     "torch": {"lr": 0.0025, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
-              "ckp1": 1.0, "adaptive": True, "train_mode": True},
+              "ckp1": 1.0, "adaptive": True, "train_mode": True, "bias_correction": True},
     # keras.optimizers.ScheduleFreeAdamW: ``scheduled_lr`` is lr_t as the step rounded it
     # (None: computed), ``aliased_z`` the TensorFlow/torch reading of z (module docstring).
     "keras": {"lr": 0.0025, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
@@ -107,7 +110,8 @@ def step_sizes(xp: Any, t: Any, h: Mapping[str, Any], convention: str) -> dict[s
     if convention == "keras":
         return {"step_size": keras_lr(t, h) * (1 - h["beta2"] ** t) ** 0.5, "ckp1": 1 / t}
     lr = h["lr"]
-    out = {"step_size": lr * (1 - h["beta2"] ** t) ** 0.5 if h["adaptive"] else lr, "ckp1": h["ckp1"]}
+    corrected = h["adaptive"] and h.get("bias_correction", True)
+    out = {"step_size": lr * (1 - h["beta2"] ** t) ** 0.5 if corrected else lr, "ckp1": h["ckp1"]}
     if convention == "optax":
         out["max_lr"] = h["max_lr"]
     return out
@@ -139,7 +143,8 @@ def elementwise(
         y_before = xp.where(ckp1 == 1, z_before, rebuilt)
     eps_dominated = None
     if h["adaptive"]:
-        root = xp.sqrt(state["exp_avg_sq"] / (1 - h["beta2"] ** t))
+        v = state["exp_avg_sq"]
+        root = xp.sqrt(v / (1 - h["beta2"] ** t) if h["bias_correction"] else v)
         denom = root + h["eps"]
         eps_dominated = root < h["eps"]
     else:

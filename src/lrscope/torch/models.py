@@ -103,8 +103,8 @@ def dadapt_adan_scalars(step: registry.GroupStep) -> dict[str, Any]:
 
 
 def schedule_free_scalars(kind: str) -> Callable[[registry.GroupStep], dict[str, Any]]:
-    """The hook of ``AdamWScheduleFree`` (``"adamw"``), ``SGDScheduleFree`` (``"sgd"``) or
-    ``RAdamScheduleFree`` (``"radam"``)."""
+    """The hook of ``AdamWScheduleFree`` (``"adamw"``), ``AdamWScheduleFreePaper``
+    (``"paper"``), ``SGDScheduleFree`` (``"sgd"``) or ``RAdamScheduleFree`` (``"radam"``)."""
 
     def scalars(step: registry.GroupStep) -> dict[str, Any]:
         group = step.after
@@ -118,9 +118,9 @@ def schedule_free_scalars(kind: str) -> Callable[[registry.GroupStep], dict[str,
             beta1, beta2, adaptive = group["momentum"], 0.0, False
         else:
             beta1, beta2 = group["betas"]
-            adaptive = kind == "adamw" or _rectified(beta2, t)
+            adaptive = kind in ("adamw", "paper") or _rectified(beta2, t)
         return {"lr": group["scheduled_lr"], "ckp1": ckp1, "betas": (beta1, beta2), "adaptive": adaptive,
-                "train_mode": group["train_mode"]}
+                "train_mode": group["train_mode"], "bias_correction": kind != "paper"}
 
     return scalars
 
@@ -180,8 +180,8 @@ def register_builtin() -> None:
     registry.register("dadaptation:DAdaptAdan", "dadapt_adan", scalars=dadapt_adan_scalars,
                       state=keep("exp_avg", "exp_avg_diff", "exp_avg_sq"), neutral=_D_NEUTRAL, counter="k",
                       lr_source="lr of the first group")
-    for qualname, kind in (("AdamWScheduleFree", "adamw"), ("SGDScheduleFree", "sgd"),
-                           ("RAdamScheduleFree", "radam")):
+    for qualname, kind in (("AdamWScheduleFree", "adamw"), ("AdamWScheduleFreePaper", "paper"),
+                           ("SGDScheduleFree", "sgd"), ("RAdamScheduleFree", "radam")):
         registry.register(f"schedulefree:{qualname}", "schedule_free", scalars=schedule_free_scalars(kind),
                           state=keep("z", "exp_avg_sq"), counter="k", lr_source="scheduled_lr",
                           neutral=_SCHEDULE_FREE_NEUTRAL + (("momentum",) if kind == "sgd" else ())

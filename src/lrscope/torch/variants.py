@@ -106,6 +106,17 @@ def po_adan_scalars(step: registry.GroupStep) -> dict[str, Any]:
     return {"betas": (beta1, beta2), "beta3": beta3, "no_prox": bool(step.after["weight_decouple"])}
 
 
+def po_lamb_scalars(step: registry.GroupStep) -> dict[str, Any]:
+    """Its step size ``lr / (1 - beta1**t)`` (``lamb``'s lr, without the family's bias
+    corrections), the trust ratio from the state (``state["trust_ratio"]``), its decay as
+    ``_decay`` (coupled: in the update, scaled by that step size)."""
+    group = step.after
+    decoupled = bool(group["weight_decouple"])
+    return {"lr": _lr(step) / (1 - group["betas"][0] ** group["step"]), "bias_correction": False,
+            "always_adapt": True, "decoupled_decay": decoupled,
+            "decay_lr": (1.0 if group["fixed_decay"] else _lr(step)) if decoupled else None}
+
+
 def po_ademamix_scalars(step: registry.GroupStep) -> dict[str, Any]:
     group = step.after
     beta1, beta2, _ = group["betas"]
@@ -209,6 +220,8 @@ def register() -> None:
         neutral=_PO_NEUTRAL)
     reg("pytorch_optimizer.optimizer.adan:Adan", "adan", scalars=po_adan_scalars, counter="step",
         neutral=_PO_NEUTRAL + ("max_grad_norm",))
+    reg("pytorch_optimizer.optimizer.lamb:Lamb", "lamb", scalars=po_lamb_scalars, counter="step",
+        neutral=_PO_NEUTRAL)
     reg("pytorch_optimizer.optimizer.ademamix:AdEMAMix", "ademamix", scalars=po_ademamix_scalars,
         counter="step", neutral=_PO_NEUTRAL + ("t_alpha_beta3",))
     # lion-pytorch
