@@ -77,6 +77,17 @@ CASES = [
     ("dadapt-adan", lambda: third("dadaptation", "DAdaptAdan"), dict(gradient=descend, steps=8)),
     ("dadapt-adan-no-prox", lambda: third("dadaptation", "DAdaptAdan", no_prox=True, weight_decay=0.1),
      dict(gradient=descend, steps=8)),
+    ("po-laprop", lambda: po("LaProp", lr=0.01), dict(**SHAPES, **SCHEDULE)),
+    ("po-laprop-wd-loop-maximize", lambda: po("LaProp", lr=0.01, weight_decay=0.1, foreach=False, maximize=True),
+     dict(**SHAPES, **SCHEDULE)),
+    ("po-laprop-fixed-decay", lambda: po("LaProp", lr=0.01, weight_decay=0.01, fixed_decay=True), SHAPES),
+    ("po-laprop-coupled-wd", lambda: po("LaProp", lr=0.01, weight_decay=0.1, weight_decouple=False), SHAPES),
+    ("po-mars", lambda: po("MARS", lr=0.01, weight_decay=0.1), dict(**SHAPES, **SCHEDULE)),
+    ("po-mars-lion-1d-loop-maximize", lambda: po("MARS", lr=0.01, mars_type="lion", lr_1d=0.005, weight_decay=0.1,
+                                                 foreach=False, maximize=True), SHAPES),
+    ("po-mars-optimize-1d-fixed", lambda: po("MARS", lr=0.01, optimize_1d=True, weight_decay=0.01,
+                                             fixed_decay=True), SHAPES),
+    ("po-mars-coupled", lambda: po("MARS", lr=0.01, weight_decay=0.1, weight_decouple=False), SHAPES),
     ("po-lamb", lambda: po("Lamb", lr=0.01), dict(**SHAPES, **SCHEDULE)),
     ("po-lamb-coupled-wd-loop", lambda: po("Lamb", lr=0.01, weight_decay=0.1, weight_decouple=False, foreach=False),
      SHAPES),
@@ -96,3 +107,133 @@ CASES = [
 def test_identity_against_real_step(case_id, factory, options, dtype):
     reports = check_identity(factory(), dtype=dtype, **options)
     assert [r.t for r in reports] == list(range(1, len(reports) + 1))
+
+
+@pytest.mark.parametrize("case_id,dtype", [("po-laprop", "float64"), ("po-laprop", "float32"),
+                                           ("schedulefree-paper-warmup", "float32"), ("dadapt-adan", "float32")])
+def test_large_tensor_statistics(case_id, dtype):
+    """A tensor large enough for the compiled statistics (``lrscope.torch.fused``): the
+    formula is traced and compiled, and the report still describes eta."""
+    _, factory, options = next(c for c in CASES if c[0] == case_id)
+    check_identity(factory(), dtype=dtype, **{**options, "steps": 3, "shapes": ((300, 300), (7,))})
+
+
+@pytest.mark.parametrize("factory,adjusted", [
+    (timm("muon", "Muon", lr=0.02, weight_decay=0.1), lambda shape: 0.2 * math.sqrt(max(shape))),
+    (timm("muon", "Muon", lr=0.02, weight_decay=0.1, adjust_lr_fn="original"),
+     lambda shape: math.sqrt(max(1, shape[0] / shape[1]))),
+    (timm("muon", "Muon", lr=0.02, weight_decay=0.1, adjust_lr_fn="rms_to_rms"),
+     lambda shape: math.sqrt(shape[0] / shape[1])),
+    (po_muon(lr=0.02, weight_decay=0.1), lambda shape: math.sqrt(max(1, shape[0] / shape[1]))),
+    (po_muon(lr=0.02, weight_decay=0.1, use_adjusted_lr=True), lambda shape: 0.2 * math.sqrt(max(shape))),
+], ids=["timm-match-rms-adamw", "timm-original", "timm-rms-to-rms", "po", "po-adjusted"])
+def test_muon_eta_is_the_adjusted_lr_of_each_matrix(factory, adjusted):
+    """eta is one scalar per matrix, the implementation's scale of its (out, in) shape times
+    lr; the decay uses the unadjusted lr; a vector takes the AdamW fallback."""
+    shapes = {"tall": (16, 4), "wide": (4, 9), "conv": (6, 2, 3, 3), "bias": (5,)}
+    params = [torch.nn.Parameter(torch.randn(shape, dtype=torch.float64)) for shape in shapes.values()]
+    optimizer = factory(params)
+    with lrscope.watch(optimizer, findings=False) as monitor:
+        for p in params:
+            p.grad = torch.randn(p.shape, dtype=torch.float64)
+        optimizer.step()
+    report = monitor.last
+    assert report.family == "muon_adamw"
+    by_name = {name: param for group in report.groups for name, param in group.params.items()}
+    for index, (what, shape) in enumerate(shapes.items()):
+        eta = by_name[f"param{index}"].effective_lr
+        if what == "bias":  # AdamW: lr / (sqrt(v_hat) + eps) per element
+            assert eta.min < eta.max
+            continue
+        matrix = (shape[0], math.prod(shape[1:]))  # the (out, in) Newton-Schulz ran on
+        assert eta.min == eta.max == pytest.approx(0.02 * adjusted(matrix), rel=1e-12)
+    assert report.groups[0].step_size == 0.02
+    assert report.groups[0].weight_decay_rate == pytest.approx(0.02 * 0.1)
+
+
+@pytest.mark.parametrize("cls,options", [("DAdaptLion", dict(lr=1.0)), ("DAdaptAdan", dict(lr=1.0))])
+def test_dadapt_step_size_is_d_times_lr_as_the_step_applied_it(cls, options):
+    """The step size is the d the group held before the step times lr, and d is reported;
+    the step replaces d by the next step's estimate (``d_next``)."""
+    params = [torch.nn.Parameter(torch.randn(6, 3, dtype=torch.float64)),
+              torch.nn.Parameter(torch.randn(4, dtype=torch.float64))]
+    optimizer = getattr(package("dadaptation"), cls)(params, **options)
+    g = torch.Generator().manual_seed(1)
+    changed = 0
+    with lrscope.watch(optimizer, findings=False) as monitor:
+        for t in range(1, 9):
+            for p in params:
+                p.grad = 3 * p.detach() + 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+            d = optimizer.param_groups[0]["d"]
+            optimizer.step()
+            group = monitor.last.groups[0]
+            assert group.step_size == pytest.approx(d * 1.0, rel=1e-15) and group.extra["d"] == d
+            assert group.extra["d_next"] == optimizer.param_groups[0]["d"] and monitor.last.t == t
+            changed += optimizer.param_groups[0]["d"] != d
+    assert changed, "d never changed: the test would not tell d from the next step's d"
+
+
+EXPECTED_FAMILY = {"timm-muon": "muon_adamw", "po-muon": "muon_adamw", "dadapt-lion": "dadapt_lion",
+                   "dadapt-adan": "dadapt_adan", "po-laprop": "laprop", "po-lamb": "lamb", "po-mars": "mars",
+                   "schedulefree-paper-warmup": "schedule_free"}
+
+
+@pytest.mark.parametrize("case_id,family", sorted(EXPECTED_FAMILY.items()))
+def test_modelled_not_the_fallback(case_id, family):
+    _, factory, _ = next(c for c in CASES if c[0] == case_id)
+    optimizer = factory()([torch.nn.Parameter(torch.randn(4, 4))])
+    assert lrscope.inspect(optimizer).family == family
+
+
+@pytest.mark.parametrize("case_id", ["timm-muon", "po-muon", "dadapt-lion", "dadapt-adan", "po-laprop", "po-lamb", "po-mars",
+                                     "schedulefree-paper-warmup"])
+def test_watch_does_not_change_training(case_id):
+    _, factory, _ = next(c for c in CASES if c[0] == case_id)
+    assert_watch_does_not_change_training(factory(), ((8, 4), (5,)), steps=6, every=2)
+
+
+@pytest.mark.parametrize("factory,key,value", [
+    (timm("muon", "Muon"), "algo", "adamuon"),  # AdaMuon: another rule
+    (timm("muon", "Muon"), "a_new_option", 1.0),
+    (po_muon(), "cautious", True),
+    (third("dadaptation", "DAdaptLion"), "a_new_option", 1.0),
+    (third("dadaptation", "DAdaptAdan"), "a_new_option", 1.0),
+    (po("LaProp"), "centered", True),
+    (po("Lamb"), "rectify", True),
+    (po("MARS"), "mars_type", "shampoo"),
+    (po("Lamb"), "adam", True),
+    (third("schedulefree", "AdamWScheduleFreePaper"), "a_new_option", 0.5),
+], ids=["timm-muon-adamuon", "timm-muon", "po-muon-cautious", "dadapt-lion", "dadapt-adan", "po-laprop-centered",
+        "po-lamb-rectify", "po-mars-shampoo", "po-lamb-adam", "schedulefree-paper"])
+def test_unknown_options_are_reported_not_modelled(factory, key, value):
+    assert_unknown_option_reported(factory, key, value, shape=(8, 4))
+
+
+CLOSURE = ["AdamWScheduleFreeClosure", "SGDScheduleFreeClosure", "RAdamScheduleFreeClosure"]
+REFERENCE = ["AdamWScheduleFreeReference", "SGDScheduleFreeReference"]
+
+
+@pytest.mark.parametrize("cls", CLOSURE + REFERENCE)
+def test_schedule_free_classes_not_modelled_get_the_fallback_with_one_warning(cls):
+    """The closure classes (the parameters hold x between steps, the step evaluates the
+    closure at y) and the reference classes (x, y and z kept in the state, the parameters a
+    copy of y, decay at y or z) are not modelled: the measured fallback, its lr the
+    ``scheduled_lr`` they publish, and one warning."""
+    schedulefree = package("schedulefree")
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    optimizer = getattr(schedulefree, cls)([w], lr=0.01)
+    with pytest.warns(RuntimeWarning, match="not a torch.optim optimizer lrscope models exactly") as caught:
+        with lrscope.watch(optimizer, empirical=True, findings=False) as monitor:
+            if hasattr(optimizer, "train"):
+                optimizer.train()
+            for _ in range(3):
+                def closure():
+                    w.grad = torch.randn(4, 3)
+                    return 0.0
+                w.grad = torch.randn(4, 3)
+                optimizer.step(closure) if cls in CLOSURE else optimizer.step()
+    assert len([w_ for w_ in caught if "lrscope" in str(w_.message)]) == 1
+    group = monitor.last.groups[0]
+    assert monitor.last.family is None and math.isnan(group.step_size)
+    assert group.lr == optimizer.param_groups[0]["scheduled_lr"] and group.lr_source == "scheduled_lr"
+    assert group.update_norm is not None  # measured (empirical=True)

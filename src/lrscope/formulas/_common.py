@@ -123,6 +123,22 @@ def scaled_decay_rate(h: Mapping[str, Any], step_size: Any = None) -> Any:
     return (h["lr"] if decay_lr is None else decay_lr) * h["weight_decay"]
 
 
+def second_moment_root(xp: Any, v: Any, bias2: Any, h: Mapping[str, Any]) -> tuple[Any, Any]:
+    """``(sqrt(v_hat), eps_hat)``, the two terms of an Adam-like denominator
+    ``sqrt(v_hat) + eps_hat`` with ``v_hat = v / bias2``: torch's ``eps_hat = eps``, or, with
+    ``h["raw_eps"]`` (pytorch_optimizer's ``(sqrt(v + eps_root) + eps) / sqrt(bias2)``),
+    ``sqrt((v + eps_root) / bias2)`` and ``eps_hat = eps / sqrt(bias2)``.
+
+    >>> import math
+    >>> second_moment_root(math, 4.0, 0.25, {"eps": 0.1, "raw_eps": True, "eps_root": 0.0})
+    (4.0, 0.2)
+    """
+    if not h.get("raw_eps"):
+        return xp.sqrt(v / bias2), h["eps"]
+    scale = bias2 ** 0.5
+    return xp.sqrt(v + h["eps_root"]) / scale, h["eps"] / scale
+
+
 def coupled_direction(
     xp: Any, param_after: Any, grad: Any, eta: Any, grad_coef: Any, rest: Any, weight_decay: float,
     maximize: bool = False,

@@ -22,6 +22,13 @@ None means ``lr``; timm's ``corrected_weight_decay`` ``lr**2 / max_lr``.  ``step
 is ``lr_t / exp_avg_lr_1 * sqrt(1 - beta2**t)`` for a constant lr (Adam's alpha_t), and
 ``eps_dominated`` where ``sqrt(v_hat) < eps``.
 
+``pytorch_optimizer.LaProp`` (t in ``group["step"]``) takes the same steps with two
+differences, which its model passes: eps is added to ``sqrt(v + 1e-15)`` before the bias
+correction (``raw_eps``, ``eps_root``: ``denom = (sqrt(v + eps_root) + eps) / sqrt(1 -
+beta2**t)``), and on its batched path (``foreach``, the default) it rounds each tensor's
+``lr_t / exp_avg_lr_1`` to float32 before multiplying m by it (``float32_step_size``: its
+state hook, on the host, passes ``exp_avg_lr_1`` as ``lr_t`` over that rounded step size).
+
 >>> import numpy as np
 >>> h = {**DEFAULTS["torch"], "lr": 0.01}
 >>> round(float(step_sizes(np, 1, h, "torch")["step_size"]), 6)    # lr * sqrt(0.001) / 0.1
@@ -32,14 +39,15 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lrscope.formulas._common import Elementwise, scaled_decay_rate as decay_rate
+from lrscope.formulas._common import Elementwise, scaled_decay_rate as decay_rate, second_moment_root
 from lrscope.formulas.adam import step_sizes  # Adam's alpha_t (LaProp's, for a constant lr)
 
 NAMES = ("laprop",)
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "torch": {"lr": 4e-4, "beta1": 0.9, "beta2": 0.999, "eps": 1e-15, "weight_decay": 0.0,
-              "decay_lr": None},
+              "decay_lr": None, "raw_eps": False, "eps_root": 0.0,
+              "float32_step_size": False},  # (read by pytorch_optimizer's state hook)
 }
 
 
@@ -47,11 +55,11 @@ def elementwise(
     xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any], convention: str
 ) -> Elementwise:
     """eta and d from ``exp_avg``, ``exp_avg_sq``, ``exp_avg_lr_1`` and ``exp_avg_lr_2``."""
-    root = xp.sqrt(state["exp_avg_sq"] / state["exp_avg_lr_2"])
-    denom = root + h["eps"]
+    root, eps_hat = second_moment_root(xp, state["exp_avg_sq"], state["exp_avg_lr_2"], h)
+    denom = root + eps_hat
     lr_average = state["exp_avg_lr_1"]
     # lr_average is 0 only while every lr was 0, and then m is 0 too (the step is 0).
     safe = lr_average + (lr_average == 0)
     rate = decay_rate(h)
     return Elementwise(eta=(1 - rate) * h["lr"] / denom, direction=state["exp_avg"] * denom / safe,
-                       decay_rate=rate, eps_dominated=root < h["eps"])
+                       decay_rate=rate, eps_dominated=root < eps_hat)

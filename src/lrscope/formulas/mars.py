@@ -20,7 +20,12 @@ and ``decay_rate = lr * wd``.  Other tensors (1-D, without ``optimize_1d``) take
 AdamW step with ``betas_1d`` and the lr ``lr * lr_1d_factor``: there ``eta = lr *
 lr_1d_factor / (sqrt(v_hat) + eps)``, ``d = m_hat`` and ``decay_rate = lr * lr_1d_factor *
 wd`` (the group's reported ``weight_decay_rate`` is that of the matrices, ``lr * wd``).
-Which rule a tensor took is its shape's: the state hook passes ``matrix``.  Reported:
+Which rule a tensor took is its shape's: the state hook passes ``matrix``.
+
+``pytorch_optimizer.MARS`` (t in ``group["step"]``) takes the same steps, with eps added to
+``sqrt(v + 1e-15)`` before the bias correction (``raw_eps``, ``eps_root``), the 1-D
+tensors' own decay ``weight_decay_1d``, and ``fixed_decay`` (the decay not scaled by lr);
+its ``mars_type="shampoo"`` is not modelled.  Reported:
 ``step_size = lr * sqrt(1 - beta2**t) / (1 - beta1**t)`` ("adamw"; "lion": lr).
 
 >>> import numpy as np
@@ -35,7 +40,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lrscope.formulas._common import Elementwise
+from lrscope.formulas._common import Elementwise, second_moment_root
 
 NAMES = ("mars",)
 #: Which rule a tensor takes depends on its shape (``matrix`` from the state hook).
@@ -45,7 +50,8 @@ TYPES = ("adamw", "lion")
 DEFAULTS: dict[str, dict[str, Any]] = {
     "torch": {"lr": 3e-3, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.0,
               "gamma": 0.025, "mars_type": "adamw", "optimize_1d": False, "lr_1d_factor": 1.0,
-              "betas_1d": None},
+              "betas_1d": None, "weight_decay_1d": None, "fixed_decay": False, "raw_eps": False,
+              "eps_root": 0.0},
 }
 
 
@@ -62,8 +68,12 @@ def step_sizes(xp: Any, t: Any, h: Mapping[str, Any], convention: str) -> dict[s
 
 
 def decay_rate(h: Mapping[str, Any], step_size: Any = None) -> Any:
-    """``lr * wd`` (the matrices' rule)."""
-    return h["lr"] * h["weight_decay"]
+    """``lr * wd`` (the matrices' rule; ``fixed_decay``: ``wd``)."""
+    return _decay(h, h["lr"], h["weight_decay"])
+
+
+def _decay(h: Mapping[str, Any], lr: Any, weight_decay: Any) -> Any:
+    return (1.0 if h["fixed_decay"] else lr) * weight_decay
 
 
 def elementwise(
@@ -72,11 +82,12 @@ def elementwise(
     """eta and d from ``exp_avg`` (and ``exp_avg_sq``), by the rule of ``matrix``."""
     m = state["exp_avg"]
     if state["matrix"] or h["optimize_1d"]:
-        lr, (beta1, beta2) = h["lr"], (h["beta1"], h["beta2"])
+        lr, (beta1, beta2), wd = h["lr"], (h["beta1"], h["beta2"]), h["weight_decay"]
         if h["mars_type"] == "lion":
-            return Elementwise(eta=lr + 0 * m, direction=xp.sign(m), decay_rate=lr * h["weight_decay"])
+            return Elementwise(eta=lr + 0 * m, direction=xp.sign(m), decay_rate=_decay(h, lr, wd))
     else:
         lr, (beta1, beta2) = h["lr"] * h["lr_1d_factor"], h["betas_1d"] or (h["beta1"], h["beta2"])
-    root = xp.sqrt(state["exp_avg_sq"] / (1 - beta2**t))
-    return Elementwise(eta=lr / (root + h["eps"]), direction=m / (1 - beta1**t),
-                       decay_rate=lr * h["weight_decay"], eps_dominated=root < h["eps"])
+        wd = h["weight_decay"] if h["weight_decay_1d"] is None else h["weight_decay_1d"]
+    root, eps_hat = second_moment_root(xp, state["exp_avg_sq"], 1 - beta2**t, h)
+    return Elementwise(eta=lr / (root + eps_hat), direction=m / (1 - beta1**t),
+                       decay_rate=_decay(h, lr, wd), eps_dominated=root < eps_hat)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from lrscope import registry
@@ -117,6 +118,36 @@ def po_lamb_scalars(step: registry.GroupStep) -> dict[str, Any]:
             "decay_lr": (1.0 if group["fixed_decay"] else _lr(step)) if decoupled else None}
 
 
+def po_laprop_scalars(step: registry.GroupStep) -> dict[str, Any]:
+    """eps on the raw ``sqrt(v + 1e-15)``; the step size rounded to float32 on the batched
+    path (``foreach`` not False: the path its ``step`` takes for dense real gradients)."""
+    group = step.after
+    if _lr(step) == 0:
+        raise registry.Unknown("pytorch_optimizer's LaProp steps by its whole momentum where lr is 0 "
+                               "(step size 1): not modelled")
+    return {**_decay(group), "raw_eps": True, "eps_root": _PO_EPS_ROOT,
+            "float32_step_size": group.get("foreach") is not False}
+
+
+def po_laprop_state(view: dict[str, Any], param: torch.Tensor, h: dict[str, Any]) -> dict[str, Any]:
+    """On the batched path, ``exp_avg_lr_1`` as ``lr`` over the float32 step size the step
+    multiplied m by (its ``_get_step_sizes``), computed here on the host."""
+    lr_average = view["exp_avg_lr_1"]
+    if not h["float32_step_size"] or not lr_average:
+        return view
+    return {**view, "exp_avg_lr_1": h["lr"] / float(np.float32(1.0 / (lr_average / h["lr"])))}
+
+
+def po_mars_scalars(step: registry.GroupStep) -> dict[str, Any]:
+    """eps on the raw ``sqrt(v + 1e-15)``; coupled decay is added to the gradient *after*
+    the update (it reaches the next step's ``last_grad`` only): no decay in this step."""
+    group = step.after
+    decoupled = group["weight_decouple"]
+    return {"raw_eps": True, "eps_root": _PO_EPS_ROOT, "fixed_decay": group["fixed_decay"],
+            "weight_decay": group["weight_decay"] if decoupled else 0.0,
+            "weight_decay_1d": group["weight_decay_1d"] if decoupled else 0.0}
+
+
 def po_ademamix_scalars(step: registry.GroupStep) -> dict[str, Any]:
     group = step.after
     beta1, beta2, _ = group["betas"]
@@ -124,6 +155,7 @@ def po_ademamix_scalars(step: registry.GroupStep) -> dict[str, Any]:
 
 
 _PO_NEUTRAL = ("step", "weight_decouple", "fixed_decay")
+_PO_EPS_ROOT = 1e-15  # pytorch_optimizer's apply_ams_bound: sqrt(v + 1e-15) + eps
 
 
 # -- lion-pytorch -------------------------------------------------------------------------------
@@ -220,6 +252,10 @@ def register() -> None:
         neutral=_PO_NEUTRAL)
     reg("pytorch_optimizer.optimizer.adan:Adan", "adan", scalars=po_adan_scalars, counter="step",
         neutral=_PO_NEUTRAL + ("max_grad_norm",))
+    reg("pytorch_optimizer.optimizer.laprop:LaProp", "laprop", scalars=po_laprop_scalars, state=po_laprop_state,
+        counter="step", neutral=_PO_NEUTRAL)
+    reg("pytorch_optimizer.optimizer.mars:MARS", "mars", scalars=po_mars_scalars, state=mars_state, counter="step",
+        neutral=_PO_NEUTRAL + ("lr_1d",))
     reg("pytorch_optimizer.optimizer.lamb:Lamb", "lamb", scalars=po_lamb_scalars, counter="step",
         neutral=_PO_NEUTRAL)
     reg("pytorch_optimizer.optimizer.ademamix:AdEMAMix", "ademamix", scalars=po_ademamix_scalars,
