@@ -173,6 +173,19 @@ def test_dadapt_step_size_is_d_times_lr_as_the_step_applied_it(cls, options):
     assert changed, "d never changed: the test would not tell d from the next step's d"
 
 
+def test_po_lamb_lr_is_its_step_multiplier():
+    """pytorch_optimizer's Lamb multiplies its update by ``lr / (1 - beta1**t)``: that is
+    the reported lr, with its source named."""
+    w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    optimizer = po("Lamb", lr=0.01)([w])
+    with lrscope.watch(optimizer, findings=False) as monitor:
+        for t in (1, 2):
+            w.grad = torch.randn(4, 3, dtype=torch.float64)
+            optimizer.step()
+            group = monitor.last.groups[0]
+            assert group.lr == pytest.approx(0.01 / (1 - 0.9**t)) and group.lr_source == "lr/(1-beta1**t)"
+
+
 EXPECTED_FAMILY = {"timm-muon": "muon_adamw", "po-muon": "muon_adamw", "dadapt-lion": "dadapt_lion",
                    "dadapt-adan": "dadapt_adan", "po-laprop": "laprop", "po-lamb": "lamb", "po-mars": "mars",
                    "schedulefree-paper-warmup": "schedule_free"}

@@ -257,7 +257,7 @@ def register() -> None:
     reg("pytorch_optimizer.optimizer.mars:MARS", "mars", scalars=po_mars_scalars, state=mars_state, counter="step",
         neutral=_PO_NEUTRAL + ("lr_1d",))
     reg("pytorch_optimizer.optimizer.lamb:Lamb", "lamb", scalars=po_lamb_scalars, counter="step",
-        neutral=_PO_NEUTRAL)
+        neutral=_PO_NEUTRAL, lr_source="lr/(1-beta1**t)")
     reg("pytorch_optimizer.optimizer.ademamix:AdEMAMix", "ademamix", scalars=po_ademamix_scalars,
         counter="step", neutral=_PO_NEUTRAL + ("t_alpha_beta3",))
     # lion-pytorch
