@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from lrscope import registry
-from lrscope.torch import muons, variants
+from lrscope.torch import bnb, muons, variants
 from lrscope.torch.state import as_float
 
 #: A state hook keeping only the formula's inputs: the others (Prodigy's sliced ``s`` and
@@ -186,5 +186,6 @@ def register_builtin() -> None:
                           state=keep("z", "exp_avg_sq"), counter="k", lr_source="scheduled_lr",
                           neutral=_SCHEDULE_FREE_NEUTRAL + (("momentum",) if kind == "sgd" else ())
                           + (("silent_sgd_phase",) if kind == "radam" else ()))
-    variants.register()  # Lion and the Adam variants of timm, pytorch_optimizer, bitsandbytes
+    variants.register()  # Lion and the Adam variants of timm, pytorch_optimizer, lion-pytorch
+    bnb.register()  # bitsandbytes' Adam, AdamW, Lion and AdEMAMix
     muons.register()  # timm's and pytorch_optimizer's Muon

@@ -1,12 +1,12 @@
-"""Lion and the Adam variants of timm, pytorch_optimizer, lion-pytorch and bitsandbytes,
-registered with ``lrscope.register`` like every other model.
+"""Lion and the Adam variants of timm, pytorch_optimizer and lion-pytorch (bitsandbytes':
+``lrscope.torch.bnb``), registered with ``lrscope.register`` like every other model.
 
 Each class is registered as ``"module:Qualname"``: lrscope imports none of these packages;
 once the user has, the class itself is matched (by identity, along its MRO).  The family
 formulas are in ``lrscope.formulas`` (``lion``, ``adamw``, ``adamw_nesterov``, ``laprop``,
 ``adopt``, ``adan``, ``lamb``, ``mars``, ``ademamix``); the hooks here only translate each
 package's options into the family's hyperparameters, checked against the packages'
-sources (timm 1.0.31, pytorch_optimizer 4.1.0, lion-pytorch 0.2.5, bitsandbytes 0.50.2):
+sources (timm 1.0.31, pytorch_optimizer 4.1.0, lion-pytorch 0.2.5):
 
 * timm's ``corrected_weight_decay`` scales the decay by ``lr**2 / max_lr_snapshot``
   (``decay_lr``); ``caution`` and ``clipping_threshold`` are not modelled (an option set to
@@ -15,30 +15,21 @@ sources (timm 1.0.31, pytorch_optimizer 4.1.0, lion-pytorch 0.2.5, bitsandbytes 
   group key) and its coupled weight decay change ``p.grad`` in place, so the gradient the
   formula reads after the step is the one the step used; ``fixed_decay`` does not scale
   the decay by lr.  Its extra options (``cautious``, ``use_gc``, ``adanorm``,
-  ``stable_adamw``, ...) are group keys and are reported when set.
+  ``stable_adamw``, ...) are group keys and are reported when set.  Its LaProp and MARS add
+  eps to ``sqrt(v + 1e-15)`` before the bias correction (``raw_eps``, ``eps_root``), its
+  LaProp rounds the step size to float32 on the batched path, its Lamb keeps the trust
+  ratio in the state and multiplies the update by ``lr / (1 - beta1**t)``.
 * lion-pytorch's ``decoupled_weight_decay`` divides wd by the initial lr (an attribute).
-* bitsandbytes keeps m and v in ``state1``/``state2``: float32 for tensors of fewer than
-  ``min_8bit_size`` elements (and the 32-bit classes), else 8-bit codes per block of 256,
-  which the state hook dequantizes with bitsandbytes' own ``dequantize_blockwise``.  The
-  step used the float32 moments *before* they were quantized again, so on the 8-bit path
-  eta and d carry the quantization error of the stored state (measured, not exact).
-  ``max_unorm``, ``skip_zeros`` and per-parameter overrides (``GlobalOptimManager``) are
-  not modelled: such a group is reported as unknown (NaN), with the reason.
 """
 
 from __future__ import annotations
 
-import sys
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from lrscope import registry
-
-Hook = Callable[[registry.GroupStep], dict[str, Any]]
-_BLOCK = 256  # bitsandbytes' block size for 8-bit optimizer states
-
 
 def _lr(step: registry.GroupStep) -> Any:
     return step.lrs[step.index]
@@ -168,70 +159,6 @@ def lion_pytorch_scalars(step: registry.GroupStep) -> dict[str, Any]:
     return {}
 
 
-# -- bitsandbytes --------------------------------------------------------------------------------
-
-def bnb_scalars(step: registry.GroupStep) -> dict[str, Any]:
-    """The options bitsandbytes keeps outside the group (``optimizer.args``, the
-    ``GlobalOptimManager``'s per-parameter overrides) must be their defaults; AdEMAMix's
-    three betas and alpha schedule."""
-    optimizer = step.optimizer
-    args = getattr(optimizer, "args", None)
-    for name in ("max_unorm", "skip_zeros"):
-        if getattr(args, name, 0):
-            raise registry.Unknown(f"bitsandbytes' {name}={getattr(args, name)!r} is not modelled")
-    manager = getattr(optimizer, "mng", None)
-    params = step.after["params"]
-    overridden = [i for i, p in enumerate(params) if id(p) in getattr(manager, "pid2config", {})
-                  or (step.index, i) in getattr(manager, "index2config", {})]
-    if overridden:
-        raise registry.Unknown("bitsandbytes' per-parameter overrides (GlobalOptimManager."
-                               "override_config) are not modelled")
-    group = step.after
-    if len(group["betas"]) == 3:
-        beta1, beta2, _ = group["betas"]
-        return {"betas": (beta1, beta2)}
-    return {}
-
-
-def _dequantized(state: dict[str, Any], index: int, which: int = 0) -> torch.Tensor:
-    """``state<index>`` (its slice ``which`` for AdEMAMix's stacked m1, m2) as float32."""
-    values = state[f"state{index}"]
-    if values.dtype != torch.uint8:
-        return values if values.dim() == state["param"].dim() else values[which]
-    absmax = state[f"absmax{index}"]
-    if values.dim() != state["param"].dim():  # AdEMAMix: (2, *shape) codes, (2, blocks) absmax
-        values, absmax = values[which], absmax[which]
-    functional = sys.modules["bitsandbytes.functional"]
-    return functional.dequantize_blockwise(values, absmax=absmax, code=state[f"qmap{index}"],
-                                           blocksize=_BLOCK)
-
-
-def bnb_adam_state(view: dict[str, Any], param: torch.Tensor, h: dict[str, Any]) -> dict[str, Any]:
-    """m and v, dequantized where 8-bit."""
-    return {"exp_avg": _dequantized(view, 1), "exp_avg_sq": _dequantized(view, 2),
-            "param": view["param"], "grad": view["grad"]}
-
-
-def bnb_lion_state(view: dict[str, Any], param: torch.Tensor, h: dict[str, Any]) -> dict[str, Any]:
-    return {"exp_avg": _dequantized(view, 1), "param": view["param"], "grad": view["grad"]}
-
-
-def bnb_ademamix_state(view: dict[str, Any], param: torch.Tensor, h: dict[str, Any]) -> dict[str, Any]:
-    return {"exp_avg": _dequantized(view, 1, 0), "exp_avg_slow": _dequantized(view, 1, 1),
-            "exp_avg_sq": _dequantized(view, 2), "param": view["param"], "grad": view["grad"]}
-
-
-_BNB_ADAM = [f"bitsandbytes.optim.{module}:{prefix}{name}{bits}"
-             for module, name in (("adam", "Adam"), ("adamw", "AdamW"))
-             for prefix in ("", "Paged") for bits in ("", "8bit", "32bit")]
-_BNB_LION = [f"bitsandbytes.optim.lion:{prefix}Lion{bits}" for prefix in ("", "Paged")
-             for bits in ("", "8bit", "32bit")]
-# (not AdEMAMix32bit / PagedAdEMAMix32bit: in bitsandbytes 0.50.2 they keep one buffer where
-# the step reads two, m1 and m2, and their step fails on the CPU; AdEMAMix(optim_bits=32) works)
-_BNB_ADEMAMIX = [f"bitsandbytes.optim.ademamix:{name}" for name in (
-    "AdEMAMix", "AdEMAMix8bit", "PagedAdEMAMix", "PagedAdEMAMix8bit")]
-
-
 def register() -> None:
     """Register the models of this module (called once by ``lrscope.torch``)."""
     reg = registry.register
@@ -262,13 +189,6 @@ def register() -> None:
         counter="step", neutral=_PO_NEUTRAL + ("t_alpha_beta3",))
     # lion-pytorch
     reg("lion_pytorch.lion_pytorch:Lion", "lion", scalars=lion_pytorch_scalars)
-    # bitsandbytes: bitsandbytes' Adam applies decoupled decay like AdamW
-    for path in _BNB_ADAM:
-        reg(path, "adamw", scalars=bnb_scalars, state=bnb_adam_state, neutral=("t_alpha", "t_beta3"))
-    for path in _BNB_LION:
-        reg(path, "lion", scalars=bnb_scalars, state=bnb_lion_state, neutral=("eps",))
-    for path in _BNB_ADEMAMIX:
-        reg(path, "ademamix", scalars=bnb_scalars, state=bnb_ademamix_state, neutral=("t_beta3",))
 
 
 __all__ = ["register"]
