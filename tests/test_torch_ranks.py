@@ -28,6 +28,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 WORLD = 4
 STEPS = 5
 EVERY = 2  # measured steps 1, 3, 5
+#: The torch.distributed functions counted (on lrscope's group) by the collectives test.
+COLLECTIVES = ("all_reduce", "all_gather_object", "gather_object", "broadcast_object_list", "broadcast",
+               "all_gather", "gather", "reduce", "scatter", "barrier", "monitored_barrier")
 
 
 def _model():
@@ -83,20 +86,22 @@ def _rank(rank: int, port: int, out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    calls = {"gather_object": 0, "monitored_barrier": 0}
-    for name in calls:  # count lrscope's collectives (the real functions still run)
+    calls = []  # (collective, group) of every call, the engines' own included
+    for name in COLLECTIVES:  # (the real functions still run)
         real = getattr(dist, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
+            calls.append((_name, kwargs.get("group")))
             return _real(*args, **kwargs)
         setattr(dist, name, counted)
     results = {}
     try:
         for engine, model, optimizer in _engines(rank):
             log_dir = os.path.join(out, engine)
-            before = dict(calls)
+            start = len(calls)
             monitor = lrscope.watch(optimizer, model=model, every=EVERY, log_dir=log_dir)
+            group = monitor._ranks.group
+            marks = [len(calls)]
             reports = []
             torch.manual_seed(1)
             for _ in range(STEPS):
@@ -105,9 +110,12 @@ def _rank(rank: int, port: int, out: str) -> None:
                 torch.nn.functional.mse_loss(model(x), y).backward()
                 optimizer.step()
                 reports.append(monitor.last)
+                marks.append(len(calls))
             monitor.close()
-            results[engine] = {"reports": reports,
-                               "calls": {k: calls[k] - before[k] for k in calls}}
+            # lrscope's collectives (on its own group) when watching starts, then at each step.
+            spans = [(start, marks[0]), *zip(marks, marks[1:])]
+            results[engine] = {"reports": reports, "calls": [
+                sorted(name for name, on in calls[a:b] if on is group) for a, b in spans]}
         with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as handle:
             pickle.dump(results, handle)
     finally:
@@ -176,10 +184,14 @@ def test_rank_zero_reports_the_whole_model(ranks, single, engine):
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2", "hsdp", "zero"])
 def test_collectives_only_on_measured_steps(ranks, engine):
     _, results = ranks
-    measured = len(range(1, STEPS + 1, EVERY))
     for rank in results:
-        # One barrier and one gather per measured step, one barrier when watching starts.
-        assert rank[engine]["calls"] == {"gather_object": measured, "monitored_barrier": measured + 1}
+        watching, *steps = rank[engine]["calls"]
+        assert watching == ["all_gather_object", "monitored_barrier"]  # every= checked
+        # Two all-reduces per measured step (MIN, then SUM), none on the others; the first
+        # measured step first gathers the ranks' layouts (which tensors, which buckets).
+        assert steps[0] == ["all_gather_object", "all_reduce", "all_reduce", "all_reduce"]
+        assert steps[1:] == [["all_reduce", "all_reduce"] if t % EVERY == 1 else []
+                             for t in range(2, STEPS + 1)]
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
@@ -254,3 +266,59 @@ def test_ranks_that_disagree_on_every_get_a_clear_error(tmp_path):
     for rank in range(2):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert "different every=" in message and "rank 0: 10" in message and "rank 1: 11" in message
+
+
+def _astray(rank: int, port: int, out: str) -> None:
+    """Two ways for the ranks to part: different step counts, then a rank that stops watching."""
+    import warnings
+
+    import torch.distributed as dist
+    from lrscope.torch import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    distributed.DEFAULT_TIMEOUT = 3.0  # seconds lrscope's collectives wait for a missing rank
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = torch.nn.parallel.DistributedDataParallel(_model())
+            optimizer = _optimizer(model.parameters())
+            if rank == 1:  # one step more than rank 0 before watching: its t is ahead
+                _train(model.module, optimizer, steps=1)
+            with lrscope.watch(optimizer, model=model, every=1, findings=False) as monitor:
+                _train(model, optimizer, steps=2)
+            at_different_steps = [str(w.message) for w in caught]
+            per_rank = monitor.last.to_dict()
+
+            caught.clear()
+            model = torch.nn.parallel.DistributedDataParallel(_model())
+            optimizer = _optimizer(model.parameters())
+            monitor = lrscope.watch(optimizer, model=model, every=1, findings=False)
+            _train(model, optimizer, steps=1)
+            if rank == 1:
+                monitor.close()  # stops watching: rank 0 waits for it in vain at its next step
+            _train(model, optimizer, steps=1)
+            monitor.close()
+            stopped = [str(w.message) for w in caught]
+        dist.barrier()
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
+            json.dump({"at_different_steps": at_different_steps, "per_rank": per_rank,
+                       "stopped": stopped}, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_part_get_a_clear_warning_and_per_rank_reports(tmp_path):
+    torch.multiprocessing.spawn(_astray, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank, result in enumerate(ranks):  # both ranks see the mismatch and say the same
+        merging = [m for m in result["at_different_steps"] if "merging the ranks' reports failed" in m]
+        assert len(merging) == 1 and "t from 1 to 2" in merging[0] and "same every=" in merging[0]
+        assert not any("merged from" in note for note in result["per_rank"]["notes"])
+    for rank, result in enumerate(ranks):  # each its replica, marked as such on rank 1 (lrscope merge)
+        group = result["per_rank"]["groups"][0]
+        assert group["effective_lr"]["count"] == sum(p.numel() for p in _model().parameters())
+        assert [p.get("replica", False) for p in group["params"].values()] == [rank == 1] * 4
+    stopped = [m for m in ranks[0]["stopped"] if "merging the ranks' reports failed" in m]
+    assert len(stopped) == 1 and "step 2, not every rank joined" in stopped[0] and "within 3 s" in stopped[0]
+    assert not any("merging" in m for m in ranks[1]["stopped"])

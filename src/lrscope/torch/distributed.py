@@ -4,16 +4,21 @@ Every rank watches its own optimizer.  On a step with distributions each rank me
 only the elements it *counts* (``Ranks.counts``): its shards of a sharded tensor
 (FSDP2's DTensors, with HSDP's and tensor parallelism's replicated mesh dimensions counted
 at coordinate 0 only), the tensors its optimizer alone holds (``ZeroRedundancyOptimizer``'s
-partition), and a plain replicated tensor (DDP) on rank 0 only.  Rank 0 gathers the
-ranks' reports and merges them (``lrscope.merge``): bucket counts add up to those of
-the same run in one process, and nothing is counted twice.
+partition), and a plain replicated tensor (DDP) on rank 0 only.  The ranks' parts add up
+on rank 0 (``lrscope.merge``): bucket counts are those of the same run in one process, and
+nothing is counted twice.
 
-Communication: none on steps without distributions; on a measured step, a barrier that
-names the ranks that did not reach it (``monitored_barrier``, on lrscope's own gloo
-group, so a missing rank is an error after ``timeout`` seconds instead of a hang) and one
-gather of the ranks' reports, whose size depends on the number of tensors and of occupied
-buckets, not on the model's size.  When the monitors are made, the ranks check that each
-of them watches with the same ``every``.
+Communication: none on steps without distributions; on a measured step, on lrscope's own
+gloo group (so that an NCCL job's streams are never touched), two all-reduces of float64
+vectors (``lrscope.merge.PackedStep``): MIN over each distribution's min, max and span of
+bucket keys, with a check that the ranks are at the same step, then SUM over counts, sums,
+squared norms and bucket counts over those spans.  Their length depends on the number of
+tensors and of buckets, not on the model's size.  The first measured step (and one at
+which a rank reports a tensor new to the layout) first gathers the ranks' layouts.  A rank
+that does not join makes the others' collective fail after ``timeout`` seconds, with an
+error that names the cause instead of a hang.  When the monitors are made, a barrier
+names the ranks that do not watch and the ranks check that each watches with the same
+``every``.
 """
 
 from __future__ import annotations
@@ -22,14 +27,15 @@ import datetime
 import sys
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from lrscope.merge import merge_reports
+from lrscope.merge import Layout, PackedStep
 from lrscope.report import StepReport
 from lrscope.torch import deepspeed
 
-#: Seconds a measured step waits for the other ranks before it raises, naming them.
+#: Seconds lrscope's collectives wait for the other ranks before they raise (``Ranks``).
 DEFAULT_TIMEOUT = 300.0
 
 
@@ -116,14 +122,18 @@ class Membership:
 
 
 class Ranks(Membership):
-    """This process's place among the ranks, and the one gather of a measured step."""
+    """This process's place among the ranks, and the two all-reduces of a measured step."""
 
-    def __init__(self, *, every: int, partitioned: bool, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, *, every: int, partitioned: bool, timeout: float | None = None):
         super().__init__(partitioned)
-        self.timeout = datetime.timedelta(seconds=timeout)
+        self.timeout = datetime.timedelta(seconds=DEFAULT_TIMEOUT if timeout is None else timeout)
+        self.layout = Layout()  # grown from the reports at the first measured step
         # Collective: every rank makes its monitor (lrscope.watch on every rank).
         self.group = dist.new_group(backend="gloo", timeout=self.timeout)
-        self._barrier("lrscope.watch")
+        try:
+            dist.monitored_barrier(group=self.group, timeout=self.timeout, wait_all_ranks=True)
+        except RuntimeError as error:
+            raise self._absent("lrscope.watch", error) from error
         settings = [None] * self.world
         dist.all_gather_object(settings, {"every": every}, group=self.group)
         if len({s["every"] for s in settings}) > 1:
@@ -131,31 +141,47 @@ class Ranks(Membership):
                              + ", ".join(f"rank {i}: {s['every']}" for i, s in enumerate(settings))
                              + "); every rank must measure the same steps")
 
-    def _barrier(self, where: str) -> None:
+    def _absent(self, where: str, error: Exception) -> RuntimeError:
+        return RuntimeError(
+            f"lrscope: at {where}, not every rank joined lrscope's collective within "
+            f"{self.timeout.total_seconds():g} s ({error}). Every rank must call lrscope.watch on its "
+            "optimizer with the same every=, and step it the same number of times; or pass "
+            "distributed=False for per-rank reports")
+
+    def _all_reduce(self, values: np.ndarray, op: Any, where: str) -> np.ndarray:
+        tensor = torch.from_numpy(values)
         try:
-            dist.monitored_barrier(group=self.group, timeout=self.timeout, wait_all_ranks=True)
+            dist.all_reduce(tensor, op=op, group=self.group)
         except RuntimeError as error:
-            raise RuntimeError(
-                f"lrscope: at {where}, not every rank arrived within {self.timeout.total_seconds():g} s "
-                f"({error}). Every rank must call lrscope.watch on its optimizer with the same "
-                "every=, and step it the same number of times; or pass distributed=False for "
-                "per-rank reports") from error
+            raise self._absent(where, error) from error
+        return tensor.numpy()
 
     def merge(self, report: StepReport, complete: bool = True) -> StepReport | None:
         """On rank 0, the whole model's report of this measured step; None on the others.
         ``complete``: whether this rank measured its part (its measurement may have failed);
-        if a rank did not, the whole model's distributions are left out, with a note."""
-        self._barrier(f"step {report.t}")
-        gathered = [None] * self.world if self.rank == 0 else None
-        dist.gather_object((report, complete), gathered, dst=0, group=self.group)
-        if self.rank != 0:
-            return None
-        missing = [rank for rank, (_, done) in enumerate(gathered) if not done]
-        if missing:
-            for group in report.groups:
-                group.params, group.effective_lr, group.update_magnitude = {}, None, None
-                group.update_norm = group.param_norm = None
-            report.notes.append(f"rank(s) {missing} could not measure their part: the whole "
-                                "model's distributions are left out")
-            return report
-        return merge_reports([r for r, _ in gathered], notes=[f"whole model: merged from {self.world} ranks"])
+        if a rank did not, the whole model's distributions are left out, with a note.
+
+        Two all-reduces (``lrscope.merge.PackedStep``), and before them, at the first
+        measured step or when a rank reports a tensor new to the layout, one gather of the
+        ranks' layouts.  ValueError on every rank when the ranks are not at the same step."""
+        where = f"step {report.t}"
+        packed = PackedStep(report, self.layout, rank=self.rank, world=self.world, complete=complete)
+        agreed = packed.agree(self._all_reduce(packed.extremes(), dist.ReduceOp.MIN, where))
+        if agreed.missing:
+            if self.rank == 0:
+                for group in report.groups:
+                    group.params, group.effective_lr, group.update_magnitude = {}, None, None
+                    group.update_norm = group.param_norm = None
+                report.notes.append(f"rank(s) {agreed.missing} could not measure their part: the "
+                                    "whole model's distributions are left out")
+            return report if self.rank == 0 else None
+        if agreed.stale:
+            layouts = [None] * self.world
+            try:
+                dist.all_gather_object(layouts, Layout.of(report), group=self.group)
+            except RuntimeError as error:
+                raise self._absent(where, error) from error
+            self.layout = Layout.union([self.layout, *layouts])
+            return self.merge(report, complete)
+        sums = self._all_reduce(packed.sums(agreed), dist.ReduceOp.SUM, where)
+        return packed.whole(sums, agreed) if self.rank == 0 else None
