@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from lrscope.torch import fused, stats
+from lrscope.torch import fused, stats, triton_kernel
 from lrscope.report import decode_statistics, mark_eps_absent
 from lrscope.stats import mapping
 
@@ -63,11 +63,13 @@ def _batchable(compute: Any, param: torch.Tensor) -> bool:
 
 def measures(items: dict[str, tuple[Callable[[slice], Any], torch.Tensor]]) -> dict[str, Callable[[bool], Any]]:
     """``{name: measure(finite_only)}`` for ``stats.collect`` from ``{name: (compute,
-    param)}``: small CPU tensors that share a formula are measured together, the others by
-    ``fused.reduce``."""
-    out: dict[str, Callable[[bool], Any]] = {}
+    param)}``: GPU tensors by ``triton_kernel`` where it takes them; small CPU tensors that
+    share a formula together, the others by ``fused.reduce``."""
+    out = triton_kernel.measures(items)  # GPU tensors, one Triton kernel per group
     batches: dict[tuple[Any, ...], list[str]] = {}
     for name, (compute, param) in items.items():
+        if name in out:
+            continue
         signature = _signature(compute) if _batchable(compute, param) else None
         if signature is None:
             out[name] = lambda finite_only, c=compute, p=param: fused.reduce(c, p, finite_only)
