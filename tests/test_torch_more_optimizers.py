@@ -65,6 +65,15 @@ CASES = [
                                                          fallback_lr_scale=0.5, weight_decay=0.1), MUON_SHAPES),
     ("timm-muon-batched-no-adjust", lambda: timm("muon", "Muon", lr=0.02, adjust_lr_fn=None, conv_mode="batched",
                                                  ns_coefficients="original"), MUON_SHAPES),
+    ("timm-adamuon", lambda: timm("muon", "Muon", lr=0.02, algo="adamuon", weight_decay=0.1),
+     dict(**MUON_SHAPES, **SCHEDULE)),
+    ("timm-adamuon-rms-to-rms-batched-nesterov", lambda: timm("muon", "Muon", lr=0.02, algo="adamuon",
+                                                              adjust_lr_fn="rms_to_rms", conv_mode="batched",
+                                                              nesterov=True), MUON_SHAPES),
+    ("timm-adamuon-rsqrt-in", lambda: timm("muon", "Muon", lr=0.02, algo="adamuon", adjust_lr_fn="rsqrt_in"),
+     MUON_SHAPES),
+    ("timm-adamuon-no-adjust", lambda: timm("muon", "Muon", lr=0.02, algo="adamuon", adjust_lr_fn=None),
+     MUON_SHAPES),
     ("po-muon", lambda: po_muon(lr=0.02), dict(**MUON_SHAPES, **SCHEDULE)),
     ("po-muon-adjusted-wd-loop", lambda: po_muon(lr=0.02, use_adjusted_lr=True, weight_decay=0.1, adamw_wd=0.1,
                                                  foreach=False), MUON_SHAPES),
@@ -206,7 +215,7 @@ def test_watch_does_not_change_training(case_id):
 
 
 @pytest.mark.parametrize("factory,key,value", [
-    (timm("muon", "Muon"), "algo", "adamuon"),  # AdaMuon: another rule
+    (timm("muon", "Muon"), "algo", "polar"),
     (timm("muon", "Muon"), "a_new_option", 1.0),
     (po_muon(), "cautious", True),
     (third("dadaptation", "DAdaptLion"), "a_new_option", 1.0),
@@ -216,7 +225,7 @@ def test_watch_does_not_change_training(case_id):
     (po("MARS"), "mars_type", "shampoo"),
     (po("Lamb"), "adam", True),
     (third("schedulefree", "AdamWScheduleFreePaper"), "a_new_option", 0.5),
-], ids=["timm-muon-adamuon", "timm-muon", "po-muon-cautious", "dadapt-lion", "dadapt-adan", "po-laprop-centered",
+], ids=["timm-muon-algo", "timm-muon", "po-muon-cautious", "dadapt-lion", "dadapt-adan", "po-laprop-centered",
         "po-lamb-rectify", "po-mars-shampoo", "po-lamb-adam", "schedulefree-paper"])
 def test_unknown_options_are_reported_not_modelled(factory, key, value):
     assert_unknown_option_reported(factory, key, value, shape=(8, 4))

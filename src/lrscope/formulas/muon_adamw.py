@@ -22,6 +22,17 @@ is each implementation's, of the matrix NS ran on (``state["lr_scale"]``):
 * pytorch_optimizer (``use_adjusted_lr``, (out, in) as timm's): True ``0.2 * sqrt(max(out,
   in))``, False ``sqrt(max(1, out / in))``.
 
+timm's AdaMuon (``algo="adamuon"``) adapts the Muon path by a second moment of O, with
+``v <- beta2 * v + (1 - beta2) * O**2`` (``state["exp_avg_sq"]``, t the tensor's
+``state["step"]``)::
+
+    theta <- theta - lr * scale * O / (D * N),   D = sqrt(v_hat) + eps
+    N = ||O / D|| + eps where ``state["rms_norm"]`` (then v is not bias-corrected), else 1
+
+so ``eta = lr * scale / (D * N)`` per element and ``d = O``.  timm's AdaMuon scales
+(``get_adamuon_lr_scale``): "match_rms_adamw" (the default) ``0.2 * sqrt(numel)`` with
+the RMS division, "rms_to_rms" ``sqrt(out / in)``, "rsqrt_in" ``in ** -0.5``, None 1.
+
 ``O`` is not in the optimizer's state: the state hook runs the implementation's own
 Newton-Schulz function (``h["newton_schulz"]``, built from the group's options by the
 registration) on ``u``, rebuilt from the state after the step, which gives the step's ``O``
@@ -58,10 +69,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+ALGORITHMS = ("muon", "adamuon")
+
+
 def unsupported(h: Mapping[str, Any]) -> list[str]:
-    """timm's ``algo="adamuon"`` (AdaMuon: a second moment of O and an RMS rescaling) is
-    another rule."""
-    unknown = [] if h["algo"] == "muon" else [f"algo={h['algo']!r}"]
+    """An ``algo`` other than timm's "muon" and "adamuon", or an unknown fallback."""
+    unknown = [] if h["algo"] in ALGORITHMS else [f"algo={h['algo']!r}"]
     return unknown + ([] if h["fallback"] in FALLBACKS else [f"fallback={h['fallback']!r}"])
 
 
@@ -90,8 +103,22 @@ def elementwise(
 ) -> Elementwise:
     """The Muon rule (eta = ``lr * state["lr_scale"]``, d = ``state["orthogonalized"]``)
     or the fallback's, by ``state["use_muon"]``."""
+    if state["use_muon"] and h["algo"] == "adamuon":
+        return _adamuon(xp, state, t, h)
     if state["use_muon"]:
         return Elementwise(eta=h["lr"] * state["lr_scale"], direction=state["orthogonalized"],
                            decay_rate=decay_rate(h))
     family = adamw_nesterov if h["fallback"] == "nadamw" else adam
     return family.elementwise(xp, state, t, fallback_hyperparameters(h), "torch")
+
+
+def _adamuon(xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any]) -> Elementwise:
+    """AdaMuon's Muon path: eta = lr * scale / (D * N), d = O."""
+    ortho, v = state["orthogonalized"], state["exp_avg_sq"]
+    root = xp.sqrt(v) if state["rms_norm"] else xp.sqrt(v / (1 - h["beta2"] ** t))
+    denom = root + h["eps"]
+    eta = h["lr"] * state["lr_scale"] / denom
+    if state["rms_norm"]:
+        adapted = ortho / denom
+        eta = eta / (xp.sqrt(xp.sum(adapted * adapted)) + h["eps"])
+    return Elementwise(eta=eta, direction=ortho, decay_rate=decay_rate(h), eps_dominated=root < h["eps"])

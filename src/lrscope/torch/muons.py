@@ -9,7 +9,9 @@ packages' sources (timm 1.0.31, pytorch_optimizer 4.1.0):
 * timm routes each tensor on its first step and caches the choice in ``state["use_muon"]``;
   its Muon path leaves the gradient as it was (``u = lerp(g, B, momentum)`` with nesterov);
   its fallback is NAdamW where the group's ``nesterov`` is set, else AdamW, with the lr
-  ``lr * fallback_lr_scale``.  ``algo="adamuon"`` is another rule: reported as not modelled.
+  ``lr * fallback_lr_scale``.  With ``algo="adamuon"`` (AdaMuon) the Muon path divides O by
+  ``sqrt(v) + eps``, v a second moment of O (``state["exp_avg_sq"]``), and by the RMS of
+  the result where its scale says so.
 * pytorch_optimizer routes by the group's ``use_muon``; it writes ``u`` over the gradient
   with nesterov (``lerp_`` in place), negates it for ``maximize`` and adds coupled decay to
   it (``weight_decouple=False``) before the momentum, so the gradient after the step is
@@ -29,8 +31,9 @@ import torch
 
 from lrscope import registry
 
-#: ``update -> (O in the update's shape, the lr scale of the matrix O was computed on)``.
-NewtonSchulz = Callable[[torch.Tensor], "tuple[torch.Tensor, float]"]
+#: ``update -> (O in the update's shape, the lr scale of the matrix O was computed on,
+#: whether the step divides by the RMS of the adapted update: AdaMuon's)``.
+NewtonSchulz = Callable[[torch.Tensor], "tuple[torch.Tensor, float, bool]"]
 
 
 def _fallback_view(view: dict[str, Any]) -> dict[str, Any]:
@@ -38,9 +41,12 @@ def _fallback_view(view: dict[str, Any]) -> dict[str, Any]:
 
 
 def _muon_view(view: dict[str, Any], update: torch.Tensor, h: dict[str, Any]) -> dict[str, Any]:
-    ortho, scale = h["newton_schulz"](update)
-    return {"use_muon": True, "orthogonalized": ortho.to(view["param"].dtype), "lr_scale": scale,
+    ortho, scale, rms_norm = h["newton_schulz"](update)
+    muon = {"use_muon": True, "orthogonalized": ortho.to(view["param"].dtype), "lr_scale": scale,
             "param": view["param"], "grad": view["grad"]}
+    if h["algo"] == "adamuon":
+        muon.update(exp_avg_sq=view["exp_avg_sq"], rms_norm=rms_norm)
+    return muon
 
 
 # -- timm ------------------------------------------------------------------------------------------
@@ -51,17 +57,21 @@ def _timm_newton_schulz(group: dict[str, Any]) -> NewtonSchulz:
     coefficients = module.resolve_ns_coefficients(group["ns_coefficients"], module._COEFFICIENTS)
     conv_mode, adjust = group["conv_mode"], group["adjust_lr_fn"]
 
-    def orthogonalize(update: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def orthogonalize(update: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
         matrix = module.reshape_for_muon(update, mode=conv_mode)[0] if update.ndim >= 3 else update
         ortho = module.zeropower_via_newtonschulz(matrix, group["ns_steps"], coefficients, eps=group["eps"],
                                                   safety_factor=group["safety_factor"],
                                                   scale_eps=group["scale_eps"])
-        scale = module.get_lr_scale(ortho.shape, adjust) if adjust else 1.0
+        scale, rms_norm = 1.0, False
+        if adjust and group["algo"] == "adamuon":
+            scale, rms_norm = module.get_adamuon_lr_scale(ortho.shape, adjust)
+        elif adjust:
+            scale = module.get_lr_scale(ortho.shape, adjust)
         if conv_mode == "batched" and ortho.ndim >= 3:
-            if group["normalize_spatial"]:
+            if group["normalize_spatial"]:  # (the spatial size: AdaMuon's original_shape[2:])
                 scale *= ortho.shape[0] ** -0.5
             ortho = ortho.permute(1, 2, 0)
-        return ortho.reshape(update.shape), scale
+        return ortho.reshape(update.shape), scale, rms_norm
 
     return orthogonalize
 
@@ -93,7 +103,8 @@ def _po_newton_schulz(group: dict[str, Any]) -> NewtonSchulz:
 
     def orthogonalize(update: torch.Tensor) -> tuple[torch.Tensor, float]:
         ortho = module.MuonBase._orthogonalize(group, [update])[0]
-        return ortho.reshape(update.shape), module.get_adjusted_lr(1.0, update.shape, group["use_adjusted_lr"])
+        scale = module.get_adjusted_lr(1.0, update.shape, group["use_adjusted_lr"])
+        return ortho.reshape(update.shape), scale, False
 
     return orthogonalize
 
