@@ -240,3 +240,90 @@ def test_a_tracker_lrscope_cannot_write_into_costs_a_warning_not_the_training(tm
     with pytest.warns(RuntimeWarning, match="cannot write into the Trainer's TensorBoardCallback"):
         transformers.Trainer(model=Regression(), args=args, train_dataset=Data(), callbacks=[callback]).train()
     assert [r["t"] for r in read_jsonl(tmp_path / "own.jsonl")] == [1, 2]
+
+
+DDP_STEPS = 4
+DDP_BATCH = 4  # per process; the one-process run takes both processes' batches at once
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Random token sequences, their own labels (causal language modelling)."""
+
+    def __init__(self):
+        self.ids = torch.randint(0, 64, (32, 8), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _gpt2_trainer(out: str, batch: int, **arguments):
+    """A Trainer of a tiny GPT-2 built from its config (nothing downloaded), and its callback."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=8, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
+                                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config)
+    callback = lrscope.transformers.EffectiveLRCallback(every=3)
+    args = transformers.TrainingArguments(
+        output_dir=out, max_steps=DDP_STEPS, per_device_train_batch_size=batch, learning_rate=1e-2,
+        weight_decay=0.1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0, seed=0, **arguments)
+    return transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback]), callback
+
+
+def _ddp_rank(rank: int, port: int, out: str) -> None:
+    """One process of a torchrun-style launch: the Trainer sets up DDP (gloo) from the environment."""
+    import os
+    import pickle
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    trainer, callback = _gpt2_trainer(out, DDP_BATCH, ddp_backend="gloo")
+    trainer.train()
+    with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as handle:
+        pickle.dump({"last": callback.last, "world": trainer.args.world_size,
+                     "ddp": type(trainer.model_wrapped).__name__}, handle)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_trainer_ddp_rank_zero_reports_the_one_process_run(tmp_path):
+    """Two processes under the Trainer's DDP (gloo, CPU), each a batch of DDP_BATCH: process 0
+    reports the same as one process with both batches at once, and alone writes logs."""
+    import pickle
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_rank, args=(port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    ranks = [pickle.loads((tmp_path / "ddp" / f"rank{r}.pkl").read_bytes()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["ddp"] == "DistributedDataParallel"
+    got = ranks[0]["last"]
+    assert ranks[1]["last"] is None or not any("merged from" in n for n in ranks[1]["last"].notes)
+
+    trainer, callback = _gpt2_trainer(str(tmp_path / "one"), 2 * DDP_BATCH)
+    trainer.train()
+    want = callback.last
+    assert got.t == want.t == DDP_STEPS and any("merged from 2 ranks" in n for n in got.notes)
+    assert len(got.groups) == len(want.groups) == 2  # the Trainer's decay / no-decay groups
+    for mine, whole in zip(got.groups, want.groups):
+        assert mine.lr == pytest.approx(whole.lr, rel=1e-12)
+        assert mine.step_size == pytest.approx(whole.step_size, rel=1e-12)
+        assert list(mine.params) == list(whole.params)  # the model's names, each once
+        for name, param in [*whole.params.items(), ("group", whole)]:
+            ours = mine if name == "group" else mine.params[name]
+            a, b = ours.effective_lr, param.effective_lr
+            assert a.count == b.count and a.eps_dominated_count == b.eps_dominated_count
+            for q in (0.01, 0.5, 0.99):  # the gradients agree to float rounding, not bit for bit
+                assert a.quantile(q) == pytest.approx(b.quantile(q), rel=0.02)
+            assert (a.min, a.max, a.mean) == pytest.approx((b.min, b.max, b.mean), rel=1e-3)
+            assert ours.update_norm == pytest.approx(param.update_norm, rel=1e-3)
+            assert ours.param_norm == pytest.approx(param.param_norm, rel=1e-5)
+
+    logs = tmp_path / "ddp" / "lrscope"
+    assert [r["t"] for r in read_jsonl(logs / "lrscope.jsonl")] == list(range(1, DDP_STEPS + 1))
+    assert len(list(logs.glob("events.out.tfevents.*"))) == 1  # process 0's TensorBoard file only
