@@ -31,6 +31,7 @@ against the eager path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -126,23 +127,25 @@ def measures(items: dict[str, tuple[Callable[[slice], Any], torch.Tensor]]) -> d
     """``{name: measure(finite_only)}`` for ``stats.collect``, of the tensors of ``items``
     (``{name: (compute, param)}``) that the kernel takes, one launch per group of up to
     ``GROUP_TENSORS`` that share a kernel; the others are left out."""
-    groups: dict[tuple[Any, ...], list[str]] = {}
-    for name, (compute, param) in items.items():
-        if takes(compute, param) and enabled():
-            kernel, key = _kernel(compute)
+    groups: dict[tuple[Any, ...], dict[str, tuple[fused.ChunkedFormula, torch.Tensor, dict[str, Any]]]] = {}
+    for name, (compute, param) in items.items() if enabled() else ():
+        if takes(compute, param):
+            kernel, key, scalars = _kernel(compute)
             if kernel is not None:
-                groups.setdefault((key, param.device), []).append(name)
+                groups.setdefault((key, param.device), {})[name] = (compute, param, scalars)
     out: dict[str, Callable[[bool], Any]] = {}
-    for (key, _), names in groups.items():
+    for (key, _), group in groups.items():
+        names = list(group)
         for start in range(0, len(names), GROUP_TENSORS):
-            out.update(_Group(key, {name: items[name] for name in names[start:start + GROUP_TENSORS]}).measures())
+            out.update(_Group(key, {name: group[name] for name in names[start:start + GROUP_TENSORS]}).measures())
     return out
 
 
 class _Group:
     """Tensors sharing one kernel, measured by one launch on first request."""
 
-    def __init__(self, key: tuple[Any, ...], items: dict[str, tuple[fused.ChunkedFormula, torch.Tensor]]):
+    def __init__(self, key: tuple[Any, ...],
+                 items: dict[str, tuple[fused.ChunkedFormula, torch.Tensor, dict[str, Any]]]):
         self.key = key
         self.items = items
         self.results: dict[str, Any] | None = None
@@ -157,7 +160,8 @@ class _Group:
             self.results = self._run(self.items, False)
         return self.results[name]
 
-    def _run(self, items: dict[str, tuple[fused.ChunkedFormula, torch.Tensor]], finite_only: bool) -> dict[str, Any]:
+    def _run(self, items: dict[str, tuple[fused.ChunkedFormula, torch.Tensor, dict[str, Any]]],
+             finite_only: bool) -> dict[str, Any]:
         kernel = _kernels.get(self.key)
         if kernel is not None:
             try:
@@ -166,7 +170,7 @@ class _Group:
                 _kernels[self.key] = None
                 warn(f"lrscope: the Triton statistics kernel failed ({type(error).__name__}: {error}); "
                      "computing them eagerly (slower, same results)")
-        return {name: fused.reduce(compute, param, finite_only) for name, (compute, param) in items.items()}
+        return {name: fused.reduce(compute, param, finite_only) for name, (compute, param, _) in items.items()}
 
 
 @dataclass
@@ -179,14 +183,16 @@ class Compiled:
     scalars: list[str]  # the per-step scalars, in row order
     has_eps: bool
 
-    def launch(self, items: list[tuple[fused.ChunkedFormula, torch.Tensor]], finite_only: bool) -> torch.Tensor:
-        """Rows of bucket counts then ``STATISTICS`` (float64), one per tensor of ``items``."""
+    def launch(self, items: list[tuple[fused.ChunkedFormula, torch.Tensor, dict[str, Any]]],
+               finite_only: bool) -> torch.Tensor:
+        """Rows of bucket counts then ``STATISTICS`` (float64), one per tensor of ``items``
+        (formula, parameter, per-step scalars)."""
         k = len(items)
         device = items[0][1].device
-        inputs = [[formula.parts[0][name].contiguous() for formula, _ in items] for name in self.arrays]
-        sizes = np.array([param.numel() for _, param in items], np.int64)
+        inputs = [[formula.parts[0][name].contiguous() for formula, _, _ in items] for name in self.arrays]
+        sizes = np.array([param.numel() for _, param, _ in items], np.int64)
         blocks = np.concatenate([[0], np.cumsum(-(-sizes // BLOCK))])
-        scalar_values = [fused._inputs(formula)[0] for formula, _ in items]
+        scalar_values = [scalars for _, _, scalars in items]
         on_device = [(i, j, row[name]) for i, row in enumerate(scalar_values) for j, name in enumerate(self.scalars)
                      if isinstance(row[name], torch.Tensor) and row[name].device.type != "cpu"]
         host = np.concatenate([np.array([[t.data_ptr() for t in tensors] for tensors in inputs], np.int64).reshape(-1),
@@ -201,9 +207,10 @@ class Compiled:
         for i, j, value in on_device:  # (a capturable optimizer's step and lr: copied on the device)
             scalars[i * len(self.scalars) + j].copy_(value)
         counts = torch.zeros(k, mapping.FLOAT32_BUCKETS, dtype=torch.int32, device=device)
-        self.function[(int(blocks[-1]),)](pointers, starts, lengths, scalars, counts, statistics, k,
-                                          TENSORS=max(2, 1 << (k - 1).bit_length()), FINITE_ONLY=finite_only,
-                                          enable_fp_fusion=False)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # (triton's device)
+            self.function[(int(blocks[-1]),)](pointers, starts, lengths, scalars, counts, statistics, k,
+                                              TENSORS=max(2, 1 << (k - 1).bit_length()), FINITE_ONLY=finite_only,
+                                              enable_fp_fusion=False)
         return torch.cat([counts.double(), statistics.view(k, -1)], 1)
 
 
@@ -222,21 +229,26 @@ def _on_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
     return host.to(device, copy=True)
 
 
-def _kernel(formula: fused.ChunkedFormula) -> tuple[Compiled | None, tuple[Any, ...]]:
+def _kernel(formula: fused.ChunkedFormula) -> tuple[Compiled | None, tuple[Any, ...], dict[str, Any]]:
     """The kernel of ``formula`` (generated on first use of its key), None if it cannot be
-    generated (warned once per key), and the key."""
+    generated (warned once per key); its key and ``formula``'s per-step scalars."""
     scalars, constants, key = fused._inputs(formula)
     cuda = formula.parts[0]["param"].device.type == "cuda"
     kinds = {name: _kind(value) for name, value in scalars.items()}
     key = ("triton", cuda, tuple(kinds.values()), *key)
     if key not in _kernels:
         try:
-            _kernels[key] = _generate(*fused.traceable(formula, scalars, constants), kinds, cuda)
+            traced, arrays, examples = fused.traceable(formula, scalars, constants)
+            # (CPU examples of device scalars: a CUDA 0-d tensor does not combine with the
+            # CPU examples of the arrays, and copying it here would synchronise)
+            examples = {name: value if value.device.type == "cpu" else torch.zeros((), dtype=value.dtype)
+                        for name, value in examples.items()}
+            _kernels[key] = _generate(traced, arrays, examples, kinds, cuda)
         except Exception as error:  # noqa: BLE001 - any tracing or translation failure: stay eager
             _kernels[key] = None
             warn(f"lrscope: the Triton statistics kernel of {formula.family} failed ({type(error).__name__}: "
                  f"{error}); computing them eagerly (slower, same results)")
-    return _kernels[key], key
+    return _kernels[key], key, scalars
 
 
 def _kind(value: Any) -> str:
