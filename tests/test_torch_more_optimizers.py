@@ -104,6 +104,14 @@ CASES = [
                                                     pre_norm=True, grad_averaging=False), NO_SCALAR),
     ("po-lamb-large-norm-maximize", lambda: po("Lamb", lr=0.01, weight_decay=0.1, maximize=True),
      dict(shapes=((40, 30), (7,)), steps=4)),  # ||theta|| > 10: capped in the stored ratio
+    ("schedulefree-adamw-reference-warmup", lambda: third("schedulefree", "AdamWScheduleFreeReference", lr=0.01,
+                                                          warmup_steps=3), dict(direction_is_gradient=True, steps=6, **TRAIN)),
+    ("schedulefree-adamw-reference-wd-r", lambda: third("schedulefree", "AdamWScheduleFreeReference", lr=0.01,
+                                                        weight_decay=0.1, r=0.5), dict(steps=6, **TRAIN)),
+    ("schedulefree-sgd-reference-warmup", lambda: third("schedulefree", "SGDScheduleFreeReference", lr=0.1,
+                                                        warmup_steps=2), dict(direction_is_gradient=True, steps=6, **TRAIN)),
+    ("schedulefree-sgd-reference-wd", lambda: third("schedulefree", "SGDScheduleFreeReference", lr=0.1,
+                                                    weight_decay=0.1), dict(steps=6, **TRAIN)),
     ("schedulefree-paper-warmup", lambda: third("schedulefree", "AdamWScheduleFreePaper", lr=0.01, warmup_steps=3),
      dict(direction_is_gradient=True, steps=6, **TRAIN)),
     ("schedulefree-paper-wd-r-loop", lambda: third("schedulefree", "AdamWScheduleFreePaper", lr=0.01, weight_decay=0.1,
@@ -119,7 +127,8 @@ def test_identity_against_real_step(case_id, factory, options, dtype):
 
 
 @pytest.mark.parametrize("case_id,dtype", [("po-laprop", "float64"), ("po-laprop", "float32"),
-                                           ("schedulefree-paper-warmup", "float32"), ("dadapt-adan", "float32")])
+                                           ("schedulefree-paper-warmup", "float32"), ("dadapt-adan", "float32"),
+                                           ("schedulefree-adamw-reference-wd-r", "float32")])
 def test_large_tensor_statistics(case_id, dtype):
     """A tensor large enough for the compiled statistics (``lrscope.torch.fused``): the
     formula is traced and compiled, and the report still describes eta."""
@@ -195,9 +204,33 @@ def test_po_lamb_lr_is_its_step_multiplier():
             assert group.lr == pytest.approx(0.01 / (1 - 0.9**t)) and group.lr_source == "lr/(1-beta1**t)"
 
 
+@pytest.mark.parametrize("cls", ["AdamWScheduleFreeReference", "SGDScheduleFreeReference"])
+def test_schedule_free_reference_eval_switch_is_not_an_update(cls):
+    """The reference classes copy x into the parameters in eval mode and y back in train
+    mode: no step is reported, and a report read in eval mode describes the same step."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.nn.Parameter(torch.randn(6, 4, generator=g, dtype=torch.float64))
+    optimizer = getattr(package("schedulefree"), cls)([w], lr=0.01, warmup_steps=2, weight_decay=0.1)
+    optimizer.train()
+    with lrscope.watch(optimizer, findings=False) as monitor:
+        for _ in range(3):
+            w.grad = torch.randn(w.shape, generator=g, dtype=torch.float64)
+            optimizer.step()
+        train = lrscope.inspect(optimizer).groups[0]
+        optimizer.eval()
+        evaluated = lrscope.inspect(optimizer).groups[0]
+        optimizer.train()
+        assert monitor.last.t == 3
+    assert not torch.equal(w.detach(), optimizer.state[w]["x"])  # (x and y differ: the switch moves w)
+    assert evaluated.effective_lr.summary() == pytest.approx(train.effective_lr.summary(), rel=1e-12)
+    assert evaluated.update_norm == pytest.approx(train.update_norm, rel=1e-12)
+
+
 EXPECTED_FAMILY = {"timm-muon": "muon_adamw", "po-muon": "muon_adamw", "dadapt-lion": "dadapt_lion",
                    "dadapt-adan": "dadapt_adan", "po-laprop": "laprop", "po-lamb": "lamb", "po-mars": "mars",
-                   "schedulefree-paper-warmup": "schedule_free"}
+                   "schedulefree-paper-warmup": "schedule_free",
+                   "schedulefree-adamw-reference-warmup": "schedule_free",
+                   "schedulefree-sgd-reference-warmup": "schedule_free"}
 
 
 @pytest.mark.parametrize("case_id,family", sorted(EXPECTED_FAMILY.items()))
@@ -207,8 +240,9 @@ def test_modelled_not_the_fallback(case_id, family):
     assert lrscope.inspect(optimizer).family == family
 
 
-@pytest.mark.parametrize("case_id", ["timm-muon", "po-muon", "dadapt-lion", "dadapt-adan", "po-laprop", "po-lamb", "po-mars",
-                                     "schedulefree-paper-warmup"])
+@pytest.mark.parametrize("case_id", ["timm-muon", "timm-adamuon", "po-muon", "dadapt-lion", "dadapt-adan",
+                                     "po-laprop", "po-lamb", "po-mars", "schedulefree-paper-warmup",
+                                     "schedulefree-adamw-reference-wd-r", "schedulefree-sgd-reference-wd"])
 def test_watch_does_not_change_training(case_id):
     _, factory, _ = next(c for c in CASES if c[0] == case_id)
     assert_watch_does_not_change_training(factory(), ((8, 4), (5,)), steps=6, every=2)
@@ -225,35 +259,32 @@ def test_watch_does_not_change_training(case_id):
     (po("MARS"), "mars_type", "shampoo"),
     (po("Lamb"), "adam", True),
     (third("schedulefree", "AdamWScheduleFreePaper"), "a_new_option", 0.5),
+    (third("schedulefree", "AdamWScheduleFreeReference"), "decay_at_z", True),
 ], ids=["timm-muon-algo", "timm-muon", "po-muon-cautious", "dadapt-lion", "dadapt-adan", "po-laprop-centered",
-        "po-lamb-rectify", "po-mars-shampoo", "po-lamb-adam", "schedulefree-paper"])
+        "po-lamb-rectify", "po-mars-shampoo", "po-lamb-adam", "schedulefree-paper",
+        "schedulefree-reference-decay-at-z"])
 def test_unknown_options_are_reported_not_modelled(factory, key, value):
     assert_unknown_option_reported(factory, key, value, shape=(8, 4))
 
 
 CLOSURE = ["AdamWScheduleFreeClosure", "SGDScheduleFreeClosure", "RAdamScheduleFreeClosure"]
-REFERENCE = ["AdamWScheduleFreeReference", "SGDScheduleFreeReference"]
 
 
-@pytest.mark.parametrize("cls", CLOSURE + REFERENCE)
+@pytest.mark.parametrize("cls", CLOSURE)
 def test_schedule_free_classes_not_modelled_get_the_fallback_with_one_warning(cls):
     """The closure classes (the parameters hold x between steps, the step evaluates the
-    closure at y) and the reference classes (x, y and z kept in the state, the parameters a
-    copy of y, decay at y or z) are not modelled: the measured fallback, its lr the
-    ``scheduled_lr`` they publish, and one warning."""
+    closure at y) are not modelled: the measured fallback, its lr the ``scheduled_lr`` they
+    publish, and one warning."""
     schedulefree = package("schedulefree")
     w = torch.nn.Parameter(torch.randn(4, 3))
     optimizer = getattr(schedulefree, cls)([w], lr=0.01)
     with pytest.warns(RuntimeWarning, match="not a torch.optim optimizer lrscope models exactly") as caught:
         with lrscope.watch(optimizer, empirical=True, findings=False) as monitor:
-            if hasattr(optimizer, "train"):
-                optimizer.train()
             for _ in range(3):
                 def closure():
                     w.grad = torch.randn(4, 3)
                     return 0.0
-                w.grad = torch.randn(4, 3)
-                optimizer.step(closure) if cls in CLOSURE else optimizer.step()
+                optimizer.step(closure)
     assert len([w_ for w_ in caught if "lrscope" in str(w_.message)]) == 1
     group = monitor.last.groups[0]
     assert monitor.last.family is None and math.isnan(group.step_size)

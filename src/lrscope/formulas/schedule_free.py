@@ -12,7 +12,17 @@ lr the step applied, ``group["scheduled_lr"]`` (the group's lr times the linear 
     y    <- lerp(y, z, c_t) + lr * (beta1 * (1 - c_t) - 1) * g_hat
     z    <- z - lr * g_hat
 
-(SGD's ``momentum`` is beta1.)  ``AdamWScheduleFreePaper`` (``bias_correction=False``) takes
+(SGD's ``momentum`` is beta1.)  ``AdamWScheduleFreeReference`` and ``SGDScheduleFreeReference``
+(``reference=True``) keep x, y and z in the state and copy y into the parameters (x in
+eval mode)::
+
+    AdamW: z <- z - lr * wd * y_before;   SGD: g <- g + wd * y_before (in place)
+    z <- z - lr * g / D;   x <- lerp(x, z, c_t);   y <- lerp(z, x, beta1)
+
+with the same eta and d; ``y_before = beta1 * x_before + (1 - beta1) * z_before`` is
+rebuilt from x, z and g after the step (``x_before = (x - c_t * z) / (1 - c_t)``; at
+``c_t = 1``, the first step, x, y and z were equal), and ``delta = y - y_before``.  Their
+decay at z (``decay_at_z``) is not modelled.  ``AdamWScheduleFreePaper`` (``bias_correction=False``) takes
 ``D = sqrt(v) + eps`` and folds the correction into its lr: ``scheduled_lr`` is the warmed-up
 lr times ``sqrt(1 - beta2**t)``, and its step size is that lr.  eta and d describe the z-sequence (``IDENTITY_STATE``),
 decay counted on the parameters y before the step::
@@ -91,7 +101,8 @@ IDENTITY_STATE = "z"
 DEFAULTS: dict[str, dict[str, Any]] = {
     # ``bias_correction=False``: AdamWScheduleFreePaper's D = sqrt(v) + eps (module docstring).
     "torch": {"lr": 0.0025, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
-              "ckp1": 1.0, "adaptive": True, "train_mode": True, "bias_correction": True},
+              "ckp1": 1.0, "adaptive": True, "train_mode": True, "bias_correction": True,
+              "reference": False},
     # keras.optimizers.ScheduleFreeAdamW: ``scheduled_lr`` is lr_t as the step rounded it
     # (None: computed), ``aliased_z`` the TensorFlow/torch reading of z (module docstring).
     "keras": {"lr": 0.0025, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
@@ -130,6 +141,8 @@ def elementwise(
         return _keras_elementwise(xp, state, t, h)
     if convention == "optax":
         return _optax_elementwise(xp, state, t, h)
+    if h["reference"]:
+        return _reference_elementwise(xp, state, t, h)
     lr, ckp1 = per_step(state, h, "lr"), per_step(state, h, "ckp1")
     g_hat, z, y = state["grad"], state["z"], state["param"]
     if not h["train_mode"]:  # the parameters hold x
@@ -153,6 +166,28 @@ def elementwise(
     direction = (g_hat - wd * y_before) * denom if wd else g_hat * denom
     return Elementwise(eta=lr / denom, direction=direction, decay_rate=decay_rate(h, lr),
                        eps_dominated=eps_dominated, delta=y - y_before)
+
+
+def _reference_elementwise(xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any]) -> Elementwise:
+    """The reference classes' z-step, with ``y_before`` rebuilt from x, z and g after it."""
+    lr, ckp1, beta1, wd = per_step(state, h, "lr"), per_step(state, h, "ckp1"), h["beta1"], h["weight_decay"]
+    x, z, grad = state["x"], state["z"], state["grad"]
+    eps_dominated, denom = None, 1.0
+    if h["adaptive"]:
+        root = xp.sqrt(state["exp_avg_sq"] / (1 - h["beta2"] ** t))
+        denom, eps_dominated = root + h["eps"], root < h["eps"]
+    moved = z + lr * grad / denom  # z before the step, but for AdamW's decay (SGD's is in grad)
+    shrink = 1.0 if not h["adaptive"] else 1 - lr * wd
+    first = moved / shrink  # ckp1 = 1: x, y and z started equal
+    x_before = (x - ckp1 * z) / (1 - ckp1 + (ckp1 == 1))
+    later = (beta1 * x_before + (1 - beta1) * moved) / (1 - (1 - beta1) * (1 - shrink))
+    if isinstance(ckp1, (int, float)):
+        y_before = first if ckp1 == 1 else later
+    else:  # a traced scalar: no branch on its value
+        y_before = xp.where(ckp1 == 1, first, later)
+    direction = grad if h["adaptive"] else grad - wd * y_before  # (SGD's grad holds the decay)
+    return Elementwise(eta=lr / denom, direction=direction, decay_rate=lr * wd, eps_dominated=eps_dominated,
+                       delta=state["y"] - y_before)
 
 
 def keras_lr(t: Any, h: Mapping[str, Any], state: Mapping[str, Any] | None = None) -> Any:

@@ -104,7 +104,8 @@ def dadapt_adan_scalars(step: registry.GroupStep) -> dict[str, Any]:
 
 def schedule_free_scalars(kind: str) -> Callable[[registry.GroupStep], dict[str, Any]]:
     """The hook of ``AdamWScheduleFree`` (``"adamw"``), ``AdamWScheduleFreePaper``
-    (``"paper"``), ``SGDScheduleFree`` (``"sgd"``) or ``RAdamScheduleFree`` (``"radam"``)."""
+    (``"paper"``), ``SGDScheduleFree`` (``"sgd"``), ``RAdamScheduleFree`` (``"radam"``) or
+    the reference classes (``"adamw-reference"``, ``"sgd-reference"``)."""
 
     def scalars(step: registry.GroupStep) -> dict[str, Any]:
         group = step.after
@@ -114,13 +115,14 @@ def schedule_free_scalars(kind: str) -> Callable[[registry.GroupStep], dict[str,
             ckp1 = weight / group["weight_sum"]
         except ZeroDivisionError:
             ckp1 = 0
-        if kind == "sgd":
+        if kind.startswith("sgd"):
             beta1, beta2, adaptive = group["momentum"], 0.0, False
         else:
             beta1, beta2 = group["betas"]
-            adaptive = kind in ("adamw", "paper") or _rectified(beta2, t)
+            adaptive = kind != "radam" or _rectified(beta2, t)
         return {"lr": group["scheduled_lr"], "ckp1": ckp1, "betas": (beta1, beta2), "adaptive": adaptive,
-                "train_mode": group["train_mode"], "bias_correction": kind != "paper"}
+                "train_mode": group["train_mode"], "bias_correction": kind != "paper",
+                "reference": kind.endswith("reference")}
 
     return scalars
 
@@ -181,10 +183,11 @@ def register_builtin() -> None:
                       state=keep("exp_avg", "exp_avg_diff", "exp_avg_sq"), neutral=_D_NEUTRAL, counter="k",
                       lr_source="lr of the first group")
     for qualname, kind in (("AdamWScheduleFree", "adamw"), ("AdamWScheduleFreePaper", "paper"),
-                           ("SGDScheduleFree", "sgd"), ("RAdamScheduleFree", "radam")):
+                           ("AdamWScheduleFreeReference", "adamw-reference"), ("SGDScheduleFree", "sgd"),
+                           ("SGDScheduleFreeReference", "sgd-reference"), ("RAdamScheduleFree", "radam")):
         registry.register(f"schedulefree:{qualname}", "schedule_free", scalars=schedule_free_scalars(kind),
-                          state=keep("z", "exp_avg_sq"), counter="k", lr_source="scheduled_lr",
-                          neutral=_SCHEDULE_FREE_NEUTRAL + (("momentum",) if kind == "sgd" else ())
+                          state=keep("z", "exp_avg_sq", "x", "y"), counter="k", lr_source="scheduled_lr",
+                          neutral=_SCHEDULE_FREE_NEUTRAL + (("momentum",) if kind.startswith("sgd") else ())
                           + (("silent_sgd_phase",) if kind == "radam" else ()))
     variants.register()  # Lion and the Adam variants of timm, pytorch_optimizer, lion-pytorch
     bnb.register()  # bitsandbytes' Adam, AdamW, Lion and AdEMAMix
