@@ -50,8 +50,8 @@ SIZES = (2, BLOCK, BLOCK + 1, 2 * BLOCK + 904, 1)
 @pytest.fixture
 def triton_path(monkeypatch):
     """The kernel for this machine's tensors (CPU ones through the interpreter), the eager
-    device path as the reference, no kernel kept from another test.  Yields the tensors
-    each launch measured."""
+    device path as the reference, no kernel kept from another test.  Returns the list of
+    the number of tensors each launch measured."""
     if not ON_GPU:
         monkeypatch.setattr(triton_kernel, "DEVICE_TYPES", ("cpu",))
         monkeypatch.setattr(torch_stats, "on_host", lambda device: False)
@@ -59,6 +59,7 @@ def triton_path(monkeypatch):
     monkeypatch.delenv("LRSCOPE_FUSED", raising=False)
     launches = []
     launch = triton_kernel.Compiled.launch
+
     def counted(self, items, finite_only):
         launches.append(len(items))
         return launch(self, items, finite_only)

@@ -22,6 +22,13 @@ copies it without synchronising; the result is each tensor's packed vector (buck
 then ``report.STATISTICS``) for ``stats.to_host``'s one transfer.  Extra memory: that
 table and an int32 row of bucket counts per tensor, whatever the tensors' sizes.
 
+Why Triton: it ships with PyPI's CUDA builds of torch and compiles at run time (a CUDA C
+extension would need a compiler where lrscope is installed); its interpreter runs the same
+kernel on CPU tensors, so CI checks the GPU arithmetic; and unlike ``torch.compile`` of the
+eager statistics it does all of them in one pass, histogram included, for tensors of any
+shapes without guards or recompilation.  The address table, rather than concatenating the
+tensors as ``small`` does, keeps the extra memory fixed.
+
 Used for CUDA tensors of more than one element with float32/float64 state when triton is
 installed (``LRSCOPE_FUSED=0`` switches it off with the CPU kernel); a formula the
 generator cannot translate (or that fails to compile) warns once and stays eager.  Tested
