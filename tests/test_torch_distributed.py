@@ -2,7 +2,8 @@
 
 Each rank watches its own optimizer and reports its shards, with no communication; the
 ranks' sketches and norms together equal those of the same training unsharded.  (The
-default, whole-model reports on rank 0, is tested in test_torch_ranks.py.)
+default, whole-model reports on rank 0, is tested in test_torch_ranks.py.)  In the same
+processes: Muon and Adafactor, whose formulas need whole tensors, on FSDP2 shards.
 """
 
 from __future__ import annotations
@@ -58,9 +59,37 @@ def _rank(rank: int, port: int, out: str) -> None:
             _train(model, optimizer)
         shards = {name: p.to_local().numel() for name, p in model.named_parameters()}
         with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
-            json.dump({"report": monitor.last.to_dict(), "shards": shards}, handle)
+            json.dump({"report": monitor.last.to_dict(), "shards": shards, **_whole_tensor_families(mesh)},
+                      handle)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _whole_tensor_families(mesh) -> dict:
+    """Muon and Adafactor, whose formulas need whole tensors, on FSDP2 shards: Muon's report
+    (whole-model, rank 0's) and what torch's Adafactor does."""
+    from torch.distributed.fsdp import fully_shard
+
+    def sharded():
+        model = _model()
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    model = sharded()
+    muon = torch.optim.Muon([model[0].weight, model[2].weight], lr=1e-2, weight_decay=0.1,
+                            adjust_lr_fn="match_rms_adamw")
+    with lrscope.watch(muon, model=model, findings=False) as monitor:
+        _train(model, muon)
+    model = sharded()
+    adafactor = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    try:
+        _train(model, adafactor, steps=1)
+        refused = None
+    except RuntimeError as error:
+        refused = str(error)
+    return {"muon": monitor.last.to_dict(), "adafactor_refused": refused}
 
 
 def _free_port() -> int:
@@ -69,9 +98,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fsdp2_ranks_report_their_shards_and_together_the_whole(tmp_path):
-    torch.multiprocessing.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    torch.multiprocessing.spawn(_rank, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def test_fsdp2_ranks_report_their_shards_and_together_the_whole(ranks):
 
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -99,3 +133,21 @@ def test_fsdp2_ranks_report_their_shards_and_together_the_whole(tmp_path):
         for norm in ("update_norm", "param_norm"):
             together = math.sqrt(sum(r[norm] ** 2 for r in records))
             assert together == pytest.approx(getattr(param, norm), rel=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_muon_and_adafactor_on_fsdp2_shards(ranks):
+    """Muon's eta needs the whole matrix's shape and its update the whole matrix's Newton-Schulz:
+    on shards the distributions are skipped with the reason, the scalars and the model's names
+    and global shapes reported.  torch's own Adafactor does not step DTensors (torch 2.13):
+    docs/distributed.md says so; when this changes, model its factored statistics here."""
+    rank0 = ranks[0]
+    muon = rank0["muon"]
+    assert muon["t"] == 3 and "group pg0: muon needs whole tensors, and its parameters are sharded " \
+        "(DTensor): distributions skipped" in muon["notes"]
+    group = muon["groups"][0]
+    assert group["lr"] == 1e-2 and group["weight_decay_rate"] == pytest.approx(1e-2 * 0.1)
+    assert {name: p["shape"] for name, p in group["params"].items()} == {"0.weight": [64, 8], "2.weight": [4, 64]}
+    assert all(p["effective_lr"] is None for p in group["params"].values())
+    refused = rank0["adafactor_refused"]
+    assert refused is not None and "in-place operations that require placement changes" in refused
