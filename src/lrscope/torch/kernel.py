@@ -14,7 +14,9 @@ Per-step values (t, lr, beta powers) are arguments, the other hyperparameters co
 a new step or lr compiles nothing, a new family, option set or dtype compiles once (about
 a second).  The elementwise arithmetic is the formula's, operation by operation in the
 dtype torch computes it in; the reductions are reordered (``fastmath`` reassociation, so
-that they vectorise) and accumulated in float64.
+that they vectorise), summed per block in the values' own dtype (in float32 as torch's own
+float32 reductions are: about a tenth of the kernel's time saved against float64 sums)
+and over the blocks in float64.
 
 >>> import torch
 >>> def formula(view):   # eta = lr / (sqrt(v) + eps), no update
@@ -78,15 +80,23 @@ def kernel({arguments}, counts, out):
         end = min(begin + BLOCK, a0.size)
 {slices}
         block_eps = np.int32(0)
+        block_total = {eta_type}(0)
+        block_squares = {eta_type}(0)
+        block_update = {update_type}(0)
+        block_param = {theta_type}(0)
         for i in range(a0_block.size):
 {body}
             block[i] = eta
-            total += np.float64(eta)
-            squares += np.float64(eta) * np.float64(eta)
+            block_total += eta
+            block_squares += eta * eta
             block_eps += np.int32(eps)
-            update_squared += np.float64(update) * np.float64(update)
-            param_squared += np.float64(theta) * np.float64(theta)
+            block_update += update * update
+            block_param += theta * theta
         eps_count += block_eps
+        total += np.float64(block_total)
+        squares += np.float64(block_squares)
+        update_squared += np.float64(block_update)
+        param_squared += np.float64(block_param)
         for i in range(a0_block.size):  # extremes of the float bits read as ordered integers
             b = bits[i]
             key = b ^ ((b >> {sign_shift}) & {key_max})
@@ -264,7 +274,7 @@ class Kernel:
         translation.per_element("update", update, update.meta["val"].dtype)
         translation.per_element("theta", theta, theta.meta["val"].dtype)
         translation.per_element("eps", eps[0] if eps else False, torch.bool)
-        source = _source(translation, eta_dtype)
+        source = _source(translation, eta_dtype, update.meta["val"].dtype, theta.meta["val"].dtype)
         return cls(_compile(source), source, translation.arrays, list(scalars), bool(eps))
 
     def run(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any], counts: np.ndarray,
@@ -275,7 +285,8 @@ class Kernel:
                       counts, out)
 
 
-def _source(translation: _Translation, eta_dtype: torch.dtype) -> str:
+def _source(translation: _Translation, eta_dtype: torch.dtype, update_dtype: torch.dtype,
+            theta_dtype: torch.dtype) -> str:
     """``_KERNEL_TEMPLATE`` around the translated formula."""
     wide = eta_dtype == torch.float64  # then the buckets come from a float32 copy of the block
     return _KERNEL_TEMPLATE.format(
@@ -284,6 +295,7 @@ def _source(translation: _Translation, eta_dtype: torch.dtype) -> str:
         key_max="np.int64(0x7FFFFFFFFFFFFFFF)" if wide else "np.int32(0x7FFFFFFF)",
         key_min="np.int64(-0x8000000000000000)" if wide else "np.int32(-0x80000000)",
         sign_shift=63 if wide else 31, eta_type=_NUMPY_TYPE[eta_dtype],
+        update_type=_NUMPY_TYPE[update_dtype], theta_type=_NUMPY_TYPE[theta_dtype],
         int_type="np.int64" if wide else "np.int32",
         keys_setup=("    narrow = np.empty(BLOCK, np.float32)\n    keys = narrow.view(np.uint32)" if wide
                     else "    keys = block.view(np.uint32)"),
