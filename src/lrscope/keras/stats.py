@@ -3,7 +3,7 @@
 Per variable: float32 bit buckets of eta (``mapping``) counted with ``bincount``, exact
 finite min/max/sum/sum of squares, the eps-dominated count and the update and parameter
 squared norms.  Elementwise families are processed in chunks of ``CHUNK_ELEMENTS`` so
-temporary memory stays bounded whatever the variable size; ``to_host`` moves the
+temporary memory stays bounded whatever the variable size; ``collect_stacked`` moves the
 statistics of every variable of a step in two transfers (two more for the variables
 holding NaN/Inf, which are measured again with masking).
 """
@@ -27,17 +27,17 @@ CHUNK_ELEMENTS = 1 << 20
 _MASK = mapping.FLOAT32_BUCKETS - 1
 
 
-def chunks(size: int, chunkable: bool) -> list[slice | None]:
-    """Flat slices covering ``size`` elements, or ``[None]`` (the whole tensor at once).
+def chunks(size: int, chunkable: bool, limit: int | None = None) -> list[slice | None]:
+    """Flat slices of at most ``limit`` (default ``CHUNK_ELEMENTS``) covering ``size``
+    elements, or ``[None]`` (the whole tensor at once).
 
     >>> chunks(10, chunkable=False), len(chunks(3 * CHUNK_ELEMENTS + 1, chunkable=True))
     ([None], 4)
     """
-    if not chunkable or size <= CHUNK_ELEMENTS:
+    limit = limit or CHUNK_ELEMENTS
+    if not chunkable or size <= limit:
         return [None]
-    return [
-        slice(start, min(start + CHUNK_ELEMENTS, size)) for start in range(0, size, CHUNK_ELEMENTS)
-    ]
+    return [slice(start, min(start + limit, size)) for start in range(0, size, limit)]
 
 
 def _squares(x: Any, dtype: str) -> Any:
@@ -60,6 +60,17 @@ def _extremes(values: Any, finite_only: bool) -> list[Any]:
     ]
 
 
+def _bucket_counts(keys: Any) -> Any:
+    """How many of ``keys`` fall in each of the ``FLOAT32_BUCKETS`` buckets.  On TensorFlow
+    a ``DenseBincount`` of that fixed size: ``keras.ops.bincount`` (``tf.math.bincount``)
+    first reduces the keys' maximum for its output size, one more pass over the chunk."""
+    if keras.backend.backend() != "tensorflow":
+        return ops.bincount(keys, minlength=mapping.FLOAT32_BUCKETS)
+    import tensorflow as tf
+
+    return tf.raw_ops.DenseBincount(input=keys, size=mapping.FLOAT32_BUCKETS, weights=tf.zeros([0], tf.int32))
+
+
 def chunk_statistics(eta: Any, direction: Any, decay_rate: Any, eps_dominated: Any, param: Any,
                       with_update: bool, dtype: str, finite_only: bool, delta: Any = None) -> tuple[Any, Any]:
     """(bucket counts, packed scalars) of eta over ``param`` (a tensor or a flat chunk),
@@ -70,8 +81,7 @@ def chunk_statistics(eta: Any, direction: Any, decay_rate: Any, eps_dominated: A
     same = eta if eta.dtype == direction.dtype else ops.cast(eta, direction.dtype)
     el = Elementwise(same, direction, decay_rate, eps_dominated, delta)
     bits = ops.view(ops.cast(eta, "float32"), "int32")
-    keys = ops.reshape(ops.bitwise_and(ops.right_shift(bits, mapping.FLOAT32_SHIFT), _MASK), [-1])
-    counts = ops.bincount(keys, minlength=mapping.FLOAT32_BUCKETS)
+    counts = _bucket_counts(ops.reshape(ops.bitwise_and(ops.right_shift(bits, mapping.FLOAT32_SHIFT), _MASK), [-1]))
     values = ops.cast(eta, dtype)
     absent = ops.convert_to_tensor(-1.0, dtype=dtype)
     eps = absent if eps_dominated is None else ops.sum(ops.cast(eps_dominated, dtype))
@@ -192,20 +202,35 @@ def combine(parts: list[tuple[Any, Any]]) -> tuple[Any, Any]:
     return counts, scalars
 
 
-def to_host(stats: list[tuple[Any, Any]]) -> list[tuple[Distribution, float | None, float]]:
-    """``(effective lr Distribution, update norm or None, param norm)`` per variable."""
-    if not stats:
-        return []
-    counts = ops.convert_to_numpy(ops.stack([c for c, _ in stats])).astype(np.int64)
-    scalars = ops.convert_to_numpy(ops.stack([s for _, s in stats])).astype(np.float64)
+def to_host(counts: Any, scalars: Any) -> list[tuple[Distribution, float | None, float]]:
+    """``(effective lr Distribution, update norm or None, param norm)`` per row of the
+    stacked bucket ``counts`` and packed ``scalars`` (moved to the host once each)."""
+    counts = ops.convert_to_numpy(counts).astype(np.int64)
+    scalars = ops.convert_to_numpy(scalars).astype(np.float64)
     return [decode_statistics(row_counts, row) for row_counts, row in zip(counts, scalars)]
 
 
-def collect(measures: list[Callable[[bool], tuple[Any, Any]]]) -> list[tuple[Distribution, float | None, float]]:
-    """Every ``measure(finite_only)`` (a ``reduce``) on the fast path, moved to the host
-    together; the variables that turn out to hold NaN/Inf are measured again with masking."""
-    out = to_host([measure(False) for measure in measures])
+def collect_stacked(measure: Callable[[list[int], bool], tuple[Any, Any]],
+                    n: int) -> list[tuple[Distribution, float | None, float]]:
+    """The statistics of ``n`` variables from ``measure(indices, finite_only)``, their
+    stacked (bucket counts, packed scalars): all of them on the fast path, then those that
+    turn out to hold NaN/Inf again with masking."""
+    if not n:
+        return []
+    out = to_host(*measure(list(range(n)), False))
     redo = [i for i, (dist, _, _) in enumerate(out) if needs_masked_redo(dist)]
-    for i, masked in zip(redo, to_host([measures[i](True) for i in redo])):
-        out[i] = masked
+    if redo:
+        for i, masked in zip(redo, to_host(*measure(redo, True))):
+            out[i] = masked
     return out
+
+
+def collect(measures: list[Callable[[bool], tuple[Any, Any]]]) -> list[tuple[Distribution, float | None, float]]:
+    """Every ``measure(finite_only)`` (a ``reduce``), moved to the host together, as
+    ``collect_stacked``."""
+
+    def stacked(indices: list[int], finite_only: bool) -> tuple[Any, Any]:
+        stats = [measures[i](finite_only) for i in indices]
+        return ops.stack([c for c, _ in stats]), ops.stack([s for _, s in stats])
+
+    return collect_stacked(stacked, len(measures))
