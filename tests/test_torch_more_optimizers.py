@@ -21,6 +21,7 @@ torch = require("torch")
 import lrscope  # noqa: E402
 import lrscope.torch  # noqa: E402,F401
 from lrscope.testing import check_identity  # noqa: E402
+from lrscope.torch.reader import TorchReader  # noqa: E402
 
 pytestmark = FILTERS
 
@@ -267,26 +268,61 @@ def test_unknown_options_are_reported_not_modelled(factory, key, value):
     assert_unknown_option_reported(factory, key, value, shape=(8, 4))
 
 
-CLOSURE = ["AdamWScheduleFreeClosure", "SGDScheduleFreeClosure", "RAdamScheduleFreeClosure"]
+CLOSURE_CASES = [
+    ("AdamWScheduleFreeClosure", dict(lr=0.01, warmup_steps=3, weight_decay=0.1, r=0.5)),
+    ("AdamWScheduleFreeClosure", dict(lr=0.01, foreach=False)),
+    ("SGDScheduleFreeClosure", dict(lr=0.1, warmup_steps=2, weight_decay=0.1)),
+    ("RAdamScheduleFreeClosure", dict(lr=0.01, weight_decay=0.1)),  # the silent SGD phase, then Adam steps
+]
 
 
-@pytest.mark.parametrize("cls", CLOSURE)
-def test_schedule_free_classes_not_modelled_get_the_fallback_with_one_warning(cls):
-    """The closure classes (the parameters hold x between steps, the step evaluates the
-    closure at y) are not modelled: the measured fallback, its lr the ``scheduled_lr`` they
-    publish, and one warning."""
-    schedulefree = package("schedulefree")
-    w = torch.nn.Parameter(torch.randn(4, 3))
-    optimizer = getattr(schedulefree, cls)([w], lr=0.01)
-    with pytest.warns(RuntimeWarning, match="not a torch.optim optimizer lrscope models exactly") as caught:
-        with lrscope.watch(optimizer, empirical=True, findings=False) as monitor:
-            for _ in range(3):
-                def closure():
-                    w.grad = torch.randn(4, 3)
-                    return 0.0
-                optimizer.step(closure)
-    assert len([w_ for w_ in caught if "lrscope" in str(w_.message)]) == 1
-    group = monitor.last.groups[0]
-    assert monitor.last.family is None and math.isnan(group.step_size)
-    assert group.lr == optimizer.param_groups[0]["scheduled_lr"] and group.lr_source == "scheduled_lr"
-    assert group.update_norm is not None  # measured (empirical=True)
+def _assert_close(actual, expected, atol, relative, what):
+    actual, expected = actual.double(), torch.as_tensor(expected).double().expand_as(actual)
+    error = (actual - expected).abs().max().item()
+    assert error <= atol + relative * actual.abs().max().item(), f"{what}: max error {error:.3g}"
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("cls,options", CLOSURE_CASES, ids=["adamw-warmup-wd-r", "adamw-loop", "sgd", "radam"])
+def test_schedule_free_closure_identity_against_real_step(cls, options, dtype):
+    """The closure classes hold x between steps and evaluate the closure at y, so
+    ``check_identity`` (which steps without a closure) cannot drive them: the same checks by
+    hand.  From snapshots of x and z before each step, ``z - z_before = -eta * d - lr * wd *
+    y_before`` with ``y_before = lerp(x_before, z_before, 1 - beta1)``; x's change is the
+    update lrscope rebuilds without a copy; the report's eta is the formula's."""
+    dt = getattr(torch, dtype)
+    ulp, relative = torch.finfo(dt).eps, (1e-12 if dt == torch.float64 else 1e-5)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=g, dtype=dt)) for shape in ((4, 3), (5,), ())]
+    optimizer = getattr(package("schedulefree"), cls)(params, **options)
+    group = optimizer.param_groups[0]
+    beta1 = group["betas"][0] if "betas" in group else group["momentum"]
+    reader = TorchReader(optimizer)
+    with lrscope.watch(optimizer, findings=False) as monitor:
+        for step in range(1, 9):
+            noise = [torch.randn(p.shape, generator=g, dtype=dt) for p in params]
+
+            def closure():
+                for p, n in zip(params, noise):
+                    p.grad = n.clone()
+                return 0.0
+
+            x_before = [p.detach().clone() for p in params]
+            z_before = [optimizer.state.get(p, {}).get("z", p).detach().clone() for p in params]
+            pending = reader.begin(step, True)
+            optimizer.step(closure)
+            elements = dict(reader.elementwise(pending))
+            report = monitor.last
+            assert report.t == step and report.family == "schedule_free"
+            assert not [n for n in report.notes if "not modelled" in n or "unknown" in n]
+            for i, p in enumerate(params):
+                el, where = elements[f"param{i}"], f"step {step} param{i}"
+                scale = max(x_before[i].abs().max().item(), z_before[i].abs().max().item())
+                y_before = x_before[i] + (1 - beta1) * (z_before[i] - x_before[i])
+                _assert_close(optimizer.state[p]["z"] - z_before[i], -el.eta * el.direction - el.decay_rate * y_before,
+                              4 * ulp * scale, relative, f"{where}: z - z_before != -eta * d - decay")
+                _assert_close(p.detach() - x_before[i], el.update(p.detach()), 8 * ulp * scale, relative,
+                              f"{where}: the update rebuilt without a copy")
+                eta = report.groups[0].params[f"param{i}"].effective_lr
+                exact = torch.as_tensor(el.eta).double().expand(p.shape)
+                assert eta.count == p.numel() and eta.max == pytest.approx(exact.max().item(), rel=1e-6)

@@ -254,11 +254,11 @@ def test_unknown_options_are_reported_not_modelled(factory, key, value):
     assert_unknown_option_reported(factory(), key, value)
 
 
-def test_closure_variants_and_wrapper_are_not_modelled():
-    """The closure-based schedule-free classes hold x between steps: not modelled (the
-    fallback reports the lr they publish), never mistaken for the modelled ones."""
+def test_schedule_free_wrapper_is_refused_with_a_clear_error():
+    """``ScheduleFreeWrapper`` wraps a torch optimizer without being one: ``watch`` refuses
+    it (a TypeError naming what it takes), it is never read as its base optimizer."""
     schedulefree = package("schedulefree")
     w = torch.nn.Parameter(torch.randn(3))
-    assert registry.model_for(schedulefree.AdamWScheduleFreeClosure) is None
-    assert registry.model_for(schedulefree.AdamWScheduleFree).family == "schedule_free"
-    assert lrscope.inspect(schedulefree.AdamWScheduleFreeClosure([w])).family is None
+    for wrapper in (schedulefree.ScheduleFreeWrapper, schedulefree.ScheduleFreeWrapperReference):
+        with pytest.raises(TypeError, match="pass a torch.optim.Optimizer"):
+            lrscope.watch(wrapper(torch.optim.SGD([w], lr=0.1)))

@@ -22,7 +22,13 @@ eval mode)::
 with the same eta and d; ``y_before = beta1 * x_before + (1 - beta1) * z_before`` is
 rebuilt from x, z and g after the step (``x_before = (x - c_t * z) / (1 - c_t)``; at
 ``c_t = 1``, the first step, x, y and z were equal), and ``delta = y - y_before``.  Their
-decay at z (``decay_at_z``) is not modelled.  ``AdamWScheduleFreePaper`` (``bias_correction=False``) takes
+decay at z (``decay_at_z``) is not modelled.  The closure classes (``closure=True``:
+``AdamWScheduleFreeClosure``, ``SGDScheduleFreeClosure``, ``RAdamScheduleFreeClosure``) keep
+x in the parameters between steps; their step moves them to ``y = lerp(x, z, 1 - beta1)``,
+evaluates the closure there, takes the same z-step (``g_hat`` written over the gradient)
+and sets ``x <- lerp(x_before, z, c_t)``: eta and d as above, the decay ``lr * wd`` of
+``y_before`` (not of the parameters), ``delta = x - x_before`` with ``x_before = (x - c_t *
+z) / (1 - c_t)`` (``z_before`` at ``c_t = 1``).  ``AdamWScheduleFreePaper`` (``bias_correction=False``) takes
 ``D = sqrt(v) + eps`` and folds the correction into its lr: ``scheduled_lr`` is the warmed-up
 lr times ``sqrt(1 - beta2**t)``, and its step size is that lr.  eta and d describe the z-sequence (``IDENTITY_STATE``),
 decay counted on the parameters y before the step::
@@ -102,7 +108,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # ``bias_correction=False``: AdamWScheduleFreePaper's D = sqrt(v) + eps (module docstring).
     "torch": {"lr": 0.0025, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
               "ckp1": 1.0, "adaptive": True, "train_mode": True, "bias_correction": True,
-              "reference": False},
+              "reference": False, "closure": False},
     # keras.optimizers.ScheduleFreeAdamW: ``scheduled_lr`` is lr_t as the step rounded it
     # (None: computed), ``aliased_z`` the TensorFlow/torch reading of z (module docstring).
     "keras": {"lr": 0.0025, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
@@ -143,6 +149,8 @@ def elementwise(
         return _optax_elementwise(xp, state, t, h)
     if h["reference"]:
         return _reference_elementwise(xp, state, t, h)
+    if h["closure"]:
+        return _closure_elementwise(xp, state, t, h)
     lr, ckp1 = per_step(state, h, "lr"), per_step(state, h, "ckp1")
     g_hat, z, y = state["grad"], state["z"], state["param"]
     if not h["train_mode"]:  # the parameters hold x
@@ -188,6 +196,26 @@ def _reference_elementwise(xp: Any, state: Mapping[str, Any], t: Any, h: Mapping
     direction = grad if h["adaptive"] else grad - wd * y_before  # (SGD's grad holds the decay)
     return Elementwise(eta=lr / denom, direction=direction, decay_rate=lr * wd, eps_dominated=eps_dominated,
                        delta=state["y"] - y_before)
+
+
+def _closure_elementwise(xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any]) -> Elementwise:
+    """The closure classes' z-step; the parameters hold x (``delta`` is x's change), and
+    the decay acts on ``y_before = lerp(x_before, z_before, 1 - beta1)``."""
+    lr, ckp1, beta1, wd = per_step(state, h, "lr"), per_step(state, h, "ckp1"), h["beta1"], h["weight_decay"]
+    g_hat, z, x = state["grad"], state["z"], state["param"]
+    z_before = z + lr * g_hat
+    rebuilt = (x - ckp1 * z) / (1 - ckp1 + (ckp1 == 1))
+    if isinstance(ckp1, (int, float)):
+        x_before = z_before if ckp1 == 1 else rebuilt  # ckp1 = 1: the first step, z a copy of x
+    else:  # a traced scalar: no branch on its value
+        x_before = xp.where(ckp1 == 1, z_before, rebuilt)
+    y_before = x_before + (1 - beta1) * (z_before - x_before)
+    eps_dominated, denom = None, 1.0
+    if h["adaptive"]:
+        root = xp.sqrt(state["exp_avg_sq"] / (1 - h["beta2"] ** t))
+        denom, eps_dominated = root + h["eps"], root < h["eps"]
+    return Elementwise(eta=lr / denom, direction=(g_hat - wd * y_before) * denom, decay_rate=lr * wd,
+                       eps_dominated=eps_dominated, delta=x - x_before)
 
 
 def keras_lr(t: Any, h: Mapping[str, Any], state: Mapping[str, Any] | None = None) -> Any:

@@ -105,7 +105,7 @@ def dadapt_adan_scalars(step: registry.GroupStep) -> dict[str, Any]:
 def schedule_free_scalars(kind: str) -> Callable[[registry.GroupStep], dict[str, Any]]:
     """The hook of ``AdamWScheduleFree`` (``"adamw"``), ``AdamWScheduleFreePaper``
     (``"paper"``), ``SGDScheduleFree`` (``"sgd"``), ``RAdamScheduleFree`` (``"radam"``) or
-    the reference classes (``"adamw-reference"``, ``"sgd-reference"``)."""
+    the reference and closure classes (``"adamw-reference"``, ``"sgd-closure"``, ...)."""
 
     def scalars(step: registry.GroupStep) -> dict[str, Any]:
         group = step.after
@@ -119,10 +119,10 @@ def schedule_free_scalars(kind: str) -> Callable[[registry.GroupStep], dict[str,
             beta1, beta2, adaptive = group["momentum"], 0.0, False
         else:
             beta1, beta2 = group["betas"]
-            adaptive = kind != "radam" or _rectified(beta2, t)
+            adaptive = not kind.startswith("radam") or _rectified(beta2, t)
         return {"lr": group["scheduled_lr"], "ckp1": ckp1, "betas": (beta1, beta2), "adaptive": adaptive,
-                "train_mode": group["train_mode"], "bias_correction": kind != "paper",
-                "reference": kind.endswith("reference")}
+                "train_mode": group.get("train_mode", True), "bias_correction": kind != "paper",
+                "reference": kind.endswith("reference"), "closure": kind.endswith("closure")}
 
     return scalars
 
@@ -184,11 +184,13 @@ def register_builtin() -> None:
                       lr_source="lr of the first group")
     for qualname, kind in (("AdamWScheduleFree", "adamw"), ("AdamWScheduleFreePaper", "paper"),
                            ("AdamWScheduleFreeReference", "adamw-reference"), ("SGDScheduleFree", "sgd"),
-                           ("SGDScheduleFreeReference", "sgd-reference"), ("RAdamScheduleFree", "radam")):
+                           ("SGDScheduleFreeReference", "sgd-reference"), ("RAdamScheduleFree", "radam"),
+                           ("AdamWScheduleFreeClosure", "adamw-closure"), ("SGDScheduleFreeClosure", "sgd-closure"),
+                           ("RAdamScheduleFreeClosure", "radam-closure")):
         registry.register(f"schedulefree:{qualname}", "schedule_free", scalars=schedule_free_scalars(kind),
                           state=keep("z", "exp_avg_sq", "x", "y"), counter="k", lr_source="scheduled_lr",
                           neutral=_SCHEDULE_FREE_NEUTRAL + (("momentum",) if kind.startswith("sgd") else ())
-                          + (("silent_sgd_phase",) if kind == "radam" else ()))
+                          + (("silent_sgd_phase",) if kind.startswith("radam") else ()))
     variants.register()  # Lion and the Adam variants of timm, pytorch_optimizer, lion-pytorch
     bnb.register()  # bitsandbytes' Adam, AdamW, Lion and AdEMAMix
     muons.register()  # timm's and pytorch_optimizer's Muon
