@@ -27,7 +27,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from lrscope.formulas import adan
 from lrscope.formulas._common import Elementwise
+from lrscope.formulas.dadapt_adagrad import step_sizes  # d * lr, d, d_next
 
 NAMES = ("dadapt_adan",)
 STEP_SCALARS = ("step_size",)
@@ -40,15 +42,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def step_sizes(xp: Any, t: Any, h: Mapping[str, Any], convention: str) -> dict[str, Any]:
-    """``step_size = d * lr``, ``d``, ``d_next``."""
-    return {"step_size": h["d"] * h["lr"], "d": h["d"], "d_next": h["d_next"]}
-
-
 def decay_rate(h: Mapping[str, Any], step_size: Any) -> Any:
     """``dlr * wd`` (``no_prox``), else ``r / (1 + r)`` for the proximal ``theta / (1 + r)``."""
-    rate = step_size * h["weight_decay"]
-    return rate if h["no_prox"] else rate / (1 + rate)
+    return adan.decay_rate({"lr": step_size, "weight_decay": h["weight_decay"], "no_prox": h["no_prox"]})
 
 
 def elementwise(

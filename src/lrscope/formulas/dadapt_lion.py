@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from lrscope.formulas._common import Elementwise
+from lrscope.formulas.dadapt_adagrad import step_sizes  # d * lr, d, d_next
 
 NAMES = ("dadapt_lion",)
 STEP_SCALARS = ("step_size",)
@@ -37,11 +38,6 @@ PER_STEP = ("d", "d_next")
 DEFAULTS: dict[str, dict[str, Any]] = {
     "torch": {"lr": 1.0, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0, "d": 1e-6, "d_next": 1e-6},
 }
-
-
-def step_sizes(xp: Any, t: Any, h: Mapping[str, Any], convention: str) -> dict[str, Any]:
-    """``step_size = d * lr``, ``d``, ``d_next``."""
-    return {"step_size": h["d"] * h["lr"], "d": h["d"], "d_next": h["d_next"]}
 
 
 def decay_rate(h: Mapping[str, Any], step_size: Any) -> Any:
