@@ -1,4 +1,4 @@
-"""Whole-model reports across ranks: DDP, FSDP2 (uneven shards), HSDP, ZeroRedundancyOptimizer.
+"""Whole-model reports across ranks: DDP, FSDP2 (uneven shards), HSDP, ZeroRedundancyOptimizer, FSDP1.
 
 Four CPU processes (gloo) train the same model with the same batches on every rank, so the
 averaged gradient is the one-process gradient: rank 0's report must equal the report of
@@ -28,6 +28,10 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 WORLD = 4
 STEPS = 5
 EVERY = 2  # measured steps 1, 3, 5
+#: FSDP1 (FullyShardedDataParallel) engines: the options of each.
+FSDP1 = {"fsdp1": {"use_orig_params": True}, "fsdp1_flat": {"use_orig_params": False},
+         "fsdp1_noshard": {"sharding_strategy": "NO_SHARD"}, "fsdp1_hybrid": {"sharding_strategy": "HYBRID_SHARD"}}
+ENGINES = ["ddp", "fsdp2", "hsdp", "zero", *FSDP1]
 #: The torch.distributed functions counted (on lrscope's group) by the collectives test.
 COLLECTIVES = ("all_reduce", "all_gather_object", "gather_object", "broadcast_object_list", "broadcast",
                "all_gather", "gather", "reduce", "scatter", "barrier", "monitored_barrier")
@@ -80,6 +84,27 @@ def _engines(rank: int):
     yield "zero", zero_model, ZeroRedundancyOptimizer(zero_model.parameters(), torch.optim.AdamW,
                                                       lr=1e-2, weight_decay=0.1)
 
+    for engine, options in FSDP1.items():
+        fsdp1 = _fsdp1(**options)
+        yield engine, fsdp1, _optimizer(fsdp1.parameters())
+
+
+def _fsdp1(**options):
+    """FSDP1 units around the first layer and the whole, on the CPU (``device_id``), each
+    rank's shard of each unit's flat parameter a fragment of its tensors (uneven: 8 * 64 +
+    64 elements over 4 ranks, the second unit's 64 * 6 + 6 too)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    if options.get("sharding_strategy") == "HYBRID_SHARD":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        options = {**options, "device_mesh": init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))}
+    if "sharding_strategy" in options:
+        options = {**options, "sharding_strategy": getattr(ShardingStrategy, options["sharding_strategy"])}
+    model = _model()
+    model[0] = FullyShardedDataParallel(model[0], device_id=torch.device("cpu"), **options)
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"), **options)
+
 
 def _rank(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
@@ -114,7 +139,9 @@ def _rank(rank: int, port: int, out: str) -> None:
             monitor.close()
             # lrscope's collectives (on its own group) when watching starts, then at each step.
             spans = [(start, marks[0]), *zip(marks, marks[1:])]
-            results[engine] = {"reports": reports, "calls": [
+            local = sum((p.to_local() if hasattr(p, "to_local") else p).numel()  # FSDP2: DTensors
+                        for g in optimizer.param_groups for p in g["params"])
+            results[engine] = {"reports": reports, "local": local, "calls": [
                 sorted(name for name, on in calls[a:b] if on is group) for a, b in spans]}
         with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as handle:
             pickle.dump(results, handle)
@@ -163,7 +190,7 @@ def _same_distribution(got, want):
     assert got.mean == pytest.approx(want.mean, rel=1e-5)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "hsdp", "zero"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_rank_zero_reports_the_whole_model(ranks, single, engine):
     _, results = ranks
     got = results[0][engine]["reports"][-1]
@@ -173,15 +200,19 @@ def test_rank_zero_reports_the_whole_model(ranks, single, engine):
     assert set(group.params) == set(whole.params)  # the unsharded model's names
     for name, param in whole.params.items():
         mine = group.params[name]
+        assert mine.shape == param.shape  # the whole tensor's
         _same_distribution(mine.effective_lr, param.effective_lr)
         assert mine.update_norm == pytest.approx(param.update_norm, rel=1e-5)
         assert mine.param_norm == pytest.approx(param.param_norm, rel=1e-5)
     _same_distribution(group.effective_lr, whole.effective_lr)
     assert group.step_size == pytest.approx(whole.step_size, rel=1e-12)
     assert not any("this rank's shards" in note for note in got.notes)
+    total = sum(p.numel() for p in _model().parameters())
+    if engine.startswith(("fsdp", "hsdp")) and engine != "fsdp1_noshard":  # each rank steps its shards only
+        assert all(rank[engine]["local"] < total for rank in results)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "hsdp", "zero"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_collectives_only_on_measured_steps(ranks, engine):
     _, results = ranks
     for rank in results:
@@ -194,7 +225,7 @@ def test_collectives_only_on_measured_steps(ranks, engine):
                              for t in range(2, STEPS + 1)]
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp1"])
 def test_only_rank_zero_writes_logs(ranks, engine):
     out, results = ranks
     lines = (out / engine / "lrscope.jsonl").read_text().splitlines()

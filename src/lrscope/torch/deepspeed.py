@@ -26,15 +26,22 @@ import torch
 
 @dataclass
 class Fragment:
-    """The elements of one model parameter in a flat partition: ``start``, ``numel``."""
+    """The elements of one model parameter in a flat tensor that an optimizer steps:
+    ``numel`` from ``start`` (DeepSpeed's partitions; FSDP1's flat parameters and the views
+    of ``use_orig_params=True``, ``lrscope.torch.distributed.fsdp1_fragments``)."""
 
-    param: torch.Tensor  # the model's parameter (its name and shape)
+    param: torch.Tensor  # DeepSpeed: the model's parameter, which names it; FSDP1: the flat tensor
     start: int
     numel: int
+    name: str | None = None  # the parameter's name where no tensor of its own names it (FSDP1)
+    whole_shape: tuple[int, ...] | None = None
+    counted: bool = True  # whether this rank counts it in a whole-model report (else a replica)
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The parameter's whole shape (a ZeRO-3 parameter keeps it in ``ds_shape``)."""
+        if self.whole_shape is not None:
+            return self.whole_shape
         return tuple(getattr(self.param, "ds_shape", None) or self.param.shape)
 
     def view(self, flat: torch.Tensor) -> torch.Tensor:

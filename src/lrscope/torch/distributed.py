@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import datetime
 import sys
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ import torch.distributed as dist
 from lrscope.merge import Layout, PackedStep
 from lrscope.report import StepReport
 from lrscope.torch import deepspeed
+from lrscope.torch.deepspeed import Fragment
 
 #: Seconds lrscope's collectives wait for the other ranks before they raise (``Ranks``).
 DEFAULT_TIMEOUT = 300.0
@@ -64,14 +66,60 @@ def _zero_type() -> type | None:
 
 def fsdp1_shard(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is FSDP1's (``FullyShardedDataParallel``) flat parameter or a view of
-    one (``use_orig_params=True``): this rank's shard, as a plain tensor.
-
-    Rank 0 does not merge these: FSDP1 refuses CPU processes ("FSDP needs a non-CPU
-    accelerator device", torch 2.13), so its layouts (and HYBRID_SHARD's replicas) cannot be
-    tested here; each rank reports its own shards instead, and ``lrscope merge`` adds them up
-    for the sharding strategies that give each element to one rank (FULL_SHARD, SHARD_GRAD_OP).
-    """
+    one (``use_orig_params=True``): this rank's shard, as a plain tensor."""
     return bool(getattr(tensor, "_fsdp_flattened", False))
+
+
+def fsdp1_fragments(model: Any) -> Callable[[], dict[int, list[Fragment]]] | None:
+    """For a model wrapped in FSDP1 units (``FullyShardedDataParallel``), a function giving
+    ``{id(tensor the optimizer steps): [Fragment, ...]}``: each original parameter's elements
+    in this rank's shard, under the unsharded model's name and with its whole shape; None for
+    any other model.
+
+    FSDP1 keeps this in each unit's ``FlatParameter``: ``_fqns`` and ``_shapes`` of the
+    original parameters, and ``_shard_param_infos`` (``offset_in_shard``, ``numel_in_shard``
+    in this rank's flat shard, padding left out).  The optimizer steps the flat shard itself,
+    or with ``use_orig_params=True`` one 1-D view of it per original parameter
+    (``_params``).  A rank counts its fragments unless they are copies: ``NO_SHARD`` (every
+    rank holds everything: rank 0 counts) and the replicas of ``HYBRID_SHARD`` (the ranks of
+    the first shard group count).
+    """
+    module = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    fsdp = getattr(module, "FullyShardedDataParallel", None)
+    if fsdp is None or model is None or not callable(getattr(model, "named_modules", None)):
+        return None
+    units = [(name, unit) for name, unit in model.named_modules()
+             if isinstance(unit, fsdp) and getattr(unit, "_handle", None) is not None]
+    return partial(_fsdp1_fragments, units) if units else None
+
+
+def _fsdp1_fragments(units: list[tuple[str, Any]]) -> dict[int, list[Fragment]]:
+    out: dict[int, list[Fragment]] = {}
+    for prefix, unit in units:
+        flat = unit._handle.flat_param
+        counted = _fsdp1_counts(unit)
+        for index, (info, fqn, shape) in enumerate(zip(flat._shard_param_infos, flat._fqns, flat._shapes)):
+            if not info.in_shard:
+                continue
+            name = f"{prefix}.{fqn}" if prefix else fqn
+            name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+            if flat._params is not None:  # use_orig_params=True: the view is the whole fragment
+                view = flat._params[index]
+                fragment = Fragment(view, 0, view.numel(), name, tuple(shape), counted)
+            else:
+                fragment = Fragment(flat, info.offset_in_shard, info.numel_in_shard, name, tuple(shape), counted)
+            out.setdefault(id(fragment.param), []).append(fragment)
+    return out
+
+
+def _fsdp1_counts(unit: Any) -> bool:
+    """Whether this rank counts the elements of its shard of an FSDP1 unit."""
+    strategy = unit._handle._sharding_strategy.name
+    if strategy == "NO_SHARD":
+        return dist.get_rank() == 0
+    if strategy in ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"):
+        return dist.get_rank(group=unit._inter_node_pg) == 0
+    return True
 
 
 def _is_zero_redundancy(optimizer: Any) -> bool:
@@ -110,8 +158,8 @@ class Membership:
         """Whether this rank counts ``tensor``'s local elements in the whole-model report:
         a DTensor's shard where its replicated mesh dimensions are at coordinate 0, a tensor
         of this rank's partition, else (a replica, as under DDP) on rank 0 only."""
-        if fsdp1_shard(tensor):  # this rank's own elements of a flat parameter
-            return True
+        if fsdp1_shard(tensor):  # this rank's own elements of a flat parameter (FSDP1 without
+            return True          # model=: per-rank reports, which lrscope merge adds up)
         dtensor = _dtensor_type()
         if dtensor is not None and isinstance(tensor, dtensor):
             coordinate = tensor.device_mesh.get_coordinate()

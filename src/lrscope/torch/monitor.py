@@ -46,10 +46,11 @@ class TorchMonitor(Monitor):
         # Several processes: rank 0 reports (and logs) the whole model, the others measure
         # their part for it and write nothing (lrscope.torch.distributed).
         merging = active(distributed)
-        if merging and any(fsdp1_shard(p) for g in reader.optimizer.param_groups for p in g["params"]):
-            warn("lrscope: FSDP1 (FullyShardedDataParallel) parameters: each rank reports its own "
-                 "shards (whole-model reports on rank 0 are built for FSDP2's fully_shard, DDP, "
-                 "ZeroRedundancyOptimizer and DeepSpeed); lrscope merge adds per-rank logs up")
+        if merging and reader.fragments is None and any(fsdp1_shard(p) for g in reader.optimizer.param_groups
+                                                        for p in g["params"]):
+            warn("lrscope: FSDP1 (FullyShardedDataParallel) parameters without model=: each rank reports its "
+                 "own shards (lrscope merge adds per-rank logs up); pass model= (the wrapped model) for "
+                 "the whole model's report on rank 0")
             merging = False
         self._ranks = Ranks(every=every, partitioned=partitioned(optimizer)) if merging else None
         reader.merging = self._ranks is not None

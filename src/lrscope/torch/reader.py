@@ -67,7 +67,7 @@ class _GroupParts:
     extra: dict[str, float] = field(default_factory=dict)
     params: list[torch.Tensor] = field(default_factory=list)
     stats: dict[str, Callable[[bool], Any]] = field(default_factory=dict)
-    fragments: list[Any] | None = None  # DeepSpeed ZeRO: the model parameters' fragments
+    fragments: list[Any] | None = None  # DeepSpeed ZeRO, FSDP1: the model parameters' fragments
     label: str = "effective_lr"
     counter: Any = None  # the step counter as the state holds it
     h: dict[str, Any] = field(default_factory=dict)  # canonical hyperparameters (modelled families)
@@ -90,8 +90,10 @@ class TorchReader:
         # (set by a monitor that merges the ranks' reports) measures only those.
         self.membership = distributed.Membership.of(optimizer)
         self.merging = False
-        # DeepSpeed ZeRO: the model's parameters are fragments of the flat tensors it steps.
+        # DeepSpeed ZeRO, FSDP1: the model's parameters are fragments of the flat tensors it steps.
         self.zero = optimizer if deepspeed.is_zero(optimizer) else None
+        self.fragments = (partial(deepspeed.fragments, self.zero) if self.zero is not None
+                          else distributed.fsdp1_fragments(model))
         self.optimizer = unwrap(optimizer)
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -267,7 +269,7 @@ class TorchReader:
             return part
         part.params = [p for p in group["params"] if p.grad is not None]
         part.counter = self._counter(part.params, index)
-        if self.merging and self.zero is None:  # the others are counted on another rank
+        if self.merging and self.fragments is None:  # the others are counted on another rank
             part.params = [p for p in part.params if self.membership.counts(p)]
         if any(is_sharded(p) for p in part.params):
             if SHARDED_NOTE not in notes and not self.merging:
@@ -285,18 +287,20 @@ class TorchReader:
         if unsupported:
             return part
         items = {}
-        if self.zero is not None:
-            fragments = deepspeed.fragments(self.zero)
+        if self.fragments is not None:
+            fragments = {flat: [f for f in fs if f.counted or not self.merging]
+                         for flat, fs in self.fragments().items()}
             part.fragments = [f for flat in part.params for f in fragments.get(id(flat), [])]
             if not formulas.chunkable(self.family):
-                notes.append(f"group {part.name}: {self.family} needs whole tensors, and DeepSpeed "
-                             "holds them in flat partitions: distributions skipped")
+                notes.append(f"group {part.name}: {self.family} needs whole tensors, and "
+                             f"{'DeepSpeed' if self.zero is not None else 'FSDP1'} holds them in flat "
+                             "shards: distributions skipped")
                 return part
             for flat in part.params:
                 state = self.optimizer.state.get(flat, {})
                 for fragment in fragments.get(id(flat), []) if state else []:
                     theta = fragment.view(flat)
-                    items[self.name_of(fragment.param)] = (self._per_chunk(
+                    items[fragment.name or self.name_of(fragment.param)] = (self._per_chunk(
                         deepspeed.fragment_state(state, flat, fragment), theta, part.h, None, part.counter),
                         canonical(theta.detach()))
             part.stats = small.measures(items)
@@ -448,11 +452,11 @@ class TorchReader:
 
     def _param_reports(self, part: _GroupParts, host: dict[str, Any]) -> dict[str, ParamReport]:
         reports = {}
-        tensors = ([(fragment.param, fragment.shape, True) for fragment in part.fragments]
+        tensors = ([(f.name or self.name_of(f.param), f.shape, f.counted) for f in part.fragments]
                    if part.fragments is not None else
-                   [(p, tuple(p.shape), self.membership is None or self.membership.counts(p)) for p in part.params])
-        for p, shape, counted in tensors:
-            name = self.name_of(p)
+                   [(self.name_of(p), tuple(p.shape), self.membership is None or self.membership.counts(p))
+                    for p in part.params])
+        for name, shape, counted in tensors:
             report = ParamReport(name=name, shape=shape)
             if self.membership is not None and not self.merging:
                 report.replica = not counted
