@@ -158,41 +158,43 @@ def elementwise(
     z_before = z + lr * g_hat
     y_coef = lr * (h["beta1"] * (1 - ckp1) - 1)
     rebuilt = (y - ckp1 * z_before - y_coef * g_hat) / (1 - ckp1)
-    if isinstance(ckp1, (int, float)):
-        y_before = z_before if ckp1 == 1 else rebuilt
-    else:  # a traced scalar: no branch on its value
-        y_before = xp.where(ckp1 == 1, z_before, rebuilt)
-    eps_dominated = None
-    if h["adaptive"]:
-        v = state["exp_avg_sq"]
-        root = xp.sqrt(v / (1 - h["beta2"] ** t) if h["bias_correction"] else v)
-        denom = root + h["eps"]
-        eps_dominated = root < h["eps"]
-    else:
-        denom = 1.0
+    y_before = _on_first_step(xp, ckp1, z_before, rebuilt)
+    denom, eps_dominated = _denominator(xp, state, t, h)
     wd = h["weight_decay"]
     direction = (g_hat - wd * y_before) * denom if wd else g_hat * denom
     return Elementwise(eta=lr / denom, direction=direction, decay_rate=decay_rate(h, lr),
                        eps_dominated=eps_dominated, delta=y - y_before)
 
 
+def _denominator(xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any]) -> tuple[Any, Any]:
+    """``(D, eps_dominated)``: ``sqrt(v / (1 - beta2**t)) + eps`` where adaptive (the Paper
+    class: ``sqrt(v) + eps``), else ``(1, None)``."""
+    if not h["adaptive"]:
+        return 1.0, None
+    v = state["exp_avg_sq"]
+    root = xp.sqrt(v / (1 - h["beta2"] ** t) if h["bias_correction"] else v)
+    return root + h["eps"], root < h["eps"]
+
+
+def _on_first_step(xp: Any, ckp1: Any, first: Any, later: Any) -> Any:
+    """``first`` where ``ckp1 == 1`` (the first step: the sequences started equal), else
+    ``later``; a traced ``ckp1`` (a compiled caller's argument) without a branch on its value."""
+    if isinstance(ckp1, (int, float)):
+        return first if ckp1 == 1 else later
+    return xp.where(ckp1 == 1, first, later)
+
+
 def _reference_elementwise(xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any]) -> Elementwise:
     """The reference classes' z-step, with ``y_before`` rebuilt from x, z and g after it."""
     lr, ckp1, beta1, wd = per_step(state, h, "lr"), per_step(state, h, "ckp1"), h["beta1"], h["weight_decay"]
     x, z, grad = state["x"], state["z"], state["grad"]
-    eps_dominated, denom = None, 1.0
-    if h["adaptive"]:
-        root = xp.sqrt(state["exp_avg_sq"] / (1 - h["beta2"] ** t))
-        denom, eps_dominated = root + h["eps"], root < h["eps"]
+    denom, eps_dominated = _denominator(xp, state, t, h)
     moved = z + lr * grad / denom  # z before the step, but for AdamW's decay (SGD's is in grad)
     shrink = 1.0 if not h["adaptive"] else 1 - lr * wd
     first = moved / shrink  # ckp1 = 1: x, y and z started equal
     x_before = (x - ckp1 * z) / (1 - ckp1 + (ckp1 == 1))
     later = (beta1 * x_before + (1 - beta1) * moved) / (1 - (1 - beta1) * (1 - shrink))
-    if isinstance(ckp1, (int, float)):
-        y_before = first if ckp1 == 1 else later
-    else:  # a traced scalar: no branch on its value
-        y_before = xp.where(ckp1 == 1, first, later)
+    y_before = _on_first_step(xp, ckp1, first, later)
     direction = grad if h["adaptive"] else grad - wd * y_before  # (SGD's grad holds the decay)
     return Elementwise(eta=lr / denom, direction=direction, decay_rate=lr * wd, eps_dominated=eps_dominated,
                        delta=state["y"] - y_before)
@@ -204,16 +206,9 @@ def _closure_elementwise(xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[s
     lr, ckp1, beta1, wd = per_step(state, h, "lr"), per_step(state, h, "ckp1"), h["beta1"], h["weight_decay"]
     g_hat, z, x = state["grad"], state["z"], state["param"]
     z_before = z + lr * g_hat
-    rebuilt = (x - ckp1 * z) / (1 - ckp1 + (ckp1 == 1))
-    if isinstance(ckp1, (int, float)):
-        x_before = z_before if ckp1 == 1 else rebuilt  # ckp1 = 1: the first step, z a copy of x
-    else:  # a traced scalar: no branch on its value
-        x_before = xp.where(ckp1 == 1, z_before, rebuilt)
+    x_before = _on_first_step(xp, ckp1, z_before, (x - ckp1 * z) / (1 - ckp1 + (ckp1 == 1)))
     y_before = x_before + (1 - beta1) * (z_before - x_before)
-    eps_dominated, denom = None, 1.0
-    if h["adaptive"]:
-        root = xp.sqrt(state["exp_avg_sq"] / (1 - h["beta2"] ** t))
-        denom, eps_dominated = root + h["eps"], root < h["eps"]
+    denom, eps_dominated = _denominator(xp, state, t, h)
     return Elementwise(eta=lr / denom, direction=(g_hat - wd * y_before) * denom, decay_rate=lr * wd,
                        eps_dominated=eps_dominated, delta=x - x_before)
 
