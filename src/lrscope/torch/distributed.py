@@ -4,7 +4,8 @@ Every rank watches its own optimizer.  On a step with distributions each rank me
 only the elements it *counts* (``Ranks.counts``): its shards of a sharded tensor
 (FSDP2's DTensors, with HSDP's and tensor parallelism's replicated mesh dimensions counted
 at coordinate 0 only), the tensors its optimizer alone holds (``ZeroRedundancyOptimizer``'s
-partition), and a plain replicated tensor (DDP) on rank 0 only.  The ranks' parts add up
+partition), its fragments of flat parameters (DeepSpeed ZeRO, ``lrscope.torch.deepspeed``;
+FSDP1, ``fsdp1_fragments``), and a plain replicated tensor (DDP) on rank 0 only.  The ranks' parts add up
 on rank 0 (``lrscope.merge``): bucket counts are those of the same run in one process, and
 nothing is counted twice.
 
