@@ -1,6 +1,7 @@
 """Muon and third-party PyTorch optimizers, registered with ``lrscope.register`` like any
 user's model (the formulas are in ``lrscope.formulas``: ``muon``, ``prodigy``,
-``dadapt_adam``, ``dadapt_sgd``, ``dadapt_adagrad``, ``schedule_free``).
+``dadapt_adam``, ``dadapt_sgd``, ``dadapt_adagrad``, ``dadapt_lion``, ``dadapt_adan``,
+``schedule_free``).
 
 A third-party class is registered as ``"module:Qualname"``: lrscope never imports
 ``prodigyopt``, ``dadaptation`` or ``schedulefree``; once the user has, the class itself is
@@ -9,12 +10,14 @@ packages' sources (prodigyopt 1.1, dadaptation 3.2, schedulefree 1.4):
 
 * Prodigy, D-Adaptation: the step size ``d * lr`` uses ``d`` as the step began (the step
   overwrites ``group["d"]``: ``watch()`` records it), the largest lr over the groups
-  (DAdaptAdaGrad, DAdaptAdan: the first group's), and the first group's betas, bias correction,
-  ``decouple`` and momentum, as their ``step()`` does; a step that returned early (all
-  gradients zero: ``group["k"]`` did not advance) did not move the parameters.
-* schedule-free: the lr is ``group["scheduled_lr"]``, the averaging weight ``ckp1`` is
-  recomputed from ``k``, ``r``, ``lr_max``, ``weight_lr_power`` and ``weight_sum`` as the
-  step computed it.
+  (DAdaptAdaGrad, DAdaptAdan: the first group's), and the first group's betas, bias
+  correction, ``decouple`` and momentum, as their ``step()`` does; a step that returned early
+  (all gradients zero: ``group["k"]`` did not advance) did not move the parameters.
+* schedule-free (the main classes, ``AdamWScheduleFreePaper``, the ``*Reference`` and
+  ``*Closure`` classes): the lr is ``group["scheduled_lr"]``, the averaging weight ``ckp1``
+  is recomputed from ``k``, ``r``, ``lr_max``, ``weight_lr_power`` and ``weight_sum`` as the
+  step computed it; the class says which of the family's rules applies (``paper``,
+  ``reference``, ``closure``).  The wrappers are not optimizers (``watch`` refuses them).
 * Muon: ``d`` is torch's own Newton-Schulz function run again on the momentum input
   rebuilt from the state (``lrscope.formulas.muon``).  Without that private function
   (another torch release), Muon is left unregistered and reported as not modelled.
