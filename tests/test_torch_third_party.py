@@ -19,7 +19,7 @@ from tests.conftest import require
 torch = require("torch")
 import lrscope  # noqa: E402
 import lrscope.torch  # noqa: E402,F401
-from lrscope import formulas, registry  # noqa: E402
+from lrscope import formulas  # noqa: E402
 from lrscope.testing import check_identity  # noqa: E402
 
 pytestmark = FILTERS

@@ -26,10 +26,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from lrscope.formulas import adam
 from lrscope.formulas._common import Elementwise, scaled_decay_rate as decay_rate
-from lrscope.formulas.adam import step_sizes  # Adam's alpha_t
 
 NAMES = ("adamw_nesterov",)
+
+#: Adam's alpha_t: ``lr * sqrt(1 - beta2**t) / (1 - beta1**t)``.
+step_sizes = adam.step_sizes
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "torch": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2,

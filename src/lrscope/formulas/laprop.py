@@ -39,10 +39,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from lrscope.formulas import adam
 from lrscope.formulas._common import Elementwise, scaled_decay_rate as decay_rate, second_moment_root
-from lrscope.formulas.adam import step_sizes  # Adam's alpha_t (LaProp's, for a constant lr)
 
 NAMES = ("laprop",)
+
+#: Adam's alpha_t (LaProp's, for a constant lr): ``lr * sqrt(1 - beta2**t) / (1 - beta1**t)``.
+step_sizes = adam.step_sizes
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "torch": {"lr": 4e-4, "beta1": 0.9, "beta2": 0.999, "eps": 1e-15, "weight_decay": 0.0,
