@@ -7,12 +7,6 @@ import os
 import pytest
 from hypothesis import settings
 
-# Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter
-# (tests/test_torch_triton.py); triton reads the switch when it is first imported, which
-# other test modules do at collection (lightning, bitsandbytes), so it is set here.
-if not os.path.exists("/dev/nvidiactl"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 # CI replays the same examples every run (a red CI must mean a regression, not a new draw);
 # local runs keep exploring.
 settings.register_profile("ci", derandomize=True, print_blob=True)
