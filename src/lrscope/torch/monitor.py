@@ -65,6 +65,9 @@ class TorchMonitor(Monitor):
         self._t = self._reported_t = self.reader._step_count()
         self._stepped = False
         self._warned_capture = False
+        # Whether the step running is being captured into a CUDA graph: asked once per step,
+        # by the pre-hook (on a GPU machine each ask is CUDA runtime calls).
+        self._captured = False
         self._depth = 0  # step() calls running: a subclass's step may call its parent's
         opt = self.reader.optimizer
         # Each group's lr as its scheduler set it, judged at the first step (findings).
@@ -85,7 +88,8 @@ class TorchMonitor(Monitor):
             grad_scaler.update = self._scaler_updated  # restored by close()
 
     def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if _capturing():
+        self._captured = _capturing()
+        if self._captured:
             return
         if self._depth and _nested_step(optimizer):
             self._depth += 1  # the outer call is the step: its hooks measure it
@@ -95,7 +99,7 @@ class TorchMonitor(Monitor):
         if self._schedule_start is not None:
             self._check_schedule_start(optimizer)
         self._pending = self.guarded(partial(self.reader.begin, t_next), self.wants_distributions(t_next),
-                                     fallback=lambda error: None)
+                                     fallback=_nothing_pending)
 
     def _check_schedule_start(self, optimizer: Any) -> None:
         """The scheduler_stepped_before_optimizer finding: a group whose first step uses an
@@ -114,7 +118,7 @@ class TorchMonitor(Monitor):
             pass
 
     def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if _capturing():
+        if self._captured:  # (asked by the pre-hook of this step)
             # Measuring here would put a host read into the graph (capture fails), and
             # the graph's replays run no hooks: nothing to count either.
             if not self._warned_capture:
@@ -257,6 +261,11 @@ def _nested_step(optimizer: Any) -> bool:
 def _capturing() -> bool:
     """Whether the current CUDA stream is capturing a graph (never without CUDA in use)."""
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def _nothing_pending(error: Exception) -> None:
+    """The pre-hook's fallback: nothing recorded (the report then reads the groups after the step)."""
+    return None
 
 
 def _without_hooks(optimizer: torch.optim.Optimizer) -> str:
