@@ -90,9 +90,9 @@ def _engines(rank: int):
 
 
 def _fsdp1(**options):
-    """FSDP1 units around the first layer and the whole, on the CPU (``device_id``), each
-    rank's shard of each unit's flat parameter a fragment of its tensors (uneven: 8 * 64 +
-    64 elements over 4 ranks, the second unit's 64 * 6 + 6 too)."""
+    """FSDP1 units around the first layer and the whole, on the CPU (``device_id``): each rank's
+    shard of a unit's flat parameter cuts across its tensors (the first unit's 8 * 64 + 64
+    elements split evenly over 4 ranks, the second's 64 * 6 + 6 not: the last shard padded)."""
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
     if options.get("sharding_strategy") == "HYBRID_SHARD":
