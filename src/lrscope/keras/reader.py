@@ -3,7 +3,7 @@
 Written with ``keras.ops``, so it runs on the tensorflow, jax and torch backends; the
 statistics take each backend's fast path where it has one (``_statistics``): one jitted
 computation on JAX (``backend_jax``), lrscope's PyTorch passes on torch (``backend_torch``),
-one ``tf.function`` graph per chunk on TensorFlow (``backend_tensorflow``).
+one ``tf.function`` graph per step on TensorFlow (``backend_tensorflow``).
 Conventions (SPEC §2): after step t ``optimizer.iterations == t`` and the schedule was
 evaluated at the raw iteration ``t - 1`` (with ``gradient_accumulation_steps = k``,
 Keras counts micro-batches: the step moved the variables at raw iteration ``t*k - 1``);
@@ -510,7 +510,7 @@ class KerasReader:
                     ) -> list[tuple[Any, float | None, float]]:
         """(Distribution, update norm or None, param norm) of each variable of ``indices``:
         jitted on JAX (``backend_jax``), by the PyTorch backend's passes on torch
-        (``backend_torch``), formula and statistics in one graph per chunk on TensorFlow
+        (``backend_torch``), formula and statistics of every variable in one graph on TensorFlow
         (``backend_tensorflow``), else op by op (``lrscope.keras.stats``)."""
         if BACKEND in ("jax", "torch", "tensorflow"):
             fast = importlib.import_module(f"lrscope.keras.backend_{BACKEND}")
