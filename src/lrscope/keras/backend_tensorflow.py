@@ -73,6 +73,21 @@ def _chunk(family: str, columns: dict[str, Any], t: Any, lr: Any, hyper: Hyper, 
                                         with_update, statistics_dtype(dtype.name), finite_only, delta)
 
 
+@functools.lru_cache(maxsize=256)
+def _chunk_graph(family: str, inputs: tuple[tuple[str, str, bool], ...], hyper: Hyper, with_update: bool,
+                 finite_only: bool) -> Any:
+    """``_chunk`` traced once as a concrete function for ``inputs`` (name, dtype, whether a
+    column) of any length, called by each chunk of the step's graph: the step's graph is
+    traced in a fraction of the time (40 chunks: 1.26 s when each traced its own ops)."""
+
+    def chunk(columns: dict[str, Any], t: Any, lr: Any) -> tuple[Any, Any]:
+        return _chunk(family, columns, t, lr, hyper, with_update, finite_only)
+
+    specs = {name: tf.TensorSpec([None, 1] if column else [], dtype) for name, dtype, column in inputs}
+    scalar = tf.TensorSpec([], tf.float64)
+    return tf.function(chunk, autograph=False).get_concrete_function(specs, scalar, scalar)
+
+
 @functools.lru_cache(maxsize=32)
 def _graph(family: str, hypers: tuple[Hyper, ...], with_update: bool, finite_only: bool,
            chunk_elements: int) -> Any:
@@ -92,8 +107,10 @@ def _graph(family: str, hypers: tuple[Hyper, ...], with_update: bool, finite_onl
             for span in keras_stats.chunks(flat["param"].shape[0], chunkable=True, limit=chunk_elements):
                 # Ops created here wait for the chunk IN_FLIGHT before: bounded temporaries.
                 with tf.control_dependencies(list(done[-IN_FLIGHT]) if len(done) >= IN_FLIGHT else []):
-                    columns = {k: tf.identity(v if span is None else v[span]) for k, v in flat.items()}
-                    done.append(_chunk(family, {**columns, **scalar}, t, lr, hyper, with_update, finite_only))
+                    columns = {**{k: tf.identity(v if span is None else v[span]) for k, v in flat.items()},
+                               **scalar}
+                    inputs = tuple(sorted((k, v.dtype.name, v.shape.rank != 0) for k, v in columns.items()))
+                    done.append(_chunk_graph(family, inputs, hyper, with_update, finite_only)(columns, t, lr))
                 parts.append(done[-1])
             per_variable.append(keras_stats.combine(parts))
         return (tf.stack([counts for counts, _ in per_variable]),
