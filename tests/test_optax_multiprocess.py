@@ -4,7 +4,7 @@ Two ``jax.distributed`` processes on the CPU (gloo collectives), 2 host devices 
 the monitored AdamW of ``_optax_sharded.py`` on parameters sharded over all 4 devices; each
 process's report must equal the report of the same training in one process with the
 parameters unsharded (bucket keys, extremes and counts exact; float32 sums up to the
-order of the sharded reduction).
+order of the sharded reduction).  Only process 0 writes logs, unless ``distributed=False``.
 """
 
 from __future__ import annotations
@@ -34,15 +34,18 @@ def _last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
 
-def test_two_processes_report_the_global_statistics():
+def test_two_processes_report_the_global_statistics(tmp_path):
     port = str(_free_port())
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    runs = [subprocess.Popen([sys.executable, str(HERE / "_optax_multiprocess.py"), str(i), port],
+    runs = [subprocess.Popen([sys.executable, str(HERE / "_optax_multiprocess.py"), str(i), port, str(tmp_path)],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in range(2)]
     outputs = [run.communicate(timeout=300) for run in runs]
     for run, (_, err) in zip(runs, outputs):
         assert run.returncode == 0, err[-3000:]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["p0", "p0-own", "p1-own"]
+    for name in ("p0", "p0-own", "p1-own"):
+        assert (tmp_path / name / "lrscope.jsonl").read_text().count("\n") == 1
     one = subprocess.run([sys.executable, str(HERE / "_optax_sharded.py")], capture_output=True, text=True,
                          env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]

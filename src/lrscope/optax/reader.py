@@ -173,8 +173,14 @@ class OptaxMonitor(Monitor):
 
 def watch(obj: Any, *, every: int = 1, log_dir: str | os.PathLike | None = None,
           sinks: Iterable[Sink] | None = None, name: str | None = None, findings: bool = True,
-          **options: Any) -> OptaxMonitor:
-    """An OptaxMonitor for the monitored state ``obj`` (call ``mon.log(opt_state)`` each step)."""
+          distributed: bool | None = None, **options: Any) -> OptaxMonitor:
+    """An OptaxMonitor for the monitored state ``obj`` (call ``mon.log(opt_state)`` each step).
+
+    With several JAX processes (``jax.distributed.initialize``) every process's report is
+    already the whole model's (the statistics are computed on global arrays), so only
+    process 0 writes logs and checks findings; ``distributed=False`` lets every process
+    write to its own ``log_dir``/``sinks``, as with one process.
+    """
     if options:
         raise TypeError(f"unknown option(s) {sorted(options)} for the optax backend")
     state = find_state(obj)
@@ -183,6 +189,8 @@ def watch(obj: Any, *, every: int = 1, log_dir: str | os.PathLike | None = None,
     if every not in (1, state.plan.every):
         raise ValueError("with optax the distributions are computed inside jit: pass every= to "
                          "lrscope.optax.monitor(...), not to watch()")
+    if distributed is not False and jax.process_index() != 0:
+        log_dir, sinks, findings = None, [], False
     return OptaxMonitor(every=state.plan.every, log_dir=log_dir, sinks=sinks, name=name,
                         findings=findings)
 
