@@ -252,13 +252,3 @@ def test_watch_does_not_change_training(case_id):
 ], ids=["muon-adjust-lr-fn", "prodigy", "schedulefree", "dadapt-adam"])
 def test_unknown_options_are_reported_not_modelled(factory, key, value):
     assert_unknown_option_reported(factory(), key, value)
-
-
-def test_schedule_free_wrapper_is_refused_with_a_clear_error():
-    """``ScheduleFreeWrapper`` wraps a torch optimizer without being one: ``watch`` refuses
-    it (a TypeError naming what it takes), it is never read as its base optimizer."""
-    schedulefree = package("schedulefree")
-    w = torch.nn.Parameter(torch.randn(3))
-    for wrapper in (schedulefree.ScheduleFreeWrapper, schedulefree.ScheduleFreeWrapperReference):
-        with pytest.raises(TypeError, match="pass a torch.optim.Optimizer"):
-            lrscope.watch(wrapper(torch.optim.SGD([w], lr=0.1)))

@@ -134,6 +134,23 @@ def step_sizes(xp: Any, t: Any, h: Mapping[str, Any], convention: str) -> dict[s
     return out
 
 
+def step_weight(t: Any, lr_max: Any, r: Any, weight_lr_power: Any) -> Any:
+    """Step t's weight in schedulefree's average x (its torch classes and wrappers):
+    ``t**r * lr_max**weight_lr_power``, ``lr_max`` the largest ``lr * d`` up to step t."""
+    return (t ** r) * (lr_max ** weight_lr_power)
+
+
+def averaging_weight(t: Any, lr_max: Any, weight_sum: Any, r: Any, weight_lr_power: Any) -> Any:
+    """``c_t`` (``ckp1``) of step t as schedulefree's torch classes and wrappers compute it:
+    ``step_weight / weight_sum``, with ``lr_max`` and ``weight_sum`` (the weights' sum up
+    to step t included) as the step leaves them; 0 where ``weight_sum`` is 0.
+
+    >>> averaging_weight(2, 0.5, 0.5, 0, 2.0)
+    0.5
+    """
+    return step_weight(t, lr_max, r, weight_lr_power) / weight_sum if weight_sum else 0.0
+
+
 def decay_rate(h: Mapping[str, Any], step_size: Any) -> Any:
     """``lr * wd`` (of the parameters y before the step)."""
     return h["lr"] * h["weight_decay"]

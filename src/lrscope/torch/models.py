@@ -17,7 +17,8 @@ packages' sources (prodigyopt 1.1, dadaptation 3.2, schedulefree 1.4):
   ``*Closure`` classes): the lr is ``group["scheduled_lr"]``, the averaging weight ``ckp1``
   is recomputed from ``k``, ``r``, ``lr_max``, ``weight_lr_power`` and ``weight_sum`` as the
   step computed it; the class says which of the family's rules applies (``paper``,
-  ``reference``, ``closure``).  The wrappers are not optimizers (``watch`` refuses them).
+  ``reference``, ``closure``).  The wrappers are read through their base optimizer
+  (``lrscope.torch.schedule_free``).
 * Muon: ``d`` is torch's own Newton-Schulz function run again on the momentum input
   rebuilt from the state (``lrscope.formulas.muon``).  Without that private function
   (another torch release), Muon is left unregistered and reported as not modelled.
@@ -31,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from lrscope import registry
+from lrscope.formulas import schedule_free
 from lrscope.torch import bnb, muons, variants
 from lrscope.torch.state import as_float
 
@@ -113,11 +115,8 @@ def schedule_free_scalars(kind: str) -> Callable[[registry.GroupStep], dict[str,
     def scalars(step: registry.GroupStep) -> dict[str, Any]:
         group = step.after
         t = group["k"]
-        weight = (t ** group["r"]) * (group["lr_max"] ** group["weight_lr_power"])
-        try:
-            ckp1 = weight / group["weight_sum"]
-        except ZeroDivisionError:
-            ckp1 = 0
+        ckp1 = schedule_free.averaging_weight(t, group["lr_max"], group["weight_sum"], group["r"],
+                                              group["weight_lr_power"])
         if kind.startswith("sgd"):
             beta1, beta2, adaptive = group["momentum"], 0.0, False
         else:

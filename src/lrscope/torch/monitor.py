@@ -23,9 +23,9 @@ from lrscope.report import StepReport, tag_prefix
 from lrscope.sinks import Sink
 from lrscope.torch import stats
 from lrscope.torch.distributed import Ranks, active, fsdp1_shard, partitioned
-from lrscope.torch.optimizers import group_name, hyperparameters
+from lrscope.torch.optimizers import group_name
 from lrscope.torch.reader import SKIPPED_NOTE, TorchReader, _Pending
-from lrscope.torch.state import RECORD_REQUIRED, as_float, elementwise_of
+from lrscope.torch.state import RECORD_REQUIRED, as_float
 from lrscope._warnings import warn
 
 #: The monitors attached to each optimizer: a notebook cell run again attaches one more.
@@ -142,9 +142,12 @@ class TorchMonitor(Monitor):
             found_inf = None
         self._t += 1
         distributions = self.wants_distributions(self._t)
-        if distributions or self.has_sinks:
+        # A schedule-free wrapper's step goes on after this hook (its averaging weight is read
+        # before it updates its keys): its scalars are read here, not on access.
+        if distributions or self.has_sinks or self.reader.wrapped is not None:
             # (A device flag is read only with the statistics, in their one transfer.)
-            report = self.guarded(partial(self.reader.report, pending, t=self._t, found_inf=found_inf),
+            report = self.guarded(partial(self.reader.report, pending, t=self._t, found_inf=found_inf,
+                                          stepping=True),
                                   distributions, fallback=partial(self.reader.fallback, pending, self._t))
             self._t = report.t  # a measured step re-syncs with the state's counters
             if distributions and self._ranks is not None:
@@ -318,17 +321,8 @@ def elementwise(optimizer: Any, model: Any = None) -> Iterator[tuple[str, Elemen
     pre-hook, and its reports carry the distributions).
     """
     reader = TorchReader(optimizer, model=model)
-    if reader.family is None:
-        raise TypeError(reader.notes[0])
     if reader.family in RECORD_REQUIRED:
         raise ValueError(f"{type(reader.optimizer).__name__}'s eta reads its state from before the step, "
                          "which step() overwrote, so elementwise() cannot compute it afterwards; "
                          "lrscope.watch(optimizer) records it in its pre-hook and reports the distributions")
-    for group in reader.optimizer.param_groups:
-        h, unsupported = hyperparameters(reader.family, group, group["lr"])
-        if unsupported:
-            raise ValueError(f"option(s) {', '.join(unsupported)} are not modelled by lrscope")
-        for p in group["params"]:
-            state = reader.optimizer.state.get(p, {})
-            if p.grad is not None and (state or reader.family == "sgd"):
-                yield reader.name_of(p), elementwise_of(reader.family, state, p, h)
+    yield from reader.elementwise()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lrscope import formulas, registry
-from lrscope.torch import deepspeed, distributed
+from lrscope.torch import deepspeed, distributed, schedule_free
 from lrscope.torch.state import as_float
 
 _OPTIM = torch.optim
@@ -52,10 +52,11 @@ def unwrap(optimizer: Any) -> Any:
     True
 
     ``ZeroRedundancyOptimizer`` gives its local optimizer, which holds this rank's partition
-    and whose step runs inside the wrapper's.
+    and whose step runs inside the wrapper's; schedulefree's wrappers their ``base``, whose
+    step is their z-step (``lrscope.torch.schedule_free``).
     """
     for _ in range(8):
-        optimizer = distributed.local_optimizer(optimizer)
+        optimizer = schedule_free.base_of(distributed.local_optimizer(optimizer))
         inner = getattr(optimizer, "optimizer", None)
         if not isinstance(inner, torch.optim.Optimizer) and not hasattr(inner, "optimizer"):
             break

@@ -20,6 +20,7 @@ import torch
 from lrscope import formulas, registry
 from lrscope.torch import deepspeed, distributed, fused, published, small, stats
 from lrscope.torch.optimizers import _number_or_nan, _parameter_names, group_name, hyperparameters, unwrap
+from lrscope.torch.schedule_free import Wrapped
 from lrscope.torch.state import (RECORD_BEFORE, RECORD_REQUIRED, apply_formula, as_float, canonical, host_scalars,
                                   is_sharded, local, record_before, state_view)
 from lrscope.formulas import Elementwise
@@ -94,6 +95,8 @@ class TorchReader:
         self.zero = optimizer if deepspeed.is_zero(optimizer) else None
         self.fragments = (partial(deepspeed.fragments, self.zero) if self.zero is not None
                           else distributed.fsdp1_fragments(model))
+        # schedulefree's wrapper: its base optimizer's step is the z-step (``schedule_free``).
+        self.wrapped = Wrapped.of(optimizer)
         self.optimizer = unwrap(optimizer)
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -155,8 +158,10 @@ class TorchReader:
         return pending
 
     def report(self, pending: _Pending | None, distributions: bool, t: int | None = None,
-               found_inf: torch.Tensor | None = None) -> StepReport:
-        """StepReport of the last step; ``t`` is the caller's count (None: read the counters).
+               found_inf: torch.Tensor | None = None, stepping: bool = False) -> StepReport:
+        """StepReport of the last step; ``t`` is the caller's count (None: read the counters);
+        ``stepping``: called inside the step (its post-hook: a schedule-free wrapper's step
+        has not finished).
 
         On a measured step the statistics of every group and the groups' step counters
         that live on a device reach the host in one transfer per device (``stats.collect``),
@@ -175,7 +180,7 @@ class TorchReader:
             lr, group = after.get("lr"), after
             if pending is not None and pending.groups:
                 lr, group = pending.lrs[index], {**pending.groups[index], "params": after["params"]}
-            parts.append(self._group(index, group, lr, pending, distributions, notes, after))
+            parts.append(self._group(index, group, lr, pending, distributions, notes, after, stepping))
         counters: dict[Any, Any] = {index: part.counter for index, part in enumerate(parts)
                                     if part.counter is not None}
         if distributions and found_inf is not None:
@@ -229,12 +234,14 @@ class TorchReader:
                       "training is not affected)")
 
     def _group(self, index: int, group: dict[str, Any], lr: Any, pending: _Pending | None,
-               distributions: bool, notes: list[str], after: dict[str, Any]) -> _GroupParts:
+               distributions: bool, notes: list[str], after: dict[str, Any], stepping: bool) -> _GroupParts:
         """What a group's report needs from the device: its statistics, not yet moved.
 
         ``group`` is the group as the step found it (``after`` as it left it); ``lr`` its lr
         key at the step."""
         name = group_name(group, index)
+        if self.wrapped is not None:
+            group = self.wrapped.group(group)
         if self.family is None:
             value, source, extra, note = published.applied_lr(group, after, lr, before_step=bool(
                 pending is not None and pending.groups))
@@ -244,10 +251,14 @@ class TorchReader:
         else:
             part = _GroupParts(name, _number_or_nan(lr))
         unsupported = []
+        if self.wrapped is not None:
+            part.extra.update(self.wrapped.scalars(after, lr, stepping))
+            unsupported = self.wrapped.unsupported()
         if self.family is not None:
             try:
-                part.h, unsupported = hyperparameters(self.family, group, lr, model=self.registration,
-                                                      step=self._group_step(index, pending))
+                part.h, own = hyperparameters(self.family, group, lr, model=self.registration,
+                                              step=self._group_step(index, pending))
+                unsupported += own
             except registry.Unknown as unknown:
                 part.unknown = str(unknown)
                 notes.append(f"group {part.name}: {unknown}; its step size, decay rate and "
@@ -261,10 +272,10 @@ class TorchReader:
             if self.registration is not None and self.registration.scalars is not None:
                 part.lr = as_float(part.h["lr"])  # the lr the step applied, where the model reads it
                 part.lr_source = self.registration.lr_source
-            if unsupported:
-                self._problem("unsupported", f"group {name}: option(s) {', '.join(unsupported)} not "
-                              "modelled by lrscope; distributions skipped rather than mis-modelled",
-                              notes)
+        if unsupported:
+            self._problem("unsupported", f"group {name}: option(s) {', '.join(unsupported)} not "
+                          "modelled by lrscope; distributions skipped rather than mis-modelled",
+                          notes)
         if not distributions:  # scalars-only steps touch no parameter: O(1) per group
             return part
         part.params = [p for p in group["params"] if p.grad is not None]
@@ -278,13 +289,13 @@ class TorchReader:
                 notes.append(f"group {part.name}: {self.family} needs whole tensors, and its "
                              "parameters are sharded (DTensor): distributions skipped")
                 return part
+        if unsupported:
+            return part
         if self.family is None:
             part.label = "update_magnitude"
             if self.empirical and pending is not None:
                 part.stats = {self.name_of(p): partial(stats.realized, local(p), pending.snapshot[id(p)])
                               for p in part.params if id(p) in pending.snapshot}
-            return part
-        if unsupported:
             return part
         items = {}
         if self.fragments is not None:
@@ -306,7 +317,7 @@ class TorchReader:
             part.stats = small.measures(items)
             return part
         for p in part.params:
-            state = self.optimizer.state.get(p, {})
+            state, theta = self._state(p, stepping)
             if not state and not self.stateless:  # (plain SGD keeps none: it always moves)
                 continue
             recorded = pending.recorded.get(id(p)) if pending is not None else None
@@ -314,8 +325,8 @@ class TorchReader:
                 notes.append(f"{type(self.optimizer).__name__}: the state the step overwrote was "
                              "not recorded (use watch()); distributions skipped")
                 break
-            items[self.name_of(p)] = (self._per_chunk(state, p, part.h, recorded, part.counter),
-                                      canonical(p.detach()))
+            items[self.name_of(p)] = (self._per_chunk(state, p, part.h, recorded, part.counter, theta),
+                                      canonical(theta.detach()))
         part.stats = small.measures(items)
         return part
 
@@ -336,7 +347,7 @@ class TorchReader:
         family_scalars = formulas.family(self.family).step_sizes(
             np, t, host_h, "torch") if known else {"step_size": math.nan}
         scalars["step_size"] = as_float(family_scalars.pop("step_size"))
-        scalars["extra"] = {k: as_float(v) for k, v in family_scalars.items()}
+        scalars["extra"] = {**part.extra, **{k: as_float(v) for k, v in family_scalars.items()}}
         scalars["weight_decay_rate"] = self._decay_rate(h, scalars["step_size"])
         return GroupReport.combine(self._param_reports(part, host if known else {}), **scalars)
 
@@ -352,18 +363,22 @@ class TorchReader:
             lr, group = after["lr"], after
             if pending is not None and pending.groups:
                 lr, group = pending.lrs[index], {**pending.groups[index], "params": after["params"]}
+            if self.wrapped is not None:
+                group = self.wrapped.group(group)
             h, unsupported = hyperparameters(self.family, group, lr, model=self.registration,
                                              step=self._group_step(index, pending))
+            if self.wrapped is not None:
+                unsupported += self.wrapped.unsupported()
             if unsupported:
                 raise ValueError(f"option(s) {', '.join(unsupported)} are not modelled by lrscope")
             params = [p for p in after["params"] if p.grad is not None]
             counter = self._counter(params, index)
             for p in params:
-                state = self.optimizer.state.get(p, {})
+                state, theta = self._state(p, stepping=False)
                 if state or self.stateless:
                     recorded = pending.recorded.get(id(p)) if pending is not None else None
                     by_group = self.registration is not None and self.registration.counter is not None
-                    view, t = self.view(state, p, h, recorded, counter if by_group else None)
+                    view, t = self.view(state, p, h, recorded, counter if by_group else None, theta)
                     yield self.name_of(p), apply_formula(self.family, view, t, h, p.dtype)
 
     def _formula_hyperparameters(self, h: dict[str, Any]) -> dict[str, Any]:
@@ -387,12 +402,16 @@ class TorchReader:
                                   groups[index].get(counter) if counter else None)
 
     def view(self, state: dict[str, Any], p: torch.Tensor, h: dict[str, Any],
-             recorded: dict[str, Any] | None, t: Any = None) -> tuple[dict[str, Any], Any]:
+             recorded: dict[str, Any] | None, t: Any = None,
+             theta: torch.Tensor | None = None) -> tuple[dict[str, Any], Any]:
         """The formula's inputs of ``p`` (the model's ``state`` hook applied) and its step
         counter as the formula takes it (``t``, else the state's); the family's
         ``STEP_SCALARS``, computed here once as the optimizer computes them, travel with
-        the state (arguments of a compiled loop, not constants)."""
+        the state (arguments of a compiled loop, not constants).  ``theta``: the tensor the
+        step moved where it is not ``p`` (a schedule-free wrapper's z, ``_state``)."""
         view = state_view(state, p, recorded)
+        if theta is not None and theta is not p:
+            view["param"] = canonical(theta.detach())
         if self.registration is not None and self.registration.state is not None:
             view = self.registration.state(view, p, h)
         view, t = host_scalars(self.family, view, state.get("step", 0) if t is None else t, h)
@@ -404,10 +423,11 @@ class TorchReader:
         return view, t
 
     def _per_chunk(self, state: dict[str, Any], p: torch.Tensor, h: dict[str, Any],
-                   recorded: dict[str, Any] | None, counter: Any = None) -> Callable[[slice], Elementwise]:
+                   recorded: dict[str, Any] | None, counter: Any = None,
+                   theta: torch.Tensor | None = None) -> Callable[[slice], Elementwise]:
         """The Elementwise of a flat chunk of ``p``, computed chunk by chunk where possible."""
         by_group = self.registration is not None and self.registration.counter is not None
-        view, t = self.view(state, p, h, recorded, counter if by_group else None)
+        view, t = self.view(state, p, h, recorded, counter if by_group else None, theta)
         h = self._formula_hyperparameters(h)
         if formulas.chunkable(self.family):
             return fused.ChunkedFormula(apply_formula, self.family, view, t, h, p.dtype)
@@ -419,6 +439,14 @@ class TorchReader:
         return lambda chunk: Elementwise(flat(whole.eta, chunk), flat(whole.direction, chunk),
                                          whole.decay_rate, flat(whole.eps_dominated, chunk),
                                          flat(whole.delta, chunk))
+
+    def _state(self, p: torch.Tensor, stepping: bool) -> tuple[dict[str, Any], torch.Tensor]:
+        """``p``'s state as its optimizer's model reads it, and the tensor its step moved:
+        ``p``, or a schedule-free wrapper's z (``stepping``: read inside the step)."""
+        state = self.optimizer.state.get(p, {})
+        if self.wrapped is None:
+            return state, p
+        return self.wrapped.state(state), self.wrapped.z(p, state, stepping)
 
     def _counter(self, params: list[torch.Tensor], index: int) -> Any:
         """Step counter of the group's first parameter that moved this step, as the state
