@@ -171,6 +171,26 @@ def test_train_eval_switch_is_no_step(wrapper_cls):
 
 
 @pytest.mark.parametrize("wrapper_cls", WRAPPERS, ids=lambda cls: cls.__name__)
+def test_ckp1_of_steps_reported_on_access(wrapper_cls):
+    """A step without distributions or sinks is reported when ``monitor.last`` is read,
+    after the wrapper's step updated its keys: its ckp1 is the one the post-hook recorded."""
+    w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    base = torch.optim.SGD([w], lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(base, lambda s: (0.5, 1.0, 0.25)[s % 3])
+    wrapper = wrapper_cls(base, r=0.5)
+    wrapper.train()
+    with lrscope.watch(wrapper, every=100, findings=False) as monitor:
+        for step in range(1, 5):
+            w.grad = torch.randn_like(w)
+            weight_sum = wrapper.param_groups[0].get("weight_sum", 0.0)
+            wrapper.step()
+            schedule.step()
+            group = wrapper.param_groups[0]
+            ckp1 = (group["weight_sum"] - weight_sum) / group["weight_sum"]
+            assert math.isclose(monitor.last.groups[0].extra["ckp1"], ckp1, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("wrapper_cls", WRAPPERS, ids=lambda cls: cls.__name__)
 def test_watch_does_not_change_training(wrapper_cls):
     assert_watch_does_not_change_training(lambda params: wrapper_cls(adamw(params)), SHAPES)
 

@@ -142,9 +142,9 @@ class TorchMonitor(Monitor):
             found_inf = None
         self._t += 1
         distributions = self.wants_distributions(self._t)
-        # A schedule-free wrapper's step goes on after this hook (its averaging weight is read
-        # before it updates its keys): its scalars are read here, not on access.
-        if distributions or self.has_sinks or self.reader.wrapped is not None:
+        if self.reader.wrapped is not None:  # its step goes on after this hook: ckp1 is read now
+            self.reader.end(pending)
+        if distributions or self.has_sinks:
             # (A device flag is read only with the statistics, in their one transfer.)
             report = self.guarded(partial(self.reader.report, pending, t=self._t, found_inf=found_inf,
                                           stepping=True),

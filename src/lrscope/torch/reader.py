@@ -50,12 +50,14 @@ def hint(obj: Any) -> str | None:
 @dataclass
 class _Pending:
     """What the pre-hook recorded for the coming step: each group's lr and options (a
-    scheduler may change them before the report is built), and per-parameter values."""
+    scheduler may change them before the report is built), and per-parameter values; and
+    what the post-hook recorded of a schedule-free wrapper's groups (``TorchReader.end``)."""
 
     lrs: list[Any]
     groups: list[dict[str, Any]] = field(default_factory=list)
     recorded: dict[int, dict[str, Any]] = field(default_factory=dict)
     snapshot: dict[int, torch.Tensor] = field(default_factory=dict)
+    wrapper_scalars: list[dict[str, float]] | None = None
 
 
 @dataclass
@@ -157,6 +159,18 @@ class TorchReader:
                                                              p, group)
         return pending
 
+    def end(self, pending: _Pending | None) -> None:
+        """What the post-hook records: a schedule-free wrapper's scalars of each group
+        (``ckp1``), read before the wrapper's step goes on to update its keys.  Never raises:
+        where they cannot be read, the report says so."""
+        if pending is None:
+            return
+        try:
+            pending.wrapper_scalars = [self.wrapped.scalars(group, lr, stepping=True)
+                                       for group, lr in zip(self.optimizer.param_groups, pending.lrs)]
+        except Exception:  # noqa: BLE001 - the user's values: the report's ckp1 is then unknown
+            pending.wrapper_scalars = None
+
     def report(self, pending: _Pending | None, distributions: bool, t: int | None = None,
                found_inf: torch.Tensor | None = None, stepping: bool = False) -> StepReport:
         """StepReport of the last step; ``t`` is the caller's count (None: read the counters);
@@ -252,7 +266,7 @@ class TorchReader:
             part = _GroupParts(name, _number_or_nan(lr))
         unsupported = []
         if self.wrapped is not None:
-            part.extra.update(self.wrapped.scalars(after, lr, stepping))
+            part.extra.update(self._wrapper_scalars(index, after, lr, pending, notes))
             unsupported = self.wrapped.unsupported()
         if self.family is not None:
             try:
@@ -439,6 +453,18 @@ class TorchReader:
         return lambda chunk: Elementwise(flat(whole.eta, chunk), flat(whole.direction, chunk),
                                          whole.decay_rate, flat(whole.eps_dominated, chunk),
                                          flat(whole.delta, chunk))
+
+    def _wrapper_scalars(self, index: int, after: dict[str, Any], lr: Any, pending: _Pending | None,
+                         notes: list[str]) -> dict[str, float]:
+        """A schedule-free wrapper's scalars of group ``index``: as the post-hook recorded
+        them (``end``), else, without a hook (``inspect``), from what its step left."""
+        if pending is None:
+            return self.wrapped.scalars(after, lr, stepping=False)
+        if pending.wrapper_scalars is None:
+            notes.append(f"group {group_name(after, index)}: the wrapper's averaging keys could not be "
+                         "read at the step: ckp1 unknown")
+            return {"ckp1": math.nan}
+        return pending.wrapper_scalars[index]
 
     def _state(self, p: torch.Tensor, stepping: bool) -> tuple[dict[str, Any], torch.Tensor]:
         """``p``'s state as its optimizer's model reads it, and the tensor its step moved:
