@@ -166,7 +166,8 @@ def traceable(formula: ChunkedFormula, scalars: dict[str, Any], constants: dict[
 
 def _build(formula: ChunkedFormula, scalars: dict[str, Any], constants: dict[str, Any]) -> Kernel | None:
     try:
-        return Kernel.build(*traceable(formula, scalars, constants))
+        numbers = frozenset(name for name, value in scalars.items() if not isinstance(value, torch.Tensor))
+        return Kernel.build(*traceable(formula, scalars, constants), numbers)
     except Exception as error:  # noqa: BLE001 - any tracing or compiler failure: stay correct, go eager
         warn(f"lrscope: the compiled statistics of {formula.family} failed ({type(error).__name__}: "
              f"{error}); computing them eagerly (slower, same results)")

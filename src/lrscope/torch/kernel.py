@@ -2,21 +2,27 @@
 
 The formula is the family's own (``formulas/``, the one place it is written): PyTorch's
 tracer (``make_fx``) records it on a few example elements as a graph of aten operations,
-and each operation becomes one line of a numba function.  That function walks a flat
-range of the state in blocks of ``BLOCK`` elements; per element it computes eta, the
-update and the eps-dominated flag in the dtypes torch would use, and adds them to the
-sums (min, max, sum, sum of squares, eps-dominated count, update and parameter squared
-norms); per block it counts eta's float32 bit buckets (``stats.mapping``) from the block
-it kept in L1.  So each state tensor is read from memory once, and nothing per element is
-written back.
+and each operation becomes one line of a numba function, ``formula``.  The kernel walks a
+flat range of the state in blocks of ``BLOCK`` elements.  One vectorised loop per block
+computes eta, the update and the eps-dominated flag of each element (``formula``, inlined)
+and adds them to the block's sums (min and max of eta's bits read as ordered integers,
+sum, sum of squares, eps-dominated count, update and parameter squared norms), and writes
+each element's float32 bit bucket (``stats.mapping``) to a block-sized buffer that stays
+in L1; a second, scalar loop counts the buckets.  So each state tensor is read from memory
+once, and nothing per element is written back.
 
 Per-step values (t, lr, beta powers) are arguments, the other hyperparameters constants:
 a new step or lr compiles nothing, a new family, option set or dtype compiles once (about
-a second).  The elementwise arithmetic is the formula's, operation by operation in the
-dtype torch computes it in; the reductions are reordered (``fastmath`` reassociation, so
-that they vectorise), summed per block in the values' own dtype (in float32 as torch's own
-float32 reductions are: about a tenth of the kernel's time saved against float64 sums)
-and over the blocks in float64.
+a second).  ``formula`` is compiled without fast-math: each operation is the one eager
+torch runs, in its dtype, correctly rounded, so eta falls in the buckets of the eager path
+(a division by a per-step scalar is exact, ``_divided_by_invariant``; a Python number
+divided by a tensor is the reciprocal times the number, as ``Tensor.__rtruediv__``
+computes it).  The exception is a square root: torch's vectorised CPU ``sqrt`` is within
+one unit in the last place of the correctly rounded root, not always equal to it, so with
+Adam a few elements in a million fall in a neighbouring bucket.  Only the kernel's sums
+are reordered (``fastmath`` reassociation, so that they vectorise), summed per block in
+the values' own dtype (in float32 as torch's own float32 reductions are) and over the
+blocks in float64.
 
 >>> import torch
 >>> def formula(view):   # eta = lr / (sqrt(v) + eps), no update
@@ -34,6 +40,7 @@ and over the blocks in float64.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -42,8 +49,8 @@ import torch
 
 from lrscope.stats import mapping
 
-#: Elements per block: one block of eta (8 KiB in float32) stays in L1 between the loop
-#: that computes it and the loops that take its extremes and bucket counts.
+#: Elements per block: one block of bucket indices (4 KiB) stays in L1 between the loop
+#: that computes them and the loop that counts them.
 BLOCK = 2048
 #: The row of ``out`` filled by a kernel.
 STATISTICS = ("min", "max", "sum", "sum_of_squares", "eps_dominated", "update_squared", "param_squared")
@@ -64,47 +71,51 @@ _POWERS = {2: "{0} * {0}", 3: "{0} * {0} * {0}", 0.5: "np.sqrt({0})", -0.5: "1 /
            -1: "1 / {0}", -2: "1 / ({0} * {0})", 1: "{0}"}
 
 _KERNEL_TEMPLATE = '''
+def formula({formula_arguments}):
+{body}
+    return eta, update, theta, eps
+
+
 def kernel({arguments}, counts, out):
 {prelude}
     low = {key_max}
     high = {key_min}
     total = 0.0
     squares = 0.0
-    eps_count = 0
+    eps_count = 0.0
     update_squared = 0.0
     param_squared = 0.0
-    block = np.empty(BLOCK, {eta_type})
-    bits = block.view({int_type})
-{keys_setup}
+    keys = np.empty(BLOCK, np.uint16)
     for begin in range(0, a0.size, BLOCK):
         end = min(begin + BLOCK, a0.size)
 {slices}
-        block_eps = np.int32(0)
+        block_low = {key_max}
+        block_high = {key_min}
+        block_eps = {eta_type}(0)
         block_total = {eta_type}(0)
         block_squares = {eta_type}(0)
         block_update = {update_type}(0)
         block_param = {theta_type}(0)
         for i in range(a0_block.size):
-{body}
-            block[i] = eta
+            eta, update, theta, eps = formula({formula_call})
             block_total += eta
             block_squares += eta * eta
-            block_eps += np.int32(eps)
+            block_eps += {eta_type}(1) if eps else {eta_type}(0)
             block_update += update * update
             block_param += theta * theta
-        eps_count += block_eps
+            key = ordered(eta)
+            block_low = min(block_low, key)
+            block_high = max(block_high, key)
+            keys[i] = bucket(np.float32(eta))
+        low = min(low, block_low)
+        high = max(high, block_high)
+        eps_count += np.float64(block_eps)
         total += np.float64(block_total)
         squares += np.float64(block_squares)
         update_squared += np.float64(block_update)
         param_squared += np.float64(block_param)
-        for i in range(a0_block.size):  # extremes of the float bits read as ordered integers
-            b = bits[i]
-            key = b ^ ((b >> {sign_shift}) & {key_max})
-            low = key if key < low else low
-            high = key if key > high else high
-{keys_fill}
         for i in range(a0_block.size):
-            counts[keys[i] >> SHIFT] += 1
+            counts[keys[i]] += 1
     extremes = np.empty(2, {int_type})
     extremes[0] = low ^ ((low >> {sign_shift}) & {key_max})
     extremes[1] = high ^ ((high >> {sign_shift}) & {key_max})
@@ -138,14 +149,19 @@ def _value_of(arg: Any) -> Any:
 
 class _Translation:
     """Numba source lines of a traced graph: 0-d nodes once before the loop (``prelude``),
-    the others once per element (``body``)."""
+    the others once per element (``body``, of the function ``formula`` whose arguments are
+    the per-element inputs ``elements`` and the prelude's values it uses, ``invariants``)."""
 
-    def __init__(self, graph: torch.fx.Graph, arrays: list[str], scalars: list[str]):
+    def __init__(self, graph: torch.fx.Graph, arrays: list[str], scalars: list[str], numbers: set[str]):
         self.names: dict[torch.fx.Node, str] = {}
         self.elementwise: set[torch.fx.Node] = set()
+        self.numbers: set[torch.fx.Node] = set()  # 0-d values that eager code holds as Python numbers
+        self._number_names = numbers
         self.prelude: list[str] = []
         self.body: list[str] = []
         self.arrays: list[str] = []  # the per-element inputs the graph uses, in argument order
+        self.elements: list[str] = []  # their names in the body, in the same order
+        self.invariants: set[str] = set()
         self.scalar_names: list[str] = []  # the kernel's names of the 0-d inputs, in order
         placeholders = iter([*(("a", name) for name in arrays), *(("s", name) for name in scalars)])
         for node in graph.nodes:
@@ -166,10 +182,12 @@ class _Translation:
             self.elementwise.add(node)
             if node.users:
                 self.arrays.append(name)
-                self.body.append(f"x{index} = a{len(self.arrays) - 1}_block[i]")
+                self.elements.append(f"x{index}")
         else:
             self.names[node] = f"s{index}"
             self.scalar_names.append(f"s{index}")
+            if name in self._number_names:
+                self.numbers.add(node)
 
     def operand(self, arg: Any, dtype: torch.dtype) -> str:
         """``arg`` converted to the dtype the operation computes in."""
@@ -184,12 +202,21 @@ class _Translation:
         if result not in _NUMPY_TYPE or any(k not in ("dtype", "alpha") for k in node.kwargs):
             raise Unsupported(f"{node.target} with {result} {dict(node.kwargs)}")
         values = [_value_of(a) for a in node.args]
+        name = f"v{len(self.names)}"
+        used = node.args  # the arguments the expression names
         if packet in _BINARY:
             dtype = torch.result_type(*values[:2])
             a, b = (self.operand(x, dtype) for x in node.args[:2])
             if "alpha" in node.kwargs:
                 b = f"{b} * {_literal(node.kwargs['alpha'], dtype)}"
             expression = f"({a} {_BINARY[packet]} {b})"
+            if packet is _aten.div and dtype == torch.float32 and self._varies(node.args[0]) \
+                    and not self._varies(node.args[1]):
+                expression, used = self._divided_by_invariant(name, a, b), node.args[:1]
+            elif packet is _aten.div and dtype.is_floating_point and node.args[0] in self.numbers \
+                    and self._varies(node.args[1]):
+                # Eager ``number / tensor`` is ``tensor.reciprocal() * number`` (Tensor.__rtruediv__).
+                expression = f"(({_literal(1, dtype)} / {b}) * {a})"
         elif packet is _aten.rsub:
             dtype = torch.result_type(*values[:2])
             expression = f"({self.operand(node.args[1], dtype)} - {self.operand(node.args[0], dtype)})"
@@ -214,18 +241,41 @@ class _Translation:
             expression = f"({_literal(node.args[0], result)} ** {self.operand(node.args[1], result)})"
         else:
             raise Unsupported(str(node.target))
-        name = f"v{len(self.names)}"
         self.names[node] = name
         line = f"{name} = {_NUMPY_TYPE[result]}({expression})"
-        if any(isinstance(a, torch.fx.Node) and a in self.elementwise for a in node.args):
+        if any(self._varies(a) for a in node.args):
             self.elementwise.add(node)
             self.body.append(line)
+            self._uses(used)
         else:
             self.prelude.append(line)
+            if all(a in self.numbers for a in node.args if isinstance(a, torch.fx.Node)):
+                self.numbers.add(node)
+
+    def _varies(self, arg: Any) -> bool:
+        return isinstance(arg, torch.fx.Node) and arg in self.elementwise
+
+    def _uses(self, args: Any) -> None:
+        """Note the prelude's values among ``args`` as arguments of ``formula``."""
+        self.invariants.update(self.names[a] for a in args if isinstance(a, torch.fx.Node) and not self._varies(a))
+
+    def _divided_by_invariant(self, name: str, a: str, b: str) -> str:
+        """``a / b`` in float32, ``b`` the same for every element: ``a`` times the float64
+        reciprocal of ``b``, rounded once to float32, which is the float32 quotient: the
+        product is within a relative 2**-52 of ``a / b``, and a quotient of float32 values
+        is either a float32 or a relative 2**-49 or more away from every float32 rounding
+        boundary (a midpoint m has 25 significant bits and b 24, so ``a - m * b``, when not
+        0, is a multiple of the last bit of ``m * b``, itself below 2**49 such bits).  A
+        float64 product and two conversions cost less than a division."""
+        inverse = f"{name}_inverse"
+        self.prelude.append(f"{inverse} = np.float64(1.0) / np.float64({b})")
+        self.invariants.add(inverse)
+        return f"np.float64({a}) * {inverse}"
 
     def per_element(self, name: str, output: Any, dtype: torch.dtype) -> None:
-        """Bind ``name`` to a graph output, as ``dtype``, inside the loop."""
+        """Bind ``name`` to a graph output, as ``dtype``, in ``formula``."""
         self.body.append(f"{name} = {self.operand(output, dtype)}")
+        self._uses([output])
 
 
 def trace(formula: Callable[[dict[str, torch.Tensor]], tuple[Any, Any, Any]],
@@ -261,11 +311,13 @@ class Kernel:
 
     @classmethod
     def build(cls, formula: Callable[[dict[str, torch.Tensor]], tuple[Any, Any, Any]],
-              arrays: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor]) -> "Kernel":
+              arrays: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor],
+              numbers: frozenset[str] = frozenset()) -> "Kernel":
         """Trace ``formula(view) -> (eta, eps_dominated or None, update)`` with ``arrays``
         (flat per-element examples, ``param`` among them) and ``scalars`` (0-d tensors:
-        arguments of the kernel) as its view (``trace``), and compile it."""
-        translation = _Translation(trace(formula, arrays, scalars), list(arrays), list(scalars))
+        arguments of the kernel; those named in ``numbers`` stand for the Python numbers
+        of the eager formula) as its view (``trace``), and compile it."""
+        translation = _Translation(trace(formula, arrays, scalars), list(arrays), list(scalars), set(numbers))
         eta, update, theta, *eps = translation.outputs
         eta_dtype = eta.meta["val"].dtype
         if eta_dtype not in (torch.float32, torch.float64):
@@ -288,8 +340,12 @@ class Kernel:
 def _source(translation: _Translation, eta_dtype: torch.dtype, update_dtype: torch.dtype,
             theta_dtype: torch.dtype) -> str:
     """``_KERNEL_TEMPLATE`` around the translated formula."""
-    wide = eta_dtype == torch.float64  # then the buckets come from a float32 copy of the block
+    wide = eta_dtype == torch.float64
+    invariants = sorted(translation.invariants)
     return _KERNEL_TEMPLATE.format(
+        formula_arguments=", ".join(translation.elements + invariants),
+        formula_call=", ".join([f"a{i}_block[i]" for i in range(len(translation.arrays))] + invariants),
+        body="\n".join("    " + line for line in translation.body),
         arguments=", ".join([f"a{i}" for i in range(len(translation.arrays))] + translation.scalar_names),
         prelude="\n".join("    " + line for line in translation.prelude) or "    pass",
         key_max="np.int64(0x7FFFFFFFFFFFFFFF)" if wide else "np.int32(0x7FFFFFFF)",
@@ -297,18 +353,51 @@ def _source(translation: _Translation, eta_dtype: torch.dtype, update_dtype: tor
         sign_shift=63 if wide else 31, eta_type=_NUMPY_TYPE[eta_dtype],
         update_type=_NUMPY_TYPE[update_dtype], theta_type=_NUMPY_TYPE[theta_dtype],
         int_type="np.int64" if wide else "np.int32",
-        keys_setup=("    narrow = np.empty(BLOCK, np.float32)\n    keys = narrow.view(np.uint32)" if wide
-                    else "    keys = block.view(np.uint32)"),
         slices="\n".join(f"        a{i}_block = a{i}[begin:end]" for i in range(len(translation.arrays))),
-        body="\n".join(" " * 12 + line for line in translation.body),
-        keys_fill=("        for i in range(a0_block.size):\n            narrow[i] = np.float32(block[i])"
-                   if wide else ""),
     )
 
 
 def _compile(source: str) -> Callable[..., None]:
+    """The functions of ``source`` compiled: ``formula`` without fast-math (each operation
+    rounded as torch rounds it), inlined by LLVM into ``kernel``, whose only floating-point
+    operations of its own are the sums, reassociated so that they vectorise."""
     import numba
 
-    namespace: dict[str, Any] = {"np": np, "BLOCK": BLOCK, "SHIFT": mapping.FLOAT32_SHIFT}
+    namespace: dict[str, Any] = {"np": np, "BLOCK": BLOCK, **_intrinsics()}
     exec(compile(source, "<lrscope kernel>", "exec"), namespace)  # noqa: S102 - generated above
-    return numba.njit(nogil=True, error_model="numpy", fastmath={"reassoc", "nsz", "arcp", "contract"})(namespace["kernel"])
+    namespace["formula"] = numba.njit(error_model="numpy", fastmath=False)(namespace["formula"])
+    return numba.njit(nogil=True, error_model="numpy", fastmath={"reassoc"})(namespace["kernel"])
+
+
+@functools.cache
+def _intrinsics() -> dict[str, Any]:
+    """``ordered(x)``: the bits of a float as a signed integer of its width, ordered as the
+    floats are (NaNs beyond the infinities); ``bucket(x)``: a float32's bit bucket
+    (``bits >> mapping.FLOAT32_SHIFT``, sign included) as uint16.  Bit operations in the
+    float's width: numba's own integer arithmetic widens to int64, and a loop holding int64
+    vectorises at half the width."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def ordered(typingctx: Any, x: Any) -> Any:
+        width = x.bitwidth
+        integer = ir.IntType(width)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            bits = builder.bitcast(args[0], integer)
+            magnitude = builder.and_(builder.ashr(bits, ir.Constant(integer, width - 1)),
+                                     ir.Constant(integer, (1 << (width - 1)) - 1))
+            return builder.xor(bits, magnitude)
+        return getattr(types, f"int{width}")(x), codegen
+
+    @intrinsic
+    def bucket(typingctx: Any, x: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            bits = builder.bitcast(args[0], ir.IntType(32))
+            return builder.trunc(builder.lshr(bits, ir.Constant(ir.IntType(32), mapping.FLOAT32_SHIFT)),
+                                 ir.IntType(16))
+        return types.uint16(types.float32), codegen
+
+    return {"ordered": ordered, "bucket": bucket}
