@@ -15,14 +15,13 @@ Per-step values (t, lr, beta powers) are arguments, the other hyperparameters co
 a new step or lr compiles nothing, a new family, option set or dtype compiles once (about
 a second).  ``formula`` is compiled without fast-math: each operation is the one eager
 torch runs, in its dtype, correctly rounded, so eta falls in the buckets of the eager path
-(a division by a per-step scalar is exact, ``_divided_by_invariant``; a Python number
-divided by a tensor is the reciprocal times the number, as ``Tensor.__rtruediv__``
-computes it).  The exception is a square root: torch's vectorised CPU ``sqrt`` is within
-one unit in the last place of the correctly rounded root, not always equal to it, so with
-Adam a few elements in a million fall in a neighbouring bucket.  Only the kernel's sums
-are reordered (``fastmath`` reassociation, so that they vectorise), summed per block in
-the values' own dtype (in float32 as torch's own float32 reductions are) and over the
-blocks in float64.
+(a division by a per-step scalar stays a division; a Python number divided by a tensor is
+the reciprocal times the number, as ``Tensor.__rtruediv__`` computes it).  The exception
+is a square root: torch's vectorised CPU ``sqrt`` is within one unit in the last place of
+the correctly rounded root, not always equal to it, so with Adam a few elements in a
+million fall in a neighbouring bucket.  Only the kernel's sums are reordered (``fastmath``
+reassociation, so that they vectorise), summed per block in the values' own dtype (in
+float32 as torch's own float32 reductions are) and over the blocks in float64.
 
 >>> import torch
 >>> def formula(view):   # eta = lr / (sqrt(v) + eps), no update
@@ -202,18 +201,13 @@ class _Translation:
         if result not in _NUMPY_TYPE or any(k not in ("dtype", "alpha") for k in node.kwargs):
             raise Unsupported(f"{node.target} with {result} {dict(node.kwargs)}")
         values = [_value_of(a) for a in node.args]
-        name = f"v{len(self.names)}"
-        used = node.args  # the arguments the expression names
         if packet in _BINARY:
             dtype = torch.result_type(*values[:2])
             a, b = (self.operand(x, dtype) for x in node.args[:2])
             if "alpha" in node.kwargs:
                 b = f"{b} * {_literal(node.kwargs['alpha'], dtype)}"
             expression = f"({a} {_BINARY[packet]} {b})"
-            if packet is _aten.div and dtype == torch.float32 and self._varies(node.args[0]) \
-                    and not self._varies(node.args[1]):
-                expression, used = self._divided_by_invariant(name, a, b), node.args[:1]
-            elif packet is _aten.div and dtype.is_floating_point and node.args[0] in self.numbers \
+            if packet is _aten.div and dtype.is_floating_point and node.args[0] in self.numbers \
                     and self._varies(node.args[1]):
                 # Eager ``number / tensor`` is ``tensor.reciprocal() * number`` (Tensor.__rtruediv__).
                 expression = f"(({_literal(1, dtype)} / {b}) * {a})"
@@ -241,12 +235,13 @@ class _Translation:
             expression = f"({_literal(node.args[0], result)} ** {self.operand(node.args[1], result)})"
         else:
             raise Unsupported(str(node.target))
+        name = f"v{len(self.names)}"
         self.names[node] = name
         line = f"{name} = {_NUMPY_TYPE[result]}({expression})"
         if any(self._varies(a) for a in node.args):
             self.elementwise.add(node)
             self.body.append(line)
-            self._uses(used)
+            self._uses(node.args)
         else:
             self.prelude.append(line)
             if all(a in self.numbers for a in node.args if isinstance(a, torch.fx.Node)):
@@ -258,19 +253,6 @@ class _Translation:
     def _uses(self, args: Any) -> None:
         """Note the prelude's values among ``args`` as arguments of ``formula``."""
         self.invariants.update(self.names[a] for a in args if isinstance(a, torch.fx.Node) and not self._varies(a))
-
-    def _divided_by_invariant(self, name: str, a: str, b: str) -> str:
-        """``a / b`` in float32, ``b`` the same for every element: ``a`` times the float64
-        reciprocal of ``b``, rounded once to float32, which is the float32 quotient: the
-        product is within a relative 2**-52 of ``a / b``, and a quotient of float32 values
-        is either a float32 or a relative 2**-49 or more away from every float32 rounding
-        boundary (a midpoint m has 25 significant bits and b 24, so ``a - m * b``, when not
-        0, is a multiple of the last bit of ``m * b``, itself below 2**49 such bits).  A
-        float64 product and two conversions cost less than a division."""
-        inverse = f"{name}_inverse"
-        self.prelude.append(f"{inverse} = np.float64(1.0) / np.float64({b})")
-        self.invariants.add(inverse)
-        return f"np.float64({a}) * {inverse}"
 
     def per_element(self, name: str, output: Any, dtype: torch.dtype) -> None:
         """Bind ``name`` to a graph output, as ``dtype``, in ``formula``."""
