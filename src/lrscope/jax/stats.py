@@ -1,7 +1,8 @@
 """Per-tensor statistics of one optax step, computed inside ``jit``, and their decoding.
 
 Everything here is traced with ``jax.numpy`` and runs where the arrays live (sharded
-arrays included): float32 bit buckets of eta counted with ``bincount``, exact finite
+arrays included): float32 bit buckets of eta counted with ``bincount`` (on a single CPU
+device, with their extremes and sums, by ``lrscope.jax.kernel``), exact finite
 min/max/sum/sum of squares, the eps-dominated count, the update and parameter squared
 norms, and the model check (max |modelled - real update|).  ``param_report`` decodes
 one tensor's host copy into a ParamReport; ``measured_if_refuted`` replaces a group's
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrscope.jax import kernel
 from lrscope.report import Distribution, ParamReport
 from lrscope.stats import LogSketch, mapping
 
@@ -98,6 +100,26 @@ def _finite_stats(wide: jax.Array) -> tuple[jax.Array, ...]:
         cpu=lambda: jax.lax.cond(jnp.isfinite(plain[2]), lambda: plain, masked), default=masked)
 
 
+def _distribution(values: jax.Array, wide: jax.Array) -> tuple[jax.Array, ...]:
+    """The bucket counts of ``values`` and the finite min, max, sum and sum of squares of
+    ``wide`` (``values`` in the statistics' dtype, so both have the same float32 buckets).
+
+    On a single CPU device with numba installed, ``lrscope.jax.kernel`` takes them in one
+    compiled pass; elsewhere (sharded arrays included) a scatter-add and XLA's reductions.
+    """
+    def traced() -> tuple[jax.Array, ...]:
+        return (_buckets(values), *_finite_stats(wide))
+
+    if not kernel.available():
+        return traced()
+
+    def compiled() -> tuple[jax.Array, ...]:
+        counts, reduced = kernel.bucket_stats(wide)
+        return (counts, *reduced)
+
+    return jax.lax.platform_dependent(cpu=compiled, default=traced)
+
+
 def _count(mask: jax.Array) -> jax.Array:
     """The number of True elements of ``mask``, int32, exactly.
 
@@ -159,10 +181,9 @@ def leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str, Any], g
                 "decay_rate": jnp.asarray(el.decay_rate, f)}
     wide = values.astype(f)
     size = jnp.abs(update).astype(f)
-    low, high, total, squares = _finite_stats(wide)
     checked = modelled is not None and check
     stats = LeafStats(
-        _buckets(values), low, high, total, squares,
+        *_distribution(values, wide),
         jnp.asarray(-1, jnp.int32) if dominated is None else _count(dominated), (size * size).sum(),
         nan if after is None else (jnp.abs(after).astype(f) ** 2).sum(),
         jnp.abs(modelled - real).astype(f).max() if checked else nan,

@@ -1,0 +1,134 @@
+"""Bucket counts and finite min/max/sum/sum of squares of one array in a compiled loop,
+called from inside a jitted step on the CPU (an XLA FFI handler written with numba).
+
+On XLA:CPU the bucket counts of ``lrscope.jax.stats`` are a scatter-add, several times
+slower per element than a compiled loop that increments a row of counts, and each of the
+four finite reductions is a pass of its own.  ``bucket_stats`` does all of them in one
+pass, in place on XLA's buffer: a numba ``cfunc`` registered as an XLA FFI target (the
+typed custom call API), so nothing is copied and no Python runs during the step.  The
+counts are those of ``stats.mapping`` (float32 bits shifted), identical to the scatter's;
+the sums are taken in float64, the results rounded to the array's dtype.
+
+It is used on a single CPU device only (``available``): a sharded array would be gathered
+onto each device for a custom call, so there the jnp statistics run, global by XLA's own
+reductions.  Without numba, ``available`` is False.
+
+>>> counts, stats = bucket_stats(jnp.array([1.0, 1.0, 3.0, jnp.inf], jnp.float32))
+>>> int(counts.sum()), stats.tolist()      # min, max, sum, sum of squares of the finite ones
+(4, [1.0, 3.0, 5.0, 11.0])
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lrscope.stats import mapping
+
+#: The FFI targets, one per dtype of the values.
+_TARGETS = {np.dtype(np.float32): "lrscope_bucket_stats_f32",
+            np.dtype(np.float64): "lrscope_bucket_stats_f64"}
+#: The XLA FFI API version the handlers declare (``XLA_FFI_API_MAJOR``/``MINOR``).
+_API_VERSION = (0, 1)
+#: Byte offsets in the XLA FFI C structures (xla/ffi/api/c_api.h, 64-bit): the call
+#: frame's extension, argument and result pointers, a buffer's data, rank and dims, the
+#: metadata extension's type and metadata, the metadata's API version numbers.
+_FRAME_EXTENSION, _FRAME_ARGS, _FRAME_RETS = 8, 72, 112
+_BUFFER_DATA, _BUFFER_RANK, _BUFFER_DIMS = 24, 32, 40
+_EXTENSION_TYPE, _EXTENSION_METADATA, _METADATA_EXTENSION_TYPE = 8, 24, 1
+_METADATA_VERSION = 24
+
+
+def available() -> bool:
+    """Whether the compiled statistics may run: numba is installed, and the process sees
+    one device, a CPU (no sharding, no other process)."""
+    return jax.device_count() == 1 and jax.default_backend() == "cpu" and _register() is not None
+
+
+@functools.cache
+def _register() -> tuple[str, ...] | None:
+    """Compile the handlers and register them with XLA once; None without numba."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def pointer(typingctx: Any, address: Any) -> Any:  # pragma: no cover - compiled
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.inttoptr(args[0], cgutils.voidptr_t)
+        return types.voidptr(types.int64), codegen
+
+    @numba.njit(inline="always")
+    def words(address: Any, n: int) -> Any:  # pragma: no cover - compiled
+        return numba.carray(pointer(address), n, dtype=np.int64)
+
+    shift, buckets = mapping.FLOAT32_SHIFT, mapping.FLOAT32_BUCKETS
+
+    @numba.njit(inline="always", error_model="numpy")
+    def count_and_reduce(counts: Any, values: Any, out: Any) -> None:  # pragma: no cover - compiled
+        """One pass: each value's bucket, and the four reductions of the finite ones."""
+        low, high, total, squares = np.inf, -np.inf, 0.0, 0.0
+        for i in range(values.size):
+            x = values[i]
+            counts[np.float32(x).view(np.uint32) >> shift] += 1
+            if np.isfinite(x):
+                wide = np.float64(x)
+                low, high = min(low, wide), max(high, wide)
+                total += wide
+                squares += wide * wide
+        out[0], out[1], out[2], out[3] = low, high, total, squares
+
+    def handler(dtype: Any) -> Any:
+        @numba.cfunc(types.int64(types.int64), nopython=True, nogil=True)
+        def call(frame: int) -> int:  # pragma: no cover - compiled
+            extension = words(frame + _FRAME_EXTENSION, 1)[0]
+            if extension != 0:  # XLA asks for the handler's metadata
+                kind = numba.carray(pointer(extension + _EXTENSION_TYPE), 1, dtype=np.int32)[0]
+                if kind == _METADATA_EXTENSION_TYPE:
+                    metadata = words(extension + _EXTENSION_METADATA, 1)[0]
+                    version = numba.carray(pointer(metadata + _METADATA_VERSION), 3, dtype=np.int32)
+                    version[0], version[1], version[2] = _API_VERSION[0], _API_VERSION[1], 0  # traits
+                return 0
+            source = words(words(frame + _FRAME_ARGS, 1)[0], 1)[0]
+            rank = words(source + _BUFFER_RANK, 1)[0]
+            dims = words(words(source + _BUFFER_DIMS, 1)[0], rank)
+            size = 1
+            for d in dims:
+                size *= d
+            values = numba.carray(pointer(words(source + _BUFFER_DATA, 1)[0]), size, dtype=dtype)
+            results = words(words(frame + _FRAME_RETS, 1)[0], 2)
+            counts = numba.carray(pointer(words(results[0] + _BUFFER_DATA, 1)[0]), buckets, dtype=np.int32)
+            out = numba.carray(pointer(words(results[1] + _BUFFER_DATA, 1)[0]), 4, dtype=dtype)
+            counts[:] = 0
+            count_and_reduce(counts, values, out)
+            return 0
+        return call
+
+    for dtype, name in _TARGETS.items():
+        call = handler(dtype.type)
+        _HANDLERS.append(call)  # XLA holds the address only
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(call.ctypes), platform="cpu")
+    return tuple(_TARGETS.values())
+
+
+_HANDLERS: list[Any] = []
+
+
+def bucket_stats(values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The float32 bit bucket counts (int32) of ``values`` (float32 or float64, any shape)
+    and the min, max, sum and sum of squares of its finite elements, in its dtype (``inf``,
+    ``-inf``, 0, 0 when none is finite).  Only where ``available()``."""
+    _register()
+    dtype = np.dtype(values.dtype)
+    call = jax.ffi.ffi_call(_TARGETS[dtype], (
+        jax.ShapeDtypeStruct((mapping.FLOAT32_BUCKETS,), jnp.int32), jax.ShapeDtypeStruct((4,), dtype)),
+        vmap_method="sequential")
+    return call(values)
