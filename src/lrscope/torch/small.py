@@ -96,22 +96,13 @@ def _runs(names: list[str], size: Callable[[str], int], limit: int) -> Iterator[
         yield run
 
 
-class _Batch:
-    """Small tensors sharing one formula call, measured once on first request."""
+class _Batch(stats.SharedMeasurement):
+    """Small tensors sharing one formula call."""
 
-    def __init__(self, items: dict[str, tuple[fused.ChunkedFormula, torch.Tensor]]):
-        self.items = items
-        self.results: dict[str, Any] | None = None
+    items: dict[str, tuple[fused.ChunkedFormula, torch.Tensor]]
 
-    def measures(self) -> dict[str, Callable[[bool], Any]]:
-        return {name: (lambda finite_only, name=name: self.measure(name, finite_only)) for name in self.items}
-
-    def measure(self, name: str, finite_only: bool) -> Any:
-        if finite_only:  # the rare redo of a tensor holding NaN/Inf: on its own, masked
-            return fused.reduce(*self.items[name], finite_only=True)
-        if self.results is None:
-            self.results = self._compute()
-        return self.results[name]
+    def _compute_one(self, name: str) -> Any:
+        return fused.reduce(*self.items[name], finite_only=True)
 
     def _compute(self) -> dict[str, Any]:
         formulas = [formula for formula, _ in self.items.values()]

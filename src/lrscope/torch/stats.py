@@ -407,3 +407,28 @@ def collect(measure: dict[str, Callable[[bool], Any]], counters: dict[Any, Any] 
     if redo:
         out.update(to_host({name: measure[name](True) for name in redo})[0])
     return out, steps
+
+
+class SharedMeasurement:
+    """Tensors measured together once, on the first request for any of them (``_compute``);
+    a tensor holding NaN/Inf is redone on its own, masked (``_compute_one``)."""
+
+    def __init__(self, items: dict[str, tuple[Any, ...]]):
+        self.items = items
+        self.results: dict[str, Any] | None = None
+
+    def measures(self) -> dict[str, Callable[[bool], Any]]:
+        return {name: (lambda finite_only, name=name: self.measure(name, finite_only)) for name in self.items}
+
+    def measure(self, name: str, finite_only: bool) -> Any:
+        if finite_only:  # the rare redo of a tensor holding NaN/Inf
+            return self._compute_one(name)
+        if self.results is None:
+            self.results = self._compute()
+        return self.results[name]
+
+    def _compute(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _compute_one(self, name: str) -> Any:
+        raise NotImplementedError

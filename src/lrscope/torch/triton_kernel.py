@@ -53,7 +53,7 @@ from lrscope._fast import fast_statistics
 from lrscope._warnings import warn
 from lrscope.report import STATISTICS
 from lrscope.stats import mapping
-from lrscope.torch import fused
+from lrscope.torch import fused, stats
 from lrscope.torch.kernel import Unsupported, trace
 
 #: Elements per program.
@@ -148,24 +148,19 @@ def measures(items: dict[str, tuple[Callable[[slice], Any], torch.Tensor]]) -> d
     return out
 
 
-class _Group:
-    """Tensors sharing one kernel, measured by one launch on first request."""
+class _Group(stats.SharedMeasurement):
+    """Tensors sharing one kernel, measured by one launch."""
 
     def __init__(self, key: tuple[Any, ...],
                  items: dict[str, tuple[fused.ChunkedFormula, torch.Tensor, dict[str, Any]]]):
+        super().__init__(items)
         self.key = key
-        self.items = items
-        self.results: dict[str, Any] | None = None
 
-    def measures(self) -> dict[str, Callable[[bool], Any]]:
-        return {name: (lambda finite_only, name=name: self.measure(name, finite_only)) for name in self.items}
+    def _compute(self) -> dict[str, Any]:
+        return self._run(self.items, False)
 
-    def measure(self, name: str, finite_only: bool) -> Any:
-        if finite_only:  # the rare redo of a tensor holding NaN/Inf: on its own, masked
-            return self._run({name: self.items[name]}, True)[name]
-        if self.results is None:
-            self.results = self._run(self.items, False)
-        return self.results[name]
+    def _compute_one(self, name: str) -> Any:
+        return self._run({name: self.items[name]}, True)[name]
 
     def _run(self, items: dict[str, tuple[fused.ChunkedFormula, torch.Tensor, dict[str, Any]]],
              finite_only: bool) -> dict[str, Any]:
