@@ -281,9 +281,9 @@ def test_a_step_holds_the_temporaries_of_one_block_of_tensors():
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_compiled_statistics_equal_the_traced_ones(x64, dtype):
-    """On one CPU device the bucket counts and finite extremes and sums come from
-    ``lrscope.jax.kernel`` (numba, an XLA FFI call); they equal the jnp ones (scatter-add
-    and XLA's masked reductions): counts identically, sums to rounding, with zeros,
+    """On one CPU device the bucket counts, finite extremes and sums and the eps-dominated
+    count come from ``lrscope.jax.kernel`` (numba, an XLA FFI call); they equal the jnp ones
+    (scatter-add and XLA's masked reductions): counts identically, sums to rounding, with zeros,
     negatives, infinities, NaNs and subnormals among the values."""
     from lrscope.jax import kernel
     from lrscope.jax import stats as optax_stats
@@ -293,12 +293,13 @@ def test_compiled_statistics_equal_the_traced_ones(x64, dtype):
     values = np.concatenate([rng.lognormal(-8, 3, 5000), -rng.lognormal(0, 1, 50),
                              [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, 1e-310, 3e18]])
     values = jnp.asarray(values, dtype).reshape(1, -1)
-    counts, (low, high, total, squares) = jax.jit(kernel.bucket_stats)(values)
+    counts, (low, high, total, squares), above = jax.jit(kernel.bucket_stats)(values, values > 1e-4)
     np.testing.assert_array_equal(counts, optax_stats._buckets(values))
     finite = np.asarray(values)[np.isfinite(np.asarray(values))].astype(np.float64)
     assert (low, high) == (finite.min(), finite.max())
     assert float(total) == pytest.approx(finite.sum(), rel=1e-6)
     assert float(squares) == pytest.approx(np.square(finite).sum(), rel=1e-6)
+    assert above == np.sum(np.asarray(values) > 1e-4)
     nothing_finite = jax.jit(kernel.bucket_stats)(jnp.full((3,), jnp.nan, dtype))[1]
     assert nothing_finite.tolist() == [np.inf, -np.inf, 0.0, 0.0]
 

@@ -1,21 +1,25 @@
-"""Bucket counts and finite min/max/sum/sum of squares of one array in a compiled loop,
-called from inside a jitted step on the CPU (an XLA FFI handler written with numba).
+"""Bucket counts, finite min/max/sum/sum of squares of one array and the True count of a
+mask in a compiled loop, called from inside a jitted step on the CPU (an XLA FFI handler
+written with numba).
 
 On XLA:CPU the bucket counts of ``lrscope.jax.stats`` are a scatter-add, several times
 slower per element than a compiled loop that increments a row of counts, and each of the
-four finite reductions is a pass of its own.  ``bucket_stats`` does all of them in one
-pass, in place on XLA's buffer: a numba ``cfunc`` registered as an XLA FFI target (the
-typed custom call API), so nothing is copied and no Python runs during the step.  The
-counts are those of ``stats.mapping`` (float32 bits shifted), identical to the scatter's;
-the sums are taken in float64, the results rounded to the array's dtype.
+four finite reductions is a pass of its own, as is the eps-dominated count (a reduction
+with a comparison, which XLA:CPU does not vectorise).  ``bucket_stats`` takes them all in
+one pass over eta and one over the eps-dominated mask, in place on XLA's buffers: a numba
+``cfunc`` registered as an XLA FFI target (the typed custom call API), so nothing is
+copied and no Python runs during the step.  The counts are those of ``stats.mapping``
+(float32 bits shifted), identical to the scatter's; the sums are taken in float64, the
+results rounded to the array's dtype.
 
 It is used on a single CPU device only (``available``): a sharded array would be gathered
 onto each device for a custom call, so there the jnp statistics run, global by XLA's own
 reductions.  Without numba, ``available`` is False.
 
->>> counts, stats = bucket_stats(jnp.array([1.0, 1.0, 3.0, jnp.inf], jnp.float32))
->>> int(counts.sum()), stats.tolist()      # min, max, sum, sum of squares of the finite ones
-(4, [1.0, 3.0, 5.0, 11.0])
+>>> values = jnp.array([1.0, 1.0, 3.0, jnp.inf], jnp.float32)
+>>> counts, stats, above = bucket_stats(values, values > 2)
+>>> int(counts.sum()), stats.tolist(), int(above)   # min, max, sum, sum of squares of the finite
+(4, [1.0, 3.0, 5.0, 11.0], 2)
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ _API_VERSION = (0, 1)
 #: Byte offsets in the XLA FFI C structures (xla/ffi/api/c_api.h, 64-bit): the call
 #: frame's extension, argument and result pointers, a buffer's data, rank and dims, the
 #: metadata extension's type and metadata, the metadata's API version numbers.
-_FRAME_EXTENSION, _FRAME_ARGS, _FRAME_RETS = 8, 72, 112
+_FRAME_EXTENSION, _FRAME_ARG_COUNT, _FRAME_ARGS, _FRAME_RETS = 8, 56, 72, 112
 _BUFFER_DATA, _BUFFER_RANK, _BUFFER_DIMS = 24, 32, 40
 _EXTENSION_TYPE, _EXTENSION_METADATA, _METADATA_EXTENSION_TYPE = 8, 24, 1
 _METADATA_VERSION = 24
@@ -68,7 +72,13 @@ def _register() -> tuple[str, ...] | None:
 
     @numba.njit(inline="always")
     def words(address: Any, n: int) -> Any:  # pragma: no cover - compiled
+        """``n`` 64-bit words (pointers, sizes) at ``address``."""
         return numba.carray(pointer(address), n, dtype=np.int64)
+
+    @numba.njit(inline="always")
+    def data(buffer: Any, n: int, dtype: Any) -> Any:  # pragma: no cover - compiled
+        """The ``n`` elements of an ``XLA_FFI_Buffer``."""
+        return numba.carray(pointer(words(buffer + _BUFFER_DATA, 1)[0]), n, dtype=dtype)
 
     shift, buckets = mapping.FLOAT32_SHIFT, mapping.FLOAT32_BUCKETS
 
@@ -86,6 +96,14 @@ def _register() -> tuple[str, ...] | None:
                 squares += wide * wide
         out[0], out[1], out[2], out[3] = low, high, total, squares
 
+    @numba.njit(inline="always", error_model="numpy")
+    def count_true(mask: Any) -> int:  # pragma: no cover - compiled
+        """The number of nonzero bytes (XLA's booleans)."""
+        n = 0
+        for i in range(mask.size):
+            n += mask[i] != 0
+        return n
+
     def handler(dtype: Any) -> Any:
         @numba.cfunc(types.int64(types.int64), nopython=True, nogil=True)
         def call(frame: int) -> int:  # pragma: no cover - compiled
@@ -97,18 +115,17 @@ def _register() -> tuple[str, ...] | None:
                     version = numba.carray(pointer(metadata + _METADATA_VERSION), 3, dtype=np.int32)
                     version[0], version[1], version[2] = _API_VERSION[0], _API_VERSION[1], 0  # traits
                 return 0
-            source = words(words(frame + _FRAME_ARGS, 1)[0], 1)[0]
-            rank = words(source + _BUFFER_RANK, 1)[0]
-            dims = words(words(source + _BUFFER_DIMS, 1)[0], rank)
+            sources = words(words(frame + _FRAME_ARGS, 1)[0], words(frame + _FRAME_ARG_COUNT, 1)[0])
+            rank = words(sources[0] + _BUFFER_RANK, 1)[0]
+            dims = words(words(sources[0] + _BUFFER_DIMS, 1)[0], rank)
             size = 1
             for d in dims:
                 size *= d
-            values = numba.carray(pointer(words(source + _BUFFER_DATA, 1)[0]), size, dtype=dtype)
-            results = words(words(frame + _FRAME_RETS, 1)[0], 2)
-            counts = numba.carray(pointer(words(results[0] + _BUFFER_DATA, 1)[0]), buckets, dtype=np.int32)
-            out = numba.carray(pointer(words(results[1] + _BUFFER_DATA, 1)[0]), 4, dtype=dtype)
+            results = words(words(frame + _FRAME_RETS, 1)[0], 3)
+            counts, true = data(results[0], buckets, np.int32), data(results[2], 1, np.int32)
             counts[:] = 0
-            count_and_reduce(counts, values, out)
+            count_and_reduce(counts, data(sources[0], size, dtype), data(results[1], 4, dtype))
+            true[0] = count_true(data(sources[1], size, np.uint8)) if sources.size > 1 else 0
             return 0
         return call
 
@@ -122,13 +139,14 @@ def _register() -> tuple[str, ...] | None:
 _HANDLERS: list[Any] = []
 
 
-def bucket_stats(values: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The float32 bit bucket counts (int32) of ``values`` (float32 or float64, any shape)
-    and the min, max, sum and sum of squares of its finite elements, in its dtype (``inf``,
-    ``-inf``, 0, 0 when none is finite).  Only where ``available()``."""
+def bucket_stats(values: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, ...]:
+    """The float32 bit bucket counts (int32) of ``values`` (float32 or float64, any shape),
+    the min, max, sum and sum of squares of its finite elements, in its dtype (``inf``,
+    ``-inf``, 0, 0 when none is finite), and the number of True elements of ``mask`` (a
+    boolean array of the same size; int32, 0 without one).  Only where ``available()``."""
     _register()
     dtype = np.dtype(values.dtype)
     call = jax.ffi.ffi_call(_TARGETS[dtype], (
-        jax.ShapeDtypeStruct((mapping.FLOAT32_BUCKETS,), jnp.int32), jax.ShapeDtypeStruct((4,), dtype)),
-        vmap_method="sequential")
-    return call(values)
+        jax.ShapeDtypeStruct((mapping.FLOAT32_BUCKETS,), jnp.int32), jax.ShapeDtypeStruct((4,), dtype),
+        jax.ShapeDtypeStruct((), jnp.int32)), vmap_method="sequential")
+    return call(values) if mask is None else call(values, jnp.broadcast_to(mask, values.shape))

@@ -100,22 +100,26 @@ def _finite_stats(wide: jax.Array) -> tuple[jax.Array, ...]:
         cpu=lambda: jax.lax.cond(jnp.isfinite(plain[2]), lambda: plain, masked), default=masked)
 
 
-def _distribution(values: jax.Array, wide: jax.Array) -> tuple[jax.Array, ...]:
-    """The bucket counts of ``values`` and the finite min, max, sum and sum of squares of
-    ``wide`` (``values`` in the statistics' dtype, so both have the same float32 buckets).
+def _distribution(values: jax.Array, wide: jax.Array, dominated: jax.Array | None
+                  ) -> tuple[jax.Array, ...]:
+    """The bucket counts of ``values``, the finite min, max, sum and sum of squares of
+    ``wide`` (``values`` in the statistics' dtype, so both have the same float32 buckets)
+    and the eps-dominated count (-1 without ``dominated``).
 
     On a single CPU device with numba installed, ``lrscope.jax.kernel`` takes them in one
     compiled pass; elsewhere (sharded arrays included) a scatter-add and XLA's reductions.
     """
+    none = jnp.asarray(-1, jnp.int32)
+
     def traced() -> tuple[jax.Array, ...]:
-        return (_buckets(values), *_finite_stats(wide))
+        return (_buckets(values), *_finite_stats(wide), none if dominated is None else _count(dominated))
 
     if not kernel.available():
         return traced()
 
     def compiled() -> tuple[jax.Array, ...]:
-        counts, reduced = kernel.bucket_stats(wide)
-        return (counts, *reduced)
+        counts, reduced, count = kernel.bucket_stats(wide, dominated)
+        return (counts, *reduced, none if dominated is None else count)
 
     return jax.lax.platform_dependent(cpu=compiled, default=traced)
 
@@ -183,8 +187,7 @@ def leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str, Any], g
     size = jnp.abs(update).astype(f)
     checked = modelled is not None and check
     stats = LeafStats(
-        *_distribution(values, wide),
-        jnp.asarray(-1, jnp.int32) if dominated is None else _count(dominated), (size * size).sum(),
+        *_distribution(values, wide, dominated), (size * size).sum(),
         nan if after is None else (jnp.abs(after).astype(f) ** 2).sum(),
         jnp.abs(modelled - real).astype(f).max() if checked else nan,
         size.max() if checked else nan, jnp.asarray(family is None))
