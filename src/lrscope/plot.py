@@ -183,8 +183,11 @@ def draw(run: Run, png: str | os.PathLike | IO[bytes]) -> None:
     require("matplotlib", "plot").use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = plt.figure(figsize=(13, 11), layout="constrained")
-    grid = fig.add_gridspec(3, 2, height_ratios=(1, 1.1, 1))
+    # Fixed margins, not layout="constrained": the panels' labels are known, and the layout
+    # engine would draw the whole figure once more to measure them (0.8 s of a 2.5 s draw).
+    fig = plt.figure(figsize=(13, 11))
+    grid = fig.add_gridspec(3, 2, height_ratios=(1, 1.1, 1), left=0.06, right=0.98, bottom=0.05,
+                            top=0.94, hspace=0.3, wspace=0.18)
     ax_lr, ax_ratio = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
     ax_eta = fig.add_subplot(grid[1, :])
     ax_eps, ax_update = fig.add_subplot(grid[2, 0]), fig.add_subplot(grid[2, 1])
