@@ -304,6 +304,30 @@ def test_compiled_statistics_equal_the_traced_ones(x64, dtype):
     assert nothing_finite.tolist() == [np.inf, -np.inf, 0.0, 0.0]
 
 
+def test_compiled_statistics_that_fail_their_check_fall_back_with_one_warning(monkeypatch):
+    """A jax whose FFI the compiled handlers do not match (here: counts that differ, or a
+    call that raises) gets the jnp statistics and one warning, never wrong counts."""
+    from lrscope.jax import kernel
+
+    real = kernel.bucket_stats
+
+    def wrong(values, mask=None):
+        counts, reduced, above = real(values, mask)
+        return counts.at[0].add(1), reduced, above
+
+    def raising(values, mask=None):
+        raise RuntimeError("no such FFI target")
+
+    for broken, said in ((wrong, "differ from numpy"), (raising, "no such FFI target")):
+        kernel._checked.cache_clear()
+        monkeypatch.setattr(kernel, "bucket_stats", broken)
+        with pytest.warns(RuntimeWarning, match=said):
+            assert not kernel.available()
+        monkeypatch.undo()
+    kernel._checked.cache_clear()
+    assert kernel.available()
+
+
 def test_distribution_matches_numpy(x64):
     params = {"big": jnp.asarray(np.random.default_rng(2).normal(size=(50, 60)))}
     rng = np.random.default_rng(3)

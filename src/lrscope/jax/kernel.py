@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrscope._warnings import warn
 from lrscope.stats import mapping
 
 #: The FFI targets, one per dtype of the values.
@@ -48,9 +49,33 @@ _METADATA_VERSION = 24
 
 
 def available() -> bool:
-    """Whether the compiled statistics may run: numba is installed, and the process sees
-    one device, a CPU (no sharding, no other process)."""
-    return jax.device_count() == 1 and jax.default_backend() == "cpu" and _register() is not None
+    """Whether the compiled statistics may run: numba is installed, the process sees one
+    device, a CPU (no sharding, no other process), and the handlers passed their check."""
+    return jax.device_count() == 1 and jax.default_backend() == "cpu" and _checked()
+
+
+@functools.cache
+def _checked() -> bool:
+    """Register the handlers and check them once against numpy on a few values (NaN, inf,
+    a negative): the handlers read XLA's FFI structures at the offsets of the API version
+    they declare, so a jax whose FFI differs gets the jnp statistics, with one warning,
+    never wrong counts."""
+    values = np.array([0.5, 1.0, 3.0, np.inf, np.nan, -2.0, 0.0], np.float32)
+    try:
+        if _register() is None:
+            return False
+        with jax.ensure_compile_time_eval():  # run now, also when asked while a step is traced
+            counts, reduced, above = jax.jit(bucket_stats)(jnp.asarray(values), jnp.asarray(values > 2))
+        want = np.bincount(values.view(np.uint32) >> mapping.FLOAT32_SHIFT, minlength=mapping.FLOAT32_BUCKETS)
+        works = (np.array_equal(np.asarray(counts), want) and np.asarray(reduced).tolist() == [-2.0, 3.0, 2.5, 14.25]
+                 and int(above) == 2)
+        reason = "its results differ from numpy's"
+    except Exception as error:  # noqa: BLE001 - any failure of the FFI call: the jnp path is exact
+        works, reason = False, f"{type(error).__name__}: {error}"
+    if not works:
+        warn(f"lrscope: the compiled Optax statistics (lrscope.jax.kernel) do not work with jax "
+             f"{jax.__version__} ({reason}); computing them with jnp (slower, same results)")
+    return works
 
 
 @functools.cache
