@@ -254,8 +254,7 @@ class TorchReader:
         ``group`` is the group as the step found it (``after`` as it left it); ``lr`` its lr
         key at the step."""
         name = group_name(group, index)
-        if self.wrapped is not None:
-            group = self.wrapped.group(group)
+        group, unsupported = self._base_group(group)
         if self.family is None:
             value, source, extra, note = published.applied_lr(group, after, lr, before_step=bool(
                 pending is not None and pending.groups))
@@ -264,10 +263,8 @@ class TorchReader:
                 notes.append(f"group {name}: {note}")
         else:
             part = _GroupParts(name, _number_or_nan(lr))
-        unsupported = []
         if self.wrapped is not None:
             part.extra.update(self._wrapper_scalars(index, after, lr, pending, notes))
-            unsupported = self.wrapped.unsupported()
         if self.family is not None:
             try:
                 part.h, own = hyperparameters(self.family, group, lr, model=self.registration,
@@ -377,12 +374,10 @@ class TorchReader:
             lr, group = after["lr"], after
             if pending is not None and pending.groups:
                 lr, group = pending.lrs[index], {**pending.groups[index], "params": after["params"]}
-            if self.wrapped is not None:
-                group = self.wrapped.group(group)
-            h, unsupported = hyperparameters(self.family, group, lr, model=self.registration,
-                                             step=self._group_step(index, pending))
-            if self.wrapped is not None:
-                unsupported += self.wrapped.unsupported()
+            group, unsupported = self._base_group(group)
+            h, own = hyperparameters(self.family, group, lr, model=self.registration,
+                                     step=self._group_step(index, pending))
+            unsupported += own
             if unsupported:
                 raise ValueError(f"option(s) {', '.join(unsupported)} are not modelled by lrscope")
             params = [p for p in after["params"] if p.grad is not None]
@@ -453,6 +448,13 @@ class TorchReader:
         return lambda chunk: Elementwise(flat(whole.eta, chunk), flat(whole.direction, chunk),
                                          whole.decay_rate, flat(whole.eps_dominated, chunk),
                                          flat(whole.delta, chunk))
+
+    def _base_group(self, group: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """``group`` as the base optimizer's model reads it, and the options of a schedule-free
+        wrapper lrscope does not model (``group`` itself and none without a wrapper)."""
+        if self.wrapped is None:
+            return group, []
+        return self.wrapped.group(group), self.wrapped.unsupported()
 
     def _wrapper_scalars(self, index: int, after: dict[str, Any], lr: Any, pending: _Pending | None,
                          notes: list[str]) -> dict[str, float]:
