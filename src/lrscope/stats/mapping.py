@@ -75,6 +75,10 @@ def float32_bits_to_key(shifted: np.ndarray) -> np.ndarray:
     return np.asarray(shifted, dtype=np.int64) - _FLOAT32_BIAS
 
 
+_NONE = np.zeros(0, dtype=np.int64)
+_NO_SPECIAL_VALUES = {f"{kind}_{sign}": 0 for kind in ("zero", "inf", "nan") for sign in ("positive", "negative")}
+
+
 def split_float32_bucket_counts(counts: np.ndarray) -> dict[str, np.ndarray | int]:
     """Decode a device histogram over ``(float32_bits >> FLOAT32_SHIFT) & (FLOAT32_BUCKETS-1)``.
 
@@ -94,11 +98,9 @@ def split_float32_bucket_items(indices: np.ndarray, counts: np.ndarray) -> dict[
     (``indices`` sorted, and their counts)."""
     indices, counts = np.asarray(indices, dtype=np.int64), np.asarray(counts, dtype=np.int64)
     half = _FLOAT32_EXPONENT_BUCKETS
-    if indices.size and indices[0] >= SUBBUCKETS and indices[-1] < half - SUBBUCKETS:
+    if indices.size and int(indices[0]) >= SUBBUCKETS and int(indices[-1]) < half - SUBBUCKETS:
         # The usual case (eta, |delta theta|): positive, finite, normal values only.
-        empty = np.zeros(0, dtype=np.int64)
-        return {"positive": (float32_bits_to_key(indices), counts), "negative": (empty, empty),
-                **{f"{kind}_{sign}": 0 for kind in ("zero", "inf", "nan") for sign in ("positive", "negative")}}
+        return {"positive": (indices - _FLOAT32_BIAS, counts), "negative": (_NONE, _NONE), **_NO_SPECIAL_VALUES}
     out: dict[str, np.ndarray | int] = {}
     for sign, offset in (("positive", 0), ("negative", half)):
         inside = (indices >= offset) & (indices < offset + half)

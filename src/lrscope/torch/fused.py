@@ -115,20 +115,48 @@ def _inputs(formula: ChunkedFormula) -> tuple[dict[str, Any], dict[str, Any], tu
     Adam's beta powers, tensor hyperparameters: 0-d tensors when traced), its constants
     (the other hyperparameters, baked into the kernel), and the key of its kernel."""
     flat, rest = formula.parts
+    h_scalars, h_constants, h_key = _hyperparameter_inputs(formula.h)
     scalars, constants = {}, {}
-    named = {"t": formula.t, **{f"h.{k}": v for k, v in formula.h.items()},
-             **{f"view.{k}": v for k, v in rest.items()}}
-    for name, value in named.items():
-        per_step = name in ("t", "h.lr") or name.startswith("view.")
-        if isinstance(value, torch.Tensor) and value.dim() == 0 or (
-                per_step and isinstance(value, (int, float)) and not isinstance(value, bool)):
-            scalars[name] = value
-        else:
-            constants[name] = value
+    for name, value in {"t": formula.t, **{f"view.{k}": v for k, v in rest.items()}}.items():
+        _classify(name, value, scalars, constants, per_step=True)
     key = (formula.apply, formula.family, formula.dtype,
            tuple((k, v.dtype) for k, v in flat.items()),
            tuple((k, v.dtype if isinstance(v, torch.Tensor) else float) for k, v in scalars.items()),
+           repr(sorted(constants.items())), h_key)
+    return {**scalars, **h_scalars}, {**constants, **h_constants}, key
+
+
+def _classify(name: str, value: Any, scalars: dict[str, Any], constants: dict[str, Any], per_step: bool) -> None:
+    """``value`` into ``scalars`` (an argument of the kernel: a 0-d tensor, or a ``per_step``
+    number) or ``constants`` (baked into it)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 or (
+            per_step and isinstance(value, (int, float)) and not isinstance(value, bool)):
+        scalars[name] = value
+    else:
+        constants[name] = value
+
+
+#: ``_hyperparameter_inputs`` of the latest hyperparameter dicts, by identity (each entry
+#: holds its dict, so the identity is not reused): one dict per parameter group and step,
+#: shared by the group's tensors.
+_hyperparameter_cache: dict[int, tuple[dict[str, Any], Any]] = {}
+
+
+def _hyperparameter_inputs(h: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], tuple[Any, ...]]:
+    """``_inputs`` of a formula's hyperparameters ``h`` (``h.lr`` a per-step value), and
+    their part of the kernel's key."""
+    cached = _hyperparameter_cache.get(id(h))
+    if cached is not None and cached[0] is h:
+        return cached[1]
+    scalars: dict[str, Any] = {}
+    constants: dict[str, Any] = {}
+    for k, v in h.items():
+        _classify(f"h.{k}", v, scalars, constants, per_step=k == "lr")
+    key = (tuple((k, v.dtype if isinstance(v, torch.Tensor) else float) for k, v in scalars.items()),
            repr(sorted(constants.items())))
+    if len(_hyperparameter_cache) >= 16:
+        _hyperparameter_cache.pop(next(iter(_hyperparameter_cache)))
+    _hyperparameter_cache[id(h)] = (h, (scalars, constants, key))
     return scalars, constants, key
 
 
@@ -199,7 +227,7 @@ def _fused(formula: ChunkedFormula, kernel: Kernel, scalars: dict[str, Any],
             acc.add_counted(row, indices, counts, kernel.has_eps)
         return acc.result()
 
-    return stats.Pending(tasks, combine, _pool().submit)
+    return stats.Pending(tasks, combine, _run_tasks)
 
 
 def _part(kernel: Kernel, flat: dict[str, np.ndarray | torch.Tensor], scalars: dict[str, Any],
@@ -226,12 +254,30 @@ def _part(kernel: Kernel, flat: dict[str, np.ndarray | torch.Tensor], scalars: d
 _thread = threading.local()
 
 
+def _run_tasks(tasks: list[Callable[[], Any]]) -> list[Any]:
+    """The results of ``tasks`` (in order), run by the worker threads: one job per thread,
+    each taking the next task until none is left, rather than a job per task (a thread's
+    wake-up per task cost more than some of the tasks)."""
+    results: list[Any] = [None] * len(tasks)
+    order = iter(range(len(tasks)))  # shared: each index is taken by one thread (atomic under the GIL)
+
+    def work() -> None:
+        for index in order:
+            results[index] = tasks[index]()
+
+    pool, threads = _pool()
+    for job in [pool.submit(work) for _ in range(min(threads, len(tasks)))]:
+        job.result()  # (raises a task's error)
+    return results
+
+
 @functools.cache
 def _pool_of(threads: int, process: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, "lrscope")
 
 
-def _pool() -> ThreadPoolExecutor:
+def _pool() -> tuple[ThreadPoolExecutor, int]:
     """Worker threads, as many as PyTorch's intra-op threads, of this process (a forked
-    child has none of its parent's threads)."""
-    return _pool_of(max(1, torch.get_num_threads()), os.getpid())
+    child has none of its parent's threads), and their number."""
+    threads = max(1, torch.get_num_threads())
+    return _pool_of(threads, os.getpid()), threads

@@ -32,10 +32,16 @@ def as_float(value: Any) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
+#: Types no DTensor has (a DTensor parameter keeps its own type: ``nn.Parameter`` marks it).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def is_sharded(tensor: Any) -> bool:
     """Whether ``tensor`` is a DTensor (FSDP2's ``fully_shard``, tensor parallelism).  Only
     once its module is imported can a tensor be one (``torch.distributed.tensor``; before
     torch 2.5, ``torch.distributed._tensor``)."""
+    if type(tensor) in _PLAIN:  # (the usual case, asked for every tensor of every measurement)
+        return False
     for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
         dtensor = getattr(sys.modules.get(name), "DTensor", None)
         if dtensor is not None and isinstance(tensor, dtensor):
