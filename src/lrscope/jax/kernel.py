@@ -10,7 +10,9 @@ one pass over eta and one over the eps-dominated mask, in place on XLA's buffers
 ``cfunc`` registered as an XLA FFI target (the typed custom call API), so nothing is
 copied and no Python runs during the step.  The counts are those of ``stats.mapping``
 (float32 bits shifted), identical to the scatter's; the sums are taken in float64, the
-results rounded to the array's dtype.
+results rounded to the array's dtype.  ``compact`` picks the nonzero counts of a table of
+them out for the Optax state (``lrscope.jax.compact``), one pass where XLA:CPU would take a
+cumulative sum and a scatter.
 
 It is used on a single CPU device only (``available``): a sharded array would be gathered
 onto each device for a custom call, so there the jnp statistics run, global by XLA's own
@@ -37,6 +39,8 @@ from lrscope.stats import mapping
 #: The FFI targets, one per dtype of the values.
 _TARGETS = {np.dtype(np.float32): "lrscope_bucket_stats_f32",
             np.dtype(np.float64): "lrscope_bucket_stats_f64"}
+#: The FFI target of ``compact``.
+_COMPACT = "lrscope_compact"
 #: The XLA FFI API version the handlers declare (``XLA_FFI_API_MAJOR``/``MINOR``).
 _API_VERSION = (0, 1)
 #: Byte offsets in the XLA FFI C structures (xla/ffi/api/c_api.h, 64-bit): the call
@@ -57,7 +61,7 @@ def available() -> bool:
 @functools.cache
 def _checked() -> bool:
     """Register the handlers and check them once against numpy on a few values (NaN, inf,
-    a negative): the handlers read XLA's FFI structures at the offsets of the API version
+    a negative; a small table to compact, past both of its stores): the handlers read XLA's FFI structures at the offsets of the API version
     they declare, so a jax whose FFI differs gets the jnp statistics, with one warning,
     never wrong counts."""
     values = np.array([0.5, 1.0, 3.0, np.inf, np.nan, -2.0, 0.0], np.float32)
@@ -66,9 +70,13 @@ def _checked() -> bool:
             return False
         with jax.ensure_compile_time_eval():  # run now, also when asked while a step is traced
             counts, reduced, above = jax.jit(bucket_stats)(jnp.asarray(values), jnp.asarray(values > 2))
+            table = np.zeros((2, 8), np.int32)
+            table[0, [1, 3, 4]], table[1, [0, 2, 5]] = [1, 2, 3], [4, 5, 6]
+            kept = jax.jit(compact, static_argnums=(1, 2))(jnp.asarray(table), 2, 1)
         want = np.bincount(values.view(np.uint32) >> mapping.FLOAT32_SHIFT, minlength=mapping.FLOAT32_BUCKETS)
         works = (np.array_equal(np.asarray(counts), want) and np.asarray(reduced).tolist() == [-2.0, 3.0, 2.5, 14.25]
-                 and int(above) == 2)
+                 and int(above) == 2 and [np.asarray(x).tolist() for x in kept] == [
+                     [[1, 3], [0, 2]], [[1, 2], [4, 5]], [4], [3], 1])
         reason = "its results differ from numpy's"
     except Exception as error:  # noqa: BLE001 - any failure of the FFI call: the jnp path is exact
         works, reason = False, f"{type(error).__name__}: {error}"
@@ -129,17 +137,48 @@ def _register() -> tuple[str, ...] | None:
             n += mask[i] != 0
         return n
 
+    @numba.njit(inline="always", error_model="numpy")
+    def compact_rows(table: Any, width: int, index: Any, count: Any, shared_key: Any,
+                     shared_count: Any, dropped: Any) -> None:  # pragma: no cover - compiled
+        """``lrscope.jax.compact``'s form of the rows of ``table`` (flat, ``width`` wide)."""
+        per_tensor, shared = index.size // (table.size // width), shared_key.size
+        index[:] = -1
+        count[:] = 0
+        shared_key[:] = -1
+        shared_count[:] = 0
+        kept = lost = 0
+        for row in range(table.size // width):
+            slot = row * per_tensor
+            for bucket in range(width):
+                c = table[row * width + bucket]
+                if c == 0:
+                    continue
+                if slot < (row + 1) * per_tensor:
+                    index[slot], count[slot] = bucket, c
+                    slot += 1
+                elif kept < shared:
+                    shared_key[kept], shared_count[kept] = row * width + bucket, c
+                    kept += 1
+                else:
+                    lost += 1
+        dropped[0] = lost
+
+    @numba.njit(inline="always")
+    def call_metadata(frame: int) -> int:  # pragma: no cover - compiled
+        """Answer XLA's request for the handler's metadata (its FFI API version)."""
+        extension = words(frame + _FRAME_EXTENSION, 1)[0]
+        kind = numba.carray(pointer(extension + _EXTENSION_TYPE), 1, dtype=np.int32)[0]
+        if kind == _METADATA_EXTENSION_TYPE:
+            metadata = words(extension + _EXTENSION_METADATA, 1)[0]
+            version = numba.carray(pointer(metadata + _METADATA_VERSION), 3, dtype=np.int32)
+            version[0], version[1], version[2] = _API_VERSION[0], _API_VERSION[1], 0  # traits
+        return 0
+
     def handler(dtype: Any) -> Any:
         @numba.cfunc(types.int64(types.int64), nopython=True, nogil=True)
         def call(frame: int) -> int:  # pragma: no cover - compiled
-            extension = words(frame + _FRAME_EXTENSION, 1)[0]
-            if extension != 0:  # XLA asks for the handler's metadata
-                kind = numba.carray(pointer(extension + _EXTENSION_TYPE), 1, dtype=np.int32)[0]
-                if kind == _METADATA_EXTENSION_TYPE:
-                    metadata = words(extension + _EXTENSION_METADATA, 1)[0]
-                    version = numba.carray(pointer(metadata + _METADATA_VERSION), 3, dtype=np.int32)
-                    version[0], version[1], version[2] = _API_VERSION[0], _API_VERSION[1], 0  # traits
-                return 0
+            if words(frame + _FRAME_EXTENSION, 1)[0] != 0:  # XLA asks for the handler's metadata
+                return call_metadata(frame)
             sources = words(words(frame + _FRAME_ARGS, 1)[0], words(frame + _FRAME_ARG_COUNT, 1)[0])
             rank = words(sources[0] + _BUFFER_RANK, 1)[0]
             dims = words(words(sources[0] + _BUFFER_DIMS, 1)[0], rank)
@@ -154,11 +193,28 @@ def _register() -> tuple[str, ...] | None:
             return 0
         return call
 
-    for dtype, name in _TARGETS.items():
-        call = handler(dtype.type)
+    @numba.cfunc(types.int64(types.int64), nopython=True, nogil=True)
+    def compact_call(frame: int) -> int:  # pragma: no cover - compiled
+        if words(frame + _FRAME_EXTENSION, 1)[0] != 0:
+            return call_metadata(frame)
+        table = words(words(frame + _FRAME_ARGS, 1)[0], 1)[0]
+        dims = words(words(table + _BUFFER_DIMS, 1)[0], 2)
+        n, width = dims[0], dims[1]
+        results = words(words(frame + _FRAME_RETS, 1)[0], 5)
+        per_tensor = words(words(results[0] + _BUFFER_DIMS, 1)[0], 2)[1]
+        shared = words(words(results[2] + _BUFFER_DIMS, 1)[0], 1)[0]
+        compact_rows(data(table, n * width, np.int32), width,
+                     data(results[0], n * per_tensor, np.int32), data(results[1], n * per_tensor, np.int32),
+                     data(results[2], shared, np.int32), data(results[3], shared, np.int32),
+                     data(results[4], 1, np.int32))
+        return 0
+
+    calls = {name: handler(dtype.type) for dtype, name in _TARGETS.items()}
+    calls[_COMPACT] = compact_call
+    for name, call in calls.items():
         _HANDLERS.append(call)  # XLA holds the address only
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(call.ctypes), platform="cpu")
-    return tuple(_TARGETS.values())
+    return tuple(calls)
 
 
 _HANDLERS: list[Any] = []
@@ -175,3 +231,15 @@ def bucket_stats(values: jax.Array, mask: jax.Array | None = None) -> tuple[jax.
         jax.ShapeDtypeStruct((mapping.FLOAT32_BUCKETS,), jnp.int32), jax.ShapeDtypeStruct((4,), dtype),
         jax.ShapeDtypeStruct((), jnp.int32)), vmap_method="sequential")
     return call(values) if mask is None else call(values, jnp.broadcast_to(mask, values.shape))
+
+
+def compact(table: jax.Array, per_tensor: int, shared: int) -> tuple[jax.Array, ...]:
+    """``lrscope.jax.compact.compact`` of ``table`` (int32[n, width]), with room for
+    ``per_tensor`` nonzero buckets per row and ``shared`` more: the index and count
+    arrays, the shared keys and counts, and the number of nonzero buckets kept nowhere.
+    Only where ``available()``."""
+    _register()
+    n = table.shape[0]
+    rows, store = jax.ShapeDtypeStruct((n, per_tensor), jnp.int32), jax.ShapeDtypeStruct((shared,), jnp.int32)
+    return jax.ffi.ffi_call(_COMPACT, (rows, rows, store, store, jax.ShapeDtypeStruct((), jnp.int32)),
+                            vmap_method="sequential")(table)

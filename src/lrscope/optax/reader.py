@@ -16,7 +16,9 @@ import numpy as np
 import optax
 
 from lrscope._warnings import warn
-from lrscope.jax.stats import empty_stats, param_report, unstack_stats
+from lrscope.jax import compact
+from lrscope.jax.compact import carried_empty, uncarried
+from lrscope.jax.stats import param_report, unstack_stats
 from lrscope.monitor import Monitor
 from lrscope.optax.model import MEASURED
 from lrscope.optax.transform import GroupPlan, LrscopeState
@@ -66,7 +68,7 @@ def _host(state: LrscopeState) -> tuple[int, dict[str, dict[str, float]], dict[s
     number of replicas: a state replicated by ``jax.pmap`` has a leading device axis on every
     leaf, of which replica 0 is read."""
     template = (state.steps, {g.name: dict.fromkeys(g.scalar_names, 0) for g in state.plan.groups},
-                {g.name: empty_stats(state.plan.stats_count(g)) for g in state.plan.groups},
+                {g.name: carried_empty(state.plan.stats_count(g)) for g in state.plan.groups},
                 state.stats_step)
     leaves = jax.tree_util.tree_leaves((state.steps, state.scalars, state.stats, state.stats_step))
     host = jax.device_get(leaves)
@@ -106,7 +108,11 @@ def _report(obj: Any) -> StepReport | None:
     families, measured_groups = set(), 0
     for g in state.plan.groups:
         values = {k: float(v) for k, v in scalars[g.name].items()}
-        rows = unstack_stats(stats[g.name])
+        rows = unstack_stats(uncarried(stats[g.name]))
+        dropped = int(stats[g.name].buckets.dropped)
+        if fresh and dropped:
+            notes.append(_dropped_note(g, dropped))
+            warn(f"lrscope: {_dropped_note(g, dropped)}")
         # The last distributions' model check refuted the model (jax.stats.measured_if_refuted).
         refuted = not g.empirical and any(bool(s.measured) for s in rows)
         measured = g.empirical or refuted
@@ -141,6 +147,14 @@ def _report(obj: Any) -> StepReport | None:
     return StepReport(t=t, optimizer=state.plan.optimizer, framework="optax",
                       family=families.pop() if len(families) == 1 else None, groups=groups,
                       empirical=measured_groups > 0, notes=notes)
+
+
+def _dropped_note(group: GroupPlan, dropped: int) -> str:
+    """Why some bucket counts of a group are missing from its distributions."""
+    return (f"group {group.name}: its tensors' values fill more float32 buckets than the state "
+            f"has room for ({compact.PER_TENSOR} per tensor, {compact.SHARED} more per group): "
+            f"{dropped} nonzero buckets' counts are missing from its distributions (min, max, "
+            "mean, norms and eps-dominated count are exact; see lrscope.jax.compact)")
 
 
 def _refuted_note(group: GroupPlan, lr: float, model_error: float | None) -> str:

@@ -33,9 +33,9 @@ import optax
 from lrscope import formulas
 from lrscope._warnings import warn
 from lrscope.optax import model as optax_model
+from lrscope.jax.compact import carried, carried_empty
 from lrscope.jax.stats import (
-    LeafStats, by_blocks, empty_stats, leaf_stats, measured_if_refuted, merge_stats, stack_stats,
-    stat_dtype,
+    LeafStats, by_blocks, leaf_stats, measured_if_refuted, merge_stats, stack_stats, stat_dtype,
 )
 from lrscope.monitor import checked_every
 
@@ -89,7 +89,8 @@ class LrscopeState(NamedTuple):
     plan: Plan
     steps: jax.Array
     scalars: dict[str, dict[str, jax.Array]]
-    stats: dict[str, LeafStats]  # stacked, a row per tensor (or one row per group)
+    stats: dict[str, LeafStats]  # stacked, a row per tensor (or one row per group); buckets:
+    # their nonzero ones only (lrscope.jax.compact.Counts)
     stats_step: jax.Array
     arrays: dict[str, tuple[dict[str, jax.Array], ...]]
 
@@ -274,14 +275,14 @@ def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any,
     stats, arrays = {}, {}
     for group in plan.groups:
         if not group.leaf_index:
-            stats[group.name] = empty_stats(plan.stats_count(group))
+            stats[group.name] = carried_empty(plan.stats_count(group))
             continue
         sizes = [int(np.size(grads[i])) for i in group.leaf_index]
         realized = [lambda i=i: leaf_stats(None, {}, steps + 1, {}, grads[i], reals[i], afters[i],
                                            check=True)[0] for i in group.leaf_index]
         if group.empirical:
             stacked = by_blocks(realized, sizes)
-            stats[group.name] = stacked if plan.per_param else merge_stats(stacked)
+            stats[group.name] = carried(stacked if plan.per_param else merge_stats(stacked))
             continue
         model = models[group.name]
         h = _hyper(model, new_nodes.get(model.name, []), steps, old_nodes.get(model.name, []))
@@ -317,7 +318,7 @@ def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any,
             stacked = by_blocks([lambda m=m: m()[0] for m in measures], sizes)
         if plan.check:
             stacked = measured_if_refuted(stacked, lambda: by_blocks(realized, sizes), group.tolerance)
-        stats[group.name] = stacked if plan.per_param else merge_stats(stacked)
+        stats[group.name] = carried(stacked if plan.per_param else merge_stats(stacked))
     return stats, arrays
 
 
@@ -362,9 +363,10 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per
     only the check sees what they do), and not for aliases, whose model is exact:
     without it the real update need not be kept for the statistics (the norms come
     from the model), which makes the steps between distributions nearly free.
-    ``check=True`` or ``False`` forces it.  The state keeps 32768 bucket counts (128 KiB) per
-    tensor; ``per_param=False`` keeps one set per group instead (group distributions
-    only, no per-tensor ones), for models with very many tensors.
+    ``check=True`` or ``False`` forces it.  The state keeps each tensor's nonzero bucket
+    counts (room for 1024 per tensor, 8 KiB, and for 32768 more per group, 256 KiB:
+    ``lrscope.jax.compact``); ``per_param=False`` keeps one set per group instead (group
+    distributions only, no per-tensor ones), for models with very many tensors.
     ``keep_arrays=True`` also keeps eta and d per tensor in the state (for debugging
     and tests: two more copies of the parameters).
 
@@ -399,8 +401,8 @@ def monitor(optimizer: Any, /, *, every: int = 1, check: bool | None = None, per
         steps = jnp.zeros([], jnp.int32)
         scalars = {g.name: _scalars(models.get(g.name), nodes.get(g.name, []), steps)
                    for g in plan.groups}
-        stats = {g.name: empty_stats(plan.stats_count(g)) for g in plan.groups}
-        # One buffer per leaf (empty_stats repeats its NaN array, and a step size may be the lr
+        stats = {g.name: carried_empty(plan.stats_count(g)) for g in plan.groups}
+        # One buffer per leaf (carried_empty repeats its NaN array, and a step size may be the lr
         # itself): a training loop may donate the state, and XLA refuses a buffer donated twice.
         distinct = jax.tree_util.tree_map(
             jnp.array, (steps, scalars, stats, steps, _kept_arrays(plan, params)))
