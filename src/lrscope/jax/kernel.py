@@ -6,11 +6,13 @@ On XLA:CPU the bucket counts of ``lrscope.jax.stats`` are a scatter-add, several
 slower per element than a compiled loop that increments a row of counts, and each of the
 four finite reductions is a pass of its own, as is the eps-dominated count (a reduction
 with a comparison, which XLA:CPU does not vectorise).  ``bucket_stats`` takes them all in
-one pass over eta and one over the eps-dominated mask, in place on XLA's buffers: a numba
-``cfunc`` registered as an XLA FFI target (the typed custom call API), so nothing is
-copied and no Python runs during the step.  The counts are those of ``stats.mapping``
-(float32 bits shifted), identical to the scatter's; the sums are taken in float64, the
-results rounded to the array's dtype.  ``compact`` picks the nonzero counts of a table of
+compiled loops in place on XLA's buffers: a numba ``cfunc`` registered as an XLA FFI target
+(the typed custom call API), so nothing is copied and no Python runs during the step.  One
+loop over eta counts the buckets, those of ``stats.mapping`` (float32 bits shifted),
+identical to the scatter's; a second takes the min, max, sum and sum of squares of every
+value, vectorised (min and max compared as integers, the sums in float64 in any order),
+which are the finite ones when the sum is finite, else a third takes them masked; one more
+counts the eps-dominated mask.  The results are rounded to the array's dtype.  ``compact`` picks the nonzero counts of a table of
 them out for the Optax state (``lrscope.jax.compact``), one pass where XLA:CPU would take a
 cumulative sum and a scatter.
 
@@ -115,26 +117,58 @@ def _register() -> tuple[str, ...] | None:
 
     shift, buckets = mapping.FLOAT32_SHIFT, mapping.FLOAT32_BUCKETS
 
-    @numba.njit(inline="always", error_model="numpy")
-    def count_and_reduce(counts: Any, values: Any, out: Any) -> None:  # pragma: no cover - compiled
-        """One pass: each value's bucket, and the four reductions of the finite ones."""
-        low, high, total, squares = np.inf, -np.inf, 0.0, 0.0
-        for i in range(values.size):
-            x = values[i]
-            counts[np.float32(x).view(np.uint32) >> shift] += 1
-            if np.isfinite(x):
-                wide = np.float64(x)
-                low, high = min(low, wide), max(high, wide)
+    def count_and_reduce(dtype: Any) -> Any:
+        """The counting and reducing of one dtype's values."""
+        integer = np.int32 if dtype == np.float32 else np.int64
+        top, magnitude = np.iinfo(integer).bits - 1, int(np.iinfo(integer).max)
+
+        @numba.njit(inline="always")
+        def ordered(bits: Any) -> Any:  # pragma: no cover - compiled
+            """A float's bits as an integer in the floats' order, and back (negatives'
+            magnitude bits flipped)."""
+            return integer(bits ^ ((bits >> top) & magnitude))
+
+        @numba.njit(error_model="numpy", fastmath={"reassoc"})  # not inlined: its own flags
+        def plain(values: Any) -> Any:  # pragma: no cover - compiled
+            """min, max (as ``ordered`` integers), sum and sum of squares of all the values,
+            in any order: vectorised."""
+            low, high, total, squares = integer(magnitude), integer(-magnitude - 1), 0.0, 0.0
+            for i in range(values.size):
+                key = ordered(dtype(values[i]).view(integer))
+                low, high = min(low, key), max(high, key)
+                wide = np.float64(values[i])
                 total += wide
                 squares += wide * wide
-        out[0], out[1], out[2], out[3] = low, high, total, squares
+            return low, high, total, squares
 
-    @numba.njit(inline="always", error_model="numpy")
+        @numba.njit(inline="always", error_model="numpy")
+        def call(counts: Any, values: Any, out: Any) -> None:  # pragma: no cover - compiled
+            """Each value's bucket (a pass of its own: the increments keep a loop from being
+            vectorised), then the four reductions of the finite values: the plain ones,
+            which are those when their sum is finite (every value is), else masked ones."""
+            for i in range(values.size):
+                counts[np.float32(values[i]).view(np.uint32) >> shift] += 1
+            low, high, total, squares = plain(values)
+            if values.size and np.isfinite(total):
+                out[0], out[1] = ordered(low).view(dtype), ordered(high).view(dtype)
+                out[2], out[3] = total, squares
+                return
+            low, high, total, squares = np.inf, -np.inf, 0.0, 0.0
+            for i in range(values.size):
+                if np.isfinite(values[i]):
+                    wide = np.float64(values[i])
+                    low, high = min(low, wide), max(high, wide)
+                    total += wide
+                    squares += wide * wide
+            out[0], out[1], out[2], out[3] = low, high, total, squares
+        return call
+
+    @numba.njit(error_model="numpy")
     def count_true(mask: Any) -> int:  # pragma: no cover - compiled
         """The number of nonzero bytes (XLA's booleans)."""
         n = 0
         for i in range(mask.size):
-            n += mask[i] != 0
+            n += np.int32(mask[i] != 0)
         return n
 
     @numba.njit(inline="always", error_model="numpy")
@@ -175,6 +209,8 @@ def _register() -> tuple[str, ...] | None:
         return 0
 
     def handler(dtype: Any) -> Any:
+        reduce_values = count_and_reduce(dtype)
+
         @numba.cfunc(types.int64(types.int64), nopython=True, nogil=True)
         def call(frame: int) -> int:  # pragma: no cover - compiled
             if words(frame + _FRAME_EXTENSION, 1)[0] != 0:  # XLA asks for the handler's metadata
@@ -188,7 +224,7 @@ def _register() -> tuple[str, ...] | None:
             results = words(words(frame + _FRAME_RETS, 1)[0], 3)
             counts, true = data(results[0], buckets, np.int32), data(results[2], 1, np.int32)
             counts[:] = 0
-            count_and_reduce(counts, data(sources[0], size, dtype), data(results[1], 4, dtype))
+            reduce_values(counts, data(sources[0], size, dtype), data(results[1], 4, dtype))
             true[0] = count_true(data(sources[1], size, np.uint8)) if sources.size > 1 else 0
             return 0
         return call
