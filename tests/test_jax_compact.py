@@ -86,3 +86,12 @@ def test_buckets_the_state_cannot_hold_are_reported(monkeypatch):
     assert any("are missing from its distributions" in note for note in report.notes)
     eta = 1e-2 / np.arange(1.0, 7.0)  # Adam's first step: lr / |g|, to float32 rounding
     assert report.groups[0].params["a"].effective_lr.max == pytest.approx(eta.max(), rel=1e-5)
+
+
+def test_a_group_too_large_for_the_int32_keys_is_refused_with_what_to_do():
+    """The shared store keys a bucket as ``tensor * 32768 + bucket`` in int32: a group of more
+    than 65,536 tensors would wrap around, so it is refused (before anything is allocated)."""
+    assert compact.MAX_TENSORS * mapping.FLOAT32_BUCKETS == 2**31
+    with pytest.raises(ValueError, match="per_param=False"):
+        compact.empty(compact.MAX_TENSORS + 1)
+    assert compact.empty(2).index.shape == (2, compact.PER_TENSOR)

@@ -70,8 +70,20 @@ def uncarried(host: LeafStats) -> LeafStats:
     return host._replace(buckets=expand(host.buckets))
 
 
+#: Tensors per group the shared store's int32 keys (``tensor * FLOAT32_BUCKETS + bucket``) can name.
+MAX_TENSORS = 2**31 // mapping.FLOAT32_BUCKETS
+
+
+def _check(n: int) -> None:
+    if n > MAX_TENSORS:
+        raise ValueError(f"lrscope: a group of {n:,} tensors, more than the {MAX_TENSORS:,} whose bucket "
+                         "counts the state can key per tensor; pass per_param=False to "
+                         "lrscope.optax.monitor (group distributions only), or split the group")
+
+
 def empty(n: int) -> Counts:
     """The counts of ``n`` tensors before any step (none)."""
+    _check(n)
     return Counts(jnp.full((n, PER_TENSOR), -1, jnp.int32), jnp.zeros((n, PER_TENSOR), jnp.int32),
                   jnp.full((SHARED,), -1, jnp.int32), jnp.zeros((SHARED,), jnp.int32),
                   jnp.zeros((), jnp.int32))
@@ -79,6 +91,7 @@ def empty(n: int) -> Counts:
 
 def compact(table: jax.Array) -> Counts:
     """The carried form of ``table``, int32[n, FLOAT32_BUCKETS] (a row per tensor)."""
+    _check(table.shape[0])
     if kernel.available():
         return jax.lax.platform_dependent(
             cpu=lambda: Counts(*kernel.compact(table, PER_TENSOR, SHARED)), default=lambda: _traced(table))
