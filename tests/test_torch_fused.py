@@ -162,6 +162,28 @@ def test_tensors_of_any_size_share_one_kernel(small_chunks, builds):
     assert len(small_chunks) == 4 and len(builds) == 1
 
 
+def test_a_compiled_kernel_also_measures_the_smaller_tensors(small_chunks, builds, monkeypatch):
+    """Once the large tensor (1000 elements) has compiled Adam's kernel, it also measures the
+    100-element one, which was batched before; the 7-element one stays batched.  Both ways
+    give that tensor the same statistics, those of numpy's eta."""
+    monkeypatch.setattr(torch_fused, "COMPILED_MIN_ELEMENTS", 50)
+    g = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (1000, 100, 7)]
+    optimizer = torch.optim.Adam(params, lr=1e-3, eps=1e-4)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 10.0 ** torch.linspace(-6, 0, p.numel())
+    optimizer.step()
+    first, second = (lrscope.inspect(optimizer).groups[0].params["param1"].effective_lr for _ in range(2))
+    assert len(small_chunks) == 1 + 2 and len(builds) == 1  # the large one twice, the 100 once
+    root = np.sqrt(optimizer.state[params[1]]["exp_avg_sq"].double().numpy() / (1 - 0.999))
+    eta = (1e-3 / (root + 1e-4)).astype(np.float32)
+    for dist in (first, second):
+        assert dist.count == 100 and dist.eps_dominated_count == int((root < 1e-4).sum())
+        assert (dist.min, dist.max, dist.mean) == pytest.approx((eta.min(), eta.max(), eta.mean()), rel=1e-6)
+    for a, b in zip(first.sketch.positive, second.sketch.positive):  # the same buckets, the same counts
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_kernel_failure_warns_once_and_stays_eager(small_chunks, monkeypatch):
     def broken(source):
         raise RuntimeError("no LLVM here")

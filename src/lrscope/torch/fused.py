@@ -10,7 +10,7 @@ own row.  Per-step scalars (t, lr, beta powers) are arguments, so a new step com
 nothing; a family, option set or dtype compiles once (about a second).
 
 Used for tensors of at least ``FUSED_MIN_ELEMENTS`` on the CPU, with numba installed (it
-comes with ``lrscope[torch]``).  GPU tensors keep the eager path (their kernels already run
+comes with ``lrscope[torch]``), and for the smaller ones whose kernel is compiled already.  GPU tensors keep the eager path (their kernels already run
 at memory speed).  Set ``LRSCOPE_FUSED=0`` to switch it off; if a formula cannot be
 compiled, lrscope warns once and measures it eagerly.
 
@@ -46,6 +46,11 @@ from lrscope.stats import mapping
 #: path: they are cheap, and a model made only of them (a test, the demo) never waits for a
 #: compilation.
 FUSED_MIN_ELEMENTS = (1 << 16) + 1
+#: Tensors of at least this many elements, but fewer than ``FUSED_MIN_ELEMENTS``, are
+#: measured by the kernel once a larger tensor has compiled it (one pass, where measuring
+#: them together in ``small`` takes a dozen); the smaller ones (biases, norms) stay
+#: together in ``small``: one formula call for many costs less than a kernel call each.
+COMPILED_MIN_ELEMENTS = stats.NUMPY_ELEMENTS + 1
 #: Elements per kernel call, each a task for the worker threads (a large tensor is
 #: several); half-precision state is converted to float32 copies of this size (4 MiB).
 PART_ELEMENTS = 1 << 20
@@ -82,6 +87,11 @@ class ChunkedFormula:
                 if isinstance(v, torch.Tensor) and v.numel() == numel and numel != 1}
         return flat, {k: v for k, v in self.view.items() if k not in flat}
 
+    @functools.cached_property
+    def inputs(self) -> tuple[dict[str, Any], dict[str, Any], tuple[Any, ...]]:
+        """Its kernel's scalar arguments, constants and key (``_inputs``)."""
+        return _inputs(self)
+
     def __call__(self, chunk: slice) -> Elementwise:
         """The Elementwise of the flat slice ``chunk`` (eagerly)."""
         flat, rest = self.parts
@@ -90,9 +100,12 @@ class ChunkedFormula:
 
 
 def applies(compute: Callable[[slice], Elementwise], param: torch.Tensor, finite_only: bool) -> bool:
-    """Whether ``param``'s statistics take the fused path."""
+    """Whether ``param``'s statistics take the fused path: a large tensor, or a smaller one
+    (of at least ``COMPILED_MIN_ELEMENTS``) whose kernel a large tensor has already compiled."""
     return (isinstance(compute, ChunkedFormula) and compute.family not in EAGER_FAMILIES
-            and not finite_only and param.device.type == "cpu" and param.numel() >= FUSED_MIN_ELEMENTS
+            and not finite_only and param.device.type == "cpu"
+            and (param.numel() >= FUSED_MIN_ELEMENTS
+                 or param.numel() >= COMPILED_MIN_ELEMENTS and _kernels.get(compute.inputs[2]) is not None)
             and fast_statistics() and _numba_installed() and not torch.compiler.is_compiling())
 
 
@@ -163,7 +176,7 @@ def _hyperparameter_inputs(h: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
 def _kernel(formula: ChunkedFormula) -> tuple[Kernel | None, dict[str, Any]]:
     """The compiled kernel of ``formula`` (built on first use of its key: about a second)
     and its scalar arguments; None if it cannot be built (warned once per key)."""
-    scalars, constants, key = _inputs(formula)
+    scalars, constants, key = formula.inputs
     if key not in _kernels:
         _kernels[key] = _build(formula, scalars, constants)
     arguments = {name: _argument(value) for name, value in scalars.items()}

@@ -26,8 +26,9 @@ from lrscope.torch import fused, stats, triton_kernel
 from lrscope.report import decode_statistics, mark_eps_absent
 from lrscope.stats import mapping
 
-#: Tensors of at most this many elements are batched.
-SMALL_ELEMENTS = stats.NUMPY_ELEMENTS
+#: CPU tensors of at most this many elements are batched: all those too small for the
+#: compiled kernel (``fused.FUSED_MIN_ELEMENTS``), so that none is measured alone, eagerly.
+SMALL_ELEMENTS = fused.FUSED_MIN_ELEMENTS - 1
 #: On a device (a GPU), tensors of at most this many elements are batched, in batches of up
 #: to this many, and reduced per tensor on the device (``stats.segment_results``): the
 #: launches, not the arithmetic, take a GPU's time.
@@ -57,8 +58,12 @@ def _signature(formula: fused.ChunkedFormula) -> tuple[Any, ...] | None:
 
 
 def _batchable(compute: Any, param: torch.Tensor) -> bool:
-    limit = SMALL_ELEMENTS if stats.on_host(param.device) else DEVICE_BATCH_ELEMENTS
-    return isinstance(compute, fused.ChunkedFormula) and 1 < param.numel() <= limit
+    """A small tensor whose formula shares a call; on the CPU, not one the compiled kernel
+    measures (once a large tensor has compiled it, the kernel measures the small ones too:
+    one pass each, where a batch takes a dozen)."""
+    on_host = stats.on_host(param.device)
+    return (isinstance(compute, fused.ChunkedFormula) and 1 < param.numel() <= (SMALL_ELEMENTS if on_host else DEVICE_BATCH_ELEMENTS)
+            and not (on_host and fused.applies(compute, param, False)))
 
 
 def measures(items: dict[str, tuple[Callable[[slice], Any], torch.Tensor]]) -> dict[str, Callable[[bool], Any]]:
