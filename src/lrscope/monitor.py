@@ -142,7 +142,7 @@ class Monitor:
 
     @property
     def has_sinks(self) -> bool:
-        return bool(self._sinks.sinks)
+        return self._sinks.any_enabled
 
     def _named(self, report: StepReport) -> StepReport:
         """``report`` with this monitor's name, if it was given one."""

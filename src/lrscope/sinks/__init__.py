@@ -297,6 +297,11 @@ class SinkGroup:
         """The sinks still enabled."""
         return self._inline + [w.sink for w in self._workers if not w.stopped]
 
+    @property
+    def any_enabled(self) -> bool:
+        """Whether any sink is still enabled (asked on every step: builds no list)."""
+        return bool(self._inline) or bool(self._workers) and any(not w.stopped for w in self._workers)
+
     def write(self, report: StepReport) -> None:
         for sink in list(self._inline):
             try:

@@ -47,7 +47,7 @@ def hint(obj: Any) -> str | None:
     return None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """What the pre-hook recorded for the coming step: each group's lr and options (a
     scheduler may change them before the report is built), and per-parameter values; and
