@@ -40,7 +40,9 @@ from lrscope._fast import fast_statistics
 from lrscope.torch import stats
 from lrscope.torch.kernel import STATISTICS, Kernel
 from lrscope.formulas import Elementwise
+from lrscope.report import decode_statistics, mark_eps_absent
 from lrscope.stats import mapping
+from lrscope.stats.sketch import merge_stores
 
 #: Tensors smaller than this (at most 65,536 elements, 256 KiB in float32) use the eager
 #: path: they are cheap, and a model made only of them (a test, the demo) never waits for a
@@ -233,14 +235,18 @@ def _fused(formula: ChunkedFormula, kernel: Kernel, scalars: dict[str, Any],
     n = param.numel()
     tasks = [functools.partial(_part, kernel, flat, scalars, start, min(start + PART_ELEMENTS, n))
              for start in range(0, n, PART_ELEMENTS)]
+    return stats.Pending(tasks, functools.partial(_combine, has_eps=kernel.has_eps), _run_tasks)
 
-    def combine(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Any:
-        acc = stats.Accumulator(param.device)
-        for row, indices, counts in parts:
-            acc.add_counted(row, indices, counts, kernel.has_eps)
-        return acc.result()
 
-    return stats.Pending(tasks, combine, _run_tasks)
+def _combine(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], has_eps: bool) -> Any:
+    """A tensor's statistics (``stats.Accumulator.result``) from its parts' rows and nonzero
+    bucket counts (``_part``)."""
+    rows = np.stack([row for row, _, _ in parts])
+    totals = np.concatenate([[rows[:, 0].min(), rows[:, 1].max()], rows[:, 2:].sum(axis=0)])
+    if not has_eps:
+        mark_eps_absent(totals)
+    indices, counts = parts[0][1:] if len(parts) == 1 else merge_stores([part[1:] for part in parts])
+    return decode_statistics(counts, totals, indices)
 
 
 def _part(kernel: Kernel, flat: dict[str, np.ndarray | torch.Tensor], scalars: dict[str, Any],

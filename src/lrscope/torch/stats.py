@@ -209,13 +209,6 @@ class Accumulator:
     def _keep(self, row: torch.Tensor) -> None:
         self.rows.append(row.double().numpy() if self.cpu_counts is not None else row)
 
-    def add_counted(self, row: np.ndarray, indices: np.ndarray, counts: np.ndarray, has_eps: bool) -> None:
-        """A range whose row and nonzero bucket counts were computed elsewhere
-        (``torch_fused``, on the CPU)."""
-        self.cpu_counts.add_counts(indices, counts)
-        self.rows.append(row)
-        self.has_eps = self.has_eps or has_eps
-
     def add_chunk(self, compute: Callable[[slice], Elementwise], flat_param: torch.Tensor,
                   chunk: slice) -> None:
         """The statistics of eta over the flat slice ``chunk`` (``compute(chunk)``)."""
