@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -112,10 +113,53 @@ def naive_monitor(optimizer: torch.optim.Adam) -> None:
         _ = (eta.min().item(), eta.max().item(), eta.mean().item(), (eta > group["lr"] / eps / 2).sum().item())
 
 
+@torch.no_grad()
+def olmo_style(optimizer: torch.optim.Adam) -> None:
+    """What OLMo logs per parameter: min, max, mean and norm of the gradient, the parameter
+    and both Adam moments, each read with ``.item()``."""
+    for p in optimizer.param_groups[0]["params"]:
+        state = optimizer.state[p]
+        for x in (p.grad, p, state["exp_avg"], state["exp_avg_sq"]):
+            _ = (x.min().item(), x.max().item(), x.mean().item(), x.norm().item())
+
+
+@torch.no_grad()
+def composer_style(optimizer: torch.optim.Adam) -> None:
+    """What Composer's optimizer monitor logs per parameter for Adam: the step it rebuilds
+    from the moments, and the norms of it, the gradient, the parameter and both moments,
+    with the cosine between the step and the gradient, each read with ``.item()``."""
+    group = optimizer.param_groups[0]
+    (beta1, beta2), eps = group["betas"], group["eps"]
+    for p in group["params"]:
+        state = optimizer.state[p]
+        t = state["step"].item()
+        step = group["lr"] * (state["exp_avg"] / (1 - beta1**t)) / (
+            (state["exp_avg_sq"] / (1 - beta2**t)).sqrt() + eps)
+        norms = [x.norm().item() for x in (step, p.grad, p, state["exp_avg"], state["exp_avg_sq"])]
+        _ = (norms, torch.nn.functional.cosine_similarity(step.reshape(-1), p.grad.reshape(-1), dim=0).item())
+
+
+@torch.no_grad()
+def wandb_watch_style(optimizer: torch.optim.Adam) -> None:
+    """What ``wandb.watch(log="all")`` logs per parameter: a 64-bin histogram of the parameter
+    and of its gradient between their min and max, read back to the host."""
+    for p in optimizer.param_groups[0]["params"]:
+        for x in (p, p.grad):
+            low, high = x.min().item(), x.max().item()
+            _ = torch.histc(x.float(), bins=64, min=low, max=high).tolist()
+
+
+#: The peers' monitors of section 1, each computing less than lrscope (no eta, no sketch).
+PEERS = {"olmo_style": ("OLMo-style min/max/mean/norm", olmo_style),
+         "composer_style": ("Composer-style step norms", composer_style),
+         "wandb_style": ("wandb.watch-style histograms", wandb_watch_style)}
+
+
 def distributions(scale: float, repeat: int, device: str) -> dict[str, Any]:
-    """Per-round times of the Adam step, one read of exp_avg_sq and lrscope's distributions
-    (compiled: numba on the CPU, Triton on a GPU; then eager), interleaved so that a slow
-    spell of the machine hits them alike; on a GPU also the foreach AdamW step."""
+    """Per-round times of the Adam step, one read of exp_avg_sq, lrscope's distributions
+    (compiled: numba on the CPU, Triton on a GPU; then eager) and the peers' monitors
+    (``PEERS``), interleaved so that a slow spell of the machine hits them alike; on a GPU
+    also the foreach AdamW step."""
     optimizer, params = adam_with_state(transformer_shapes(scale), device)
     start = time.perf_counter()
     lrscope.inspect(optimizer)  # compiles the fused kernel
@@ -131,7 +175,8 @@ def distributions(scale: float, repeat: int, device: str) -> dict[str, Any]:
     fused_adam, _ = adam_with_state(transformer_shapes(scale), device, fused=True)
     work = {"adam_step": optimizer.step, "fused_adam_step": fused_adam.step,
             "read_once": lambda: [optimizer.state[p]["exp_avg_sq"].sum() for p in params],
-            "lrscope": lambda: lrscope.inspect(optimizer), "eager": eager}
+            "lrscope": lambda: lrscope.inspect(optimizer), "eager": eager,
+            **{name: functools.partial(monitor, optimizer) for name, (_, monitor) in PEERS.items()}}
     if device != "cpu":  # the step the GPU goal (issue #25) is stated against
         adamw, _ = adam_with_state(transformer_shapes(scale), device, torch.optim.AdamW, foreach=True)
         work["foreach_adamw_step"] = adamw.step
@@ -483,14 +528,15 @@ def main() -> None:
     per_round = {name: [a / b for a, b in zip(r[name], r["adam_step"])] for name in r}
     print(f"\n1. Full distributions, Adam, {d['parameters'] / 1e6:.1f}M parameters "
           f"({repeat} interleaved rounds; ratios are medians of per-round ratios)")
-    print(f"   Adam step                  {step * 1e3:8.1f} ms")
+    print(f"   Adam step                    {step * 1e3:8.1f} ms")
     compiled = "Triton kernel" if device == "cuda" else "numba kernel"
     for name, label in (("fused_adam_step", "Adam step with fused=True"), ("foreach_adamw_step", "AdamW step, foreach"),
                         ("read_once", "one read of exp_avg_sq"), ("lrscope", f"lrscope ({compiled})"),
-                        ("eager", "... eager (LRSCOPE_FUSED=0)")):
+                        ("eager", "... eager (LRSCOPE_FUSED=0)"),
+                        *((name, label) for name, (label, _) in PEERS.items())):
         if name in r:
             ratios = per_round[name]
-            print(f"   {label:27s}{statistics.median(r[name]) * 1e3:8.1f} ms  "
+            print(f"   {label:29s}{statistics.median(r[name]) * 1e3:8.1f} ms  "
                   f"{statistics.median(ratios):5.2f} x the step  (rounds {min(ratios):.2f}-{max(ratios):.2f})")
     lrscope_s = statistics.median(r["lrscope"])
     print(f"   ratio to the Adam step     {statistics.median(per_round['lrscope']):8.2f} x   (goal <= 0.3)")
