@@ -60,8 +60,8 @@ class BucketCounts:
         self._row: np.ndarray | None = None  # int32 counts, made on first use
         self._in_row = 0
         self._total: np.ndarray | None = None  # int64 counts folded from the row
-        # Keys of small adds with their weight, and buckets counted elsewhere with their counts.
-        self._few: list[tuple[np.ndarray, int | np.ndarray]] = []
+        # Keys of small adds, with their weight.
+        self._few: list[tuple[np.ndarray, int]] = []
 
     def add(self, values: np.ndarray, weight: int = 1) -> None:
         """Count a float32 array (any shape), each value ``weight`` times."""
@@ -77,10 +77,6 @@ class BucketCounts:
             self._fold()
         self._count(self._row, bits)
         self._in_row += bits.size
-
-    def add_counts(self, indices: np.ndarray, counts: np.ndarray) -> None:
-        """Add buckets counted elsewhere: their indices (unique) and counts."""
-        self._few.append((indices, counts))
 
     def _fold(self) -> None:
         if self._row is not None and self._in_row:
@@ -114,7 +110,5 @@ class BucketCounts:
         indices, counts = self._dense(within)
         if not self._few:  # the dense counts alone: already sorted and unique
             return indices, counts
-        if not indices.size and len(self._few) == 1 and not isinstance(self._few[0][1], int):
-            return self._few[0]  # one set of buckets counted elsewhere: already sorted and unique
         weighted = [(keys, np.broadcast_to(np.asarray(weight, np.int64), keys.shape)) for keys, weight in self._few]
         return merge_stores([(indices, counts), *weighted])

@@ -10,7 +10,8 @@ own row.  Per-step scalars (t, lr, beta powers) are arguments, so a new step com
 nothing; a family, option set or dtype compiles once (about a second).
 
 Used for tensors of at least ``FUSED_MIN_ELEMENTS`` on the CPU, with numba installed (it
-comes with ``lrscope[torch]``), and for the smaller ones whose kernel is compiled already.  GPU tensors keep the eager path (their kernels already run
+comes with ``lrscope[torch]``), and for smaller ones whose kernel is compiled already (see
+``COMPILED_MIN_ELEMENTS``).  GPU tensors keep the eager path (their kernels already run
 at memory speed).  Set ``LRSCOPE_FUSED=0`` to switch it off; if a formula cannot be
 compiled, lrscope warns once and measures it eagerly.
 
@@ -44,9 +45,9 @@ from lrscope.report import decode_statistics, mark_eps_absent
 from lrscope.stats import mapping
 from lrscope.stats.sketch import merge_stores
 
-#: Tensors smaller than this (at most 65,536 elements, 256 KiB in float32) use the eager
-#: path: they are cheap, and a model made only of them (a test, the demo) never waits for a
-#: compilation.
+#: Tensors smaller than this (at most 65,536 elements, 256 KiB in float32) are measured
+#: together (``small``) until a larger tensor has compiled their kernel: a model made only
+#: of them (a test, the demo) never waits for a compilation.
 FUSED_MIN_ELEMENTS = (1 << 16) + 1
 #: Tensors of at least this many elements, but fewer than ``FUSED_MIN_ELEMENTS``, are
 #: measured by the kernel once a larger tensor has compiled it (one pass, where measuring

@@ -62,7 +62,8 @@ def _batchable(compute: Any, param: torch.Tensor) -> bool:
     measures (once a large tensor has compiled it, the kernel measures the small ones too:
     one pass each, where a batch takes a dozen)."""
     on_host = stats.on_host(param.device)
-    return (isinstance(compute, fused.ChunkedFormula) and 1 < param.numel() <= (SMALL_ELEMENTS if on_host else DEVICE_BATCH_ELEMENTS)
+    limit = SMALL_ELEMENTS if on_host else DEVICE_BATCH_ELEMENTS
+    return (isinstance(compute, fused.ChunkedFormula) and 1 < param.numel() <= limit
             and not (on_host and fused.applies(compute, param, False)))
 
 
