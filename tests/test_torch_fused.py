@@ -188,7 +188,7 @@ def test_a_kernel_failure_warns_once_and_stays_eager(small_chunks, monkeypatch):
     def broken(source):
         raise RuntimeError("no LLVM here")
 
-    monkeypatch.setattr(torch_kernel, "_compile", broken)
+    monkeypatch.setattr(torch_kernel.compiled, "compile_kernel", broken)
     w = torch.nn.Parameter(torch.randn(5000))
     optimizer = torch.optim.Adam([w], lr=1e-3)
     w.grad = torch.randn(5000)
