@@ -105,6 +105,16 @@ def _run(tx, grads, jit=True):
     return history
 
 
+def xla_statistics_only(monkeypatch):
+    """Switch off the one-pass statistics (``lrscope.jax.fused``): XLA computes eta."""
+    from lrscope.jax import fused
+
+    def unsupported(*args, **kwargs):
+        raise fused.Unsupported("switched off by the test")
+
+    monkeypatch.setattr(fused, "statistics", unsupported)
+
+
 def _kwargs(alias, kwargs):
     if "learning_rate" in kwargs or alias is optax.adadelta:
         return kwargs
@@ -246,10 +256,12 @@ def test_tensors_measured_in_a_loop_equal_those_measured_alone(x64, alias, kwarg
     """On the CPU the tensors of a group are measured block by block in a loop
     (``optax_stats.by_blocks``; blocks of at most 5 elements here: [4], [12], [4, 1]);
     with ``keep_arrays`` (arrays of every shape) each is measured on its own, as on other
-    platforms: the same statistics."""
+    platforms: the same statistics.  (The one-pass statistics of ``lrscope.jax.fused``,
+    which need no loop, are switched off: ``tests/test_jax_fused.py`` tests them.)"""
     from lrscope.jax import stats as optax_stats
 
     monkeypatch.setattr(optax_stats, "BLOCK_ELEMENTS", 5)
+    xla_statistics_only(monkeypatch)
     looped, alone = (lrscope.inspect(_run(lrscope.optax.monitor(
         alias, learning_rate=SCHEDULE, keep_arrays=keep, **kwargs), _grads(3))[-1][3]).to_dict()
         for keep in (False, True))

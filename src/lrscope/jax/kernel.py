@@ -48,8 +48,8 @@ _API_VERSION = (0, 1)
 #: Byte offsets in the XLA FFI C structures (xla/ffi/api/c_api.h, 64-bit): the call
 #: frame's extension, argument and result pointers, a buffer's data, rank and dims, the
 #: metadata extension's type and metadata, the metadata's API version numbers.
-_FRAME_EXTENSION, _FRAME_ARG_COUNT, _FRAME_ARGS, _FRAME_RETS = 8, 56, 72, 112
-_BUFFER_DATA, _BUFFER_RANK, _BUFFER_DIMS = 24, 32, 40
+FRAME_EXTENSION, FRAME_ARG_COUNT, FRAME_ARGS, FRAME_RETS = 8, 56, 72, 112
+BUFFER_DATA, BUFFER_RANK, BUFFER_DIMS = 24, 32, 40
 _EXTENSION_TYPE, _EXTENSION_METADATA, _METADATA_EXTENSION_TYPE = 8, 24, 1
 _METADATA_VERSION = 24
 
@@ -89,8 +89,12 @@ def _checked() -> bool:
 
 
 @functools.cache
-def _register() -> tuple[str, ...] | None:
-    """Compile the handlers and register them with XLA once; None without numba."""
+def ffi_helpers() -> dict[str, Any] | None:
+    """The compiled helpers of a handler (None without numba): ``pointer(address)``,
+    ``words(address, n)`` (``n`` 64-bit words: pointers, sizes), ``data(buffer, n, dtype)``
+    (the ``n`` elements of an ``XLA_FFI_Buffer``), ``size(buffer)`` (its element count) and
+    ``call_metadata(frame)`` (the answer to XLA's request for the handler's metadata, its
+    FFI API version)."""
     try:
         import numba
     except ImportError:
@@ -107,13 +111,49 @@ def _register() -> tuple[str, ...] | None:
 
     @numba.njit(inline="always")
     def words(address: Any, n: int) -> Any:  # pragma: no cover - compiled
-        """``n`` 64-bit words (pointers, sizes) at ``address``."""
         return numba.carray(pointer(address), n, dtype=np.int64)
 
     @numba.njit(inline="always")
     def data(buffer: Any, n: int, dtype: Any) -> Any:  # pragma: no cover - compiled
-        """The ``n`` elements of an ``XLA_FFI_Buffer``."""
-        return numba.carray(pointer(words(buffer + _BUFFER_DATA, 1)[0]), n, dtype=dtype)
+        return numba.carray(pointer(words(buffer + BUFFER_DATA, 1)[0]), n, dtype=dtype)
+
+    @numba.njit(inline="always")
+    def size(buffer: Any) -> int:  # pragma: no cover - compiled
+        n = 1
+        for d in words(words(buffer + BUFFER_DIMS, 1)[0], words(buffer + BUFFER_RANK, 1)[0]):
+            n *= d
+        return n
+
+    @numba.njit(inline="always")
+    def call_metadata(frame: int) -> int:  # pragma: no cover - compiled
+        extension = words(frame + FRAME_EXTENSION, 1)[0]
+        kind = numba.carray(pointer(extension + _EXTENSION_TYPE), 1, dtype=np.int32)[0]
+        if kind == _METADATA_EXTENSION_TYPE:
+            metadata = words(extension + _EXTENSION_METADATA, 1)[0]
+            version = numba.carray(pointer(metadata + _METADATA_VERSION), 3, dtype=np.int32)
+            version[0], version[1], version[2] = _API_VERSION[0], _API_VERSION[1], 0  # traits
+        return 0
+
+    return {"pointer": pointer, "words": words, "data": data, "size": size, "call_metadata": call_metadata}
+
+
+def register(name: str, call: Any) -> None:
+    """Register the numba ``cfunc`` ``call`` as the XLA FFI target ``name`` on the CPU."""
+    _HANDLERS.append(call)  # XLA holds the address only
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(call.ctypes), platform="cpu")
+
+
+@functools.cache
+def _register() -> tuple[str, ...] | None:
+    """Compile the handlers and register them with XLA once; None without numba."""
+    helpers = ffi_helpers()
+    if helpers is None:
+        return None
+    import numba
+    from numba import types
+
+    words, data, call_metadata = helpers["words"], helpers["data"], helpers["call_metadata"]
+    element_count = helpers["size"]
 
     shift, buckets = mapping.FLOAT32_SHIFT, mapping.FLOAT32_BUCKETS
 
@@ -197,48 +237,33 @@ def _register() -> tuple[str, ...] | None:
                     lost += 1
         dropped[0] = lost
 
-    @numba.njit(inline="always")
-    def call_metadata(frame: int) -> int:  # pragma: no cover - compiled
-        """Answer XLA's request for the handler's metadata (its FFI API version)."""
-        extension = words(frame + _FRAME_EXTENSION, 1)[0]
-        kind = numba.carray(pointer(extension + _EXTENSION_TYPE), 1, dtype=np.int32)[0]
-        if kind == _METADATA_EXTENSION_TYPE:
-            metadata = words(extension + _EXTENSION_METADATA, 1)[0]
-            version = numba.carray(pointer(metadata + _METADATA_VERSION), 3, dtype=np.int32)
-            version[0], version[1], version[2] = _API_VERSION[0], _API_VERSION[1], 0  # traits
-        return 0
-
     def handler(dtype: Any) -> Any:
         reduce_values = count_and_reduce(dtype)
 
         @numba.cfunc(types.int64(types.int64), nopython=True, nogil=True)
         def call(frame: int) -> int:  # pragma: no cover - compiled
-            if words(frame + _FRAME_EXTENSION, 1)[0] != 0:  # XLA asks for the handler's metadata
+            if words(frame + FRAME_EXTENSION, 1)[0] != 0:  # XLA asks for the handler's metadata
                 return call_metadata(frame)
-            sources = words(words(frame + _FRAME_ARGS, 1)[0], words(frame + _FRAME_ARG_COUNT, 1)[0])
-            rank = words(sources[0] + _BUFFER_RANK, 1)[0]
-            dims = words(words(sources[0] + _BUFFER_DIMS, 1)[0], rank)
-            size = 1
-            for d in dims:
-                size *= d
-            results = words(words(frame + _FRAME_RETS, 1)[0], 3)
+            sources = words(words(frame + FRAME_ARGS, 1)[0], words(frame + FRAME_ARG_COUNT, 1)[0])
+            n = element_count(sources[0])
+            results = words(words(frame + FRAME_RETS, 1)[0], 3)
             counts, true = data(results[0], buckets, np.int32), data(results[2], 1, np.int32)
             counts[:] = 0
-            reduce_values(counts, data(sources[0], size, dtype), data(results[1], 4, dtype))
-            true[0] = count_true(data(sources[1], size, np.uint8)) if sources.size > 1 else 0
+            reduce_values(counts, data(sources[0], n, dtype), data(results[1], 4, dtype))
+            true[0] = count_true(data(sources[1], n, np.uint8)) if sources.size > 1 else 0
             return 0
         return call
 
     @numba.cfunc(types.int64(types.int64), nopython=True, nogil=True)
     def compact_call(frame: int) -> int:  # pragma: no cover - compiled
-        if words(frame + _FRAME_EXTENSION, 1)[0] != 0:
+        if words(frame + FRAME_EXTENSION, 1)[0] != 0:
             return call_metadata(frame)
-        table = words(words(frame + _FRAME_ARGS, 1)[0], 1)[0]
-        dims = words(words(table + _BUFFER_DIMS, 1)[0], 2)
+        table = words(words(frame + FRAME_ARGS, 1)[0], 1)[0]
+        dims = words(words(table + BUFFER_DIMS, 1)[0], 2)
         n, width = dims[0], dims[1]
-        results = words(words(frame + _FRAME_RETS, 1)[0], 5)
-        per_tensor = words(words(results[0] + _BUFFER_DIMS, 1)[0], 2)[1]
-        shared = words(words(results[2] + _BUFFER_DIMS, 1)[0], 1)[0]
+        results = words(words(frame + FRAME_RETS, 1)[0], 5)
+        per_tensor = words(words(results[0] + BUFFER_DIMS, 1)[0], 2)[1]
+        shared = words(words(results[2] + BUFFER_DIMS, 1)[0], 1)[0]
         compact_rows(data(table, n * width, np.int32), width,
                      data(results[0], n * per_tensor, np.int32), data(results[1], n * per_tensor, np.int32),
                      data(results[2], shared, np.int32), data(results[3], shared, np.int32),
@@ -248,8 +273,7 @@ def _register() -> tuple[str, ...] | None:
     calls = {name: handler(dtype.type) for dtype, name in _TARGETS.items()}
     calls[_COMPACT] = compact_call
     for name, call in calls.items():
-        _HANDLERS.append(call)  # XLA holds the address only
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(call.ctypes), platform="cpu")
+        register(name, call)
     return tuple(calls)
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrscope.jax import kernel
+from lrscope.jax import fused, kernel
 from lrscope.report import Distribution, ParamReport
 from lrscope.stats import LogSketch, mapping
 
@@ -155,29 +155,20 @@ def leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str, Any], g
 
     Theta before the step is ``after - real`` when ``real`` is given, else it follows
     from the identity ``after = before - eta * d - decay_rate * before``: either way
-    within a rounding of theta of the value the step read.
+    within a rounding of theta of the value the step read.  XLA computes eta, writes it
+    out, and counts and reduces it (``compiled_leaf_stats`` takes one pass instead).
     """
     f = stat_dtype()
     nan = jnp.asarray(jnp.nan, f)
-    dominated, modelled, kept, before = None, None, {}, None
+    dominated, modelled, kept = None, None, {}
     if family is None:
         values, update = jnp.abs(real), real
     else:
-        state = {**arrays, "grad": grad}
-        if after is not None:
-            state["param"] = after
-            if real is not None:
-                before = state["param_before"] = (after - real).astype(after.dtype)
-        el = family.elementwise(jnp, state, t, h, convention)
+        state = _state(arrays, grad, real, after)
+        el, modelled = _modelled(family, state, t, h, convention)
         values = jnp.broadcast_to(el.eta, grad.shape)
         direction = jnp.broadcast_to(el.direction, grad.shape)
-        modelled = -values * direction
-        if el.delta is not None:  # eta and d describe another sequence (schedule-free's z)
-            modelled = jnp.broadcast_to(el.delta, grad.shape)
-        elif before is not None:
-            modelled = modelled - el.decay_rate * before
-        elif after is not None:  # theta before from SPEC §1's identity, as Elementwise.update does
-            modelled = jnp.broadcast_to(el.update(after), grad.shape)
+        modelled = jnp.broadcast_to(modelled, grad.shape)
         if el.eps_dominated is not None:
             dominated = jnp.broadcast_to(el.eps_dominated, grad.shape)
         update = real if check else modelled
@@ -192,6 +183,69 @@ def leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str, Any], g
         jnp.abs(modelled - real).astype(f).max() if checked else nan,
         size.max() if checked else nan, jnp.asarray(family is None))
     return stats, kept
+
+
+def _state(arrays: dict[str, Any], grad: Any, real: Any, after: Any) -> dict[str, Any]:
+    """The formula's view of one tensor: the optimizer state, ``grad``, theta after the
+    step (``param``) and before it (``param_before``, where ``real`` is known)."""
+    state = {**arrays, "grad": grad}
+    if after is not None:
+        state["param"] = after
+        if real is not None:
+            state["param_before"] = (after - real).astype(after.dtype)
+    return state
+
+
+def _modelled(family: Any, state: dict[str, Any], t: Any, h: dict[str, Any],
+              convention: str) -> tuple[Any, Any]:
+    """The family's Elementwise of the step and its modelled update ``-eta * d - decay_rate
+    * theta_before`` (theta before from ``param_before``, else from theta after and SPEC
+    §1's identity; schedule-free: its own ``delta``)."""
+    el = family.elementwise(jnp, state, t, h, convention)
+    if el.delta is not None:  # eta and d describe another sequence (schedule-free's z)
+        return el, el.delta
+    if "param_before" in state:
+        return el, -el.eta * el.direction - el.decay_rate * state["param_before"]
+    if "param" in state:
+        return el, el.update(state["param"])
+    return el, -el.eta * el.direction
+
+
+def compiled_leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str, Any], grad: Any,
+                        real: Any, after: Any, convention: str = "optax", keep: int | None = None
+                        ) -> LeafStats:
+    """``leaf_stats`` without the model check from one compiled pass (``fused.statistics``),
+    on a single CPU device: the formula traced on the tensor's arrays, the per-step values
+    (``t`` and the arrays among the hyperparameters) as its scalars.  Its sums are of
+    every value, not only the finite ones (see ``compiled_or_blocks``).  With ``keep``,
+    its ``buckets`` are ``fused.statistics``' ``(index, count, more)``.  Raises
+    ``fused.Unsupported`` where it does not apply: a measured-only group, no ``after``,
+    an empty tensor, no compiled statistics here (``kernel.available``), a formula that
+    does not translate."""
+    if family is None or after is None or not grad.size or not kernel.available():
+        raise fused.Unsupported("the XLA path measures this tensor")
+    elements = {"grad": grad, "param": after, **({} if real is None else {"real": real})}
+    scalars = {"t": t}
+    for key, value in arrays.items():
+        target = elements if np.shape(value) == grad.shape else scalars
+        if np.ndim(value) and target is scalars:
+            raise fused.Unsupported(f"{key} has another shape than the parameter")
+        target[f"state.{key}"] = value
+    leaves, tree = jax.tree_util.tree_flatten(h)
+    traced_index = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    scalars.update({f"h{i}": leaves[i] for i in traced_index})
+
+    def formula(elements: dict[str, Any], scalars: dict[str, Any]) -> tuple[Any, ...]:
+        view = {**{k[6:]: v for k, v in elements.items() if k.startswith("state.")},
+                **{k[6:]: v for k, v in scalars.items() if k.startswith("state.")}}
+        state = _state(view, elements["grad"], elements.get("real"), elements["param"])
+        hyper = jax.tree_util.tree_unflatten(tree, [scalars.get(f"h{i}", x) for i, x in enumerate(leaves)])
+        el, modelled = _modelled(family, state, scalars["t"], hyper, convention)
+        return el.eta, modelled, state["param"], el.eps_dominated
+
+    counts, s, dominated = fused.statistics(formula, elements, scalars, keep)
+    nan = jnp.asarray(jnp.nan, stat_dtype())
+    return LeafStats(counts, *s[:4], dominated, s[4], s[5], nan, nan, jnp.asarray(False))
 
 
 def merge_stats(s: LeafStats) -> LeafStats:
@@ -210,7 +264,7 @@ def stack_stats(stats: list[LeafStats]) -> LeafStats:
     """The statistics of several tensors as one LeafStats, a row per tensor: the state then
     holds ten arrays per group rather than ten per tensor (on every step between
     distributions each array is carried over, a copy or a kernel launch of its own)."""
-    return LeafStats(*(jnp.stack(field) for field in zip(*stats)))
+    return jax.tree_util.tree_map(lambda *rows: jnp.stack(rows), *stats)
 
 
 #: On the CPU a group's tensors are measured in blocks of consecutive tensors of at most
@@ -278,6 +332,25 @@ def by_blocks(measures: list[Callable[[], LeafStats]], sizes: list[int]) -> Leaf
         return LeafStats(*(field.reshape(-1, *field.shape[2:])[not_padding] for field in table))
 
     return jax.lax.platform_dependent(cpu=in_a_loop, default=written_out)
+
+
+def compiled_or_blocks(compiled: list[Callable[[], LeafStats]], traced: list[Callable[[], LeafStats]],
+                       sizes: list[int]) -> LeafStats:
+    """The statistics of a group's tensors, stacked: from one compiled pass each
+    (``compiled``, ``compiled_leaf_stats``) where every tensor's formula compiles, else
+    ``by_blocks(traced, sizes)``.
+
+    The compiled sums are of every value; on a step where one of the group's is not
+    finite (a NaN, an infinity, an overflow), the XLA path's finite statistics replace
+    them, under one ``lax.cond`` per group (not per tensor: 82 conditionals, each waiting
+    for its tensor's pass, cost a fifth of an Adam step).  The XLA path is traced inside
+    the branch: traced outside it, XLA would compute its eta on every step.
+    """
+    try:
+        stacked = stack_stats([measure() for measure in compiled])
+    except fused.Unsupported:
+        return by_blocks(traced, sizes)
+    return jax.lax.cond(jnp.isfinite(stacked.sum).all(), lambda: stacked, lambda: by_blocks(traced, sizes))
 
 
 def measured_if_refuted(stats: LeafStats, measure: Callable[[], LeafStats],

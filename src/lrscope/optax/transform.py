@@ -33,9 +33,10 @@ import optax
 from lrscope import formulas
 from lrscope._warnings import warn
 from lrscope.optax import model as optax_model
-from lrscope.jax.compact import carried, carried_empty
+from lrscope.jax.compact import carried, carried_empty, compiled_carried
 from lrscope.jax.stats import (
-    LeafStats, by_blocks, leaf_stats, measured_if_refuted, merge_stats, stack_stats, stat_dtype,
+    LeafStats, by_blocks, compiled_leaf_stats, compiled_or_blocks, leaf_stats, measured_if_refuted,
+    merge_stats, stack_stats, stat_dtype,
 )
 from lrscope.monitor import checked_every
 
@@ -309,13 +310,26 @@ def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any,
             return leaf_stats(model.family, arrays_of(i, hyper), steps + 1, hyper, grads[i],
                               reals[i], afters[i], check=plan.check)
 
-        measures = [functools.partial(measure, i, decayed)
-                    for i, decayed in zip(group.leaf_index, group.decayed)]
+        def compiled(i: int, decayed: bool, keep: int | None) -> LeafStats:
+            """Or fused.Unsupported."""
+            hyper = h if decayed else {**h, "weight_decay": 0.0}
+            return compiled_leaf_stats(model.family, arrays_of(i, hyper), steps + 1, hyper,
+                                       grads[i], reals[i], afters[i], keep=keep)
+
+        pairs = list(zip(group.leaf_index, group.decayed))
+        measures = [functools.partial(measure, i, decayed) for i, decayed in pairs]
+        traced = [lambda m=m: m()[0] for m in measures]
+        passes = [functools.partial(compiled, i, decayed) for i, decayed in pairs]
+        if not (plan.keep_arrays or plan.check) and plan.per_param:  # the usual case
+            stats[group.name] = compiled_carried(passes, traced, sizes)
+            continue
         if plan.keep_arrays:  # arrays of every shape: no loop
             rows, arrays[group.name] = zip(*(measure() for measure in measures))
             stacked = stack_stats(list(rows))
+        elif plan.check:  # the check compares the model with the real update: XLA
+            stacked = by_blocks(traced, sizes)
         else:
-            stacked = by_blocks([lambda m=m: m()[0] for m in measures], sizes)
+            stacked = compiled_or_blocks([lambda p=p: p(None) for p in passes], traced, sizes)
         if plan.check:
             stacked = measured_if_refuted(stacked, lambda: by_blocks(realized, sizes), group.tolerance)
         stats[group.name] = carried(stacked if plan.per_param else merge_stats(stacked))
