@@ -40,10 +40,11 @@ import torch
 
 import lrscope
 import lrscope.torch
-from lrscope.torch import fused as torch_fused, kernel as torch_kernel, small as torch_small, stats as torch_stats
+from lrscope.torch import fused as torch_fused, small as torch_small, stats as torch_stats
 from lrscope.torch import triton_kernel
 from lrscope.sinks import JsonlSink
 from lrscope.stats import mapping
+from lrscope.stats.compiled import BLOCK as KERNEL_BLOCK
 
 
 def wait() -> None:
@@ -572,7 +573,7 @@ def main() -> None:
         kib = memory(s, device)["extra_peak_kib"]
         print(f"   {label:16s} median {kib[2] / 1024:6.1f} MiB, max {kib[-1] / 1024:6.1f} MiB")
     if device == "cpu":
-        print(f"   (a block of {torch_kernel.BLOCK:,} elements and {mapping.FLOAT32_BUCKETS * 4 >> 10} KiB of "
+        print(f"   (a block of {KERNEL_BLOCK:,} elements and {mapping.FLOAT32_BUCKETS * 4 >> 10} KiB of "
               "bucket counts per worker thread,"
               f" half-precision parts copied in float32 ({torch_fused.PART_ELEMENTS * 4 >> 20} MiB per tensor), "
               f"small tensors in batches of up to {torch_small.BATCH_ELEMENTS:,} elements; the rest is the C "
