@@ -13,8 +13,9 @@ beyond that the state records how many buckets it could not keep (``Counts.dropp
 reported by ``expand``).
 
 ``compact`` takes the full rows (``lrscope.jax.kernel`` on a single CPU device, where
-XLA's scatter is slow; a cumulative sum and a scatter elsewhere), ``expand`` rebuilds
-them from the state's host copy.
+XLA's scatter is slow; a cumulative sum and a scatter elsewhere), ``compiled_carried`` the
+first nonzero buckets that each tensor's compiled pass kept (``lrscope.jax.fused``: no full
+rows), ``expand`` rebuilds them from the state's host copy.
 
 >>> table = np.zeros((2, mapping.FLOAT32_BUCKETS), np.int32)
 >>> table[0, [7, 9]], table[1, 3] = [2, 5], 1

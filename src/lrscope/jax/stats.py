@@ -4,7 +4,9 @@ Everything here is traced with ``jax.numpy`` and runs where the arrays live (sha
 arrays included): float32 bit buckets of eta counted with ``bincount`` (on a single CPU
 device, with their extremes and sums, by ``lrscope.jax.kernel``), exact finite
 min/max/sum/sum of squares, the eps-dominated count, the update and parameter squared
-norms, and the model check (max |modelled - real update|).  ``param_report`` decodes
+norms, and the model check (max |modelled - real update|).  On a single CPU device,
+without the check, ``compiled_leaf_stats`` takes them all in one pass instead
+(``lrscope.jax.fused``).  ``param_report`` decodes
 one tensor's host copy into a ParamReport; ``measured_if_refuted`` replaces a group's
 statistics of eta by those of the realized update where the check refutes the model.
 """
