@@ -85,7 +85,7 @@ class _Translation:
         self.values: list[Any] = []
         self.types: dict[str, np.dtype] = {}
         self.used: set[str] = set()  # the per-element inputs the body reads
-        self._argument: dict[int, str] = {}
+        self._argument: dict[int, tuple[str, Any]] = {}  # by the id of the value
 
     def walk(self, jaxpr: core.Jaxpr, inputs: list[Any]) -> list[Any]:
         env: dict[core.Var, Any] = dict(zip(jaxpr.invars, inputs))
@@ -134,12 +134,12 @@ class _Translation:
             value = np.asarray(x.value).item()
             return repr(bool(value)) if dtype == np.bool_ else f"{_type(dtype)}({value!r})"
         key = id(x.value)
-        if key not in self._argument:
-            self._argument[key] = f"s{len(self.invariants)}"
-            self.invariants.append(self._argument[key])
+        if key not in self._argument:  # it holds the value too: its id stays its own
+            self._argument[key] = (f"s{len(self.invariants)}", x.value)
+            self.invariants.append(self._argument[key][0])
             self.values.append(jnp.asarray(x.value, x.dtype))
-            self.types[self._argument[key]] = x.dtype
-        name = self._argument[key]
+            self.types[self._argument[key][0]] = x.dtype
+        name = self._argument[key][0]
         return name if x.dtype == dtype else f"{_type(dtype)}({name})"
 
     def _line(self, eqn: Any, operands: list[Any]) -> str:
