@@ -124,6 +124,14 @@ def _jsonl_steps(path: Path) -> list[int]:
     return [json.loads(line)["t"] for line in lines[:-1]]
 
 
+def _written_jsonl_steps(path: Path) -> list[int]:
+    """The steps of the JSONL log's complete lines, while a sink may be writing the next
+    one (a reader may see a line in the middle of its write; the file is whole once the
+    sink is closed, which ``_jsonl_steps`` checks)."""
+    written = path.read_bytes().rpartition(b"\n")[0]
+    return [json.loads(line)["t"] for line in written.split(b"\n") if line]
+
+
 def _tensorboard_steps(log_dir: Path, tag: str = TAG) -> list[int]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -195,7 +203,7 @@ def test_a_dead_tensorboardx_writer_does_not_stop_the_other_sinks(small_disk, tm
         for t in range(4, 200):
             _write(sinks, [t])
             time.sleep(0.01)
-        assert _wait_for(lambda: _jsonl_steps(tmp_path / "x.jsonl")[-1:] == [199], timeout=5)
+        assert _wait_for(lambda: _written_jsonl_steps(tmp_path / "x.jsonl")[-1:] == [199], timeout=5)
         small_disk.free()
         started = time.monotonic()
         sinks.close()
@@ -231,7 +239,7 @@ def test_a_hung_sink_does_not_hold_back_the_file_sinks(tmp_path, monkeypatch):
     sinks = SinkGroup([hung, JsonlSink(tmp_path / "x.jsonl"), CsvSink(tmp_path / "x.csv")])
     try:
         _write(sinks, range(1, 31))
-        assert _wait_for(lambda: len(_jsonl_steps(tmp_path / "x.jsonl")) == 30, timeout=5)
+        assert _wait_for(lambda: len(_written_jsonl_steps(tmp_path / "x.jsonl")) == 30, timeout=5)
         assert _wait_for(lambda: len(_csv_steps(tmp_path / "x.csv")) == 30, timeout=5)
         started = time.monotonic()
         with pytest.warns(RuntimeWarning, match=r"Hung .*30 reports") as record:
