@@ -81,7 +81,7 @@ def compiled_carried(compiled: list[Callable[[int | None], LeafStats]],
     index, count, more = kept.buckets
     return jax.lax.cond(
         jnp.isfinite(kept.sum).all() & (more.max() == 0), lambda: kept._replace(buckets=_from_kept(index, count)),
-        lambda: carried(compiled_or_blocks([lambda m=m: m(None) for m in compiled], traced, sizes)))
+        lambda: carried(compiled_or_blocks(compiled, traced, sizes)))
 
 
 def carried_empty(n: int) -> LeafStats:

@@ -336,10 +336,11 @@ def by_blocks(measures: list[Callable[[], LeafStats]], sizes: list[int]) -> Leaf
     return jax.lax.platform_dependent(cpu=in_a_loop, default=written_out)
 
 
-def compiled_or_blocks(compiled: list[Callable[[], LeafStats]], traced: list[Callable[[], LeafStats]],
-                       sizes: list[int]) -> LeafStats:
+def compiled_or_blocks(compiled: list[Callable[[int | None], LeafStats]],
+                       traced: list[Callable[[], LeafStats]], sizes: list[int]) -> LeafStats:
     """The statistics of a group's tensors, stacked: from one compiled pass each
-    (``compiled``, ``compiled_leaf_stats``) where every tensor's formula compiles, else
+    (``compiled[i](None)``, a ``compiled_leaf_stats`` with every bucket's count) where
+    every tensor's formula compiles, else
     ``by_blocks(traced, sizes)``.
 
     The compiled sums are of every value; on a step where one of the group's is not
@@ -349,7 +350,7 @@ def compiled_or_blocks(compiled: list[Callable[[], LeafStats]], traced: list[Cal
     the branch: traced outside it, XLA would compute its eta on every step.
     """
     try:
-        stacked = stack_stats([measure() for measure in compiled])
+        stacked = stack_stats([measure(None) for measure in compiled])
     except fused.Unsupported:
         return by_blocks(traced, sizes)
     return jax.lax.cond(jnp.isfinite(stacked.sum).all(), lambda: stacked, lambda: by_blocks(traced, sizes))

@@ -305,14 +305,18 @@ def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any,
                                                       numbers[i]))
             return arrays
 
+        def hyper_of(decayed: bool) -> dict[str, Any]:
+            """The group's hyperparameters for a tensor with or without weight decay."""
+            return h if decayed else {**h, "weight_decay": 0.0}
+
         def measure(i: int, decayed: bool) -> tuple[LeafStats, dict[str, Any]]:
-            hyper = h if decayed else {**h, "weight_decay": 0.0}
+            hyper = hyper_of(decayed)
             return leaf_stats(model.family, arrays_of(i, hyper), steps + 1, hyper, grads[i],
                               reals[i], afters[i], check=plan.check)
 
         def compiled(i: int, decayed: bool, keep: int | None) -> LeafStats:
             """Or fused.Unsupported."""
-            hyper = h if decayed else {**h, "weight_decay": 0.0}
+            hyper = hyper_of(decayed)
             return compiled_leaf_stats(model.family, arrays_of(i, hyper), steps + 1, hyper,
                                        grads[i], reals[i], afters[i], keep=keep)
 
@@ -329,7 +333,7 @@ def _distributions(spec: dict[str, Any], plan: Plan, old_inner: Any, inner: Any,
         elif plan.check:  # the check compares the model with the real update: XLA
             stacked = by_blocks(traced, sizes)
         else:
-            stacked = compiled_or_blocks([lambda p=p: p(None) for p in passes], traced, sizes)
+            stacked = compiled_or_blocks(passes, traced, sizes)
         if plan.check:
             stacked = measured_if_refuted(stacked, lambda: by_blocks(realized, sizes), group.tolerance)
         stats[group.name] = carried(stacked if plan.per_param else merge_stats(stacked))
