@@ -101,7 +101,7 @@ def elementwise(
 ) -> Elementwise:
     """eta from ``exp_avg_sq``; d from ``exp_avg``, ``grad`` and ``mu_product`` (torch, keras)."""
     bias2 = 1 - power(state, h, "beta2", t)
-    v_hat = state["exp_avg_sq"] / bias2
+    v_hat = state["exp_avg_sq"] * (1 / bias2)  # a product, not a division: see adam.py
     root = xp.sqrt(v_hat + h["eps_root"]) if convention == "optax" else xp.sqrt(v_hat)
     eta = h["lr"] / (root + h["eps"])
     # (c_m, c_g in the state: computed once per step by the caller, see _common.power)
