@@ -123,6 +123,20 @@ def scaled_decay_rate(h: Mapping[str, Any], step_size: Any = None) -> Any:
     return (h["lr"] if decay_lr is None else decay_lr) * h["weight_decay"]
 
 
+def bias_corrected(x: Any, bias: Any) -> Any:
+    """``x / bias`` for a per-step scalar ``bias`` (a bias correction ``1 - beta**t``),
+    computed as ``x`` times the reciprocal of ``bias``: within a unit in the last place of
+    the division, and per element a multiplication, not a division (a compiled loop over
+    the state is bound by the CPU's divider, which also takes the square roots).
+
+    >>> bias_corrected(3.0, 0.5)
+    6.0
+    """
+    if isinstance(bias, (int, float)) and bias == 0:  # (beta = 1) the division's inf or NaN
+        return x / bias
+    return x * (1 / bias)
+
+
 def second_moment_root(xp: Any, v: Any, bias2: Any, h: Mapping[str, Any]) -> tuple[Any, Any]:
     """``(sqrt(v_hat), eps_hat)``, the two terms of an Adam-like denominator
     ``sqrt(v_hat) + eps_hat`` with ``v_hat = v / bias2``: torch's ``eps_hat = eps``, or, with
@@ -134,9 +148,9 @@ def second_moment_root(xp: Any, v: Any, bias2: Any, h: Mapping[str, Any]) -> tup
     (4.0, 0.2)
     """
     if not h.get("raw_eps"):
-        return xp.sqrt(v / bias2), h["eps"]
+        return xp.sqrt(bias_corrected(v, bias2)), h["eps"]
     scale = bias2 ** 0.5
-    return xp.sqrt(v + h["eps_root"]) / scale, h["eps"] / scale
+    return bias_corrected(xp.sqrt(v + h["eps_root"]), scale), h["eps"] / scale
 
 
 def coupled_direction(

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from lrscope.formulas import nadam
-from lrscope.formulas._common import Elementwise
+from lrscope.formulas._common import Elementwise, bias_corrected
 
 NAMES = ("adabelief",)
 
@@ -43,7 +43,7 @@ def elementwise(
     xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any], convention: str
 ) -> Elementwise:
     """eta from ``exp_avg_var`` (s), d from ``exp_avg`` (and ``grad`` with Nesterov)."""
-    root = xp.sqrt(state["exp_avg_var"] / (1 - h["beta2"] ** t))
+    root = xp.sqrt(bias_corrected(state["exp_avg_var"], 1 - h["beta2"] ** t))
     if h["nesterov"]:
         c_m, c_g = nadam.coefficients(t, h, "optax")
         direction = c_m * state["exp_avg"] + c_g * state["grad"]

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lrscope.formulas._common import Elementwise, is_zero, power, resolve
+from lrscope.formulas._common import Elementwise, bias_corrected, is_zero, power, resolve
 
 NAMES = ("adam", "adamw", "amsgrad", "sparse_adam")
 
@@ -72,21 +72,18 @@ def elementwise(
     where a caller computes them once per step rather than per element (compiled loops).
     """
     bias1, bias2 = 1 - power(state, h, "beta1", t), 1 - power(state, h, "beta2", t)
-    # Per element, a product with the reciprocal of a per-step scalar rather than a
-    # division by it (within a unit in the last place): a compiled loop over the state
-    # is bound by its divisions and square roots (lrscope.stats.compiled).
     v = state["max_exp_avg_sq"] if h["amsgrad"] else state["exp_avg_sq"]
     if convention == "optax":
         # optax's AMSGrad keeps the max of the already bias-corrected v_hat.
-        root = xp.sqrt((v if h["amsgrad"] else v * (1 / bias2)) + h["eps_root"])
+        root = xp.sqrt((v if h["amsgrad"] else bias_corrected(v, bias2)) + h["eps_root"])
         eps_hat = h["eps"]
     else:
-        root = xp.sqrt(v * (1 / bias2))
+        root = xp.sqrt(bias_corrected(v, bias2))
         eps_hat = h["eps"] / bias2**0.5 if convention in ("keras", "tf1") else h["eps"]
     decoupled = h["decoupled_weight_decay"] and not is_zero(h["weight_decay"])
     return Elementwise(
         eta=h["lr"] / (root + eps_hat),
-        direction=state["exp_avg"] * (1 / bias1),
+        direction=bias_corrected(state["exp_avg"], bias1),
         decay_rate=h["lr"] * h["weight_decay"] if decoupled else 0.0,
         eps_dominated=root < eps_hat,
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lrscope.formulas._common import Elementwise, power
+from lrscope.formulas._common import Elementwise, bias_corrected, power
 
 NAMES = ("adamax",)
 
@@ -46,5 +46,5 @@ def elementwise(
     else:
         eta, dominated = h["lr"] / u, u < 2 * eps
     decay = h["lr"] * h["weight_decay"] if convention in ("keras", "optax") else 0.0
-    return Elementwise(eta=eta, direction=state["exp_avg"] / (1 - power(state, h, "beta1", t)),
+    return Elementwise(eta=eta, direction=bias_corrected(state["exp_avg"], 1 - power(state, h, "beta1", t)),
                        decay_rate=decay, eps_dominated=dominated)

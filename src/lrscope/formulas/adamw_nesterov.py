@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from lrscope.formulas import adam
-from lrscope.formulas._common import Elementwise, scaled_decay_rate as decay_rate
+from lrscope.formulas._common import Elementwise, bias_corrected, scaled_decay_rate as decay_rate
 
 NAMES = ("adamw_nesterov",)
 
@@ -46,7 +46,7 @@ def elementwise(
     """eta from ``exp_avg_sq``, d from ``exp_avg`` and ``grad``."""
     beta1 = h["beta1"]
     grad = -state["grad"] if h["maximize"] else state["grad"]
-    root = xp.sqrt(state["exp_avg_sq"] / (1 - h["beta2"] ** t))
-    direction = (beta1 * state["exp_avg"] + (1 - beta1) * grad) / (1 - beta1**t)
+    root = xp.sqrt(bias_corrected(state["exp_avg_sq"], 1 - h["beta2"] ** t))
+    direction = bias_corrected(beta1 * state["exp_avg"] + (1 - beta1) * grad, 1 - beta1**t)
     return Elementwise(eta=h["lr"] / (root + h["eps"]), direction=direction, decay_rate=decay_rate(h),
                        eps_dominated=root < h["eps"])

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lrscope.formulas._common import Elementwise
+from lrscope.formulas._common import Elementwise, bias_corrected
 
 NAMES = ("adan",)
 
@@ -64,10 +64,10 @@ def elementwise(
     xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any], convention: str
 ) -> Elementwise:
     """eta and d from ``exp_avg``, ``exp_avg_diff`` and ``exp_avg_sq``."""
-    root = xp.sqrt(state["exp_avg_sq"] / (1 - h["beta3"] ** t))
+    root = xp.sqrt(bias_corrected(state["exp_avg_sq"], 1 - h["beta3"] ** t))
     denom = root + h["eps"]
-    direction = state["exp_avg"] / (1 - h["beta1"] ** t) + \
-        h["beta2"] * state["exp_avg_diff"] / (1 - h["beta2"] ** t)
+    direction = bias_corrected(state["exp_avg"], 1 - h["beta1"] ** t) + \
+        h["beta2"] * bias_corrected(state["exp_avg_diff"], 1 - h["beta2"] ** t)
     shrink = 1 if h["no_prox"] else 1 + h["lr"] * h["weight_decay"]
     return Elementwise(eta=h["lr"] / (shrink * denom), direction=direction, decay_rate=decay_rate(h),
                        eps_dominated=root < h["eps"])

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lrscope.formulas._common import Elementwise, scaled_decay_rate as decay_rate
+from lrscope.formulas._common import Elementwise, bias_corrected, scaled_decay_rate as decay_rate
 
 NAMES = ("ademamix",)
 
@@ -56,7 +56,7 @@ def elementwise(
     if h["t_alpha"]:
         zero = 0 * m1  # min(t * alpha / t_alpha, alpha) with the common operations only
         alpha = -xp.maximum(zero - t * alpha / h["t_alpha"], zero - alpha)
-    root = xp.sqrt(state["exp_avg_sq"] / (1 - h["beta2"] ** t))
-    direction = m1 / (1 - h["beta1"] ** t) + alpha * m2
+    root = xp.sqrt(bias_corrected(state["exp_avg_sq"], 1 - h["beta2"] ** t))
+    direction = bias_corrected(m1, 1 - h["beta1"] ** t) + alpha * m2
     return Elementwise(eta=h["lr"] / (root + h["eps"]), direction=direction, decay_rate=decay_rate(h),
                        eps_dominated=root < h["eps"])

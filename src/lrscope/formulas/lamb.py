@@ -87,7 +87,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lrscope.formulas._common import Elementwise
+from lrscope.formulas._common import Elementwise, bias_corrected
 
 NAMES = ("lamb",)
 #: eta needs whole-tensor norms (the trust ratio): not computable chunk by chunk.
@@ -164,8 +164,8 @@ def _torch(xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any]) -> E
     """timm's Lamb (see the module docstring)."""
     bias1, bias2 = (1 - h["beta1"] ** t, 1 - h["beta2"] ** t) if h["bias_correction"] else (1, 1)
     lr, wd, after = h["lr"], h["weight_decay"], state["param"]
-    m_hat = state["exp_avg"] / bias1
-    root = xp.sqrt(state["exp_avg_sq"]) / bias2**0.5
+    m_hat = bias_corrected(state["exp_avg"], bias1)
+    root = bias_corrected(xp.sqrt(state["exp_avg_sq"]), bias2**0.5)
     denom = root + h["eps"]
     update = m_hat / denom
     coupled = wd != 0 and not h["decoupled_decay"]

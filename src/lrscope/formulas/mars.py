@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lrscope.formulas._common import Elementwise, second_moment_root
+from lrscope.formulas._common import Elementwise, bias_corrected, second_moment_root
 
 NAMES = ("mars",)
 #: Which rule a tensor takes depends on its shape (``matrix`` from the state hook).
@@ -89,5 +89,5 @@ def elementwise(
         lr, (beta1, beta2) = h["lr"] * h["lr_1d_factor"], h["betas_1d"] or (h["beta1"], h["beta2"])
         wd = h["weight_decay"] if h["weight_decay_1d"] is None else h["weight_decay_1d"]
     root, eps_hat = second_moment_root(xp, state["exp_avg_sq"], 1 - beta2**t, h)
-    return Elementwise(eta=lr / (root + eps_hat), direction=m / (1 - beta1**t),
+    return Elementwise(eta=lr / (root + eps_hat), direction=bias_corrected(m, 1 - beta1**t),
                        decay_rate=_decay(h, lr, wd), eps_dominated=root < eps_hat)

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lrscope.formulas._common import Elementwise, coupled_direction, is_zero, power, resolve
+from lrscope.formulas._common import Elementwise, bias_corrected, coupled_direction, is_zero, power, resolve
 
 NAMES = ("nadam", "nadamw")
 
@@ -101,7 +101,7 @@ def elementwise(
 ) -> Elementwise:
     """eta from ``exp_avg_sq``; d from ``exp_avg``, ``grad`` and ``mu_product`` (torch, keras)."""
     bias2 = 1 - power(state, h, "beta2", t)
-    v_hat = state["exp_avg_sq"] * (1 / bias2)  # a product, not a division: see adam.py
+    v_hat = bias_corrected(state["exp_avg_sq"], bias2)
     root = xp.sqrt(v_hat + h["eps_root"]) if convention == "optax" else xp.sqrt(v_hat)
     eta = h["lr"] / (root + h["eps"])
     # (c_m, c_g in the state: computed once per step by the caller, see _common.power)

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lrscope.formulas._common import Elementwise
+from lrscope.formulas._common import Elementwise, bias_corrected
 
 NAMES = ("radam", "radamw")
 
@@ -68,12 +68,12 @@ def elementwise(
 ) -> Elementwise:
     """eta from ``exp_avg_sq`` in the rectified regime, ``lr`` before it; d = m_hat."""
     bias1, bias2 = 1 - h["beta1"] ** t, 1 - h["beta2"] ** t
-    v_hat = state["exp_avg_sq"] * (1 / bias2)  # products, not divisions: see adam.py
+    v_hat = bias_corrected(state["exp_avg_sq"], bias2)
     if convention == "optax":
         root, eps_hat = xp.sqrt(v_hat + h["eps_root"]), h["eps"]
     else:
         root, eps_hat = xp.sqrt(v_hat), h["eps"] / bias2**0.5
-    direction = state["exp_avg"] * (1 / bias1)
+    direction = bias_corrected(state["exp_avg"], bias1)
     decoupled = convention == "torch" and h["decoupled_weight_decay"] and h["weight_decay"] != 0
     decay = h["lr"] * h["weight_decay"] if decoupled else 0.0
     ok = rectified(xp, t, h, convention)

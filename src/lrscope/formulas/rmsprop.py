@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lrscope.formulas._common import Elementwise, coupled_direction
+from lrscope.formulas._common import Elementwise, bias_corrected, coupled_direction
 
 NAMES = ("rmsprop",)
 
@@ -75,9 +75,9 @@ def elementwise(
 def _optax(xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any]) -> Elementwise:
     """optax.rmsprop: eps in or outside the sqrt, optional bias correction, signed trace."""
     bias = 1 - h["decay"] ** t if h["bias_correction"] else 1.0
-    denominator = state["square_avg"] / bias
+    denominator = bias_corrected(state["square_avg"], bias)
     if h["centered"]:
-        denominator = denominator - (state["grad_avg"] / bias) ** 2
+        denominator = denominator - bias_corrected(state["grad_avg"], bias) ** 2
     eps, lr, buffer = h["eps"], h["lr"], state.get("momentum_buffer")
     if h["eps_in_sqrt"]:
         eta, dominated = lr / xp.sqrt(denominator + eps), denominator < eps

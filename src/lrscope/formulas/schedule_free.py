@@ -94,7 +94,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lrscope.formulas._common import Elementwise, per_step
+from lrscope.formulas._common import Elementwise, bias_corrected, per_step
 
 NAMES = ("schedule_free",)
 STEP_SCALARS = ("lr", "ckp1")
@@ -189,7 +189,7 @@ def _denominator(xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any]
     if not h["adaptive"]:
         return 1.0, None
     v = state["exp_avg_sq"]
-    root = xp.sqrt(v / (1 - h["beta2"] ** t) if h["bias_correction"] else v)
+    root = xp.sqrt(bias_corrected(v, 1 - h["beta2"] ** t) if h["bias_correction"] else v)
     return root + h["eps"], root < h["eps"]
 
 
@@ -248,7 +248,7 @@ def _keras_elementwise(xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str
     """Keras' z-step and the y before it, rebuilt from z, y and g after the step."""
     lr, beta1 = keras_lr(t, h, state), h["beta1"]
     g, z, y = state["grad"], state["z"], state["param"]
-    root = xp.sqrt(state["exp_avg_sq"] / (1 - h["beta2"] ** t))
+    root = xp.sqrt(bias_corrected(state["exp_avg_sq"], 1 - h["beta2"] ** t))
     eta = lr / (root + h["eps"])
     z_before = z + eta * g
     ckp1 = 1 / t
@@ -273,7 +273,7 @@ def _optax_elementwise(xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str
     g, z_before, y_before = state["grad"], state["z_before"], state.get("param_before")
     eps_dominated = None
     if h["adaptive"]:
-        root = xp.sqrt(state["exp_avg_sq"] / (1 - h["beta2"] ** t))
+        root = xp.sqrt(bias_corrected(state["exp_avg_sq"], 1 - h["beta2"] ** t))
         denom = root + h["eps"]
         eps_dominated = root < h["eps"]
         eta = lr / denom

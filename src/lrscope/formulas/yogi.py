@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lrscope.formulas._common import Elementwise
+from lrscope.formulas._common import Elementwise, bias_corrected
 
 NAMES = ("yogi",)
 
@@ -45,9 +45,9 @@ def elementwise(
     xp: Any, state: Mapping[str, Any], t: Any, h: Mapping[str, Any], convention: str
 ) -> Elementwise:
     """eta from ``exp_avg_sq`` (Yogi's v), d = bias-corrected ``exp_avg``."""
-    root = xp.sqrt(state["exp_avg_sq"] / (1 - h["beta2"] ** t) + h["eps_root"])
+    root = xp.sqrt(bias_corrected(state["exp_avg_sq"], 1 - h["beta2"] ** t) + h["eps_root"])
     return Elementwise(
         eta=h["lr"] / (root + h["eps"]),
-        direction=state["exp_avg"] / (1 - h["beta1"] ** t),
+        direction=bias_corrected(state["exp_avg"], 1 - h["beta1"] ** t),
         eps_dominated=root < h["eps"],
     )
