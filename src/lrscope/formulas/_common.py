@@ -132,7 +132,7 @@ def bias_corrected(x: Any, bias: Any) -> Any:
     >>> bias_corrected(3.0, 0.5)
     6.0
     """
-    if isinstance(bias, (int, float)) and bias == 0:  # (beta = 1) the division's inf or NaN
+    if is_zero(bias):  # (beta = 1) the division's inf or NaN, not Python's ZeroDivisionError
         return x / bias
     return x * (1 / bias)
 

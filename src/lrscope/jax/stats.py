@@ -340,8 +340,7 @@ def compiled_or_blocks(compiled: list[Callable[[int | None], LeafStats]],
                        traced: list[Callable[[], LeafStats]], sizes: list[int]) -> LeafStats:
     """The statistics of a group's tensors, stacked: from one compiled pass each
     (``compiled[i](None)``, a ``compiled_leaf_stats`` with every bucket's count) where
-    every tensor's formula compiles, else
-    ``by_blocks(traced, sizes)``.
+    every tensor's formula compiles, else ``by_blocks(traced, sizes)``.
 
     The compiled sums are of every value; on a step where one of the group's is not
     finite (a NaN, an infinity, an overflow), the XLA path's finite statistics replace
