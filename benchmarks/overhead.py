@@ -5,6 +5,7 @@
     python benchmarks/overhead.py --torch    # sections 1-3 only (PyTorch; ~2 minutes)
     python benchmarks/overhead.py --optax    # section 4 only (Optax; ~2 minutes)
     python benchmarks/overhead.py --keras    # section 5 only (Keras' three backends; ~1 minute)
+    python benchmarks/overhead.py --kernel   # section 6 only (what bounds a CPU measurement; ~20 s)
     python benchmarks/overhead.py --device cuda   # sections 1-4 on a GPU (~2 minutes)
 
 Prints, for PyTorch (CPU, or the GPU that ``--device`` names):
@@ -17,7 +18,10 @@ Prints, for PyTorch (CPU, or the GPU that ``--device`` names):
    from the kernel's peak-RSS counter reset just before; on a GPU, the caching
    allocator's peak counter);
 4. and 5. the same ratios for Optax (jitted, on jax's default device) and Keras 3 (its
-   three backends); on a GPU, first the device-to-host synchronisations per step.
+   three backends); on a GPU, first the device-to-host synchronisations per step;
+6. on the CPU, what bounds a measurement: per-element times on one thread of the compiled
+   loop, of variants of it without parts of its work, of reading its arrays, and of Optax's
+   compiled pass.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import functools
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -36,6 +41,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 import lrscope
@@ -70,13 +76,17 @@ def best_of(fn: Callable[[], object], repeat: int) -> float:
 
 def interleaved_rounds(work: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
     """One wall time per call and round, the calls interleaved in every round (so that a
-    slow spell of this shared machine hits them alike), after one warm-up call each."""
+    slow spell of this shared machine hits them alike) in an order shuffled from round to
+    round (so that no call always follows the same one, whose memory traffic or freed pages
+    it would pay for), after one warm-up call each."""
     for fn in work.values():
         fn()
     rounds: dict[str, list[float]] = {name: [] for name in work}
+    order, shuffle = list(work), random.Random(0).shuffle
     for _ in range(repeat):
-        for name, fn in work.items():
-            rounds[name].append(timed(fn))
+        shuffle(order)
+        for name in order:
+            rounds[name].append(timed(work[name]))
     return rounds
 
 
@@ -358,6 +368,145 @@ def synchronisations(steps: int, every: int) -> dict[bool, list[int]]:
     return counts
 
 
+#: Elements of the single tensor whose compiled loop ``kernel_bounds`` times alone.
+KERNEL_ELEMENTS = 10_000_000
+#: Elements that ``kernel_bounds`` reads from the cache, in three float32 arrays.
+CACHED_ELEMENTS = 65_536
+
+
+def kernel_bounds(scale: float, repeat: int) -> dict[str, float]:
+    """What bounds a measurement on the CPU, on one thread: ``lrscope.inspect`` on the
+    model of section 1 (and the time its compiled loop took) beside the ``fused=True`` Adam
+    step; the compiled Adam loop alone, called directly on the parts of one tensor of
+    ``KERNEL_ELEMENTS``; the same generated loop without counting buckets, and with its
+    square root and division turned into products (what eta's correctly rounded root and
+    division cost); a loop that only reads the three arrays (the memory's floor); the Adam
+    loop on data in the cache (its arithmetic alone); and Optax's compiled pass alone
+    (``lrscope.jax.fused``) on as many elements of random Adam state.  Seconds per call for
+    the first three, per ``KERNEL_ELEMENTS`` elements for the others; medians of ``repeat``."""
+    from lrscope.stats import compiled
+
+    torch.set_num_threads(1)
+    optimizer, _ = adam_with_state(transformer_shapes(scale))
+    fused_adam, _ = adam_with_state(transformer_shapes(scale), fused=True)
+    lrscope.inspect(optimizer)  # compiles Adam's kernel
+    (kernel,) = torch_fused._kernels.values()  # Adam's, float32: the one this process built
+    assert kernel.arrays == ["exp_avg", "exp_avg_sq", "param"], kernel.arrays
+    function, in_loop = kernel.function, []
+
+    def timed_loop(*args: Any) -> None:
+        start = time.perf_counter()
+        function(*args)
+        in_loop.append(time.perf_counter() - start)
+
+    kernel.function = timed_loop
+    rounds = interleaved_rounds({"inspect": lambda: lrscope.inspect(optimizer),
+                                 "fused_adam_step": fused_adam.step}, repeat)
+    timings = {name: statistics.median(times) for name, times in rounds.items()}
+    timings["inspect_in_loop"] = sum(in_loop) / (repeat + 1)  # (interleaved_rounds warms up once)
+    del optimizer, fused_adam
+
+    big, _ = adam_with_state([(KERNEL_ELEMENTS,)])
+    calls: list[tuple[Any, ...]] = []
+    kernel.function = lambda *args: calls.append(args) or function(*args)
+    lrscope.inspect(big)
+    kernel.function = function
+    # The recorded arguments, each part's arrays and per-step scalars, with buffers of our own
+    # for the counts and the row (the worker thread's counts must stay at zero).
+    calls = [(*args[:-2], np.zeros(mapping.FLOAT32_BUCKETS, np.int32), np.zeros(len(compiled.STATISTICS)))
+             for args in calls]
+    formula, loop = kernel.source.split("\ndef kernel(")
+    products = formula.replace("np.sqrt(", "(").replace(" / ", " * ")
+    assert products.count("*") > formula.count("*") and "sqrt" not in products, formula
+    variants = {"kernel": function,
+                "without_counting": compiled.compile_kernel(
+                    kernel.source.replace("counts[keys[i]] += 1", "pass")),
+                "without_root_and_division": compiled.compile_kernel(products + "\ndef kernel(" + loop),
+                "read_only": _read_loop()}
+    for name, variant in variants.items():
+        timings[name] = best_of(lambda f=variant: [f(*args) for args in calls], repeat)
+    # The loop on the first CACHED_ELEMENTS of the tensor (768 KiB: they stay in the cache),
+    # as many times as covers the tensor: its arithmetic, without waiting for memory.
+    cached = (*(array[:CACHED_ELEMENTS].copy() for array in calls[0][:3]), *calls[0][3:])
+    laps = KERNEL_ELEMENTS // CACHED_ELEMENTS
+    timings["in_cache"] = best_of(lambda: [function(*cached) for _ in range(laps)], repeat) * (
+        KERNEL_ELEMENTS / (laps * CACHED_ELEMENTS))
+    timings["optax_pass"] = optax_pass(repeat)
+    return timings
+
+
+def _read_loop() -> Callable[..., float]:
+    """A compiled loop that only reads the first three arrays of a kernel's arguments (their
+    sum; the other arguments are ignored): the memory's floor."""
+    import numba
+
+    @numba.njit(nogil=True, fastmath=True)
+    def read(a0: np.ndarray, a1: np.ndarray, a2: np.ndarray, *ignored: Any) -> float:
+        total = np.float32(0)
+        for i in range(a0.size):
+            total += a0[i] + a1[i] + a2[i]
+        return total
+
+    return read
+
+
+def optax_pass(repeat: int) -> float:
+    """Seconds of Optax's compiled statistics pass alone (``lrscope.jax.stats.compiled_leaf_stats``
+    jitted by itself) over ``KERNEL_ELEMENTS`` of random Adam state; NaN without jax."""
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return math.nan
+    from lrscope import formulas
+    from lrscope.formulas import adam
+    from lrscope.jax.compact import KEPT
+    from lrscope.jax.stats import compiled_leaf_stats
+
+    rng = np.random.default_rng(0)
+    grad, param = (jnp.asarray(rng.normal(size=KERNEL_ELEMENTS).astype(np.float32)) for _ in range(2))
+    mu = jnp.asarray(rng.normal(size=KERNEL_ELEMENTS).astype(np.float32) * 1e-3)
+    nu = jnp.asarray(rng.random(KERNEL_ELEMENTS).astype(np.float32) * 1e-6)
+    family, hyper = formulas.family("adam"), adam.resolve_hyper("optax", {"lr": 1e-3})
+    compute = jax.jit(lambda mu, nu, grad, param, t: compiled_leaf_stats(
+        family, {"exp_avg": mu, "exp_avg_sq": nu}, t, hyper, grad, None, param, keep=KEPT))
+    t = jnp.asarray(10, jnp.int32)
+    return best_of(lambda: jax.block_until_ready(compute(mu, nu, grad, param, t)), repeat)
+
+
+_KERNEL_CHILD = """
+import json, sys
+sys.path.insert(0, "benchmarks")
+from overhead import kernel_bounds
+print(json.dumps(kernel_bounds(float(sys.argv[1]), int(sys.argv[2]))))
+"""
+
+
+def print_kernel_bounds(scale: float, repeat: int) -> None:
+    """Section 6, measured in a fresh process (one thread from its start)."""
+    out = subprocess.run([sys.executable, "-c", _KERNEL_CHILD, str(scale), str(repeat)], capture_output=True,
+                         text=True, check=True)
+    k = json.loads(out.stdout.strip().splitlines()[-1])
+    n = sum(math.prod(shape) for shape in transformer_shapes(scale))
+
+    def line(label: str, seconds: float, elements: int, extra: str = "") -> None:
+        print(f"   {label:44s} {seconds * 1e3:7.1f} ms  {seconds / elements * 1e9:5.2f} ns per element{extra}")
+
+    print(f"\n6. What bounds a measurement on the CPU: one thread (torch.set_num_threads(1)), medians of {repeat} calls")
+    line(f"lrscope.inspect, {n / 1e6:.1f}M parameters", k["inspect"], n,
+         f"   {k['inspect'] / k['fused_adam_step']:.2f} x the fused=True step")
+    line("  of which in the compiled loop", k["inspect_in_loop"], n)
+    line("Adam step with fused=True", k["fused_adam_step"], n)
+    print(f"   Adam's compiled loop alone, on one tensor of {KERNEL_ELEMENTS / 1e6:.0f}M elements:")
+    for name, label in (("kernel", "as lrscope runs it"), ("without_counting", "without counting buckets"),
+                        ("without_root_and_division", "root and division made products"),
+                        ("read_only", "reading its three arrays, nothing else"),
+                        ("in_cache", "as lrscope runs it, on data in the cache")):
+        line("  " + label, k[name], KERNEL_ELEMENTS)
+    if not math.isnan(k["optax_pass"]):
+        line(f"Optax's compiled pass alone, {KERNEL_ELEMENTS / 1e6:.0f}M elements", k["optax_pass"], KERNEL_ELEMENTS)
+
+
 #: Width of the Optax benchmark's model (``transformer_shapes``): 11.0M parameters in 82 tensors.
 OPTAX_SCALE = 0.47
 #: Consecutive steps per timed call, as in training: a single step right after another
@@ -504,16 +653,21 @@ def main() -> None:
     parser.add_argument("--torch", action="store_true", help="only the PyTorch sections (1-3)")
     parser.add_argument("--optax", action="store_true", help="only the Optax section (4)")
     parser.add_argument("--keras", action="store_true", help="only the Keras section (5)")
+    parser.add_argument("--kernel", action="store_true", help="only what bounds a CPU measurement (6)")
     parser.add_argument("--device", default="cpu", help="where PyTorch's tensors live: cpu (default) or cuda")
-    parser.add_argument("--scale", type=float, help="model width (1: 49.8M parameters; default 1, 0.1 with --quick)")
+    parser.add_argument("--scale", type=float, help="model width (1: 49.8M parameters; default 1, 0.1 with --quick); "
+                        f"with --optax, the Optax model's (default {OPTAX_SCALE}: 11.0M parameters)")
     args = parser.parse_args()
     scale, repeat = (0.1, 3) if args.quick else (1.0, 9)
     scale, device = args.scale or scale, args.device
     if args.optax:
-        print_optax(0.1 if args.quick else OPTAX_SCALE, repeat)
+        print_optax(args.scale or (0.1 if args.quick else OPTAX_SCALE), repeat)
         return
     if args.keras:
         print_keras(4 if args.quick else 40, repeat)
+        return
+    if args.kernel:
+        print_kernel_bounds(scale, repeat)
         return
     where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
     layout = (f"Triton kernel: blocks of {triton_kernel.BLOCK:,} elements, up to {triton_kernel.GROUP_TENSORS} "
@@ -588,6 +742,8 @@ def main() -> None:
 
     if not args.torch:
         print_other_frameworks(4 if args.quick else 40, repeat, 0.1 if args.quick else OPTAX_SCALE)
+    if device == "cpu":
+        print_kernel_bounds(scale, repeat)
 
 
 if __name__ == "__main__":
