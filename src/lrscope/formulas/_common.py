@@ -126,8 +126,8 @@ def scaled_decay_rate(h: Mapping[str, Any], step_size: Any = None) -> Any:
 def bias_corrected(x: Any, bias: Any) -> Any:
     """``x / bias`` for a per-step scalar ``bias`` (a bias correction ``1 - beta**t``),
     computed as ``x`` times the reciprocal of ``bias``: within a unit in the last place of
-    the division, and per element a multiplication, not a division (a compiled loop over
-    the state is bound by the CPU's divider, which also takes the square roots).
+    the division, and per element a multiplication, not a division (a CPU core divides, and
+    takes square roots, on one unit, much slower than it multiplies).
 
     >>> bias_corrected(3.0, 0.5)
     6.0
