@@ -74,11 +74,19 @@ def best_of(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(timed(fn) for _ in range(repeat))
 
 
-def interleaved_rounds(work: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
-    """One wall time per call and round, the calls interleaved in every round (so that a
-    slow spell of this shared machine hits them alike) in an order shuffled from round to
-    round (so that no call always follows the same one, whose memory traffic or freed pages
-    it would pay for), after one warm-up call each."""
+def process_time_of(fn: Callable[[], object]) -> float:
+    """CPU time of this process (all its threads) for one call."""
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
+def interleaved_rounds(work: dict[str, Callable[[], object]], repeat: int,
+                       clock: Callable[[Callable[[], object]], float] = timed) -> dict[str, list[float]]:
+    """One time per call and round (wall time, or what ``clock`` measures), the calls
+    interleaved in every round (so that a slow spell of this shared machine hits them alike)
+    in an order shuffled from round to round (so that no call always follows the same one,
+    whose memory traffic or freed pages it would pay for), after one warm-up call each."""
     for fn in work.values():
         fn()
     rounds: dict[str, list[float]] = {name: [] for name in work}
@@ -86,7 +94,7 @@ def interleaved_rounds(work: dict[str, Callable[[], object]], repeat: int) -> di
     for _ in range(repeat):
         shuffle(order)
         for name in order:
-            rounds[name].append(timed(work[name]))
+            rounds[name].append(clock(work[name]))
     return rounds
 
 
@@ -200,13 +208,8 @@ def distributions(scale: float, repeat: int, device: str) -> dict[str, Any]:
 def cpu_times(work: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
     """Median CPU time of this process (all its threads) per call, the calls interleaved:
     what a call costs the machine, which other work on a shared machine does not inflate."""
-    times: dict[str, list[float]] = {name: [] for name in work}
-    for _ in range(repeat):
-        for name, fn in work.items():
-            start = time.process_time()
-            fn()
-            times[name].append(time.process_time() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    rounds = interleaved_rounds(work, repeat, clock=process_time_of)
+    return {name: statistics.median(times) for name, times in rounds.items()}
 
 
 def scalars_only(repeat: int, device: str) -> dict[str, float]:
