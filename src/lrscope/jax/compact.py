@@ -10,12 +10,13 @@ bucket`` and count) for the tensors that have more nonzero buckets than that (a 
 eta, or measured-only |delta theta|).  Every count is exact while the group's tensors
 have together at most ``SHARED`` nonzero buckets beyond their first ``PER_TENSOR`` each;
 beyond that the state records how many buckets it could not keep (``Counts.dropped``,
-reported by ``expand``).
+a note of the report: ``lrscope.optax.reader``).
 
 ``compact`` takes the full rows (``lrscope.jax.kernel`` on a single CPU device, where
 XLA's scatter is slow; a cumulative sum and a scatter elsewhere), ``compiled_carried`` the
-first nonzero buckets that each tensor's compiled pass kept (``lrscope.jax.fused``: no full
-rows), ``expand`` rebuilds them from the state's host copy.
+first ``KEPT`` nonzero buckets that each tensor's compiled pass kept (``lrscope.jax.fused``:
+no full rows; a tensor's buckets beyond those are counted in ``dropped`` too), ``expand``
+rebuilds them from the state's host copy.
 
 >>> table = np.zeros((2, mapping.FLOAT32_BUCKETS), np.int32)
 >>> table[0, [7, 9]], table[1, 3] = [2, 5], 1
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrscope.jax import fused, kernel
-from lrscope.jax.stats import LeafStats, by_blocks, compiled_or_blocks, empty_stats, stack_stats
+from lrscope.jax.stats import LeafStats, by_blocks, empty_stats, stack_stats
 from lrscope.stats import mapping
 
 #: Nonzero buckets the state keeps per tensor (a real optimizer's eta: a few hundred).
@@ -44,7 +45,8 @@ PER_TENSOR = 1024
 #: one more tensor's full row.
 SHARED = mapping.FLOAT32_BUCKETS
 #: Nonzero buckets a tensor's compiled pass keeps (``compiled_carried``): its own, and as
-#: many more for the shared store (Adam's eta over 11M parameters: at most 1,122).
+#: many more for the shared store (Adam's eta over 11M parameters: at most 1,122; 2,048
+#: buckets span 32 octaves of eta, a factor of 4e9).
 KEPT = 2 * PER_TENSOR
 
 
@@ -66,22 +68,21 @@ def carried(stats: LeafStats) -> LeafStats:
 
 def compiled_carried(compiled: list[Callable[[int | None], LeafStats]],
                      traced: list[Callable[[], LeafStats]], sizes: list[int]) -> LeafStats:
-    """``carried(stats.compiled_or_blocks(...))`` without a full row of counts per tensor
-    where it can: each tensor's compiled pass (``compiled[i](keep)``, a
-    ``stats.compiled_leaf_stats``) keeps its first ``KEPT`` nonzero buckets itself, and
-    those beyond its first ``PER_TENSOR`` go to the shared store, so XLA never allocates,
-    writes, stacks and compacts 128 KiB per tensor (on an Adam step over 11M parameters,
-    the difference between 1.5 and 2.3 plain steps).  On a step where a tensor has more
-    nonzero buckets than ``KEPT``, or a value that is not finite, the group takes
-    ``compiled_or_blocks`` with full rows and ``compact`` (one ``lax.cond``)."""
+    """``carried(stats.compiled_or_blocks(...))`` without a full row of counts per tensor:
+    each tensor's compiled pass (``compiled[i](keep)``, a ``stats.compiled_leaf_stats``)
+    keeps its first ``KEPT`` nonzero buckets itself, and those beyond its first
+    ``PER_TENSOR`` go to the shared store, so XLA never allocates, writes, stacks and
+    compacts 128 KiB per tensor (on an Adam step over 11M parameters, the difference
+    between 1.5 and 2.3 plain steps).  A tensor's nonzero buckets beyond ``KEPT`` are
+    counted in ``dropped``, not kept: a path with full rows for them, under a conditional,
+    would cost every step, also between distributions (XLA:CPU pays for the branches it
+    does not take), for eta spread over more than 32 octaves.  Where a formula does not
+    compile, ``compact`` of ``by_blocks(traced, sizes)``."""
     try:
         kept = stack_stats([measure(KEPT) for measure in compiled])
     except fused.Unsupported:
         return carried(by_blocks(traced, sizes))
-    index, count, more = kept.buckets
-    return jax.lax.cond(
-        jnp.isfinite(kept.sum).all() & (more.max() == 0), lambda: kept._replace(buckets=_from_kept(index, count)),
-        lambda: carried(compiled_or_blocks(compiled, traced, sizes)))
+    return kept._replace(buckets=_from_kept(*kept.buckets))
 
 
 def carried_empty(n: int) -> LeafStats:
@@ -149,13 +150,15 @@ def _shared(further: jax.Array, keys: jax.Array, counts: jax.Array) -> tuple[jax
     return shared_key, shared_count, jnp.maximum(further.sum(dtype=jnp.int32) - SHARED, 0)
 
 
-def _from_kept(index: jax.Array, count: jax.Array) -> Counts:
+def _from_kept(index: jax.Array, count: jax.Array, more: jax.Array) -> Counts:
     """``compact`` of rows given by their first nonzero buckets (``index`` and ``count``,
-    int32[n, KEPT], in bucket order, -1 and 0 past the last)."""
+    int32[n, KEPT], in bucket order, -1 and 0 past the last) and the number of nonzero
+    buckets beyond them (``more``, int32[n], counted as dropped)."""
     rows = jnp.arange(index.shape[0], dtype=jnp.int32)[:, None]
     rest, rest_count = index[:, PER_TENSOR:], count[:, PER_TENSOR:]
-    return Counts(index[:, :PER_TENSOR], count[:, :PER_TENSOR],
-                  *_shared(rest >= 0, rows * mapping.FLOAT32_BUCKETS + rest, rest_count))
+    shared_key, shared_count, dropped = _shared(rest >= 0, rows * mapping.FLOAT32_BUCKETS + rest, rest_count)
+    return Counts(index[:, :PER_TENSOR], count[:, :PER_TENSOR], shared_key, shared_count,
+                  dropped + more.sum(dtype=jnp.int32))
 
 
 def expand(counts: Counts) -> np.ndarray:

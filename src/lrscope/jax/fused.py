@@ -199,10 +199,10 @@ def _type(dtype: np.dtype) -> str:
 def statistics(formula: Callable[[dict[str, Any], dict[str, Any]], tuple[Any, Any, Any, Any]],
                arrays: dict[str, jax.Array], scalars: dict[str, Any], keep: int | None = None
                ) -> tuple[Any, jax.Array, jax.Array]:
-    """The bucket counts of eta (int32), its min, max, sum and sum of squares and the update
-    and parameter squared norms (``STATISTICS``; not only the finite: check that the sum is
-    finite) and the eps-dominated count (int32; -1 where the formula has none), from one
-    compiled pass over ``arrays``.  With ``keep``, instead of the full row of counts, its
+    """The bucket counts of eta (int32, every value's), the min, max, sum and sum of squares
+    of its finite values, the update and parameter squared norms (``STATISTICS``) and the
+    eps-dominated count (int32; -1 where the formula has none), from one compiled pass over
+    ``arrays`` (and a second where eta is not finite everywhere).  With ``keep``, instead of the full row of counts, its
     first ``keep`` nonzero buckets (indices and counts, -1 and 0 past the last) and the
     number of nonzero buckets beyond them: ``(index, count, more)``, a 64th of the memory
     that XLA has to allocate, write and read again.
@@ -291,7 +291,7 @@ def _register(name: str, source: str, array_types: tuple[str, ...], scalar_types
     import numba
     from numba import types
 
-    function = _compiled(source)
+    function, finite = _compiled(source, "kernel"), _compiled(source, "finite")
     n = len(array_types)
     arrays = ", ".join(f"data(sources[{i}], n, {_type(np.dtype(t))})" for i, t in enumerate(array_types))
     scalars = "".join(f", data(sources[{n + i}], 1, {_type(np.dtype(t))})[0]"
@@ -329,18 +329,20 @@ def call(frame):
     {counting}
     out = np.zeros({len(compiled.STATISTICS)})
     function({arrays}{scalars}, counts, out)
+    if not np.isfinite(out[2]):
+        finite({arrays}{scalars}, out)
     {keeping}
     stats = data(results[{results - 2}], {len(STATISTICS)}, {_type(np.dtype(stat_type))})
     stats[:] = np.array([{picked}])
     data(results[{results - 1}], 1, np.int32)[0] = np.int32(out[{compiled.STATISTICS.index("eps_dominated")}])
     return 0
 '''
-    namespace = {"np": np, "function": function, "BUFFER_DIMS": kernel.BUFFER_DIMS, **kernel.ffi_helpers()}
+    namespace = {"np": np, "function": function, "finite": finite, "BUFFER_DIMS": kernel.BUFFER_DIMS, **kernel.ffi_helpers()}
     exec(compile(handler, "<lrscope fused handler>", "exec"), namespace)  # noqa: S102 - generated above
     kernel.register(name, numba.cfunc(types.int64(types.int64), nopython=True, nogil=True)(namespace["call"]))
     return name
 
 
 @functools.cache
-def _compiled(source: str) -> Callable[..., None]:
-    return compiled.compile_kernel(source)
+def _compiled(source: str, name: str) -> Callable[..., None]:
+    return compiled.compile_kernel(source, name)

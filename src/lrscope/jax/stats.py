@@ -218,8 +218,7 @@ def compiled_leaf_stats(family: Any, arrays: dict[str, Any], t: Any, h: dict[str
                         ) -> LeafStats:
     """``leaf_stats`` without the model check from one compiled pass (``fused.statistics``),
     on a single CPU device: the formula traced on the tensor's arrays, the per-step values
-    (``t`` and the arrays among the hyperparameters) as its scalars.  Its sums are of
-    every value, not only the finite ones (see ``compiled_or_blocks``).  With ``keep``,
+    (``t`` and the arrays among the hyperparameters) as its scalars.  With ``keep``,
     its ``buckets`` are ``fused.statistics``' ``(index, count, more)``.  Raises
     ``fused.Unsupported`` where it does not apply: a measured-only group, no ``after``,
     an empty tensor, no compiled statistics here (``kernel.available``), a formula that
@@ -340,19 +339,11 @@ def compiled_or_blocks(compiled: list[Callable[[int | None], LeafStats]],
                        traced: list[Callable[[], LeafStats]], sizes: list[int]) -> LeafStats:
     """The statistics of a group's tensors, stacked: from one compiled pass each
     (``compiled[i](None)``, a ``compiled_leaf_stats`` with every bucket's count) where
-    every tensor's formula compiles, else ``by_blocks(traced, sizes)``.
-
-    The compiled sums are of every value; on a step where one of the group's is not
-    finite (a NaN, an infinity, an overflow), the XLA path's finite statistics replace
-    them, under one ``lax.cond`` per group (not per tensor: 82 conditionals, each waiting
-    for its tensor's pass, cost a fifth of an Adam step).  The XLA path is traced inside
-    the branch: traced outside it, XLA would compute its eta on every step.
-    """
+    every tensor's formula compiles, else ``by_blocks(traced, sizes)``."""
     try:
-        stacked = stack_stats([measure(None) for measure in compiled])
+        return stack_stats([measure(None) for measure in compiled])
     except fused.Unsupported:
         return by_blocks(traced, sizes)
-    return jax.lax.cond(jnp.isfinite(stacked.sum).all(), lambda: stacked, lambda: by_blocks(traced, sizes))
 
 
 def measured_if_refuted(stats: LeafStats, measure: Callable[[], LeafStats],

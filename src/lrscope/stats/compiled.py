@@ -9,7 +9,10 @@ read as ordered integers, sum, sum of squares, eps-dominated count, update and p
 squared norms), and writes each element's float32 bit bucket (``stats.mapping``) to a
 block-sized buffer that stays in L1; a second, scalar loop counts the buckets.  So each
 state tensor is read from memory once, and nothing per element is written back.  The sums
-are summed per block in eta's own dtype and over the blocks in float64.
+are summed per block in eta's own dtype and over the blocks in float64.  ``finite``, a
+second loop over the same formula, takes the min, max, sum and sum of squares of the finite
+values of eta only (none finite: inf, -inf, 0, 0); a caller runs it where the kernel's sum
+is not finite (a NaN or an infinite eta, or a sum that overflows), rarely.
 
 >>> body = ["eta = np.float32(1) / (np.sqrt(x0) + s)", "update = -eta", "theta = x0", "eps = False"]
 >>> code = source(body=body, prelude=[], elements=["x0"], invariants=["s"], arrays=1, scalars=["s"],
@@ -21,6 +24,13 @@ are summed per block in eta's own dtype and over the blocks in float64.
 [0.5, 0.5, 1.5, 0.75, 0.0, 0.75, 48.0]
 >>> int(counts.sum())
 3
+>>> values = np.array([4.0, 0.0, 1.0], np.float32)   # eta 0.5, inf, 1
+>>> kernel(values, np.float32(0), counts, out)
+>>> float(out[2])
+inf
+>>> compile_kernel(code, "finite")(values, np.float32(0), out)
+>>> out[:4].tolist()
+[0.5, 1.0, 1.5, 1.25]
 """
 
 from __future__ import annotations
@@ -95,6 +105,25 @@ def kernel({arguments}, counts, out):
     out[4] = eps_count
     out[5] = update_squared
     out[6] = param_squared
+
+
+def finite({arguments}, out):
+{prelude}
+    low = {eta_type}(np.inf)
+    high = {eta_type}(-np.inf)
+    total = 0.0
+    squares = 0.0
+    for i in range(a0.size):
+        eta, update, theta, eps = formula({finite_call})
+        if np.isfinite(eta):
+            low = min(low, eta)
+            high = max(high, eta)
+            total += np.float64(eta)
+            squares += np.float64(eta) * np.float64(eta)
+    out[0] = low
+    out[1] = high
+    out[2] = total
+    out[3] = squares
 '''
 
 
@@ -109,6 +138,7 @@ def source(*, body: list[str], prelude: list[str], elements: list[str], invarian
     return TEMPLATE.format(
         formula_arguments=", ".join(elements + invariants),
         formula_call=", ".join([f"a{i}_block[i]" for i in range(arrays)] + invariants),
+        finite_call=", ".join([f"a{i}[i]" for i in range(arrays)] + invariants),
         body="\n".join("    " + line for line in body),
         arguments=", ".join([f"a{i}" for i in range(arrays)] + scalars),
         prelude="\n".join("    " + line for line in prelude) or "    pass",
@@ -120,16 +150,17 @@ def source(*, body: list[str], prelude: list[str], elements: list[str], invarian
     )
 
 
-def compile_kernel(source: str) -> Callable[..., None]:
-    """The functions of ``source`` compiled: ``formula`` without fast-math (each operation
-    rounded as the framework rounds it), inlined by LLVM into ``kernel``, whose only floating-point
-    operations of its own are the sums, reassociated so that they vectorise."""
+def compile_kernel(source: str, name: str = "kernel") -> Callable[..., None]:
+    """The function ``name`` of ``source`` compiled: ``formula`` without fast-math (each
+    operation rounded as the framework rounds it), inlined by LLVM into ``kernel`` (or
+    ``finite``), whose only floating-point operations of its own are the sums, reassociated
+    so that they vectorise."""
     import numba
 
     namespace: dict[str, Any] = {"np": np, "BLOCK": BLOCK, **intrinsics()}
     exec(compile(source, "<lrscope kernel>", "exec"), namespace)  # noqa: S102 - generated above
     namespace["formula"] = numba.njit(error_model="numpy", fastmath=False)(namespace["formula"])
-    return numba.njit(nogil=True, error_model="numpy", fastmath={"reassoc"})(namespace["kernel"])
+    return numba.njit(nogil=True, error_model="numpy", fastmath={"reassoc"})(namespace[name])
 
 
 @functools.cache
