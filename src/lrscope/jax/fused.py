@@ -202,10 +202,10 @@ def statistics(formula: Callable[[dict[str, Any], dict[str, Any]], tuple[Any, An
     """The bucket counts of eta (int32, every value's), the min, max, sum and sum of squares
     of its finite values, the update and parameter squared norms (``STATISTICS``) and the
     eps-dominated count (int32; -1 where the formula has none), from one compiled pass over
-    ``arrays`` (and a second where eta is not finite everywhere).  With ``keep``, instead of the full row of counts, its
-    first ``keep`` nonzero buckets (indices and counts, -1 and 0 past the last) and the
-    number of nonzero buckets beyond them: ``(index, count, more)``, a 64th of the memory
-    that XLA has to allocate, write and read again.
+    ``arrays`` (and a second where eta is not finite everywhere).  With ``keep``, instead
+    of the full row of counts, its first ``keep`` nonzero buckets (indices and counts, -1
+    and 0 past the last) and the number of nonzero buckets beyond them: ``(index, count,
+    more)``, a 64th of the memory that XLA has to allocate, write and read again.
 
     ``formula(arrays, scalars) -> (eta, update, theta, eps_dominated or None)`` is traced
     with flat ``arrays`` (equal sizes, float32 or float64) and 0-d ``scalars``; raises
@@ -337,7 +337,8 @@ def call(frame):
     data(results[{results - 1}], 1, np.int32)[0] = np.int32(out[{compiled.STATISTICS.index("eps_dominated")}])
     return 0
 '''
-    namespace = {"np": np, "function": function, "finite": finite, "BUFFER_DIMS": kernel.BUFFER_DIMS, **kernel.ffi_helpers()}
+    namespace = {"np": np, "function": function, "finite": finite, "BUFFER_DIMS": kernel.BUFFER_DIMS,
+                 **kernel.ffi_helpers()}
     exec(compile(handler, "<lrscope fused handler>", "exec"), namespace)  # noqa: S102 - generated above
     kernel.register(name, numba.cfunc(types.int64(types.int64), nopython=True, nogil=True)(namespace["call"]))
     return name

@@ -152,8 +152,8 @@ def _report(obj: Any) -> StepReport | None:
 def _dropped_note(group: GroupPlan, dropped: int) -> str:
     """Why some bucket counts of a group are missing from its distributions."""
     return (f"group {group.name}: its tensors' values fill more float32 buckets than the state "
-            f"has room for ({compact.PER_TENSOR} per tensor, {compact.SHARED} more per group, of "
-            f"which a tensor measured by the compiled pass adds at most {compact.KEPT - compact.PER_TENSOR}): "
+            f"has room for ({compact.PER_TENSOR} per tensor, {compact.SHARED} more per group, of which "
+            f"a tensor measured by the compiled pass adds at most {compact.KEPT - compact.PER_TENSOR}): "
             f"{dropped} nonzero buckets' counts are missing from its distributions (min, max, "
             "mean, norms and eps-dominated count are exact; see lrscope.jax.compact)")
 
