@@ -169,7 +169,6 @@ def test_a_kernel_that_does_not_compile_warns_once_and_xla_measures(monkeypatch)
 
     monkeypatch.setattr(fused.compiled, "compile_kernel", broken)
     monkeypatch.setattr(fused, "_targets", {})  # no kernel compiled by an earlier test
-    fused._compiled.cache_clear()
     grads = {"w": jnp.asarray(np.random.default_rng(4).normal(size=3000), jnp.float32)}
     with pytest.warns(RuntimeWarning, match="compiling the Optax statistics .* failed .*no LLVM here"):
         failed = _adam_report(grads)

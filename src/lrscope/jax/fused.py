@@ -291,7 +291,7 @@ def _register(name: str, source: str, array_types: tuple[str, ...], scalar_types
     import numba
     from numba import types
 
-    function, finite = _compiled(source, "kernel"), _compiled(source, "finite")
+    function, finite = compiled.compile_kernel(source, "kernel"), compiled.compile_kernel(source, "finite")
     n = len(array_types)
     arrays = ", ".join(f"data(sources[{i}], n, {_type(np.dtype(t))})" for i, t in enumerate(array_types))
     scalars = "".join(f", data(sources[{n + i}], 1, {_type(np.dtype(t))})[0]"
@@ -342,8 +342,3 @@ def call(frame):
     exec(compile(handler, "<lrscope fused handler>", "exec"), namespace)  # noqa: S102 - generated above
     kernel.register(name, numba.cfunc(types.int64(types.int64), nopython=True, nogil=True)(namespace["call"]))
     return name
-
-
-@functools.cache
-def _compiled(source: str, name: str) -> Callable[..., None]:
-    return compiled.compile_kernel(source, name)

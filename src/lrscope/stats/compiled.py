@@ -151,16 +151,23 @@ def source(*, body: list[str], prelude: list[str], elements: list[str], invarian
 
 
 def compile_kernel(source: str, name: str = "kernel") -> Callable[..., None]:
-    """The function ``name`` of ``source`` compiled: ``formula`` without fast-math (each
-    operation rounded as the framework rounds it), inlined by LLVM into ``kernel`` (or
-    ``finite``), whose only floating-point operations of its own are the sums, reassociated
-    so that they vectorise."""
+    """The function ``name`` (``kernel`` or ``finite``) of ``source`` compiled: ``formula``
+    without fast-math (each operation rounded as the framework rounds it), inlined by LLVM
+    into it, whose only floating-point operations of its own are the sums, reassociated so
+    that they vectorise.  Each is compiled when first called (or referenced by a compiled
+    caller), and ``formula`` once for both."""
+    return _compiled(source)[name]
+
+
+@functools.cache
+def _compiled(source: str) -> dict[str, Callable[..., None]]:
     import numba
 
     namespace: dict[str, Any] = {"np": np, "BLOCK": BLOCK, **intrinsics()}
     exec(compile(source, "<lrscope kernel>", "exec"), namespace)  # noqa: S102 - generated above
     namespace["formula"] = numba.njit(error_model="numpy", fastmath=False)(namespace["formula"])
-    return numba.njit(nogil=True, error_model="numpy", fastmath={"reassoc"})(namespace[name])
+    return {name: numba.njit(nogil=True, error_model="numpy", fastmath={"reassoc"})(namespace[name])
+            for name in ("kernel", "finite")}
 
 
 @functools.cache
